@@ -1,0 +1,1 @@
+"""Stage code of the training pipeline: pure cores plus thin file/MLflow shells."""

@@ -1,0 +1,176 @@
+"""The pipeline's one typed configuration, loaded from params.yaml.
+
+Every entry point (each `dvc repro` stage, the Prefect flow, the tests) goes through
+`load_config`, so a typo in params.yaml or in a Prefect override fails the same way,
+before any work, with the dotted name of the offending key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A params.yaml value or an override is wrong; the message names the key."""
+
+
+class _Section(BaseModel):
+    # strict: "3" is not an int and 1 is not a bool; extra=forbid: typos are errors.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class SyntheticConfig(_Section):
+    train_size: int = Field(gt=0)
+    test_size: int = Field(gt=0)
+    image_size: int = Field(ge=8)
+    channels: Literal[1, 3]
+    num_classes: int = Field(ge=2)
+    noise: float = Field(ge=0.0)
+
+
+class DataConfig(_Section):
+    source: Literal["tfds", "synthetic"]
+    name: str = Field(min_length=1)
+    tfds_dir: str
+    manual_dir: str
+    val_fraction: float = Field(gt=0.0, lt=1.0)
+    seed: int
+    synthetic: SyntheticConfig
+
+
+class PreprocessConfig(_Section):
+    device: Literal["auto", "cpu", "gpu"]
+    pad: int = Field(ge=0)
+    flip_prob: float = Field(ge=0.0, le=1.0)
+    grid_samples: int = Field(ge=1, le=256)
+    num_threads: int = Field(ge=1)
+
+
+class ModelConfig(_Section):
+    name: str
+
+    @model_validator(mode="after")
+    def _known_model(self) -> ModelConfig:
+        from tasks.models import MODEL_BUILDERS  # local: models imports keras
+
+        if self.name not in MODEL_BUILDERS:
+            raise ValueError(f"unknown model {self.name!r}; choose one of {sorted(MODEL_BUILDERS)}")
+        return self
+
+
+class TrainConfig(_Section):
+    optimizer: Literal["adam", "sgd"]
+    learning_rate: float = Field(gt=0.0)
+    batch_size: int = Field(ge=1)
+    epochs: int = Field(ge=1)
+    seed: int
+
+
+class EvaluateConfig(_Section):
+    batch_size: int = Field(ge=1)
+
+
+class RegisterConfig(_Section):
+    model_name: str = Field(min_length=1)
+    promote_margin: float = Field(ge=0.0)
+
+
+class MlflowConfig(_Section):
+    experiment: str = Field(min_length=1)
+    tracking_uri: str = Field(min_length=1)
+    artifact_root: str = Field(min_length=1)
+
+
+class PipelineConfig(_Section):
+    data: DataConfig
+    preprocess: PreprocessConfig
+    model: ModelConfig
+    train: TrainConfig
+    evaluate: EvaluateConfig
+    register: RegisterConfig
+    mlflow: MlflowConfig
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view (``train.epochs``), the form MLflow params and overrides use."""
+        return _flatten(self.model_dump())
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split a command-line ``key=value``; the value is read as YAML so ``3`` is an int."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} must look like section.key=value, e.g. train.epochs=3")
+    return key.strip(), yaml.safe_load(raw)
+
+
+def apply_overrides(tree: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Return a copy of ``tree`` with dotted-key overrides set; unknown keys are errors."""
+    merged = yaml.safe_load(yaml.safe_dump(tree))  # deep copy of plain data
+    for dotted, value in overrides.items():
+        node = merged
+        parts = dotted.split(".")
+        for depth, part in enumerate(parts):
+            if not isinstance(node, dict) or part not in node:
+                known = ", ".join(sorted(node)) if isinstance(node, dict) else "none"
+                where = ".".join(parts[:depth]) or "top level"
+                raise ConfigError(
+                    f"unknown config key {dotted!r}: {part!r} is not a key of {where} "
+                    f"(known: {known})"
+                )
+            if depth == len(parts) - 1:
+                if isinstance(node[part], dict):
+                    raise ConfigError(f"override {dotted!r} names a section; set one of its keys")
+                node[part] = value
+            else:
+                node = node[part]
+    return merged
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"unknown config key {key!r}: remove it or fix its spelling")
+        elif item["type"] == "missing":
+            lines.append(f"missing config key {key!r}: add it to params.yaml")
+        else:
+            lines.append(f"config key {key!r}: {item['msg']} (got {item.get('input')!r})")
+    return "invalid pipeline config:\n  " + "\n  ".join(lines)
+
+
+def build_config(tree: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> PipelineConfig:
+    merged = apply_overrides(dict(tree), overrides or {})
+    try:
+        return PipelineConfig.model_validate(merged)
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None
+
+
+def load_config(
+    path: str | Path = "params.yaml", overrides: Mapping[str, Any] | None = None
+) -> PipelineConfig:
+    """Read params.yaml, apply dotted overrides, validate; raise ConfigError naming the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; run from the repository root or pass its path")
+    tree = yaml.safe_load(path.read_text())
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (data, train, ...)")
+    return build_config(tree, overrides)

@@ -1,0 +1,96 @@
+"""Where each stage reads and writes, relative to one root directory.
+
+dvc.yaml names the same paths; keeping them in one place lets the Prefect flow run
+a whole pipeline in another root (a temp dir in tests) without touching the repo's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @property
+    def prepared(self) -> Path:  # data stage: {train,val,test}.npz + meta.json
+        return self.root / "data" / "prepared"
+
+    @property
+    def norm_stats(self) -> Path:  # preprocess stage: per-channel mean/std
+        return self.root / "data" / "preprocess" / "norm_stats.json"
+
+    @property
+    def model_file(self) -> Path:  # train stage
+        return self.root / "models" / "model.keras"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def augmented_grid(self) -> Path:
+        return self.reports / "augmented_samples.png"
+
+    @property
+    def history(self) -> Path:  # per-epoch metrics, a DVC plot
+        return self.reports / "history.csv"
+
+    @property
+    def metrics(self) -> Path:  # DVC metrics
+        return self.reports / "metrics.json"
+
+    @property
+    def predictions(self) -> Path:  # actual/predicted rows, a DVC confusion plot
+        return self.reports / "predictions.csv"
+
+    @property
+    def confusion_png(self) -> Path:
+        return self.reports / "confusion_matrix.png"
+
+    @property
+    def registration(self) -> Path:
+        return self.reports / "registration.json"
+
+    @property
+    def run_handle(self) -> Path:  # the open MLflow pipeline run, shared by stage processes
+        return self.root / ".pipeline" / "mlflow_run.json"
+
+    def resolve(self, relative: str) -> Path:
+        """Resolve a params.yaml path (e.g. data.tfds_dir) against this root."""
+        path = Path(relative)
+        return path if path.is_absolute() else self.root / path
+
+
+@contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temp path beside ``target``; rename it over ``target`` only on success.
+
+    A crash or an exception leaves the previous ``target`` untouched and no partial file.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(target: Path, payload: Any) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
