@@ -115,7 +115,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     """Split a command-line ``key=value``; the value is read as YAML so ``3`` is an int."""
     key, sep, raw = text.partition("=")
     if not sep or not key:
-        raise ConfigError(f"override {text!r} must look like section.key=value, e.g. train.epochs=3")
+        raise ConfigError(
+            f"override {text!r} must look like section.key=value, e.g. train.epochs=3"
+        )
     return key.strip(), yaml.safe_load(raw)
 
 
@@ -155,7 +157,9 @@ def _describe(error: ValidationError) -> str:
     return "invalid pipeline config:\n  " + "\n  ".join(lines)
 
 
-def build_config(tree: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> PipelineConfig:
+def build_config(
+    tree: Mapping[str, Any], overrides: Mapping[str, Any] | None = None
+) -> PipelineConfig:
     merged = apply_overrides(dict(tree), overrides or {})
     try:
         return PipelineConfig.model_validate(merged)
@@ -169,7 +173,9 @@ def load_config(
     """Read params.yaml, apply dotted overrides, validate; raise ConfigError naming the key."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} not found; run from the repository root or pass its path")
+        raise ConfigError(
+            f"config file {path} not found; run from the repository root or pass its path"
+        )
     tree = yaml.safe_load(path.read_text())
     if not isinstance(tree, dict):
         raise ConfigError(f"{path} must hold a mapping of sections (data, train, ...)")

@@ -1,0 +1,133 @@
+"""Evaluate stage: test-set metrics for the trained model.
+
+Writes reports/metrics.json (DVC metrics), reports/predictions.csv (actual/predicted
+rows, a DVC confusion plot) and reports/confusion_matrix.png, and logs the same
+numbers and image to the pipeline's MLflow run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks import augment, data, tracking
+from tasks.config import PipelineConfig
+from tasks.workspace import Workspace, atomic_path, read_json, write_json
+
+
+def predict_logits(
+    model: Any, images: np.ndarray, labels: np.ndarray, stats: dict, cfg: PipelineConfig
+) -> np.ndarray:
+    """Logits for every test image, in order, through the DALI evaluation pipeline."""
+    dataset = augment.dali_dataset(
+        images,
+        labels,
+        stats=stats,
+        cfg=cfg.preprocess,
+        batch_size=cfg.evaluate.batch_size,
+        seed=cfg.train.seed,
+        train=False,
+        device=augment.resolve_device(cfg.preprocess.device),
+    )
+    logits = model.predict(dataset, verbose=0)
+    if len(logits) != len(labels):
+        raise RuntimeError(f"got {len(logits)} predictions for {len(labels)} test images")
+    return logits
+
+
+def compute_metrics(logits: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict:
+    """Accuracy, mean cross-entropy and per-class precision/recall/F1 from logits."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    predicted = logits.argmax(axis=1)
+    classes = list(range(len(class_names)))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predicted, labels=classes, zero_division=0
+    )
+    return {
+        "test": {
+            "accuracy": float((predicted == labels).mean()),
+            "loss": float(-log_probs[np.arange(len(labels)), labels].mean()),
+            "macro_f1": float(f1.mean()),
+        },
+        "per_class": {
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(class_names)
+        },
+    }
+
+
+def save_confusion_matrix(
+    labels: np.ndarray, predicted: np.ndarray, class_names: list[str], path: Path
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    size = max(6.0, 0.5 * len(class_names))
+    fig, ax = plt.subplots(figsize=(size, size))
+    ConfusionMatrixDisplay.from_predictions(
+        labels,
+        predicted,
+        labels=list(range(len(class_names))),
+        display_labels=class_names,
+        ax=ax,
+        colorbar=False,
+        xticks_rotation="vertical",
+        include_values=len(class_names) <= 20,
+    )
+    ax.set_title("Test confusion matrix")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def write_predictions(labels: np.ndarray, predicted: np.ndarray, names: list[str], path: Path):
+    lines = ["actual,predicted"]
+    lines += [f"{names[a]},{names[p]}" for a, p in zip(labels, predicted, strict=True)]
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+
+
+def mlflow_metrics(metrics: dict) -> dict[str, float]:
+    """Flat metric names for MLflow: test_accuracy, test_f1_<class>, ..."""
+    flat = {f"test_{key}": value for key, value in metrics["test"].items()}
+    for name, scores in metrics["per_class"].items():
+        safe = "".join(c if c.isalnum() or c in "_-." else "_" for c in name)
+        for score in ("precision", "recall", "f1"):
+            flat[f"test_{score}_{safe}"] = scores[score]
+    return flat
+
+
+def run(cfg: PipelineConfig, ws: Workspace) -> dict:
+    """The stage as `dvc repro` and the Prefect flow call it."""
+    import keras
+    import mlflow
+
+    meta = data.load_meta(ws.prepared)
+    images, labels = data.load_split(ws.prepared, "test")
+    stats = read_json(ws.norm_stats)
+    model = keras.models.load_model(ws.model_file)
+    with tracking.stage_run(cfg, ws, "evaluate"):
+        logits = predict_logits(model, images, labels, stats, cfg)
+        metrics = compute_metrics(logits, labels, meta["class_names"])
+        predicted = logits.argmax(axis=1)
+        save_confusion_matrix(labels, predicted, meta["class_names"], ws.confusion_png)
+        write_predictions(labels, predicted, meta["class_names"], ws.predictions)
+        write_json(ws.metrics, metrics)
+        mlflow.log_metrics(mlflow_metrics(metrics))
+        for path in (ws.metrics, ws.confusion_png, ws.predictions):
+            mlflow.log_artifact(str(path), artifact_path="evaluate")
+    return metrics
