@@ -27,7 +27,7 @@ def predict_logits(
         stats=stats,
         cfg=cfg.preprocess,
         batch_size=cfg.evaluate.batch_size,
-        seed=cfg.train.seed,
+        seed=0,  # unused: evaluation has no randomness
         train=False,
         device=augment.resolve_device(cfg.preprocess.device),
     )

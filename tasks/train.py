@@ -74,7 +74,7 @@ def train_model(
         *val_split,
         stats=stats,
         cfg=cfg.preprocess,
-        batch_size=cfg.evaluate.batch_size,
+        batch_size=cfg.train.batch_size,
         seed=cfg.train.seed,
         train=False,
         device=device,

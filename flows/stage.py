@@ -1,0 +1,57 @@
+"""Command-line entry point for one stage, as dvc.yaml calls it: ``python -m flows.stage train``.
+
+Runs in the current directory (the repository root under `dvc repro`) with params.yaml
+from there. Expected failures (bad config, missing data) print one clear message and
+exit with status 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tasks.config import ConfigError, PipelineConfig, load_config
+from tasks.workspace import Workspace
+
+
+def stage_functions() -> dict[str, Callable[[PipelineConfig, Workspace], Any]]:
+    """Stage name -> the one function that implements it (shared with the Prefect flow)."""
+    from tasks import data, evaluate, preprocess, register, train
+
+    return {
+        "data": data.run,
+        "preprocess": preprocess.run,
+        "train": train.run,
+        "evaluate": evaluate.run,
+        "register": register.run,
+    }
+
+
+STAGE_NAMES = ("data", "preprocess", "train", "evaluate", "register")
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    from tasks.data import DataUnavailableError
+
+    return (ConfigError, DataUnavailableError, FileNotFoundError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.stage", description=__doc__)
+    parser.add_argument("stage", choices=STAGE_NAMES)
+    parser.add_argument("--params", default="params.yaml", help="path to params.yaml")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.params)
+        stage_functions()[args.stage](cfg, Workspace(Path.cwd()))
+    except expected_errors() as error:
+        print(f"error in stage {args.stage!r}: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
