@@ -7,6 +7,7 @@ before any work, with the dotted name of the offending key.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -86,18 +87,23 @@ class MlflowConfig(_Section):
     artifact_root: str = Field(min_length=1)
 
 
-class PipelineConfig(_Section):
-    data: DataConfig
-    preprocess: PreprocessConfig
-    model: ModelConfig
-    train: TrainConfig
-    evaluate: EvaluateConfig
-    register: RegisterConfig
-    mlflow: MlflowConfig
+# pydantic warns that the field `register` shadows ABCMeta.register; the section name
+# matches params.yaml and dvc.yaml, and nothing here uses ABC registration.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
-    def flat(self) -> dict[str, Any]:
-        """Dotted-key view (``train.epochs``), the form MLflow params and overrides use."""
-        return _flatten(self.model_dump())
+    class PipelineConfig(_Section):
+        data: DataConfig
+        preprocess: PreprocessConfig
+        model: ModelConfig
+        train: TrainConfig
+        evaluate: EvaluateConfig
+        register: RegisterConfig
+        mlflow: MlflowConfig
+
+        def flat(self) -> dict[str, Any]:
+            """Dotted-key view (``train.epochs``), the form MLflow params and overrides use."""
+            return _flatten(self.model_dump())
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

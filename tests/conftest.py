@@ -1,0 +1,50 @@
+"""Tests load the real params.yaml and shrink it: synthetic data, one epoch, temp stores."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tasks.config import PipelineConfig, load_config
+from tasks.workspace import Workspace
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS = REPO / "params.yaml"
+
+# Small enough for seconds per stage on 2 CPU cores, big enough that training improves.
+TINY = {
+    "data.source": "synthetic",
+    "data.synthetic.train_size": 1200,
+    "data.synthetic.test_size": 300,
+    "train.epochs": 1,
+    "train.batch_size": 64,
+    "preprocess.grid_samples": 16,
+}
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def tiny_overrides(root: Path) -> dict:
+    store = root / "mlruns"
+    return TINY | {
+        "mlflow.tracking_uri": f"sqlite:///{store / 'mlflow.db'}",
+        "mlflow.artifact_root": str(store / "artifacts"),
+    }
+
+
+@pytest.fixture(autouse=True)
+def _no_outside_tracking(monkeypatch):
+    """A developer's MLFLOW_TRACKING_URI must never receive test runs."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture
+def workspace(tmp_path) -> Workspace:
+    return Workspace(tmp_path)
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path) -> PipelineConfig:
+    return load_config(PARAMS, tiny_overrides(tmp_path))

@@ -1,0 +1,81 @@
+"""params.yaml is validated once, loudly, before any work."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from tasks.config import ConfigError, apply_overrides, load_config, parse_override
+from tests.conftest import PARAMS
+
+
+def test_real_params_yaml_loads_with_expected_defaults():
+    cfg = load_config(PARAMS)
+    assert cfg.data.name == "cifar10"
+    assert cfg.data.source == "tfds"
+    assert cfg.model.name == "seed_cnn"
+    assert cfg.flat()["train.epochs"] == cfg.train.epochs
+
+
+def test_overrides_replace_values_and_keep_the_rest():
+    cfg = load_config(PARAMS, {"train.epochs": 3, "data.synthetic.noise": 0.5})
+    base = load_config(PARAMS)
+    assert cfg.train.epochs == 3
+    assert cfg.data.synthetic.noise == 0.5
+    assert cfg.train.learning_rate == base.train.learning_rate
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"train.epoch": 3}, "train.epoch"),
+        ({"trian.epochs": 3}, "trian.epochs"),
+        ({"train.epochs": "3"}, "train.epochs"),  # strings are not ints
+        ({"train.learning_rate": "fast"}, "train.learning_rate"),
+        ({"train.epochs": 0}, "train.epochs"),  # bad value
+        ({"data.source": "ftp"}, "data.source"),
+        ({"model.name": "resnet9000"}, "resnet9000"),
+        ({"data.val_fraction": 1.5}, "data.val_fraction"),
+        ({"train": 3}, "train"),
+    ],
+)
+def test_bad_overrides_fail_naming_the_key(overrides, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config(PARAMS, overrides)
+
+
+def test_unknown_key_in_the_file_is_named(tmp_path):
+    tree = yaml.safe_load(PARAMS.read_text())
+    tree["train"]["warmup"] = 5
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(tree))
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.warmup'"):
+        load_config(bad)
+
+
+def test_missing_key_in_the_file_is_named(tmp_path):
+    tree = yaml.safe_load(PARAMS.read_text())
+    del tree["register"]["model_name"]
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(tree))
+    with pytest.raises(ConfigError, match=r"missing config key 'register\.model_name'"):
+        load_config(bad)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_parse_override_reads_values_as_yaml():
+    assert parse_override("train.epochs=3") == ("train.epochs", 3)
+    assert parse_override("train.learning_rate=0.01") == ("train.learning_rate", 0.01)
+    assert parse_override("data.source=synthetic") == ("data.source", "synthetic")
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("train.epochs")
+
+
+def test_apply_overrides_does_not_mutate_its_input():
+    tree = {"train": {"epochs": 1}}
+    apply_overrides(tree, {"train.epochs": 2})
+    assert tree == {"train": {"epochs": 1}}
