@@ -1,0 +1,103 @@
+"""End to end: the real `dvc repro` in a temporary git copy of the repository."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.workspace import Workspace
+from tests.conftest import TINY, copy_repo, read_mlflow
+from tests.pipeline_checks import check_pipeline_run
+
+pytestmark = pytest.mark.slow
+STAGES = ("data", "preprocess", "train", "evaluate", "register")
+
+
+def set_params(root: Path, overrides: dict) -> None:
+    path = root / "params.yaml"
+    tree = yaml.safe_load(path.read_text())
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = tree
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+
+
+def dvc_repro(root: Path) -> str:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.pop("MLFLOW_TRACKING_URI", None)
+    result = subprocess.run(
+        ["dvc", "repro"], cwd=root, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result.stdout
+
+
+def stages_run(output: str) -> list[str]:
+    return [stage for stage in STAGES if f"Running stage '{stage}'" in output]
+
+
+@pytest.fixture(scope="module")
+def repro(tmp_path_factory):
+    """Copy the repo, shrink params.yaml, run `dvc repro` once; shared by the tests below."""
+    root = copy_repo(tmp_path_factory.mktemp("repo"))
+    set_params(root, TINY)
+    output = dvc_repro(root)
+    return root, output
+
+
+def test_first_repro_runs_every_stage_and_records_everything(repro):
+    root, output = repro
+    assert stages_run(output) == list(STAGES)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    tracking_uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"  # the default store
+    client, runs = read_mlflow(tracking_uri, params["mlflow"]["experiment"])
+    assert len(runs) == 1, "one MLflow run per pipeline execution"
+    ws = Workspace(root)
+    model_name = params["register"]["model_name"]
+    registration = check_pipeline_run(client, runs[0], epochs=1, model_name=model_name, ws=ws)
+    assert registration["version"] == "1"
+    assert registration["promoted"] is True
+    assert client.get_model_version_by_alias(model_name, "champion").version == "1"
+    assert client.get_model_version_by_alias(model_name, "challenger").version == "1"
+
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    (data_out,) = lock["stages"]["data"]["outs"]
+    version = client.get_model_version(model_name, "1")
+    assert version.tags["data_version"] == data_out["md5"]
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert version.tags["git_commit"].startswith(head)
+
+
+def test_unchanged_workspace_runs_nothing(repro):
+    root, _ = repro
+    output = dvc_repro(root)
+    assert stages_run(output) == []
+    assert "didn't change, skipping" in output
+
+
+def test_editing_epochs_reruns_train_evaluate_register_only(repro):
+    root, _ = repro
+    set_params(root, {"train.epochs": 2})
+    output = dvc_repro(root)
+    assert stages_run(output) == ["train", "evaluate", "register"]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    client, runs = read_mlflow(
+        f"sqlite:///{root / 'mlruns' / 'mlflow.db'}", params["mlflow"]["experiment"]
+    )
+    assert len(runs) == 2
+    registration = check_pipeline_run(
+        client, runs[0], epochs=2, model_name=params["register"]["model_name"], ws=Workspace(root)
+    )
+    assert registration["version"] == "2"
+    assert "challenger" in registration["aliases"]
