@@ -18,18 +18,20 @@ from tasks.workspace import Workspace, atomic_path, read_json, write_json
 
 
 def predict_logits(
-    model: Any, images: np.ndarray, labels: np.ndarray, stats: dict, cfg: PipelineConfig
+    model: Any,
+    images: np.ndarray,
+    labels: np.ndarray,
+    stats: augment.NormStats,
+    cfg: PipelineConfig,
 ) -> np.ndarray:
     """Logits for every test image, in order, through the DALI evaluation pipeline."""
     dataset = augment.dali_dataset(
         images,
         labels,
         stats=stats,
-        cfg=cfg.preprocess,
         batch_size=cfg.evaluate.batch_size,
-        seed=0,  # unused: evaluation has no randomness
         train=False,
-        device=augment.resolve_device(cfg.preprocess.device),
+        preprocess=cfg.preprocess,
     )
     logits = model.predict(dataset, verbose=0)
     if len(logits) != len(labels):
@@ -118,7 +120,7 @@ def run(cfg: PipelineConfig, ws: Workspace) -> dict:
 
     meta = data.load_meta(ws.prepared)
     images, labels = data.load_split(ws.prepared, "test")
-    stats = read_json(ws.norm_stats)
+    stats = augment.NormStats(**read_json(ws.norm_stats))
     model = keras.models.load_model(ws.model_file)
     with tracking.stage_run(cfg, ws, "evaluate"):
         logits = predict_logits(model, images, labels, stats, cfg)

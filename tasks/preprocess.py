@@ -13,20 +13,21 @@ from tasks.config import PipelineConfig
 from tasks.workspace import Workspace, write_json
 
 
-def run(cfg: PipelineConfig, ws: Workspace) -> dict[str, list[float]]:
+def run(cfg: PipelineConfig, ws: Workspace) -> augment.NormStats:
     """The stage as `dvc repro` and the Prefect flow call it."""
     import mlflow
 
     meta = data.load_meta(ws.prepared)
     images, labels = data.load_split(ws.prepared, "train")
     with tracking.stage_run(cfg, ws, "preprocess"):
-        mean, std = augment.channel_stats(images)
-        stats = {"mean": mean, "std": std}
-        augment.save_augmented_grid(
-            images, labels, stats, cfg.preprocess, meta["class_names"], ws.augmented_grid,
-            seed=0,  # the grid only illustrates; a fixed seed keeps it comparable across runs
+        stats = augment.channel_stats(images)
+        count = min(cfg.preprocess.grid_samples, len(images))
+        # The grid only illustrates; a fixed seed keeps it comparable across runs.
+        samples = augment.sample_augmented(images, stats, cfg.preprocess, count, seed=0)
+        augment.save_image_grid(
+            samples, stats.mean, stats.std, ws.augmented_grid, meta["class_names"], labels[:count]
         )
-        write_json(ws.norm_stats, stats)
+        write_json(ws.norm_stats, stats._asdict())
         mlflow.set_tag("preprocess.device", augment.resolve_device(cfg.preprocess.device))
         mlflow.log_artifact(str(ws.norm_stats), artifact_path="preprocess")
         mlflow.log_artifact(str(ws.augmented_grid), artifact_path="preprocess")

@@ -50,7 +50,7 @@ def train_model(
     train_split: tuple[np.ndarray, np.ndarray],
     val_split: tuple[np.ndarray, np.ndarray],
     num_classes: int,
-    stats: dict[str, list[float]],
+    stats: augment.NormStats,
     callbacks: list[Any] | None = None,
 ) -> tuple[Any, dict[str, list[float]]]:
     """Build, compile and fit the model; return it with its per-epoch history."""
@@ -59,26 +59,9 @@ def train_model(
     model = compile_model(
         build_model(cfg.model.name, tuple(images.shape[1:]), num_classes), cfg.train
     )
-    device = augment.resolve_device(cfg.preprocess.device)
-    train_ds = augment.dali_dataset(
-        images,
-        labels,
-        stats=stats,
-        cfg=cfg.preprocess,
-        batch_size=cfg.train.batch_size,
-        seed=cfg.train.seed,
-        train=True,
-        device=device,
-    )
-    val_ds = augment.dali_dataset(
-        *val_split,
-        stats=stats,
-        cfg=cfg.preprocess,
-        batch_size=cfg.train.batch_size,
-        seed=cfg.train.seed,
-        train=False,
-        device=device,
-    )
+    batches = {"stats": stats, "batch_size": cfg.train.batch_size, "preprocess": cfg.preprocess}
+    train_ds = augment.dali_dataset(images, labels, train=True, seed=cfg.train.seed, **batches)
+    val_ds = augment.dali_dataset(*val_split, train=False, **batches)
     history = model.fit(
         train_ds, validation_data=val_ds, epochs=cfg.train.epochs, callbacks=callbacks, verbose=2
     )
@@ -91,7 +74,7 @@ def run(cfg: PipelineConfig, ws: Workspace) -> dict[str, list[float]]:
     from mlflow.keras import MlflowCallback
 
     meta = data.load_meta(ws.prepared)
-    stats = read_json(ws.norm_stats)
+    stats = augment.NormStats(**read_json(ws.norm_stats))
     train_split = data.load_split(ws.prepared, "train")
     val_split = data.load_split(ws.prepared, "val")
     with tracking.stage_run(cfg, ws, "train"):

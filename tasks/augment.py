@@ -1,0 +1,472 @@
+"""The one preprocessing/augmentation path: DALI pipelines fed from uint8 arrays in memory.
+
+Train: random translate (zero-pad ``pad`` px, crop back to HxW at an integer offset drawn
+uniformly from [-pad, pad] per axis), random horizontal flip, per-channel normalize.
+Eval: normalize only. The data stays uint8 until DALI (airbench's data path): we never
+store or cache augmented images.
+
+Keras consumes `dali_dataset`, a `tf.data.Dataset` built with the DALI TensorFlow plugin
+(`DALIDatasetWithInputs`); on a GPU its batches are produced on, and stay on, the GPU.
+`augment_reference` is the same transform in NumPy, for tests and as a benchmark baseline.
+
+Facts about the plugin this module relies on (measured with DALI 2.4 / TF 2.21, CPU):
+
+* With finite inputs, DALIDatasetWithInputs ends by itself once an input is exhausted,
+  after yielding every batch already inside DALI: one pass = ceil(N / batch) batches,
+  last one partial. Keras re-iterates it each epoch (`fit(epochs=k)`, no steps_per_epoch).
+* Every new iterator (each epoch) builds a fresh DALI pipeline from the same serialized
+  pipeline and seed, so the k-th batch of every epoch draws the *same* offsets and flips.
+  Because the order is reshuffled each epoch, image i still gets a fresh draw each epoch.
+* The plugin opens one iterator per input dataset. Two inputs derived from *one* shuffled
+  dataset get *different* permutations (tf.data reshuffles per iterator), which silently
+  misaligns images and labels. Each input therefore gets its own, identically seeded,
+  shuffle: their k-th iterators produce the same permutation.
+* The plugin assumes input tensors live on the device the dataset is placed on. TF keeps
+  int32 tensors in host memory even on a GPU, so labels enter DALI as int64 and are cast
+  to int32 inside the pipeline.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+
+from tasks.config import PreprocessConfig
+from tasks.workspace import atomic_path
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+    from nvidia.dali.pipeline import Pipeline
+
+_STATS_CHUNK = 4096  # images per chunk in channel_stats: 4096 CIFAR images ~ 100 MB float64
+
+
+class NormStats(NamedTuple):
+    """Per-channel mean and std in pixel units (0..255), as written to norm_stats.json."""
+
+    mean: list[float]
+    std: list[float]
+
+
+def resolve_device(requested: str) -> str:
+    """Map params.yaml `preprocess.device` to "cpu" or "gpu"; fail early if a GPU is missing."""
+    from nvidia.dali import backend
+
+    if requested not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"preprocess.device must be auto, cpu or gpu, got {requested!r}")
+    if requested == "cpu":
+        return "cpu"
+    has_gpu = backend.GetCUDADeviceCount() > 0
+    if requested == "gpu" and not has_gpu:
+        raise RuntimeError(
+            "preprocess.device is 'gpu' but no CUDA GPU is visible to DALI; "
+            "set preprocess.device: cpu (or auto) in params.yaml"
+        )
+    return "gpu" if has_gpu else "cpu"
+
+
+def channel_stats(images: np.ndarray) -> NormStats:
+    """Per-channel mean and population std of uint8 NHWC images, in pixel units.
+
+    Sums run in float64 over chunks, so 50k CIFAR images never exist as one float array;
+    float64 sums of uint8 values and their squares are exact at this size (< 2**53).
+    """
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise ValueError(f"expected uint8 NHWC images, got {images.dtype} {images.shape}")
+    channels = images.shape[-1]
+    total = np.zeros(channels)
+    total_sq = np.zeros(channels)
+    for start in range(0, len(images), _STATS_CHUNK):
+        chunk = images[start : start + _STATS_CHUNK].reshape(-1, channels).astype(np.float64)
+        total += chunk.sum(axis=0)
+        total_sq += np.square(chunk).sum(axis=0)
+    count = images.size // channels
+    mean = total / count
+    var = np.maximum(total_sq / count - np.square(mean), 0.0)
+    return NormStats(mean=mean.tolist(), std=np.sqrt(var).tolist())
+
+
+# --------------------------------------------------------------------------- DALI graphs
+
+
+def _check_stats(mean: Sequence[float], std: Sequence[float], channels: int) -> None:
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(
+            f"mean/std need one value per channel ({channels}), got {len(mean)} and {len(std)}"
+        )
+    if min(std) <= 0:
+        raise ValueError(f"std must be positive in every channel, got {list(std)}")
+
+
+def _inputs(device: str, sources: tuple[object, object] | None):
+    """External sources "images" (uint8 HWC) and "labels" (int64; see module docstring).
+
+    ``sources=None`` leaves them as placeholders for DALIDatasetWithInputs.
+    """
+    from nvidia.dali import fn, types
+
+    # cycle="raise": StopIteration at the end of each epoch, restart after pipe.reset().
+    image_src, label_src = sources or (None, None)
+    feed = {"cycle": "raise"} if sources else {}
+    images = fn.external_source(
+        image_src, name="images", device=device, layout="HWC", dtype=types.UINT8, **feed
+    )
+    labels = fn.external_source(label_src, name="labels", device=device, dtype=types.INT64, **feed)
+    return images, fn.cast(labels, dtype=types.INT32)
+
+
+def _normalize(images, mirror, mean: Sequence[float], std: Sequence[float]):
+    from nvidia.dali import fn, types
+
+    return fn.crop_mirror_normalize(
+        images,
+        mirror=mirror,
+        mean=list(mean),
+        std=list(std),
+        dtype=types.FLOAT,
+        output_layout="HWC",
+    )
+
+
+def _train_graph(
+    device: str,
+    sources: tuple[object, object] | None,
+    shape: tuple[int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    pad: int,
+    flip_prob: float,
+):
+    """Random translate by zero-pad + crop, random horizontal flip, normalize."""
+    from nvidia.dali import fn, types
+
+    height, width = shape
+    images, labels = _inputs(device, sources)
+    if pad > 0:
+        # Integer anchor in [-pad, pad] (y, x); out-of-bounds reads become 0 = zero padding.
+        # crop_mirror_normalize's own crop can't do this: with crop == image size it never
+        # shifts, and a continuous crop_pos over a pre-padded image gives non-uniform offsets.
+        anchor = fn.random.uniform(values=list(range(-pad, pad + 1)), shape=[2], dtype=types.INT32)
+        images = fn.slice(
+            images,
+            start=anchor,
+            shape=[height, width],
+            axis_names="HW",
+            out_of_bounds_policy="pad",
+            fill_values=0,
+        )
+    flip = fn.random.coin_flip(probability=flip_prob)
+    return _normalize(images, flip, mean, std), labels
+
+
+def _eval_graph(
+    device: str,
+    sources: tuple[object, object] | None,
+    shape: tuple[int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+):
+    """Normalize only; ``shape`` is unused but keeps both graphs' signatures alike."""
+    images, labels = _inputs(device, sources)
+    return _normalize(images, 0, mean, std), labels
+
+
+def _pipeline(graph, *, batch_size: int, num_threads: int, device: str, seed: int, **kwargs):
+    from nvidia.dali import Pipeline
+
+    # Without CUDA, DALI needs device_id=None explicitly, even for an all-CPU pipeline.
+    pipe = Pipeline(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=0 if device == "gpu" else None,
+        seed=seed,
+    )
+    with pipe:
+        pipe.set_outputs(*graph(device, **kwargs))
+    return pipe
+
+
+class _Batches:
+    """Re-iterable source: consecutive batches of ``array``, last one partial, then stop."""
+
+    def __init__(self, array: np.ndarray, batch_size: int):
+        self.array, self.batch_size = array, batch_size
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for start in range(0, len(self.array), self.batch_size):
+            yield self.array[start : start + self.batch_size]
+
+
+def _array_sources(images: np.ndarray, labels: np.ndarray, batch_size: int):
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise ValueError(f"expected uint8 NHWC images, got {images.dtype} {images.shape}")
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    labels64 = np.ascontiguousarray(labels, dtype=np.int64)
+    return _Batches(np.ascontiguousarray(images), batch_size), _Batches(labels64, batch_size)
+
+
+def build_train_pipeline(
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int,
+    pad: int,
+    flip_prob: float,
+    seed: int,
+    device: str,
+    num_threads: int,
+) -> Pipeline:
+    """DALI train pipeline over ``images``/``labels`` in the given order, for `pipe.run()`.
+
+    One epoch = ceil(N / batch_size) runs; then run() raises StopIteration and the pipeline
+    needs reset(). Outputs: float32 NHWC normalized images, int32 labels. Augmentation is a
+    function of ``seed``. (Keras uses `dali_dataset`, which shuffles; this one does not.)
+    """
+    _check_stats(mean, std, images.shape[-1])
+    return _pipeline(
+        _train_graph,
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device=device,
+        seed=seed,
+        sources=_array_sources(images, labels, batch_size),
+        shape=images.shape[1:3],
+        mean=mean,
+        std=std,
+        pad=pad,
+        flip_prob=flip_prob,
+    )
+
+
+def build_eval_pipeline(
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int,
+    device: str,
+    num_threads: int,
+) -> Pipeline:
+    """DALI eval pipeline: normalize only, data order kept, last partial batch kept."""
+    _check_stats(mean, std, images.shape[-1])
+    return _pipeline(
+        _eval_graph,
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device=device,
+        seed=0,  # no random operators
+        sources=_array_sources(images, labels, batch_size),
+        shape=images.shape[1:3],
+        mean=mean,
+        std=std,
+    )
+
+
+def iterate_numpy(pipe: Pipeline) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Run a pipeline from `build_*_pipeline` for one epoch, yielding NumPy (images, labels).
+
+    Resets the pipeline at the end, so calling it again gives the next epoch.
+    """
+    while True:
+        try:
+            outputs = pipe.run()
+        except StopIteration:
+            pipe.reset()
+            return
+        yield tuple(_as_numpy(out) for out in outputs)
+
+
+def _as_numpy(tensor_list) -> np.ndarray:
+    if hasattr(tensor_list, "as_cpu"):  # TensorListGPU
+        tensor_list = tensor_list.as_cpu()
+    return tensor_list.as_array()
+
+
+# ------------------------------------------------------------------ tf.data for Keras
+
+
+def _index_batches(n: int, batch_size: int, shuffle_seed: int | None):
+    import tensorflow as tf
+
+    indices = tf.data.Dataset.range(n)
+    if shuffle_seed is not None:
+        # Full-buffer shuffle, a new permutation per iteration (epoch), reproducible
+        # from (TF global seed, shuffle_seed).
+        indices = indices.shuffle(n, seed=shuffle_seed, reshuffle_each_iteration=True)
+    return indices.batch(batch_size)
+
+
+def dali_dataset(
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    stats: NormStats | tuple[Sequence[float], Sequence[float]],
+    batch_size: int,
+    train: bool,
+    preprocess: PreprocessConfig,
+    seed: int = 0,
+) -> tf.data.Dataset:
+    """Batches of (float32 NHWC normalized images, int32 labels) for Keras fit/evaluate/predict.
+
+    One iteration is one pass over the data: ceil(N / batch_size) batches, the last one
+    partial. ``train=True``: augmented (preprocess.pad/flip_prob), order reshuffled every
+    epoch; batches and augmentation are reproducible from ``seed`` (and TF's global seed,
+    which `keras.utils.set_random_seed` sets). ``train=False``: normalized only, input
+    order, so predictions line up with ``labels``. preprocess.device picks CPU or GPU.
+    """
+    import tensorflow as tf
+    from nvidia.dali.plugin import tf as dali_tf
+
+    mean, std = stats
+    _check_stats(mean, std, images.shape[-1])
+    if images.ndim != 4 or images.dtype != np.uint8 or len(images) != len(labels):
+        raise ValueError(f"expected uint8 NHWC images and one label each, got {images.shape}")
+    device = resolve_device(preprocess.device)
+    n, height, width, channels = images.shape
+
+    with tf.device("/cpu:0"):
+        images_t = tf.constant(images)
+        labels_t = tf.constant(np.asarray(labels, dtype=np.int64))
+        shuffle_seed = seed if train else None
+        # One index dataset per input, identically seeded: see the module docstring.
+        image_ds = _index_batches(n, batch_size, shuffle_seed).map(lambda i: tf.gather(images_t, i))
+        label_ds = _index_batches(n, batch_size, shuffle_seed).map(lambda i: tf.gather(labels_t, i))
+        if device == "gpu":
+            # The plugin reads inputs from the dataset's own device; batches cross once here.
+            image_ds = image_ds.apply(tf.data.experimental.copy_to_device("/gpu:0"))
+            label_ds = label_ds.apply(tf.data.experimental.copy_to_device("/gpu:0"))
+
+    graph_args = {"sources": None, "shape": (height, width), "mean": mean, "std": std}
+    if train:
+        graph_args |= {"pad": preprocess.pad, "flip_prob": preprocess.flip_prob}
+    pipe = _pipeline(
+        _train_graph if train else _eval_graph,
+        batch_size=batch_size,
+        num_threads=preprocess.num_threads,
+        device=device,
+        seed=seed,
+        **graph_args,
+    )
+    with tf.device("/gpu:0" if device == "gpu" else "/cpu:0"):
+        dataset = dali_tf.experimental.DALIDatasetWithInputs(
+            pipeline=pipe,
+            input_datasets={
+                "images": dali_tf.experimental.Input(image_ds, batch=True, layout="HWC"),
+                "labels": dali_tf.experimental.Input(label_ds, batch=True),
+            },
+            batch_size=batch_size,
+            output_dtypes=(tf.float32, tf.int32),
+            output_shapes=((None, height, width, channels), (None,)),
+            num_threads=preprocess.num_threads,
+            device_id=0 if device == "gpu" else None,
+        )
+        # Lets Keras size its progress bar, and fails loudly if a pass ever has a
+        # different number of batches.
+        steps = math.ceil(n / batch_size)
+        return dataset.apply(tf.data.experimental.assert_cardinality(steps))
+
+
+# ------------------------------------------------------------ reference and samples
+
+
+def augment_reference(
+    images: np.ndarray,
+    offsets: np.ndarray,
+    flips: np.ndarray,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> np.ndarray:
+    """NumPy version of the train transform with explicit randomness.
+
+    ``offsets[i] = (dy, dx)`` is the crop anchor: output[y, x] = image[y + dy, x + dx],
+    0 outside the image; then the crop is mirrored left-right where ``flips[i]``, then
+    normalized to float32 (pixel - mean) / std.
+    """
+    n, height, width, _ = images.shape
+    offsets = np.asarray(offsets, dtype=np.int64).reshape(n, 2)
+    pad = int(np.abs(offsets).max(initial=0))
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    rows = np.arange(height)[None, :] + offsets[:, :1] + pad  # (n, H)
+    cols = np.arange(width)[None, :] + offsets[:, 1:] + pad  # (n, W)
+    flips = np.asarray(flips, dtype=bool).reshape(n)
+    cols = np.where(flips[:, None], cols[:, ::-1], cols)
+    out = padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    mean_arr = np.asarray(mean, dtype=np.float64)
+    std_arr = np.asarray(std, dtype=np.float64)
+    return ((out - mean_arr) / std_arr).astype(np.float32)
+
+
+def sample_augmented(
+    images: np.ndarray,
+    stats: NormStats | tuple[Sequence[float], Sequence[float]],
+    preprocess: PreprocessConfig,
+    n: int,
+    seed: int,
+) -> np.ndarray:
+    """Augment ``images[:n]`` (in order, so ``labels[:n]`` match) with the DALI train pipeline.
+
+    Returns float32 NHWC normalized images, as the model sees them.
+    """
+    mean, std = stats
+    subset = images[:n]
+    pipe = build_train_pipeline(
+        subset,
+        np.zeros(len(subset), dtype=np.int64),
+        mean=mean,
+        std=std,
+        batch_size=len(subset),
+        pad=preprocess.pad,
+        flip_prob=preprocess.flip_prob,
+        seed=seed,
+        device=resolve_device(preprocess.device),
+        num_threads=preprocess.num_threads,
+    )
+    batch, _ = next(iterate_numpy(pipe))
+    return batch
+
+
+def save_image_grid(
+    batch_normalized: np.ndarray,
+    mean: Sequence[float],
+    std: Sequence[float],
+    path: Path,
+    class_names: Sequence[str] | None = None,
+    labels: Sequence[int] | None = None,
+) -> None:
+    """Write a PNG grid of normalized NHWC images, de-normalized back to pixels.
+
+    Uses a bare Agg `Figure` (no pyplot, no global backend state), written atomically.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    pixels = batch_normalized * np.asarray(std, dtype=np.float32) + np.asarray(mean, np.float32)
+    pixels = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+    count = len(pixels)
+    cols = math.ceil(math.sqrt(count))
+    rows = math.ceil(count / cols)
+    fig = Figure(figsize=(1.3 * cols, 1.4 * rows))
+    FigureCanvasAgg(fig)
+    for i, ax in enumerate(fig.subplots(rows, cols, squeeze=False).ravel()):
+        ax.axis("off")
+        if i >= count:
+            continue
+        image = pixels[i]
+        if image.shape[-1] == 1:
+            ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255)
+        else:
+            ax.imshow(image)
+        if labels is not None:
+            label = int(labels[i])
+            ax.set_title(class_names[label] if class_names else str(label), fontsize=7)
+    fig.tight_layout()
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
