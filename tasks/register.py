@@ -73,7 +73,9 @@ def log_and_register(
     images, _ = data.load_split(ws.prepared, "test")
     example = images[:4].astype("float32")  # raw pixels, 0..255
     signature = infer_signature(example, raw_model.predict(example, verbose=0))
-    info = mlflow.keras.log_model(
+    # The TensorFlow flavor, which wraps Keras 3 models: mlflow 3.17's keras flavor writes
+    # the input example before creating the model directory and fails.
+    info = mlflow.tensorflow.log_model(
         raw_model,
         name="model",
         signature=signature,

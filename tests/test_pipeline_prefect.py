@@ -45,7 +45,7 @@ def test_flow_runs_all_stages_and_registers_a_champion(prefect_server, tmp_path)
 
     images, _ = load_split(ws.prepared, "test")
     names = load_meta(ws.prepared)["class_names"]
-    model = mlflow.keras.load_model("models:/cifar10-cnn@champion")
+    model = mlflow.tensorflow.load_model("models:/cifar10-cnn@champion")
     served = model.predict(images[:50].astype("float32"), verbose=0).argmax(axis=1)
     rows = ws.predictions.read_text().splitlines()[1:51]
     evaluated = [names.index(row.split(",")[1]) for row in rows]
