@@ -56,7 +56,7 @@ def champion_accuracy(client: Any, model_name: str) -> tuple[str | None, float |
     accuracy = version.tags.get("test_accuracy")
     if accuracy is None:  # registered by something else: fall back to its run's metric
         accuracy = client.get_run(version.run_id).data.metrics.get("test_accuracy")
-    return version.version, None if accuracy is None else float(accuracy)
+    return str(version.version), None if accuracy is None else float(accuracy)
 
 
 def log_and_register(

@@ -63,7 +63,12 @@ def train_model(
     train_ds = augment.dali_dataset(images, labels, train=True, seed=cfg.train.seed, **batches)
     val_ds = augment.dali_dataset(*val_split, train=False, **batches)
     history = model.fit(
-        train_ds, validation_data=val_ds, epochs=cfg.train.epochs, callbacks=callbacks, verbose=2
+        train_ds,
+        validation_data=val_ds,
+        epochs=cfg.train.epochs,
+        callbacks=callbacks,
+        shuffle=False,  # dali_dataset reshuffles every epoch itself
+        verbose=2,
     )
     return model, {key: [float(v) for v in values] for key, values in history.history.items()}
 

@@ -63,7 +63,7 @@ def check_pipeline_run(client, run, *, epochs: int, model_name: str, ws: Workspa
     assert float(version.tags["test_accuracy"]) == metrics["test"]["accuracy"]
     info = mlflow.models.get_model_info(f"models:/{model_name}/{version.version}")
     assert info.signature is not None and info.saved_input_example_info is not None
-    assert info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == [-1, 32, 32, 3]
+    assert info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 32, 32, 3)
     return registration
 
 

@@ -66,8 +66,8 @@ def test_first_repro_runs_every_stage_and_records_everything(repro):
     registration = check_pipeline_run(client, runs[0], epochs=1, model_name=model_name, ws=ws)
     assert registration["version"] == "1"
     assert registration["promoted"] is True
-    assert client.get_model_version_by_alias(model_name, "champion").version == "1"
-    assert client.get_model_version_by_alias(model_name, "challenger").version == "1"
+    assert str(client.get_model_version_by_alias(model_name, "champion").version) == "1"
+    assert str(client.get_model_version_by_alias(model_name, "challenger").version) == "1"
 
     lock = yaml.safe_load((root / "dvc.lock").read_text())
     (data_out,) = lock["stages"]["data"]["outs"]

@@ -38,7 +38,7 @@ def test_flow_runs_all_stages_and_registers_a_champion(prefect_server, tmp_path)
     ws = Workspace(tmp_path)
     registration = check_pipeline_run(client, runs[0], epochs=1, model_name="cifar10-cnn", ws=ws)
     assert registration == record
-    assert client.get_model_version_by_alias("cifar10-cnn", "champion").version == "1"
+    assert str(client.get_model_version_by_alias("cifar10-cnn", "champion").version) == "1"
 
     # The registered model takes raw pixels and agrees with the evaluate stage's predictions.
     from tasks.data import load_meta, load_split
