@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         overrides = dict(parse_override(item) for item in args.overrides)
+        # Validate here too, so a typo fails before a Prefect API is even started.
+        load_config(Workspace(Path(args.workdir)).resolve(args.params), overrides)
         record = training_pipeline(
             overrides=overrides, params_path=args.params, workdir=args.workdir
         )
