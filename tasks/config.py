@@ -35,10 +35,11 @@ class SyntheticConfig(_Section):
 
 
 class DataConfig(_Section):
-    source: Literal["tfds", "synthetic"]
+    source: Literal["tfds", "idx", "synthetic"]
     name: str = Field(min_length=1)
     tfds_dir: str
     manual_dir: str
+    idx_dir: str
     val_fraction: float = Field(gt=0.0, lt=1.0)
     seed: int
     synthetic: SyntheticConfig

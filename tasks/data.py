@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from tasks import idx
 from tasks.config import DataConfig, PipelineConfig, SyntheticConfig
 from tasks.workspace import Workspace, read_json
 
@@ -194,6 +195,22 @@ def load_tfds(name: str, data_dir: Path, manual_dir: Path) -> tuple[Split, Split
     return train, test, class_names
 
 
+def tfds_class_names(name: str) -> list[str] | None:
+    """Class names from TFDS metadata without downloading, or None if TFDS has none.
+
+    For datasets on disk in another format (IDX): fashion_mnist's names are static
+    metadata; for names TFDS does not know, the caller falls back to label numbers.
+    """
+    import tensorflow_datasets as tfds
+
+    try:
+        label = tfds.builder(name).info.features["label"]
+    except (tfds.core.DatasetNotFoundError, KeyError):
+        return None
+    names = list(getattr(label, "names", []) or [])
+    return None if names == [str(i) for i in range(len(names))] else names
+
+
 def _image_classification_features(name: str, features: Any) -> tuple[tuple[int, ...], list[str]]:
     """Image shape and class names from the builder's metadata; raise if not that kind."""
     import tensorflow_datasets as tfds
@@ -303,10 +320,14 @@ def split_train_val(
 
 def prepare_dataset(cfg: DataConfig, workspace_root: Path) -> Dataset:
     """Load the configured source (synthetic or TFDS) and carve validation out of train."""
+    workspace = Workspace(Path(workspace_root))
     if cfg.source == "synthetic":
         train, test, class_names = make_synthetic(cfg.synthetic, cfg.seed)
+    elif cfg.source == "idx":
+        train, test, class_names = idx.load_idx_dataset(
+            workspace.resolve(cfg.idx_dir), tfds_class_names(cfg.name)
+        )
     else:
-        workspace = Workspace(Path(workspace_root))
         train, test, class_names = load_tfds(
             cfg.name, workspace.resolve(cfg.tfds_dir), workspace.resolve(cfg.manual_dir)
         )
@@ -331,7 +352,7 @@ def build_meta(ds: Dataset, cfg: DataConfig) -> dict[str, Any]:
     """meta.json's content; later stages read class names and shapes from it, not params."""
     return {
         # Synthetic data is not the configured TFDS dataset; do not label it as one.
-        "dataset": cfg.name if cfg.source == "tfds" else "synthetic",
+        "dataset": "synthetic" if cfg.source == "synthetic" else cfg.name,
         "source": cfg.source,
         "class_names": list(ds.class_names),
         "num_classes": ds.num_classes,
