@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -55,6 +62,14 @@ class PreprocessConfig(_Section):
 
 class ModelConfig(_Section):
     name: str
+    widths: list[int] = Field(min_length=1)  # fast_cnn's conv-group widths
+
+    @field_validator("widths")
+    @classmethod
+    def _positive(cls, widths: list[int]) -> list[int]:
+        if min(widths) < 1:
+            raise ValueError("every width must be >= 1")
+        return widths
 
     @model_validator(mode="after")
     def _known_model(self) -> ModelConfig:
@@ -68,6 +83,15 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     optimizer: Literal["adam", "sgd"]
     learning_rate: float = Field(gt=0.0)
+    momentum: float = Field(ge=0.0, lt=1.0)
+    weight_decay: float = Field(ge=0.0)
+    schedule: Literal["constant", "warmup_linear"]
+    warmup_fraction: float = Field(ge=0.0, lt=1.0)
+    label_smoothing: float = Field(ge=0.0, lt=1.0)
+    weight_averaging: bool
+    ema_momentum: float = Field(gt=0.0, lt=1.0)
+    precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"]
+    xla: bool | Literal["auto"]
     batch_size: int = Field(ge=1)
     epochs: int = Field(ge=1)
     seed: int
@@ -75,6 +99,7 @@ class TrainConfig(_Section):
 
 class EvaluateConfig(_Section):
     batch_size: int = Field(ge=1)
+    tta_flip: bool
 
 
 class RegisterConfig(_Section):

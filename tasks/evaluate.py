@@ -24,7 +24,10 @@ def predict_logits(
     stats: augment.NormStats,
     cfg: PipelineConfig,
 ) -> np.ndarray:
-    """Logits for every test image, in order, through the DALI evaluation pipeline."""
+    """Logits for every test image, in order, through the DALI evaluation pipeline.
+
+    With evaluate.tta_flip, the mean of the logits for each image and its mirror.
+    """
     dataset = augment.dali_dataset(
         images,
         labels,
@@ -34,6 +37,11 @@ def predict_logits(
         preprocess=cfg.preprocess,
     )
     logits = model.predict(dataset, verbose=0)
+    if cfg.evaluate.tta_flip:  # same averaging as models.with_normalization(tta_flip=True)
+        import tensorflow as tf
+
+        mirrored = dataset.map(lambda x, y: (tf.reverse(x, axis=[2]), y))
+        logits = (logits + model.predict(mirrored, verbose=0)) / 2
     if len(logits) != len(labels):
         raise RuntimeError(f"got {len(logits)} predictions for {len(labels)} test images")
     return logits
@@ -121,7 +129,7 @@ def run(cfg: PipelineConfig, ws: Workspace) -> dict:
     meta = data.load_meta(ws.prepared)
     images, labels = data.load_split(ws.prepared, "test")
     stats = augment.NormStats(**read_json(ws.norm_stats))
-    model = keras.models.load_model(ws.model_file)
+    model = keras.models.load_model(ws.model_file, compile=False)  # inference only
     with tracking.stage_run(cfg, ws, "evaluate"):
         logits = predict_logits(model, images, labels, stats, cfg)
         metrics = compute_metrics(logits, labels, meta["class_names"])

@@ -68,7 +68,10 @@ def log_and_register(
 
     stats = read_json(ws.norm_stats)
     raw_model = with_normalization(
-        keras.models.load_model(ws.model_file), stats["mean"], stats["std"]
+        keras.models.load_model(ws.model_file, compile=False),
+        stats["mean"],
+        stats["std"],
+        tta_flip=cfg.evaluate.tta_flip,
     )
     images, _ = data.load_split(ws.prepared, "test")
     example = images[:4].astype("float32")  # raw pixels, 0..255

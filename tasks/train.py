@@ -7,12 +7,13 @@ metrics also go to the pipeline's MLflow run through MLflow's own Keras callback
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 
-from tasks import augment, data, tracking
-from tasks.config import PipelineConfig, TrainConfig
+from tasks import augment, data, recipe, tracking
+from tasks.config import PipelineConfig
 from tasks.models import build_model
 from tasks.workspace import Workspace, atomic_path, read_json
 
@@ -26,23 +27,26 @@ def seed_everything(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-def make_optimizer(cfg: TrainConfig) -> Any:
+def build_for_training(
+    cfg: PipelineConfig, input_shape: tuple[int, int, int], num_classes: int, steps: int
+) -> Any:
+    """Build and compile the model under the resolved precision policy and XLA setting.
+
+    The global dtype policy is set only while the layers are created (they keep it), so
+    nothing else in the process, evaluation included, inherits it.
+    """
     import keras
 
-    if cfg.optimizer == "sgd":
-        return keras.optimizers.SGD(learning_rate=cfg.learning_rate, momentum=0.9, nesterov=True)
-    return keras.optimizers.Adam(learning_rate=cfg.learning_rate)
-
-
-def compile_model(model: Any, cfg: TrainConfig) -> Any:
-    import keras
-
-    model.compile(
-        optimizer=make_optimizer(cfg),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
+    device = augment.resolve_device(cfg.preprocess.device)
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(recipe.resolve_precision(cfg.train.precision, device))
+    try:
+        model = build_model(cfg.model.name, input_shape, num_classes, tuple(cfg.model.widths))
+    finally:
+        keras.config.set_dtype_policy(previous)
+    return recipe.compile_model(
+        model, cfg.train, steps, xla=recipe.resolve_xla(cfg.train.xla, device)
     )
-    return model
 
 
 def train_model(
@@ -56,9 +60,8 @@ def train_model(
     """Build, compile and fit the model; return it with its per-epoch history."""
     seed_everything(cfg.train.seed)
     images, labels = train_split
-    model = compile_model(
-        build_model(cfg.model.name, tuple(images.shape[1:]), num_classes), cfg.train
-    )
+    steps = math.ceil(len(images) / cfg.train.batch_size)
+    model = build_for_training(cfg, tuple(images.shape[1:]), num_classes, steps)
     batches = {"stats": stats, "batch_size": cfg.train.batch_size, "preprocess": cfg.preprocess}
     train_ds = augment.dali_dataset(images, labels, train=True, seed=cfg.train.seed, **batches)
     val_ds = augment.dali_dataset(*val_split, train=False, **batches)
