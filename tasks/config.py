@@ -199,6 +199,17 @@ def build_config(
         raise ConfigError(_describe(error)) from None
 
 
+def load_profile(path: str | Path) -> dict[str, Any]:
+    """A profile file: a flat mapping of dotted params.yaml keys to values."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"profile {path} not found (see profiles/ for the shipped ones)")
+    overrides = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(overrides, dict) or not all(isinstance(k, str) for k in overrides):
+        raise ConfigError(f"profile {path} must map dotted keys (train.epochs) to values")
+    return overrides
+
+
 def load_config(
     path: str | Path = "params.yaml", overrides: Mapping[str, Any] | None = None
 ) -> PipelineConfig:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from tasks.config import ConfigError, apply_overrides, load_config, parse_override
+from tasks.config import ConfigError, apply_overrides, load_config, load_profile, parse_override
 from tests.conftest import PARAMS
 
 
@@ -79,3 +79,18 @@ def test_apply_overrides_does_not_mutate_its_input():
     tree = {"train": {"epochs": 1}}
     apply_overrides(tree, {"train.epochs": 2})
     assert tree == {"train": {"epochs": 1}}
+
+
+@pytest.mark.parametrize("profile", sorted((PARAMS.parent / "profiles").glob("*.yaml")))
+def test_shipped_profiles_are_valid_overrides(profile):
+    cfg = load_config(PARAMS, load_profile(profile))
+    assert cfg.model.name == "fast_cnn"
+
+
+def test_profile_with_a_typo_fails_naming_the_key(tmp_path):
+    bad = tmp_path / "profile.yaml"
+    bad.write_text("train.epochz: 3\n")
+    with pytest.raises(ConfigError, match=r"train\.epochz"):
+        load_config(PARAMS, load_profile(bad))
+    with pytest.raises(ConfigError, match="not found"):
+        load_profile(tmp_path / "missing.yaml")
