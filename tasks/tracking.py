@@ -115,6 +115,7 @@ def start_pipeline_run(
         "pipeline.dataset": "synthetic" if cfg.data.source == "synthetic" else cfg.data.name,
         "pipeline.config_digest": config_digest(cfg),
         "pipeline.workdir": str(ws.root),
+        "pipeline.role": "sweep-point" if parent_run_id else "pipeline",
     }
     if parent_run_id:
         tags[PARENT_RUN_TAG] = parent_run_id
@@ -130,6 +131,33 @@ def start_pipeline_run(
         {"run_id": run_id, "tracking_uri": uri, "config_digest": config_digest(cfg)},
     )
     return run_id
+
+
+def start_sweep_run(
+    cfg: PipelineConfig, ws: Workspace, run_name: str, points: list[dict[str, Any]]
+) -> str:
+    """Open a sweep's parent run; the points' pipeline runs nest under it."""
+    import mlflow
+
+    configure(cfg, ws)
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    run = client.create_run(
+        experiment.experiment_id,
+        run_name=run_name,
+        tags={"pipeline.role": "sweep", "pipeline.git_commit": git_commit(ws.root)},
+    )
+    client.log_param(run.info.run_id, "sweep.points", len(points))
+    client.log_dict(run.info.run_id, {"points": points}, "sweep/points.json")
+    return run.info.run_id
+
+
+def end_run_quietly(run_id: str, status: str) -> None:
+    """Close a run on the way out of a failure, without masking that failure."""
+    import mlflow
+
+    with suppress(Exception):
+        mlflow.MlflowClient().set_terminated(run_id, status)
 
 
 def _joinable_run(cfg: PipelineConfig, ws: Workspace, uri: str) -> str | None:
@@ -166,7 +194,7 @@ def stage_run(
     if not joined:
         # Upstream stages were up to date and did not run: show their outputs here too,
         # so every pipeline run carries the data description and augmentation grid.
-        log_upstream_outputs(ws)
+        log_upstream_outputs(ws, run_id)
     try:
         yield run_id
     except BaseException as error:
@@ -234,15 +262,22 @@ def is_transient(error: BaseException | None) -> bool:
     return False
 
 
-def log_upstream_outputs(ws: Workspace) -> None:
-    """Log the data and preprocess outputs already on disk to the active run.
+def log_upstream_outputs(ws: Workspace, run_id: str) -> None:
+    """Log the data and preprocess outputs already on disk to run ``run_id``.
 
     For runs whose earlier stages did not execute in this run (up to date under DVC,
     or skipped by the flow), so every run still shows its data and augmentation.
     """
-    log_artifact_if_exists(ws.prepared / "meta.json", "data")
-    log_artifact_if_exists(ws.norm_stats, "preprocess")
-    log_artifact_if_exists(ws.augmented_grid, "preprocess")
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    for path, artifact_path in (
+        (ws.prepared / "meta.json", "data"),
+        (ws.norm_stats, "preprocess"),
+        (ws.augmented_grid, "preprocess"),
+    ):
+        if path.is_file():
+            client.log_artifact(run_id, str(path), artifact_path=artifact_path)
 
 
 def handle_run_id(ws: Workspace) -> str | None:
