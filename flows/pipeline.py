@@ -142,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--workdir", default=".")
     args = parser.parse_args(argv)
+    # Paths typed on the command line are relative to the shell's directory.
+    args.params = str(Path(args.params).resolve())
+    args.profile = args.profile and str(Path(args.profile).resolve())
     try:
         overrides = dict(parse_override(item) for item in args.overrides)
         # Validate here too, so a typo fails before a Prefect API is even started.

@@ -1,0 +1,351 @@
+"""Stage wall time and peak RSS of a full synthetic CIFAR-sized run, orchestration overhead,
+and the time of a `dvc repro` that has nothing to do.
+
+Each repeat runs the same work three ways (order rotated between repeats):
+
+* ``dvc``: `dvc repro` in a fresh git copy of this repository with params.yaml shrunk
+  as below; every stage is its own `python -m flows.stage <stage>` process, and a
+  `python` shim first on PATH records each stage process's wall time and peak RSS.
+  Then `dvc repro` again, several times, with nothing changed (the no-op benchmark).
+* ``prefect``: `python -m flows.pipeline` in another fresh copy (one process, Prefect's
+  ephemeral API, MLflow run, model logged and registered).
+* ``bare``: the same work with no orchestration or tracking, in one process: the pure
+  stage cores (prepare + write data, channel stats + augmented grid, train_model with
+  only the CSV history callback + model.save, predict + metrics + reports, raw-pixel
+  wrapper saved as .keras), writing the same output files.
+
+Overhead = orchestrated wall - bare wall, per repeat: it holds Prefect/DVC bookkeeping,
+MLflow logging and model registration, and (DVC) one Python start + imports per stage
+process, plus stages re-reading their inputs from disk.
+
+    python -m benchmarks.stages [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    PARAMS,
+    REPO,
+    as_cli_overrides,
+    child_env,
+    command,
+    copy_repo,
+    load_average,
+    log,
+    python_module,
+    run_measured,
+    set_params,
+    stamp_row,
+    summarize,
+    warm_prefect,
+    write_rows,
+)
+
+MODES = ("bare", "prefect", "dvc")
+STAGES = ("data", "preprocess", "train", "evaluate", "register")
+SIZES = {
+    False: {  # 50k/10k synthetic 32x32x3, one epoch; 10% of train is held out for validation
+        "overrides": {
+            "data.source": "synthetic",
+            "data.synthetic.train_size": 50_000,
+            "data.synthetic.test_size": 10_000,
+            "train.epochs": 1,
+        },
+        "repeats": 3,
+        "noop_repeats": 5,
+    },
+    True: {
+        "overrides": {
+            "data.source": "synthetic",
+            "data.synthetic.train_size": 1_200,
+            "data.synthetic.test_size": 300,
+            "train.epochs": 1,
+            "preprocess.grid_samples": 16,
+        },
+        "repeats": 1,
+        "noop_repeats": 2,
+    },
+}
+# What a stage process imports before any work (train, evaluate and register import all of it).
+STARTUP_IMPORTS = "import mlflow, keras, tensorflow, nvidia.dali.plugin.tf"
+
+SHIM = '''#!{python}
+"""`python` for dvc.yaml's stage commands: runs the real one, logs wall time and peak RSS."""
+import json, os, sys, time
+
+start = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.execv({python!r}, [{python!r}, *sys.argv[1:]])
+_, status, usage = os.wait4(pid, 0)
+with open(os.environ["BENCH_STAGE_LOG"], "a") as log:
+    record = {{"argv": sys.argv[1:], "wall_s": time.perf_counter() - start,
+              "peak_rss_mib": usage.ru_maxrss / 1024}}
+    log.write(json.dumps(record) + "\\n")
+sys.exit(os.waitstatus_to_exitcode(status))
+'''
+
+
+# ------------------------------------------------------------------- bare (no orchestration)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bare_pipeline(cfg: Any, root: Path) -> dict[str, dict[str, float]]:
+    """Run the pipeline's work in this process; per step: seconds and peak RSS so far (MiB)."""
+    steps: dict[str, dict[str, float]] = {}
+    clock = time.perf_counter()
+
+    def done(step: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        steps[step] = {"wall_s": now - clock, "peak_rss_mib": peak_rss_mib()}
+        clock = now
+
+    import keras
+    import numpy as np
+
+    from tasks import augment, data, evaluate, models, train
+    from tasks.workspace import Workspace, atomic_path, write_json
+
+    done("imports")
+    ws = Workspace(root)
+    dataset = data.prepare_dataset(cfg.data, ws.root)
+    data.write_prepared(dataset, ws.prepared, cfg.data)
+    done("data")
+
+    images, labels = dataset.split("train")
+    stats = augment.channel_stats(images)
+    count = min(cfg.preprocess.grid_samples, len(images))
+    samples = augment.sample_augmented(images, stats, cfg.preprocess, count, seed=0)
+    augment.save_image_grid(
+        samples, stats.mean, stats.std, ws.augmented_grid, dataset.class_names, labels[:count]
+    )
+    write_json(ws.norm_stats, stats._asdict())
+    done("preprocess")
+
+    with atomic_path(ws.history) as history:
+        model, _ = train.train_model(
+            cfg,
+            dataset.split("train"),
+            dataset.split("val"),
+            dataset.num_classes,
+            stats,
+            [keras.callbacks.CSVLogger(str(history))],
+        )
+    ws.model_file.parent.mkdir(parents=True, exist_ok=True)
+    model.save(ws.model_file)
+    done("train")
+
+    test_images, test_labels = dataset.split("test")
+    logits = evaluate.predict_logits(model, test_images, test_labels, stats, cfg)
+    metrics = evaluate.compute_metrics(logits, test_labels, list(dataset.class_names))
+    predicted = logits.argmax(axis=1)
+    names = list(dataset.class_names)
+    evaluate.save_confusion_matrix(test_labels, predicted, names, ws.confusion_png)
+    evaluate.write_predictions(test_labels, predicted, names, ws.predictions)
+    write_json(ws.metrics, metrics)
+    done("evaluate")
+
+    raw = models.with_normalization(model, stats.mean, stats.std, cfg.evaluate.tta_flip)
+    raw.predict(test_images[:4].astype(np.float32), verbose=0)  # what the signature needs
+    raw.save(ws.model_file.with_name("model_raw_pixels.keras"))
+    done("register")
+    return steps
+
+
+# ------------------------------------------------------------------------- measured modes
+
+
+def run_bare(scratch: Path, name: str, quick: bool) -> dict[str, Any]:
+    root, out = scratch / name, scratch / f"{name}.json"
+    root.mkdir()
+    args = ["--worker-bare", str(root), "--out", str(out), *(["--quick"] if quick else [])]
+    measured = run_measured(
+        python_module("benchmarks.stages", *args),
+        cwd=REPO,
+        env=child_env(scratch),
+        log=scratch / f"{name}.log",
+    )
+    steps = json.loads(out.read_text())
+    return {"wall_s": measured.wall_s, "peak_rss_mib": measured.peak_rss_mib, "steps": steps}
+
+
+def run_prefect(scratch: Path, name: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    root = copy_repo(scratch / name)
+    set_params(root, overrides)
+    measured = run_measured(
+        python_module("flows.pipeline"), cwd=root, env=child_env(scratch), log=root / "bench.log"
+    )
+    return {"wall_s": measured.wall_s, "peak_rss_mib": measured.peak_rss_mib}
+
+
+def write_shim(scratch: Path) -> Path:
+    shim_dir = scratch / "shim"
+    shim_dir.mkdir(exist_ok=True)
+    shim = shim_dir / "python"
+    shim.write_text(SHIM.format(python=sys.executable))
+    shim.chmod(0o755)
+    return shim_dir
+
+
+def run_dvc(scratch: Path, name: str, overrides: dict[str, Any], noops: int) -> dict[str, Any]:
+    """`dvc repro` from scratch, per-stage numbers from the shim, then ``noops`` no-op repros."""
+    root = copy_repo(scratch / name)
+    set_params(root, overrides)
+    stage_log = scratch / f"{name}-stages.jsonl"
+    env = child_env(scratch, extra_path=[write_shim(scratch)]) | {"BENCH_STAGE_LOG": str(stage_log)}
+    dvc = [str(Path(sys.executable).parent / "dvc"), "repro"]
+    measured = run_measured(dvc, cwd=root, env=env, log=root / "bench-repro.log")
+    stages = {}
+    for line in stage_log.read_text().splitlines():
+        record = json.loads(line)
+        if record["argv"][:2] == ["-m", "flows.stage"]:
+            stages[record["argv"][2]] = {k: record[k] for k in ("wall_s", "peak_rss_mib")}
+    if list(stages) != list(STAGES):
+        raise RuntimeError(f"dvc repro ran stages {list(stages)}, expected {list(STAGES)}")
+    noop_s = []
+    for i in range(noops):
+        again = run_measured(dvc, cwd=root, env=env, log=root / f"bench-noop-{i}.log")
+        if "Running stage" in again.log.read_text():
+            raise RuntimeError(f"a no-op dvc repro ran a stage; see {again.log}")
+        noop_s.append(again.wall_s)
+    return {
+        "wall_s": measured.wall_s,
+        "peak_rss_mib": measured.peak_rss_mib,
+        "stages": stages,
+        "noop_s": noop_s,
+    }
+
+
+def run_startup(scratch: Path, name: str) -> dict[str, float]:
+    measured = run_measured(
+        [sys.executable, "-c", STARTUP_IMPORTS],
+        cwd=REPO,
+        env=child_env(scratch),
+        log=scratch / f"{name}.log",
+    )
+    return {"wall_s": measured.wall_s, "peak_rss_mib": measured.peak_rss_mib}
+
+
+# ------------------------------------------------------------------------------ summary
+
+
+def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-repeat results of the three modes -> medians, spreads and overheads."""
+
+    def over(path: list[str]) -> dict[str, Any]:
+        values = []
+        for run in runs:
+            node = run
+            for part in path:
+                node = node[part]
+            values.append(node)
+        return summarize(values)
+
+    summary: dict[str, Any] = {mode: {} for mode in MODES}
+    for mode in MODES:
+        summary[mode]["wall_s"] = over([mode, "wall_s"])
+        summary[mode]["peak_rss_mib"] = over([mode, "peak_rss_mib"])
+    summary["bare"]["steps"] = {
+        step: {key: over(["bare", "steps", step, key]) for key in ("wall_s", "peak_rss_mib")}
+        for step in runs[0]["bare"]["steps"]
+    }
+    summary["dvc"]["stages"] = {
+        stage: {key: over(["dvc", "stages", stage, key]) for key in ("wall_s", "peak_rss_mib")}
+        for stage in STAGES
+    }
+    summary["startup_imports"] = {k: over(["startup", k]) for k in ("wall_s", "peak_rss_mib")}
+    overhead: dict[str, Any] = {}
+    for mode in ("prefect", "dvc"):
+        extra = [run[mode]["wall_s"] - run["bare"]["wall_s"] for run in runs]
+        percent = [100 * e / run[mode]["wall_s"] for e, run in zip(extra, runs, strict=True)]
+        overhead[mode] = {"seconds": summarize(extra), "percent_of_wall": summarize(percent)}
+    stage_sums = [sum(s["wall_s"] for s in run["dvc"]["stages"].values()) for run in runs]
+    overhead["dvc_own_s"] = summarize(
+        [run["dvc"]["wall_s"] - total for run, total in zip(runs, stage_sums, strict=True)]
+    )
+    overhead["dvc_stage_processes_s"] = summarize(
+        [total - run["bare"]["wall_s"] for run, total in zip(runs, stage_sums, strict=True)]
+    )
+    summary["overhead"] = overhead
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.stages")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, results/quick/")
+    parser.add_argument("--worker-bare", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    size = SIZES[args.quick]
+    if args.worker_bare:
+        from tasks.config import load_config
+
+        steps = bare_pipeline(load_config(PARAMS, size["overrides"]), args.worker_bare)
+        args.out.write_text(json.dumps(steps))
+        return 0
+
+    load_before = load_average()
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="bench-stages-") as tmp:
+        scratch = Path(tmp)
+        warm_prefect(scratch)
+        for repeat in range(size["repeats"]):
+            run: dict[str, Any] = {"startup": run_startup(scratch, f"startup-{repeat}")}
+            for mode in MODES[repeat % 3 :] + MODES[: repeat % 3]:  # rotate the order
+                name = f"{mode}-{repeat}"
+                if mode == "bare":
+                    run[mode] = run_bare(scratch, name, args.quick)
+                elif mode == "prefect":
+                    run[mode] = run_prefect(scratch, name, size["overrides"])
+                else:
+                    run[mode] = run_dvc(scratch, name, size["overrides"], size["noop_repeats"])
+                shutil.rmtree(scratch / name, ignore_errors=True)  # ~1 GB per full-size copy
+                log(f"stages repeat {repeat + 1} {mode}: {run[mode]['wall_s']:.1f} s")
+            runs.append(run)
+
+    overrides = as_cli_overrides(size["overrides"])
+    row = stamp_row(
+        {
+            "key": "synthetic_cifar_sized",
+            "overrides": size["overrides"],
+            "repeats": size["repeats"],
+            **summarize_runs(runs),
+            "runs": runs,
+            "command": command("benchmarks.stages", quick=args.quick),
+            "equivalent_commands": {
+                "dvc": "dvc repro  # params.yaml set to the overrides",
+                "prefect": " ".join(["python -m flows.pipeline", *overrides]),
+            },
+            "target_overhead_percent": 5.0,
+        },
+        load_before,
+    )
+    write_rows("stages", args.quick, [row])
+    noop = [s for run in runs for s in run["dvc"]["noop_s"]]
+    noop_row = {
+        "key": "synthetic_cifar_sized",
+        "seconds": summarize(noop),
+        "target_s": 3.0,
+        "command": command("benchmarks.stages", quick=args.quick),
+        "what": "`dvc repro` right after a full one, nothing changed (all stages skipped)",
+    }
+    write_rows("dvc_noop", args.quick, [stamp_row(noop_row, load_before)])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

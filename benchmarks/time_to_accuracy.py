@@ -1,0 +1,230 @@
+"""Time to accuracy on Fashion-MNIST (Debian's IDX files), fast profile vs the seed CNN.
+
+For each model, two runs, one after the other:
+
+1. the curve: `tasks.train.train_model` with the model's config, plus a callback that
+   scores the test set after every epoch with the evaluate stage's own code
+   (`predict_logits`, flip TTA when the config has it; the averaged weights when it uses
+   weight averaging, as the final model does). The clock is train_model's wall time
+   (build, input pipeline, fit with per-epoch validation) minus the callback's own time.
+2. the real pipeline, `python -m flows.pipeline ... --workdir <tmp>`, for the final test
+   accuracy of the model it registers (reports/metrics.json).
+
+    python -m benchmarks.time_to_accuracy [--model fast] [--quick]
+
+Quick mode swaps the data for a tiny synthetic 28x28x1 set and 2 epochs: it checks the
+code, its accuracies mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    PARAMS,
+    REPO,
+    as_cli_overrides,
+    child_env,
+    command,
+    load_average,
+    log,
+    python_module,
+    run_measured,
+    stamp_row,
+    warm_prefect,
+    write_rows,
+)
+
+MODELS: dict[str, dict[str, Any]] = {
+    "fast": {"profile": "profiles/fast_fashion_mnist.yaml", "overrides": {}},
+    "seed": {"profile": None, "overrides": {"data.source": "idx", "data.name": "fashion_mnist"}},
+}
+TARGET = {"test_accuracy": 0.93, "train_s": 600.0}  # the fast profile's claim
+QUICK_OVERRIDES = {
+    "data.source": "synthetic",
+    "data.synthetic.image_size": 28,
+    "data.synthetic.channels": 1,
+    "data.synthetic.train_size": 1_500,
+    "data.synthetic.test_size": 500,
+    "train.epochs": 2,
+    "preprocess.grid_samples": 16,
+}
+
+
+def overrides_for(model: str, quick: bool) -> dict[str, Any]:
+    return MODELS[model]["overrides"] | (QUICK_OVERRIDES if quick else {})
+
+
+def model_config(model: str, quick: bool) -> Any:
+    from tasks.config import load_config, load_profile
+
+    profile = MODELS[model]["profile"]
+    merged = load_profile(REPO / profile) if profile else {}
+    return load_config(PARAMS, merged | overrides_for(model, quick))
+
+
+# ------------------------------------------------------------------------------- curve
+
+
+def test_accuracy(model: Any, cfg: Any, test: tuple, stats: Any, averaged: bool) -> float:
+    """Test accuracy through the evaluate stage's code; ``averaged``: score the optimizer's
+    weight average (what training ends with) and put the live weights back afterwards."""
+    from tasks import evaluate
+
+    live = [variable.numpy() for variable in model.trainable_weights] if averaged else []
+    if averaged:
+        model.optimizer.finalize_variable_values(model.trainable_weights)
+    try:
+        logits = evaluate.predict_logits(model, *test, stats, cfg)
+    finally:
+        for variable, value in zip(model.trainable_weights, live, strict=False):
+            variable.assign(value)
+    names = [str(k) for k in range(logits.shape[1])]
+    return evaluate.compute_metrics(logits, test[1], names)["test"]["accuracy"]
+
+
+def accuracy_curve(cfg: Any, test: tuple, stats: Any) -> Any:
+    """Keras callback: test accuracy after each epoch vs training seconds (its own excluded)."""
+    import keras
+
+    class AccuracyCurve(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.start = time.perf_counter()
+            self.excluded_s = 0.0
+            self.points: list[dict[str, Any]] = []
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            begin = time.perf_counter()
+            accuracy = test_accuracy(self.model, cfg, test, stats, cfg.train.weight_averaging)
+            self.points.append(
+                {
+                    "epoch": epoch + 1,
+                    "train_s": begin - self.start - self.excluded_s,
+                    "test_accuracy": accuracy,
+                    "val_accuracy": float((logs or {}).get("val_accuracy", float("nan"))),
+                }
+            )
+            self.excluded_s += time.perf_counter() - begin
+
+    return AccuracyCurve()
+
+
+def curve_worker(model: str, quick: bool, out: Path) -> None:
+    from tasks import augment, data, train
+
+    cfg = model_config(model, quick)
+    dataset = data.prepare_dataset(cfg.data, REPO)
+    stats = augment.channel_stats(dataset.train_images)
+    test = dataset.split("test")
+    curve = accuracy_curve(cfg, test, stats)
+    curve.start = time.perf_counter()
+    trained, _ = train.train_model(
+        cfg, dataset.split("train"), dataset.split("val"), dataset.num_classes, stats, [curve]
+    )
+    train_model_s = time.perf_counter() - curve.start - curve.excluded_s
+    result = {
+        "points": curve.points,
+        "train_model_s": train_model_s,
+        "final_test_accuracy": test_accuracy(trained, cfg, test, stats, averaged=False),
+        "counts": dataset.counts,
+    }
+    out.write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------------------- pipeline
+
+
+def pipeline_args(model: str, quick: bool, workdir: str) -> list[str]:
+    profile = MODELS[model]["profile"]
+    args = ["--profile", profile] if profile else []
+    return [*args, "--workdir", workdir, *as_cli_overrides(overrides_for(model, quick))]
+
+
+def run_pipeline(model: str, quick: bool, scratch: Path) -> dict[str, Any]:
+    workdir = scratch / f"pipeline-{model}"
+    measured = run_measured(
+        python_module("flows.pipeline", *pipeline_args(model, quick, str(workdir))),
+        cwd=REPO,
+        env=child_env(scratch),
+        log=scratch / f"pipeline-{model}.log",
+    )
+    reports = workdir / "reports"
+    registration = json.loads((reports / "registration.json").read_text())
+    with (reports / "history.csv").open() as history:
+        val_accuracy = [float(row["val_accuracy"]) for row in csv.DictReader(history)]
+    return {
+        "wall_s": measured.wall_s,
+        "peak_rss_mib": measured.peak_rss_mib,
+        "test_accuracy": json.loads((reports / "metrics.json").read_text())["test"]["accuracy"],
+        "registered": f"{registration['model_name']} version {registration['version']}",
+        "val_accuracy": val_accuracy,
+        "command": shlex.join(
+            ["python", "-m", "flows.pipeline", *pipeline_args(model, quick, "TMP")]
+        ),
+    }
+
+
+def first_reaching(points: list[dict[str, Any]], accuracy: float) -> dict[str, Any] | None:
+    return next((p for p in points if p["test_accuracy"] >= accuracy), None)
+
+
+def measure(model: str, quick: bool, scratch: Path) -> dict[str, Any]:
+    load_before = load_average()
+    out = scratch / f"curve-{model}.json"
+    args = ["--worker", model, "--out", str(out), *(["--quick"] if quick else [])]
+    measured = run_measured(
+        python_module("benchmarks.time_to_accuracy", *args),
+        cwd=REPO,
+        env=child_env(scratch),
+        log=scratch / f"curve-{model}.log",
+    )
+    curve = json.loads(out.read_text()) | {"peak_rss_mib": measured.peak_rss_mib}
+    log(f"accuracy curve {model}: final {curve['final_test_accuracy']:.4f}")
+    pipeline = run_pipeline(model, quick, scratch)
+    log(f"pipeline {model}: test accuracy {pipeline['test_accuracy']:.4f}")
+    cfg = model_config(model, quick)
+    row = {
+        "key": model,
+        "model": cfg.model.name,
+        "profile": MODELS[model]["profile"],
+        "overrides": overrides_for(model, quick),
+        "epochs": cfg.train.epochs,
+        "batch_size": cfg.train.batch_size,
+        "runs": 1,
+        "curve": curve,
+        "first_reaching_target": first_reaching(curve["points"], TARGET["test_accuracy"]),
+        "pipeline": pipeline,
+        "target": TARGET if model == "fast" else None,
+        "command": command("benchmarks.time_to_accuracy", "--model", model, quick=quick),
+    }
+    return stamp_row(row, load_before)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.time_to_accuracy")
+    parser.add_argument("--model", action="append", choices=tuple(MODELS))
+    parser.add_argument("--quick", action="store_true", help="synthetic stand-in, results/quick/")
+    parser.add_argument("--worker", choices=tuple(MODELS), help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        curve_worker(args.worker, args.quick, args.out)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="bench-tta-") as tmp:
+        warm_prefect(Path(tmp))
+        rows = [measure(model, args.quick, Path(tmp)) for model in args.model or MODELS]
+    write_rows("time_to_accuracy", args.quick, rows, target=TARGET)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
