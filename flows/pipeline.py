@@ -123,8 +123,8 @@ def resolve_config(
     """params.yaml, then the profile's overrides, then explicit ones; validated.
 
     Relative params and profile paths are taken from the current directory, the project
-    (where a deployment runs). When ``ws`` is elsewhere (runs/<id>/), relative cache and
-    store paths in params.yaml keep pointing into the project, so runs share them.
+    (where a deployment runs). For a run directory inside the project (runs/<id>/),
+    relative cache and store paths keep pointing at the project's, so runs share them.
     """
     params = Path(params_path).resolve()
     merged = (load_profile(Path(profile).resolve()) if profile else {}) | (overrides or {})

@@ -1,10 +1,12 @@
 """Where a flow run writes, and which paths every run shares.
 
 `python -m flows.pipeline` and `dvc repro` write to the project directory. Deployments
-give each flow run its own directory, ``runs/<flow-run-id>/``, so two runs at once never
-overwrite each other's outputs. What must stay shared (the dataset download cache and
-the MLflow store) is named by relative paths in params.yaml; those keep pointing into
-the project directory, the one params.yaml sits in, wherever the run writes.
+give each flow run its own directory inside it, ``runs/<flow-run-id>/``, so two runs at
+once never overwrite each other's outputs. What such runs must share (the dataset
+download cache and the MLflow store) is named by relative paths in params.yaml; for a
+run directory inside the project those keep pointing at the project's own, the one
+params.yaml sits in. A directory outside the project (``--workdir /tmp/x``) stays a
+self-contained workspace: relative paths resolve inside it, as they always have.
 """
 
 from __future__ import annotations
@@ -43,13 +45,14 @@ def anchored_uri(uri: str, project: Path) -> str:
 
 
 def shared_path_overrides(cfg: PipelineConfig, project: Path, root: Path) -> dict[str, Any]:
-    """Overrides that anchor relative shared paths to ``project`` when a run writes elsewhere.
+    """Overrides that anchor relative shared paths to ``project`` for a run directory in it.
 
-    Empty when ``root`` is the project directory, so such runs log params.yaml's values as
-    written. A relative ``sqlite:///`` tracking URI counts as a path.
+    Empty when ``root`` is the project directory itself (params.yaml's values are logged as
+    written) or lies outside it (a self-contained workspace). A relative ``sqlite:///``
+    tracking URI counts as a path.
     """
     project, root = project.resolve(), root.resolve()
-    if root == project:
+    if root == project or not root.is_relative_to(project):
         return {}
     flat = cfg.flat()
     anchored = {key: anchored_path(flat[key], project) for key in SHARED_PATH_KEYS if key in flat}

@@ -25,21 +25,22 @@ def test_run_root_fills_in_the_flow_run_id(tmp_path, monkeypatch):
         run_root("runs/{flow_run_id}", None)
 
 
-def test_runs_elsewhere_keep_sharing_the_projects_caches_and_store(tmp_path):
+def test_run_directories_share_the_projects_caches_and_store(tmp_path):
     cfg = load_config(PARAMS)
     project = PARAMS.parent
     assert shared_path_overrides(cfg, project, project) == {}
-    anchored = shared_path_overrides(cfg, project, tmp_path / "runs" / "x")
+    assert shared_path_overrides(cfg, project, tmp_path) == {}, "outside: self-contained"
+    anchored = shared_path_overrides(cfg, project, project / "runs" / "x")
     assert anchored["data.tfds_dir"] == str(project / "data" / "tfds")
     assert anchored["mlflow.artifact_root"] == str(project / "mlruns" / "artifacts")
     assert anchored["mlflow.tracking_uri"] == f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"
     assert "data.idx_dir" not in anchored  # already absolute in params.yaml
 
 
-def test_resolve_config_anchors_only_for_a_run_directory_elsewhere(tmp_path):
-    in_place = resolve_config(Workspace(PARAMS.parent), str(PARAMS), None, TINY)
-    assert in_place.data.tfds_dir == "data/tfds"
-    isolated = resolve_config(Workspace(tmp_path), str(PARAMS), None, TINY)
+def test_resolve_config_anchors_only_for_a_run_directory_in_the_project(tmp_path):
+    for root in (PARAMS.parent, tmp_path):
+        assert resolve_config(Workspace(root), str(PARAMS), None, TINY).data.tfds_dir == "data/tfds"
+    isolated = resolve_config(Workspace(PARAMS.parent / "runs" / "x"), str(PARAMS), None, TINY)
     assert isolated.data.tfds_dir == str(PARAMS.parent / "data" / "tfds")
     assert isolated.train.epochs == TINY["train.epochs"]
 
