@@ -78,10 +78,16 @@ def test_deployments_are_registered_and_the_retrain_schedule_is_paused(stack):
     # No pull section in prefect.yaml: flow runs start in the directory deployed from.
     [step] = local["pull_steps"]
     assert step["prefect.deployments.steps.set_working_directory"]["directory"] == str(stack.root)
-    nightly = stack.api("deployments/name/scheduled-retrain/nightly")
-    [schedule] = nightly["schedules"]
+    retrain = "scheduled-retrain/nightly"
+    [schedule] = stack.api(f"deployments/name/{retrain}")["schedules"]
     assert schedule["schedule"]["cron"] == "0 3 * * *"
     assert schedule["active"] is False
+    assert schedule["id"] in stack.prefect("deployment", "schedule", "ls", retrain).stdout
+    for command, active in (("resume", True), ("pause", False)):  # README step 7, and back
+        done = stack.prefect("deployment", "schedule", command, retrain, schedule["id"])
+        assert done.returncode == 0, done.stdout + done.stderr
+        [after] = stack.api(f"deployments/name/{retrain}")["schedules"]
+        assert after["active"] is active
 
 
 def test_a_deployment_run_with_overrides_is_tracked_and_registered(stack):
@@ -107,6 +113,8 @@ def test_a_deployment_run_with_overrides_is_tracked_and_registered(stack):
     descriptions = {a["description"] for a in artifacts}
     for stage in ("data", "preprocess", "train", "evaluate", "register"):
         assert f"{stage} stage log (completed)" in descriptions
+    train_log = next(a for a in artifacts if a["description"].startswith("train"))["data"]
+    assert "Epoch 2/2" in train_log, train_log  # Keras' per-epoch lines
     summary = next(a for a in artifacts if a["key"] == "pipeline-summary")["data"]
     assert f"{name} v1" in summary and "Test accuracy" in summary
     assert f"{stack.mlflow_uri}/#/models/{name}/versions/1" in summary
