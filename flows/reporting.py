@@ -28,8 +28,12 @@ CAPTURED_LOGGERS = ("", "mlflow", "prefect.task_runs", "prefect.flow_runs")
 SUMMARY_KEY = "pipeline-summary"
 
 
-class _Tee(io.TextIOBase):
-    """A text stream that writes to the original stream and to a buffer."""
+class _Tee:
+    """A text stream that writes to the original stream and to a buffer.
+
+    Everything else (fileno, encoding, isatty, ...) is the original stream's, so code that
+    inspects sys.stdout sees what it would see without the copy.
+    """
 
     def __init__(self, stream: TextIO, buffer: io.StringIO) -> None:
         self._stream, self._buffer = stream, buffer
@@ -41,7 +45,7 @@ class _Tee(io.TextIOBase):
     def flush(self) -> None:
         self._stream.flush()
 
-    def __getattr__(self, name: str) -> Any:  # fileno, encoding, isatty, ...
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
 
 
@@ -70,7 +74,8 @@ def captured_stage_log(name: str) -> Iterator[StageReport]:
     for logger in loggers:
         logger.addHandler(handler)
     stdout, stderr = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = _Tee(stdout, report.buffer), _Tee(stderr, report.buffer)
+    sys.stdout = _Tee(stdout, report.buffer)  # type: ignore[assignment]
+    sys.stderr = _Tee(stderr, report.buffer)  # type: ignore[assignment]
     outcome = "failed"
     try:
         yield report

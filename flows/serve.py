@@ -35,8 +35,6 @@ STARTUP_TIMEOUT_S = 180  # each server is up in ~10 s here; generous for a busy 
 STOP_GRACE_S = 10  # between SIGTERM and SIGKILL
 LOG_TAIL_CHARS = 3000
 LOG_DIR = Path(".pipeline") / "serve"
-# Loopback requests must never go through a proxy from the environment.
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class ServeError(RuntimeError):
@@ -181,7 +179,8 @@ def build_services(args: argparse.Namespace, project: Path, env: dict[str, str])
 
 
 def http_get(url: str) -> Any:
-    with _DIRECT.open(url, timeout=5) as response:
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
+    with direct.open(url, timeout=5) as response:
         body = response.read()
     return json.loads(body) if body[:1] in (b"{", b"[") else body
 

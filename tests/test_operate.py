@@ -175,11 +175,13 @@ def test_a_sweep_nests_its_points_and_registers_only_the_best(stack):
     for child in children:
         assert child.info.status == "FINISHED"
         assert child.data.tags["pipeline.workdir"].startswith(str(stack.root / "runs" / sweep_id))
-    best = max(children, key=lambda child: child.data.metrics["test_accuracy"])
+    best = max(child.data.metrics["test_accuracy"] for child in children)
     [version] = client.search_model_versions(f"name = '{name}'")
-    assert version.run_id == best.info.run_id
+    winner = client.get_run(version.run_id)
+    assert winner.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert winner.data.metrics["test_accuracy"] == best
     assert parent.data.tags["registered.version"] == str(version.version) == "1"
-    assert parent.data.tags["sweep.best_run_id"] == best.info.run_id
+    assert parent.data.tags["sweep.best_run_id"] == version.run_id
 
 
 def test_a_bad_override_fails_fast_with_the_key_and_leaves_nothing(stack):
