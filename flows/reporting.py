@@ -74,8 +74,8 @@ def captured_stage_log(name: str) -> Iterator[StageReport]:
     for logger in loggers:
         logger.addHandler(handler)
     stdout, stderr = sys.stdout, sys.stderr
-    sys.stdout = _Tee(stdout, report.buffer)  # type: ignore[assignment]
-    sys.stderr = _Tee(stderr, report.buffer)  # type: ignore[assignment]
+    sys.stdout = _Tee(stdout, report.buffer)
+    sys.stderr = _Tee(stderr, report.buffer)
     outcome = "failed"
     try:
         yield report
