@@ -8,8 +8,9 @@ STAMP := $(VENV)/.installed
 # dvc.yaml's `python -m flows.stage ...` must find the virtualenv's interpreter.
 export PATH := $(BIN):$(PATH)
 MLFLOW_PORT ?= 5000
+PREFECT_PORT ?= 4200
 
-.PHONY: help venv run smoke test bench lint format ui
+.PHONY: help venv run smoke test bench lint format ui serve
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -46,3 +47,6 @@ format: venv ## apply ruff fixes and formatting
 ui: venv ## MLflow UI on http://127.0.0.1:$(MLFLOW_PORT) over the mlruns/ store
 	mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db \
 		--default-artifact-root mlruns/artifacts --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+serve: venv ## Prefect server + worker + MLflow server on 127.0.0.1 (PREFECT_PORT, MLFLOW_PORT)
+	python -m flows.serve --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT)

@@ -6,28 +6,56 @@ overrides of params.yaml, validated by the same schema before any work starts:
 
     python -m flows.pipeline train.epochs=3 data.source=synthetic
     prefect deployment run 'training-pipeline/local' -p overrides='{"train.epochs": 3}'
+
+A stage whose failure is transient (tracking server or network unreachable) is retried
+with backoff; a failure names the stage and its cause. Each stage's log and a run summary
+become Prefect artifacts. Deployments write to runs/<flow-run-id>/ (flows/workdir.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
+from prefect.tasks import exponential_backoff
 
-from flows.stage import STAGE_NAMES, expected_errors, stage_functions
+from flows import reporting
+from flows.stage import STAGE_NAMES, StageFailed, expected_errors, stage_functions
+from flows.workdir import run_root, shared_path_overrides
 from tasks import tracking
-from tasks.config import PipelineConfig, load_config, load_profile, parse_override
-from tasks.workspace import Workspace
+from tasks.config import ConfigError, PipelineConfig, load_config, load_profile, parse_override
+from tasks.workspace import Workspace, read_json
+
+STAGE_RETRIES = 2  # after the first attempt, for transient causes only
+RETRY_BACKOFF_S = 5  # retries wait about 5 s, then 10 s (jittered by up to half)
 
 
-@task(name="stage", task_run_name="{name}", cache_policy=None)
+def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's retry_condition_fn: retry network and tracking hiccups, not bugs or bad data."""
+    return isinstance(state.data, BaseException) and tracking.is_transient(state.data)
+
+
+@task(
+    name="stage",
+    task_run_name="{name}",
+    cache_policy=None,  # stages write files: they must always run
+    retries=STAGE_RETRIES,
+    retry_delay_seconds=exponential_backoff(backoff_factor=RETRY_BACKOFF_S),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_if_transient,
+)
 def run_stage(name: str, cfg: PipelineConfig, ws: Workspace) -> Any:
-    """One pipeline stage; cache_policy=None: stages write files, they must always run."""
-    return stage_functions()[name](cfg, ws)
+    """One pipeline stage, its output captured into a Prefect artifact."""
+    with reporting.captured_stage_log(name):
+        try:
+            return stage_functions()[name](cfg, ws)
+        except Exception as error:
+            raise StageFailed.wrap(name, error) from error
 
 
 @flow(name="training-pipeline", log_prints=True)
@@ -36,28 +64,73 @@ def training_pipeline(
     params_path: str = "params.yaml",
     workdir: str = ".",
     profile: str | None = None,
+    stages: list[str] | None = None,
+    parent_run_id: str | None = None,
 ) -> dict[str, Any]:
-    """Run every stage in ``workdir`` (outputs land where `dvc repro` puts them).
+    """Run the stages in ``workdir`` (by default the project directory, as `dvc repro` does).
 
     overrides: dotted params.yaml keys to override, e.g. {"train.epochs": 3}.
+    workdir: output directory; "{flow_run_id}" in it is filled in (runs/{flow_run_id}).
     profile: a file of such overrides (profiles/*.yaml), applied before ``overrides``.
+    stages: a subset of the stages (default: all). Without register the MLflow run is
+        closed but can be registered later (the sweep registers only its best point).
+    parent_run_id: nest this MLflow run under that one (a sweep's parent run).
+    Returns the last stage's result (the registration record when register runs).
     """
-    ws = Workspace(Path(workdir).resolve())
+    ws = Workspace(run_root(workdir, flow_run.get_id()))
     cfg = resolve_config(ws, params_path, profile, overrides)  # fails here, before any work
-    run_id = tracking.start_pipeline_run(cfg, ws, run_name=f"prefect-{flow_run.get_name()}")
-    get_run_logger().info("MLflow run %s", run_id)
-    results = {}
-    for name in STAGE_NAMES:
-        results[name] = run_stage(name, cfg, ws)
-    return results["register"]
+    names = select_stages(stages)
+    run_id = tracking.start_pipeline_run(
+        cfg, ws, run_name=f"prefect-{flow_run.get_name()}", parent_run_id=parent_run_id
+    )
+    get_run_logger().info("MLflow run %s, outputs in %s", run_id, ws.root)
+    results = run_stages(names, cfg, ws, run_id)
+    metrics = results.get("evaluate") or (read_json(ws.metrics) if ws.metrics.is_file() else None)
+    reporting.publish_pipeline_summary(ws, run_id, metrics, results.get("register"))
+    return results[names[-1]]
+
+
+def run_stages(
+    names: tuple[str, ...], cfg: PipelineConfig, ws: Workspace, run_id: str
+) -> dict[str, Any]:
+    """Run ``names`` in order inside the pipeline's MLflow run; close the run however it ends."""
+    if names[0] != "data":
+        tracking.log_upstream_outputs(ws, run_id)
+    try:
+        results = {name: run_stage(name, cfg, ws) for name in names}
+    except BaseException:
+        with suppress(Exception):  # the stage's own error is the one to report
+            tracking.end_pipeline_run(ws, "FAILED", keep_handle=False)
+        raise
+    if "register" not in names:
+        tracking.end_pipeline_run(ws, "FINISHED", keep_handle=True)
+    return results
+
+
+def select_stages(stages: list[str] | None) -> tuple[str, ...]:
+    """The requested stages in pipeline order; all of them when none are named."""
+    if not stages:
+        return STAGE_NAMES
+    unknown = sorted(set(stages) - set(STAGE_NAMES))
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {unknown}: the stages are {', '.join(STAGE_NAMES)}")
+    return tuple(name for name in STAGE_NAMES if name in stages)
 
 
 def resolve_config(
     ws: Workspace, params_path: str, profile: str | None, overrides: dict[str, Any] | None
 ) -> PipelineConfig:
-    """params.yaml, then the profile's overrides, then explicit ones; validated once."""
-    merged = load_profile(ws.resolve(profile)) if profile else {}
-    return load_config(ws.resolve(params_path), merged | (overrides or {}))
+    """params.yaml, then the profile's overrides, then explicit ones; validated.
+
+    Relative params and profile paths are taken from the current directory, the project
+    (where a deployment runs). For a run directory inside the project (runs/<id>/),
+    relative cache and store paths keep pointing at the project's, so runs share them.
+    """
+    params = Path(params_path).resolve()
+    merged = (load_profile(Path(profile).resolve()) if profile else {}) | (overrides or {})
+    cfg = load_config(params, merged)
+    shared = shared_path_overrides(cfg, params.parent, ws.root)
+    return load_config(params, merged | shared) if shared else cfg
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,10 +33,28 @@ def stage_functions() -> dict[str, Callable[[PipelineConfig, Workspace], Any]]:
 STAGE_NAMES = ("data", "preprocess", "train", "evaluate", "register")
 
 
+class StageFailed(RuntimeError):
+    """A stage raised; the message names the stage and the cause (the original is chained).
+
+    Built from strings only, so it survives pickling into a Prefect state unchanged.
+    """
+
+    def __init__(self, stage: str, cause: str) -> None:
+        super().__init__(stage, cause)
+        self.stage, self.cause = stage, cause
+
+    def __str__(self) -> str:
+        return f"stage {self.stage!r} failed: {self.cause}"
+
+    @classmethod
+    def wrap(cls, stage: str, error: BaseException) -> StageFailed:
+        return cls(stage, f"{type(error).__name__}: {error}")
+
+
 def expected_errors() -> tuple[type[BaseException], ...]:
     from tasks.data import DataUnavailableError
 
-    return (ConfigError, DataUnavailableError, FileNotFoundError)
+    return (ConfigError, DataUnavailableError, FileNotFoundError, StageFailed)
 
 
 def main(argv: list[str] | None = None) -> int:

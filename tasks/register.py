@@ -5,10 +5,13 @@ stats), so a registry consumer needs nothing from this repository. Every version
 tagged with what made it: git commit, DVC hash of the dataset, resolved params, run id.
 Alias ``challenger`` always points at the newest version; ``champion`` moves to it only
 when there is no champion yet or it beats the champion's test accuracy by the margin.
+Concurrent pipelines compare and move aliases one at a time (a lock per registry and
+model), and a retried stage reuses the version its run already registered.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -21,6 +24,7 @@ from tasks.workspace import Workspace, read_json, write_json
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+LOCK_TIMEOUT_S = 600  # a registration holds the lock for seconds; wait long before giving up
 
 
 def dvc_hash(path: Path) -> str:
@@ -59,9 +63,29 @@ def champion_accuracy(client: Any, model_name: str) -> tuple[str | None, float |
     return str(version.version), None if accuracy is None else float(accuracy)
 
 
-def log_and_register(
-    cfg: PipelineConfig, ws: Workspace, run_id: str, test_accuracy: float
-) -> dict[str, Any]:
+def registry_lock(model_name: str) -> Any:
+    """A lock shared by every process on this machine that moves ``model_name``'s aliases.
+
+    Keyed by the registry URI and the model name, so two pipelines registering into the
+    same registry compare against the champion and move aliases one after the other.
+    """
+    import mlflow
+    from filelock import FileLock
+
+    key = hashlib.sha256(f"{mlflow.get_registry_uri()}|{model_name}".encode()).hexdigest()
+    path = Path(tempfile.gettempdir()) / "gpu-train-pipeline-locks" / f"registry-{key[:16]}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(path, timeout=LOCK_TIMEOUT_S)
+
+
+def version_of_run(client: Any, model_name: str, run_id: str) -> str | None:
+    """The version already registered from ``run_id`` (a retried stage), or None."""
+    versions = client.search_model_versions(f"name = '{model_name}' AND run_id = '{run_id}'")
+    return str(min(int(v.version) for v in versions)) if versions else None
+
+
+def log_model(cfg: PipelineConfig, ws: Workspace) -> str:
+    """Log the raw-pixel model to the active run, register it; return the new version."""
     import keras
     import mlflow
     from mlflow.models import infer_signature
@@ -85,8 +109,53 @@ def log_and_register(
         input_example=example,
         registered_model_name=cfg.register.model_name,
     )
-    version = str(info.registered_model_version)
+    return str(info.registered_model_version)
+
+
+def move_aliases(
+    client: Any, model_name: str, version: str, test_accuracy: float, margin: float
+) -> dict[str, Any]:
+    """Under the registry lock: challenger -> the newest version, champion -> by the rule.
+
+    Holding the lock across read-compare-write keeps concurrent pipelines from both
+    promoting against the same old champion; challenger never moves back to an older
+    version when registrations finish out of order.
+    """
+    with registry_lock(model_name):
+        previous_version, previous_accuracy = champion_accuracy(client, model_name)
+        promoted = previous_version == version or should_promote(
+            test_accuracy, previous_accuracy, margin
+        )
+        challenger = alias_version(client, model_name, CHALLENGER)
+        if challenger is None or int(challenger) <= int(version):
+            client.set_registered_model_alias(model_name, CHALLENGER, version)
+        if promoted:
+            client.set_registered_model_alias(model_name, CHAMPION, version)
+    return {
+        "promoted": promoted,
+        "champion_version": version if promoted else previous_version,
+        "previous_champion": {"version": previous_version, "test_accuracy": previous_accuracy},
+    }
+
+
+def alias_version(client: Any, model_name: str, alias: str) -> str | None:
+    import mlflow
+
+    try:
+        return str(client.get_model_version_by_alias(model_name, alias).version)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def log_and_register(
+    cfg: PipelineConfig, ws: Workspace, run_id: str, test_accuracy: float
+) -> dict[str, Any]:
+    """Register the run's model once (a retry reuses its version), tag it, move aliases."""
+    import mlflow
+
     client = mlflow.MlflowClient()
+    name = cfg.register.model_name
+    version = version_of_run(client, name, run_id) or log_model(cfg, ws)
     tags = {
         "git_commit": tracking.git_commit(ws.root),
         "data_version": dvc_hash(ws.prepared),
@@ -95,22 +164,14 @@ def log_and_register(
         "test_accuracy": repr(test_accuracy),
     }
     for key, value in tags.items():
-        client.set_model_version_tag(cfg.register.model_name, version, key, value)
-
-    previous_version, previous_accuracy = champion_accuracy(client, cfg.register.model_name)
-    promoted = should_promote(test_accuracy, previous_accuracy, cfg.register.promote_margin)
-    client.set_registered_model_alias(cfg.register.model_name, CHALLENGER, version)
-    if promoted:
-        client.set_registered_model_alias(cfg.register.model_name, CHAMPION, version)
-    champion = version if promoted else previous_version
+        client.set_model_version_tag(name, version, key, value)
+    aliases = move_aliases(client, name, version, test_accuracy, cfg.register.promote_margin)
     return {
-        "model_name": cfg.register.model_name,
+        "model_name": name,
         "version": version,
-        "model_uri": f"models:/{cfg.register.model_name}/{version}",
-        "aliases": [CHALLENGER, CHAMPION] if promoted else [CHALLENGER],
-        "promoted": promoted,
-        "champion_version": champion,
-        "previous_champion": {"version": previous_version, "test_accuracy": previous_accuracy},
+        "model_uri": f"models:/{name}/{version}",
+        "aliases": [CHALLENGER, CHAMPION] if aliases["promoted"] else [CHALLENGER],
+        **aliases,
         "test_accuracy": test_accuracy,
         "run_id": run_id,
         "git_commit": tags["git_commit"],

@@ -6,6 +6,9 @@ that run is still open and was opened for the same resolved config; otherwise it
 a new one. The register stage closes the run, so the next `dvc repro` (which may rerun
 only train, evaluate and register) gets a fresh run. The Prefect flow always opens a
 new run first, and its stages join it the same way.
+
+A stage that fails on a transient cause (the tracking server or the network is briefly
+unreachable) leaves the run open, so a retry of that stage continues the same run.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import json
 import os
 import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,11 @@ from tasks.config import MlflowConfig, PipelineConfig
 from tasks.workspace import Workspace, read_json, write_json
 
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
+PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests such runs under it
+# MLflow REST error codes that mean "try again" rather than "this request is wrong".
+TRANSIENT_MLFLOW_CODES = frozenset(
+    {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
+)
 
 
 def tracking_uri(cfg: MlflowConfig, root: Path) -> str:
@@ -36,17 +44,28 @@ def tracking_uri(cfg: MlflowConfig, root: Path) -> str:
     return uri
 
 
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
 def configure(cfg: PipelineConfig, ws: Workspace) -> str:
-    """Point MLflow at the configured store and make sure the experiment exists."""
+    """Point MLflow at the configured store and make sure the experiment exists.
+
+    With a tracking server the server picks the artifact location (it proxies uploads),
+    so clients on other machines need no access to its disk; with a local store,
+    artifacts go to ``mlflow.artifact_root``.
+    """
     import mlflow
 
     uri = tracking_uri(cfg.mlflow, ws.root)
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()
     if client.get_experiment_by_name(cfg.mlflow.experiment) is None:
-        artifacts = ws.resolve(cfg.mlflow.artifact_root).resolve()
+        location = None
+        if not is_server(uri):
+            location = ws.resolve(cfg.mlflow.artifact_root).resolve().as_uri()
         try:
-            client.create_experiment(cfg.mlflow.experiment, artifact_location=artifacts.as_uri())
+            client.create_experiment(cfg.mlflow.experiment, artifact_location=location)
         except mlflow.exceptions.MlflowException:
             # Another process created it between our lookup and create; theirs is as good.
             if client.get_experiment_by_name(cfg.mlflow.experiment) is None:
@@ -76,22 +95,31 @@ def git_commit(root: Path) -> str:
     return f"{head}-dirty" if dirty else head
 
 
-def start_pipeline_run(cfg: PipelineConfig, ws: Workspace, run_name: str | None = None) -> str:
-    """Open a new pipeline run, log the resolved config, and write the handle file."""
+def start_pipeline_run(
+    cfg: PipelineConfig,
+    ws: Workspace,
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
+) -> str:
+    """Open a new pipeline run, log the resolved config, and write the handle file.
+
+    ``parent_run_id`` nests the run under another (a sweep's parent run).
+    """
     import mlflow
 
     uri = configure(cfg, ws)
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
-    run = client.create_run(
-        experiment.experiment_id,
-        run_name=run_name,
-        tags={
-            "pipeline.git_commit": git_commit(ws.root),
-            "pipeline.dataset": cfg.data.name if cfg.data.source == "tfds" else "synthetic",
-            "pipeline.config_digest": config_digest(cfg),
-        },
-    )
+    tags = {
+        "pipeline.git_commit": git_commit(ws.root),
+        "pipeline.dataset": "synthetic" if cfg.data.source == "synthetic" else cfg.data.name,
+        "pipeline.config_digest": config_digest(cfg),
+        "pipeline.workdir": str(ws.root),
+        "pipeline.role": "sweep-point" if parent_run_id else "pipeline",
+    }
+    if parent_run_id:
+        tags[PARENT_RUN_TAG] = parent_run_id
+    run = client.create_run(experiment.experiment_id, run_name=run_name, tags=tags)
     run_id = run.info.run_id
     client.log_batch(
         run_id,
@@ -103,6 +131,33 @@ def start_pipeline_run(cfg: PipelineConfig, ws: Workspace, run_name: str | None 
         {"run_id": run_id, "tracking_uri": uri, "config_digest": config_digest(cfg)},
     )
     return run_id
+
+
+def start_sweep_run(
+    cfg: PipelineConfig, ws: Workspace, run_name: str, points: list[dict[str, Any]]
+) -> str:
+    """Open a sweep's parent run; the points' pipeline runs nest under it."""
+    import mlflow
+
+    configure(cfg, ws)
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    run = client.create_run(
+        experiment.experiment_id,
+        run_name=run_name,
+        tags={"pipeline.role": "sweep", "pipeline.git_commit": git_commit(ws.root)},
+    )
+    client.log_param(run.info.run_id, "sweep.points", len(points))
+    client.log_dict(run.info.run_id, {"points": points}, "sweep/points.json")
+    return run.info.run_id
+
+
+def end_run_quietly(run_id: str, status: str) -> None:
+    """Close a run on the way out of a failure, without masking that failure."""
+    import mlflow
+
+    with suppress(Exception):
+        mlflow.MlflowClient().set_terminated(run_id, status)
 
 
 def _joinable_run(cfg: PipelineConfig, ws: Workspace, uri: str) -> str | None:
@@ -139,14 +194,15 @@ def stage_run(
     if not joined:
         # Upstream stages were up to date and did not run: show their outputs here too,
         # so every pipeline run carries the data description and augmentation grid.
-        log_artifact_if_exists(ws.prepared / "meta.json", "data")
-        log_artifact_if_exists(ws.norm_stats, "preprocess")
-        log_artifact_if_exists(ws.augmented_grid, "preprocess")
+        log_upstream_outputs(ws, run_id)
     try:
         yield run_id
-    except BaseException:
-        mlflow.set_tag(f"pipeline.stage.{stage}", "failed")
-        mlflow.end_run(status="FAILED")
+    except BaseException as error:
+        if is_transient(error):
+            # Leave the run open and the handle in place: a retry of this stage joins it.
+            _end_quietly("RUNNING")
+            raise
+        _end_quietly("FAILED", tag=(f"pipeline.stage.{stage}", "failed"))
         ws.run_handle.unlink(missing_ok=True)
         raise
     mlflow.set_tag(f"pipeline.stage.{stage}", "done")
@@ -157,6 +213,108 @@ def stage_run(
         mlflow.end_run(status="RUNNING")
 
 
+def _end_quietly(status: str, tag: tuple[str, str] | None = None) -> None:
+    """End the active run with ``status``; never hide the stage's own error behind ours.
+
+    mlflow.end_run pops the active run before it calls the server, so even when the
+    server is unreachable the process is left with no active run.
+    """
+    import mlflow
+
+    if tag:
+        with suppress(Exception):
+            mlflow.set_tag(*tag)
+    with suppress(Exception):
+        mlflow.end_run(status=status)
+
+
+def is_transient(error: BaseException | None) -> bool:
+    """Whether ``error`` (or what caused it) is worth retrying: network or store hiccups.
+
+    Connection failures, timeouts, a failed DNS lookup, an MLflow server answering "try
+    again", SQLite's "database is locked", and a dataset download that found no network.
+    Wrong configs, missing files and bugs are not transient and fail at once.
+    """
+    import mlflow
+
+    from tasks.data import DataUnavailableError
+
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        name = type(error).__name__
+        if isinstance(error, ConnectionError | TimeoutError | DataUnavailableError):
+            return True
+        if isinstance(error, OSError) and name == "gaierror":
+            return True
+        if isinstance(error, mlflow.exceptions.MlflowException) and (
+            error.error_code in TRANSIENT_MLFLOW_CODES
+        ):
+            return True
+        if "database is locked" in str(error):  # SQLite store busy with another writer
+            return True
+        # requests/urllib3/httpx connection errors do not subclass the builtin ones.
+        if type(error).__module__.split(".")[0] in ("requests", "urllib3", "httpx") and any(
+            word in name for word in ("Connect", "Timeout", "MaxRetry", "Protocol")
+        ):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def log_upstream_outputs(ws: Workspace, run_id: str) -> None:
+    """Log the data and preprocess outputs already on disk to run ``run_id``.
+
+    For runs whose earlier stages did not execute in this run (up to date under DVC,
+    or skipped by the flow), so every run still shows its data and augmentation.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    for path, artifact_path in (
+        (ws.prepared / "meta.json", "data"),
+        (ws.norm_stats, "preprocess"),
+        (ws.augmented_grid, "preprocess"),
+    ):
+        if path.is_file():
+            client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+
+
+def handle_run_id(ws: Workspace) -> str | None:
+    """The pipeline run named in ``ws``'s handle file, if there is one."""
+    return read_json(ws.run_handle)["run_id"] if ws.run_handle.is_file() else None
+
+
+def end_pipeline_run(ws: Workspace, status: str, *, keep_handle: bool) -> None:
+    """Close the run named in the handle unless already closed; FAILED wins over FINISHED.
+
+    ``keep_handle`` leaves the handle file so the run can be reopened later for one more
+    stage (a sweep registers its best point's run after all points have finished).
+    """
+    import mlflow
+
+    run_id = handle_run_id(ws)
+    if run_id is None:
+        return
+    client = mlflow.MlflowClient(tracking_uri=read_json(ws.run_handle)["tracking_uri"])
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, status)
+    if not keep_handle:
+        ws.run_handle.unlink(missing_ok=True)
+
+
+def reopen_pipeline_run(ws: Workspace) -> str:
+    """Mark the run named in the handle RUNNING again so the next stage joins it."""
+    import mlflow
+
+    run_id = handle_run_id(ws)
+    if run_id is None:
+        raise FileNotFoundError(f"{ws.run_handle} not found: no pipeline run to reopen")
+    client = mlflow.MlflowClient(tracking_uri=read_json(ws.run_handle)["tracking_uri"])
+    client.update_run(run_id, status="RUNNING")
+    return run_id
+
+
 def log_artifact_if_exists(path: Path, artifact_path: str | None = None) -> None:
     import mlflow
 
@@ -165,13 +323,16 @@ def log_artifact_if_exists(path: Path, artifact_path: str | None = None) -> None
 
 
 def run_url(run_id: str) -> dict[str, Any]:
-    """Where to find the run: the tracking URI plus experiment and run ids for the UI."""
+    """Where to find the run: tracking URI, ids, and the UI address when a server serves it."""
     import mlflow
 
+    uri = mlflow.get_tracking_uri()
     run = mlflow.MlflowClient().get_run(run_id)
+    path = f"#/experiments/{run.info.experiment_id}/runs/{run_id}"
     return {
-        "tracking_uri": mlflow.get_tracking_uri(),
+        "tracking_uri": uri,
         "experiment_id": run.info.experiment_id,
         "run_id": run_id,
-        "ui_path": f"#/experiments/{run.info.experiment_id}/runs/{run_id}",
+        "ui_path": path,
+        "ui_url": f"{uri.rstrip('/')}/{path}" if is_server(uri) else None,
     }

@@ -60,3 +60,79 @@ def test_bad_override_fails_before_any_work(prefect_server, tmp_path):
         training_pipeline(overrides=overrides, params_path=str(PARAMS), workdir=str(tmp_path))
     assert not (tmp_path / "data").exists()
     assert not (tmp_path / "mlruns").exists()
+
+
+def _flaky_train(calls: list, error: BaseException):
+    """A train stage that fails once with ``error`` inside the pipeline's MLflow run."""
+    from tasks import tracking
+
+    def train(cfg, ws):
+        with tracking.stage_run(cfg, ws, "train") as run_id:
+            calls.append(run_id)
+            if len(calls) == 1:
+                raise error
+        return {"attempts": len(calls)}
+
+    return train
+
+
+def _run_train_only(tmp_path, monkeypatch, calls, error):
+    import flows.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "stage_functions", lambda: {"train": _flaky_train(calls, error)})
+    monkeypatch.setattr(
+        pipeline, "run_stage", pipeline.run_stage.with_options(retry_delay_seconds=0)
+    )
+    return pipeline.training_pipeline(
+        overrides=tiny_overrides(tmp_path),
+        params_path=str(PARAMS),
+        workdir=str(tmp_path),
+        stages=["train"],
+        return_state=True,
+    )
+
+
+def _artifacts_of(flow_run_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+
+
+def test_a_transient_stage_failure_is_retried_in_the_same_mlflow_run(
+    prefect_server, tmp_path, monkeypatch
+):
+    calls = []
+    state = _run_train_only(tmp_path, monkeypatch, calls, ConnectionRefusedError("restarting"))
+    assert state.is_completed(), state
+    assert state.result() == {"attempts": 2}
+    assert calls[0] == calls[1], "the retry continues the pipeline's MLflow run"
+    client, runs = read_mlflow(tiny_overrides(tmp_path)["mlflow.tracking_uri"], "cifar10-pipeline")
+    assert [run.info.run_id for run in runs] == [calls[0]]
+    assert runs[0].info.status == "FINISHED"
+
+    artifacts = _artifacts_of(state.state_details.flow_run_id)
+    descriptions = sorted(a.description for a in artifacts)
+    assert descriptions == [
+        "Run summary",
+        "train stage log (completed)",
+        "train stage log (failed)",
+    ]
+    summary = next(a for a in artifacts if a.key == "pipeline-summary")
+    assert calls[0] in summary.data and "register stage did not run" in summary.data
+
+
+def test_a_failing_stage_is_not_retried_and_names_itself(prefect_server, tmp_path, monkeypatch):
+    from flows.stage import StageFailed
+
+    calls = []
+    state = _run_train_only(tmp_path, monkeypatch, calls, ValueError("bad shapes"))
+    assert state.is_failed()
+    assert len(calls) == 1, "a bug is not retried"
+    with pytest.raises(StageFailed, match=r"stage 'train' failed: ValueError: bad shapes"):
+        state.result()
+    _, runs = read_mlflow(tiny_overrides(tmp_path)["mlflow.tracking_uri"], "cifar10-pipeline")
+    assert [run.info.status for run in runs] == ["FAILED"]

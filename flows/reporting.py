@@ -1,0 +1,165 @@
+"""What a flow run shows in the Prefect UI: each stage's log, and a summary of the run.
+
+Stages write to stdout (Keras prints one line per epoch) and to Python loggers (MLflow,
+Prefect's run logger); neither reaches the Prefect UI as a whole. While a stage runs,
+both are copied into a buffer whose tail becomes a markdown artifact of that task run.
+The summary artifact (test metrics, registered version and aliases, links) is keyed, so
+the Artifacts page keeps its history across runs.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from tasks.workspace import Workspace
+
+LOG_TAIL_LINES = 200  # lines of each stage's output kept in its artifact
+LOG_LINE_CHARS = 400  # longer lines are cut: artifacts are for reading, not archiving
+# Loggers whose records go into the stage log: everything that propagates to the root,
+# MLflow's own (it does not propagate), and Prefect's run loggers (prints land there).
+CAPTURED_LOGGERS = ("", "mlflow", "prefect.task_runs", "prefect.flow_runs")
+SUMMARY_KEY = "pipeline-summary"
+
+
+class _Tee:
+    """A text stream that writes to the original stream and to a buffer.
+
+    Everything else (fileno, encoding, isatty, ...) is the original stream's, so code that
+    inspects sys.stdout sees what it would see without the copy.
+    """
+
+    def __init__(self, stream: TextIO, buffer: io.StringIO) -> None:
+        self._stream, self._buffer = stream, buffer
+
+    def write(self, text: str) -> int:
+        self._buffer.write(text)
+        return self._stream.write(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@dataclass
+class StageReport:
+    name: str
+    buffer: io.StringIO = field(default_factory=io.StringIO)
+    started: float = field(default_factory=time.monotonic)
+
+    def tail(self) -> str:
+        lines = self.buffer.getvalue().splitlines()[-LOG_TAIL_LINES:]
+        return "\n".join(line[:LOG_LINE_CHARS] for line in lines)
+
+
+@contextmanager
+def captured_stage_log(name: str) -> Iterator[StageReport]:
+    """Copy stdout, stderr and log records into a report while stage ``name`` runs.
+
+    The report becomes an artifact of the task run whether the stage succeeds or fails;
+    the artifact never replaces the stage's own error.
+    """
+    report = StageReport(name)
+    handler = logging.StreamHandler(report.buffer)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger(name) for name in CAPTURED_LOGGERS]
+    for logger in loggers:
+        logger.addHandler(handler)
+    stdout, stderr = sys.stdout, sys.stderr
+    sys.stdout = _Tee(stdout, report.buffer)
+    sys.stderr = _Tee(stderr, report.buffer)
+    outcome = "failed"
+    try:
+        yield report
+        outcome = "completed"
+    finally:
+        sys.stdout, sys.stderr = stdout, stderr
+        for logger in loggers:
+            logger.removeHandler(handler)
+        _publish_stage_log(report, outcome)
+
+
+def _publish_stage_log(report: StageReport, outcome: str) -> None:
+    from prefect.artifacts import create_markdown_artifact
+
+    seconds = time.monotonic() - report.started
+    fence = "~~~~"  # stage output may contain ``` itself
+    markdown = (
+        f"### Stage `{report.name}`: {outcome} in {seconds:.1f} s\n\n"
+        f"Last {LOG_TAIL_LINES} lines of its output:\n\n{fence}text\n{report.tail()}\n{fence}\n"
+    )
+    try:
+        create_markdown_artifact(
+            markdown=markdown, description=f"{report.name} stage log ({outcome})"
+        )
+    except Exception as error:  # reporting must never fail the stage
+        print(f"could not publish the {report.name} stage log: {error}", file=sys.stderr)
+
+
+def publish_pipeline_summary(
+    ws: Workspace, run_id: str, metrics: dict | None, record: dict | None
+) -> str:
+    """Publish the run summary artifact (keyed, so the Artifacts page keeps its history)."""
+    import mlflow
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.runtime import flow_run
+
+    uri = mlflow.get_tracking_uri()
+    links = ui_links(uri, mlflow.MlflowClient().get_run(run_id), record)
+    rows = [
+        ("Prefect flow run", _link(flow_run.get_name() or "-", flow_run.ui_url)),
+        ("Outputs", f"`{ws.root}`"),
+        ("MLflow run", _link(run_id, links["run"])),
+        ("Tracking URI", f"`{uri}`"),
+    ]
+    if metrics:
+        test = metrics["test"]
+        rows += [
+            ("Test accuracy", f"{test['accuracy']:.4f}"),
+            ("Test loss", f"{test['loss']:.4f}"),
+            ("Test macro F1", f"{test['macro_f1']:.4f}"),
+        ]
+    if record:
+        rows += [
+            ("Registered", _link(f"{record['model_name']} v{record['version']}", links["model"])),
+            ("Aliases", ", ".join(record["aliases"])),
+            ("Champion", f"v{record['champion_version']}"),
+            ("Data version (DVC md5)", f"`{record['data_version']}`"),
+            ("Git commit", f"`{record['git_commit']}`"),
+        ]
+    else:
+        rows.append(("Registered", "no: the register stage did not run in this flow run"))
+    markdown = "## Training pipeline summary\n\n" + markdown_table(rows)
+    create_markdown_artifact(key=SUMMARY_KEY, markdown=markdown, description="Run summary")
+    return markdown
+
+
+def markdown_table(rows: list[tuple[str, str]]) -> str:
+    body = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    return f"| | |\n|---|---|\n{body}\n"
+
+
+def _link(text: str, url: str | None) -> str:
+    return f"[{text}]({url})" if url else f"`{text}`"
+
+
+def ui_links(tracking_uri: str, run: Any, record: dict | None) -> dict[str, str | None]:
+    """MLflow UI addresses of the run and the registered version (None without a server)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return {"run": None, "model": None}
+    base = tracking_uri.rstrip("/")
+    model = None
+    if record:
+        model = f"{base}/#/models/{record['model_name']}/versions/{record['version']}"
+    return {
+        "run": f"{base}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}",
+        "model": model,
+    }

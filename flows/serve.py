@@ -1,0 +1,294 @@
+"""`make serve`: a Prefect server, a worker and an MLflow tracking server on loopback.
+
+    python -m flows.serve [--host 127.0.0.1] [--prefect-port 4200] [--mlflow-port 5000]
+
+Starts the MLflow tracking server over the project's store (params.yaml `mlflow:`; by
+default mlruns/mlflow.db, artifacts under mlruns/artifacts, uploaded through the server)
+and the Prefect server (SQLite under PREFECT_HOME, ~/.prefect by default). Then creates
+the process work pool if it is missing, registers prefect.yaml's deployments (`prefect
+deploy --all`) and starts a worker on the pool whose flow runs log to the tracking server
+(MLFLOW_TRACKING_URI). Prints the URLs once the worker is polling, and waits.
+
+Ctrl-C or SIGTERM stops the worker, any flow runs in progress and the servers. A port
+already in use stops it before anything starts. Each service logs to
+.pipeline/serve/<service>.log; if one dies, the launcher stops the rest and shows its log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+POOL = "local-process"  # the work pool prefect.yaml's deployments name
+STARTUP_TIMEOUT_S = 180  # each server is up in ~10 s here; generous for a busy machine
+STOP_GRACE_S = 10  # between SIGTERM and SIGKILL
+LOG_TAIL_CHARS = 3000
+LOG_DIR = Path(".pipeline") / "serve"
+
+
+class ServeError(RuntimeError):
+    """Something kept the stack from starting or running; the message says what and where."""
+
+
+class PortInUse(ServeError):
+    pass
+
+
+class Shutdown(Exception):
+    """SIGTERM arrived: stop as on Ctrl-C."""
+
+
+@dataclass
+class Service:
+    name: str
+    command: list[str]
+    log: Path
+    env: dict[str, str]
+    process: subprocess.Popen | None = None
+
+    def start(self, cwd: Path) -> None:
+        """Start in its own session, so Ctrl-C reaches the launcher only, which stops it."""
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.command,
+                cwd=cwd,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def exit_code(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def failure(self, what: str) -> ServeError:
+        tail = self.log.read_text(errors="replace")[-LOG_TAIL_CHARS:] if self.log.exists() else ""
+        return ServeError(f"{self.name} {what}; the end of {self.log}:\n{tail}")
+
+    def family(self) -> list[Any]:
+        """The service's process and all its descendants (flow runs of a worker too)."""
+        import psutil
+
+        if self.process is None:
+            return []
+        try:
+            root = psutil.Process(self.process.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+
+def stop_all(services: list[Service]) -> None:
+    """SIGTERM every service and its descendants at once; SIGKILL whatever outlives the grace."""
+    import psutil
+
+    family = [process for service in services for process in service.family()]
+    for process in family:
+        with suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(family, timeout=STOP_GRACE_S)
+    for process in alive:
+        with suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(alive, timeout=STOP_GRACE_S)
+    for service in services:  # reap, so no zombie outlives the launcher
+        if service.process is not None:
+            with suppress(subprocess.TimeoutExpired):
+                service.process.wait(timeout=STOP_GRACE_S)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback)")
+    parser.add_argument("--prefect-port", type=int, default=4200)
+    parser.add_argument("--mlflow-port", type=int, default=5000)
+    parser.add_argument("--pool", default=POOL, help="process work pool the worker polls")
+    parser.add_argument("--params", default="params.yaml", help="where the MLflow store is set")
+    parser.add_argument("--no-deploy", action="store_true", help="skip `prefect deploy --all`")
+    return parser.parse_args(argv)
+
+
+def check_ports(host: str, ports: dict[str, int]) -> None:
+    """Refuse to start, naming the port and its flag, when something already listens there."""
+    for name, port in ports.items():
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as error:
+                flag = "--prefect-port" if name.startswith("Prefect") else "--mlflow-port"
+                raise PortInUse(
+                    f"port {port} on {host} is in use ({error.strerror}), and the {name} "
+                    f"needs it: stop what listens there (`ss -ltnp 'sport = :{port}'`) or "
+                    f"choose another port with {flag}"
+                ) from None
+
+
+def mlflow_store(project: Path, params: str) -> tuple[str, str]:
+    """(backend store URI, artifact directory) from params.yaml, relative to the project."""
+    from flows.workdir import anchored_path, anchored_uri
+    from tasks.config import load_config
+
+    cfg = load_config(project / params).mlflow
+    return anchored_uri(cfg.tracking_uri, project), anchored_path(cfg.artifact_root, project)
+
+
+def service_env(api_url: str, tracking_uri: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        PREFECT_API_URL=api_url,
+        MLFLOW_TRACKING_URI=tracking_uri,  # the worker's flow runs log to the server
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",  # no telemetry (and no DNS errors offline)
+        # MLflow's job runner (GenAI scorers) adds six processes the pipeline never uses.
+        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+    )
+    for key in ("NO_PROXY", "no_proxy"):
+        env[key] = ",".join(filter(None, [env.get(key), "127.0.0.1", "localhost"]))
+    return env
+
+
+def build_services(args: argparse.Namespace, project: Path, env: dict[str, str]) -> list[Service]:
+    """The MLflow server, the Prefect server and the worker, in start order."""
+    bin_dir = Path(sys.executable).parent  # the virtualenv's console scripts
+    backend, artifacts = mlflow_store(project, args.params)
+    log_dir = project / LOG_DIR
+    mlflow = [str(bin_dir / "mlflow"), "server", "--backend-store-uri", backend]
+    mlflow += ["--artifacts-destination", artifacts, "--serve-artifacts", "--workers", "1"]
+    mlflow += ["--host", args.host, "--port", str(args.mlflow_port)]
+    prefect = [str(bin_dir / "prefect"), "server", "start"]
+    prefect += ["--host", args.host, "--port", str(args.prefect_port)]
+    worker = [str(bin_dir / "prefect"), "worker", "start", "--pool", args.pool, "--type", "process"]
+    return [
+        Service("MLflow server", mlflow, log_dir / "mlflow.log", env),
+        Service("Prefect server", prefect, log_dir / "prefect-server.log", env),
+        Service("Prefect worker", worker, log_dir / "worker.log", env),
+    ]
+
+
+def http_get(url: str) -> Any:
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
+    with direct.open(url, timeout=5) as response:
+        body = response.read()
+    return json.loads(body) if body[:1] in (b"{", b"[") else body
+
+
+def wait_for(service: Service, url: str, ready: Any = None) -> None:
+    """Wait until GET ``url`` answers (and ``ready(answer)`` holds) or the service dies."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if (code := service.exit_code()) is not None:
+            raise service.failure(f"exited with status {code} while starting")
+        with suppress(OSError, ValueError):
+            answer = http_get(url)
+            if ready is None or ready(answer):
+                return
+        time.sleep(0.5)
+    raise service.failure(f"was not ready at {url} after {STARTUP_TIMEOUT_S} s")
+
+
+def prefect_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    command = [str(Path(sys.executable).parent / "prefect"), *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def register_deployments(pool: str, env: dict[str, str], project: Path, deploy: bool) -> None:
+    """Create the process work pool unless it exists; `prefect deploy --all` from the project."""
+    if prefect_cli(["work-pool", "inspect", pool], env, project).returncode != 0:
+        created = prefect_cli(["work-pool", "create", pool, "--type", "process"], env, project)
+        if created.returncode != 0:
+            output = created.stdout + created.stderr
+            raise ServeError(f"could not create work pool {pool!r}:\n{output}")
+    if deploy:
+        deployed = prefect_cli(["--no-prompt", "deploy", "--all"], env, project)
+        if deployed.returncode != 0:
+            output = (deployed.stdout + deployed.stderr)[-LOG_TAIL_CHARS:]
+            raise ServeError(f"`prefect deploy --all` failed:\n{output}")
+
+
+def banner(args: argparse.Namespace, prefect_url: str, mlflow_url: str, project: Path) -> str:
+    return f"""
+Serving on {args.host}; Ctrl-C stops everything.
+  Prefect UI   {prefect_url}
+  Prefect API  {prefect_url}/api
+  MLflow UI    {mlflow_url}
+  worker       polling work pool {args.pool!r}; flow runs write to {project}/runs/<flow-run-id>/
+  logs         {project / LOG_DIR}/{{mlflow,prefect-server,worker}}.log
+
+In another shell (virtualenv active, in {project}):
+  export PREFECT_API_URL={prefect_url}/api MLFLOW_TRACKING_URI={mlflow_url}
+  prefect deployment run 'training-pipeline/local' -p overrides='{{"train.epochs": 3}}' --watch
+""".rstrip()
+
+
+def serve(args: argparse.Namespace, project: Path, services: list[Service]) -> None:
+    """Start everything, print the banner, then watch the services until one dies."""
+    prefect_url = f"http://{args.host}:{args.prefect_port}"
+    mlflow_url = f"http://{args.host}:{args.mlflow_port}"
+    env = service_env(f"{prefect_url}/api", mlflow_url)
+    services.extend(build_services(args, project, env))
+    mlflow_server, prefect_server, worker = services
+    mlflow_server.start(project)
+    prefect_server.start(project)  # both servers start at once: about 10 s instead of 20
+    wait_for(mlflow_server, f"{mlflow_url}/health")
+    wait_for(prefect_server, f"{prefect_url}/api/health")
+    register_deployments(args.pool, env, project, deploy=not args.no_deploy)
+    worker.start(project)
+    wait_for(worker, f"{prefect_url}/api/work_pools/{args.pool}", lambda p: p["status"] == "READY")
+    print(banner(args, prefect_url, mlflow_url, project), flush=True)
+    while True:
+        for service in services:
+            if (code := service.exit_code()) is not None:
+                raise service.failure(f"stopped unexpectedly with status {code}")
+        time.sleep(1)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Shutdown
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    project = Path.cwd()
+    services: list[Service] = []
+    ports = {"Prefect server": args.prefect_port, "MLflow server": args.mlflow_port}
+    previous_term = signal.signal(signal.SIGTERM, _on_sigterm)
+    # Ctrl-C must work even when started with SIGINT ignored (a background job of a script).
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        check_ports(args.host, ports)
+        serve(args, project, services)
+    except PortInUse as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except ServeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, Shutdown):
+        print("\nstopping the worker and the servers ...", flush=True)
+        return 0
+    finally:
+        # No second Ctrl-C may cut the cleanup short and leave servers behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        stop_all(services)
+        if services:
+            print("stopped", flush=True)
+        signal.signal(signal.SIGINT, previous_int)
+        signal.signal(signal.SIGTERM, previous_term)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The DVC remote: what `dvc push` sends, a fresh clone gets back with `dvc pull`, hash for hash.
+
+As the README's "Operate" section does it: the default remote is a directory beside the
+repository (shared by clones in the same parent folder), and one command points a clone
+at another remote. The pipeline runs once, on tiny synthetic data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.register import dvc_hash
+from tests.conftest import TINY, copy_repo
+from tests.operate import BIN
+from tests.test_pipeline_dvc import set_params
+
+pytestmark = pytest.mark.slow
+DEFAULT_REMOTE = "gpu-train-pipeline-dvc-storage"  # .dvc/config: ../../<this>
+
+
+def run(root: Path, *command: str) -> str:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{command}:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def dvc(root: Path, *args: str) -> str:
+    return run(root, str(BIN / "dvc"), *args)
+
+
+def git(root: Path, *args: str) -> str:
+    return run(root, "git", "-c", "user.name=test", "-c", "user.email=t@example.invalid", *args)
+
+
+def locked_outs(root: Path) -> dict[str, str]:
+    """path -> md5 of every output dvc.lock records."""
+    stages = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    return {out["path"]: out["md5"] for stage in stages.values() for out in stage.get("outs", [])}
+
+
+def assert_restored(clone: Path, origin: Path) -> None:
+    outs = locked_outs(clone)
+    assert {"data/prepared", "data/preprocess/norm_stats.json", "models/model.keras"} <= set(outs)
+    for path, md5 in outs.items():
+        restored = clone / path
+        if restored.is_dir():
+            assert dvc_hash(restored) == md5, path
+            for file in (origin / path).rglob("*"):
+                if file.is_file():
+                    assert (
+                        restored / file.relative_to(origin / path)
+                    ).read_bytes() == file.read_bytes()
+        else:
+            assert hashlib.md5(restored.read_bytes()).hexdigest() == md5, path
+    assert "up to date" in dvc(clone, "status")
+
+
+def test_push_then_pull_in_a_fresh_clone_restores_identical_outputs(tmp_path):
+    team = tmp_path / "team"  # the parent folder the clones share
+    (team / "origin").mkdir(parents=True)
+    origin = copy_repo(team / "origin")
+    set_params(origin, TINY)
+    dvc(origin, "repro")
+    git(origin, "add", "-A")
+    git(origin, "commit", "-qm", "data version")
+
+    # The default remote: a directory beside the repository (relative to .dvc/).
+    url = dvc(origin, "config", "remote.storage.url").strip()
+    assert (origin / ".dvc" / url).resolve() == team / DEFAULT_REMOTE
+    dvc(origin, "push")
+    assert (team / DEFAULT_REMOTE / "files" / "md5").is_dir()
+    git(team, "clone", "-q", str(origin), "clone")
+    dvc(team / "clone", "pull")
+    assert_restored(team / "clone", origin)
+
+    # Elsewhere with one command per clone (s3://..., gs://..., ssh://... work the same way).
+    elsewhere = tmp_path / "shared-remote"
+    dvc(origin, "remote", "modify", "--local", "storage", "url", str(elsewhere))
+    dvc(origin, "push")
+    git(tmp_path, "clone", "-q", str(origin), "second-machine")
+    second = tmp_path / "second-machine"
+    dvc(second, "remote", "modify", "--local", "storage", "url", str(elsewhere))
+    dvc(second, "pull")
+    assert_restored(second, origin)

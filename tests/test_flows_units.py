@@ -1,0 +1,101 @@
+"""Pure pieces of the flows: per-run directories, shared paths, stage selection, sweep points,
+the locked data version, and the launcher's port check."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from flows.pipeline import resolve_config, select_stages
+from flows.retrain import locked_data_version
+from flows.sweep import expand_points, validate_points
+from flows.workdir import run_root, shared_path_overrides
+from tasks.config import ConfigError, load_config
+from tasks.data import DataUnavailableError
+from tasks.workspace import Workspace
+from tests.conftest import PARAMS, TINY
+
+
+def test_run_root_fills_in_the_flow_run_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run_root("runs/{flow_run_id}", "abc") == tmp_path / "runs" / "abc"
+    assert run_root(".", "abc") == tmp_path
+    with pytest.raises(ValueError, match="flow run id"):
+        run_root("runs/{flow_run_id}", None)
+
+
+def test_run_directories_share_the_projects_caches_and_store(tmp_path):
+    cfg = load_config(PARAMS)
+    project = PARAMS.parent
+    assert shared_path_overrides(cfg, project, project) == {}
+    assert shared_path_overrides(cfg, project, tmp_path) == {}, "outside: self-contained"
+    anchored = shared_path_overrides(cfg, project, project / "runs" / "x")
+    assert anchored["data.tfds_dir"] == str(project / "data" / "tfds")
+    assert anchored["mlflow.artifact_root"] == str(project / "mlruns" / "artifacts")
+    assert anchored["mlflow.tracking_uri"] == f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"
+    assert "data.idx_dir" not in anchored  # already absolute in params.yaml
+
+
+def test_resolve_config_anchors_only_for_a_run_directory_in_the_project(tmp_path):
+    for root in (PARAMS.parent, tmp_path):
+        assert resolve_config(Workspace(root), str(PARAMS), None, TINY).data.tfds_dir == "data/tfds"
+    isolated = resolve_config(Workspace(PARAMS.parent / "runs" / "x"), str(PARAMS), None, TINY)
+    assert isolated.data.tfds_dir == str(PARAMS.parent / "data" / "tfds")
+    assert isolated.train.epochs == TINY["train.epochs"]
+
+
+def test_select_stages_keeps_pipeline_order_and_rejects_typos():
+    assert select_stages(None) == ("data", "preprocess", "train", "evaluate", "register")
+    assert select_stages(["evaluate", "train"]) == ("train", "evaluate")
+    with pytest.raises(ConfigError, match="trian"):
+        select_stages(["trian"])
+
+
+def test_a_grid_expands_to_every_combination():
+    points = expand_points({"train.learning_rate": [0.1, 0.2], "train.batch_size": [32]}, None)
+    assert points == [
+        {"train.learning_rate": 0.1, "train.batch_size": 32},
+        {"train.learning_rate": 0.2, "train.batch_size": 32},
+    ]
+    assert expand_points(None, [{"train.epochs": 2}]) == [{"train.epochs": 2}]
+    for grid, points in [(None, None), ({"a": [1]}, [{"a": 1}]), ({"a": []}, None), (None, [])]:
+        with pytest.raises(ConfigError):
+            expand_points(grid, points)
+
+
+def test_every_sweep_point_is_validated_with_its_key_named():
+    good = {"train.learning_rate": 0.01}
+    assert validate_points([good], TINY, str(PARAMS), None).train.epochs == 1
+    with pytest.raises(ConfigError, match=r"sweep point 1 .*train\.epoch"):
+        validate_points([good, {"train.epoch": 2}], TINY, str(PARAMS), None)
+    with pytest.raises(ConfigError, match=r"sweep point 0 .*register\.model_name"):
+        validate_points([{"register.model_name": "other"}], TINY, str(PARAMS), None)
+
+
+def test_the_locked_data_version_comes_from_dvc_lock(tmp_path):
+    with pytest.raises(DataUnavailableError, match="dvc repro data"):
+        locked_data_version(tmp_path)
+    (tmp_path / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  data:\n    cmd: python -m flows.stage data\n"
+        "    outs:\n    - path: data/prepared\n      md5: 0123abcd.dir\n"
+    )
+    assert locked_data_version(tmp_path) == "0123abcd.dir"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_serve_refuses_a_port_in_use(capsys):
+    from flows.serve import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["--prefect-port", str(port), "--mlflow-port", str(free_port())]) == 2
+    error = capsys.readouterr().err
+    assert f"port {port}" in error and "Prefect server" in error and "--prefect-port" in error

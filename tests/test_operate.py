@@ -1,0 +1,234 @@
+"""The README's "Operate" section, step for step, against real servers on loopback.
+
+One stack for the module (README step 1): `python -m flows.serve` in a git copy of the
+repository starts the Prefect server, the worker and the MLflow server on free ports,
+with a temporary PREFECT_HOME, and registers prefect.yaml's deployments. Each test then
+uses the `prefect` CLI as the README does (step 2) and checks Prefect's API, the MLflow
+server and the registry. Every test trains on tiny synthetic data, in its own experiment
+and registered model. At the end the launcher is stopped with Ctrl-C (SIGINT) and no
+process it started may survive.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import mlflow
+import pytest
+import yaml
+
+from flows.workdir import RUN_ID_FIELD
+from tasks.register import dvc_hash
+from tasks.workspace import Workspace, read_json
+from tests.conftest import TINY, copy_repo
+from tests.operate import (
+    BIN,
+    RUN_TIMEOUT_S,
+    deployment_run_args,
+    flow_run_id,
+    start_stack,
+    stop_stack,
+)
+from tests.pipeline_checks import check_pipeline_run
+from tests.test_pipeline_dvc import set_params
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    root = copy_repo(tmp_path_factory.mktemp("repo"))
+    stack = start_stack(root, tmp_path_factory.mktemp("prefect-home"))
+    try:
+        yield stack
+    finally:
+        strays = stop_stack(stack)
+    assert stack.process.returncode == 0, stack.logs()
+    assert "stopped" in "".join(stack.output)
+    assert not strays, f"processes outlived the launcher: {strays}"
+
+
+def tiny(name: str, **extra) -> dict:
+    """Tiny synthetic overrides, in an experiment and a registered model of their own."""
+    return TINY | {"mlflow.experiment": name, "register.model_name": name} | extra
+
+
+def run_deployment(stack, name: str, parameters: dict) -> tuple[subprocess.CompletedProcess, str]:
+    result = stack.prefect(*deployment_run_args(name, parameters))
+    return result, flow_run_id(result.stdout)
+
+
+def client_for(stack) -> mlflow.MlflowClient:
+    mlflow.set_tracking_uri(stack.mlflow_uri)
+    return mlflow.MlflowClient(tracking_uri=stack.mlflow_uri)
+
+
+def runs_of(client, experiment: str) -> list:
+    found = client.get_experiment_by_name(experiment)
+    return client.search_runs([found.experiment_id]) if found else []
+
+
+def test_deployments_are_registered_and_the_retrain_schedule_is_paused(stack):
+    listed = stack.prefect("deployment", "ls").stdout
+    for name in ("training-pipeline/local", "scheduled-retrain/nightly", "training-sweep/sweep"):
+        assert name in listed
+    local = stack.api("deployments/name/training-pipeline/local")
+    assert local["parameters"]["workdir"] == f"runs/{RUN_ID_FIELD}"
+    # No pull section in prefect.yaml: flow runs start in the directory deployed from.
+    [step] = local["pull_steps"]
+    assert step["prefect.deployments.steps.set_working_directory"]["directory"] == str(stack.root)
+    retrain = "scheduled-retrain/nightly"
+    [schedule] = stack.api(f"deployments/name/{retrain}")["schedules"]
+    assert schedule["schedule"]["cron"] == "0 3 * * *"
+    assert schedule["active"] is False
+    assert schedule["id"] in stack.prefect("deployment", "schedule", "ls", retrain).stdout
+    for command, active in (("resume", True), ("pause", False)):  # README step 7, and back
+        done = stack.prefect("deployment", "schedule", command, retrain, schedule["id"])
+        assert done.returncode == 0, done.stdout + done.stderr
+        [after] = stack.api(f"deployments/name/{retrain}")["schedules"]
+        assert after["active"] is active
+
+
+def test_a_deployment_run_with_overrides_is_tracked_and_registered(stack):
+    name = "operate-single"
+    result, run_id = run_deployment(
+        stack, "training-pipeline/local", {"overrides": tiny(name, **{"train.epochs": 2})}
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert stack.flow_run(run_id)["state"]["type"] == "COMPLETED"
+
+    ws = Workspace(stack.root / "runs" / run_id)  # its own output directory
+    client = client_for(stack)
+    [run] = runs_of(client, name)
+    assert run.data.tags["pipeline.workdir"] == str(ws.root)
+    registration = check_pipeline_run(client, run, epochs=2, model_name=name, ws=ws)
+    assert registration["version"] == "1"
+    for alias in ("champion", "challenger"):
+        assert str(client.get_model_version_by_alias(name, alias).version) == "1"
+    assert registration["mlflow"]["ui_url"].startswith(stack.mlflow_uri)
+
+    # Per-stage logs and the run summary are artifacts of the flow run.
+    artifacts = stack.api_post_artifacts(run_id)
+    descriptions = {a["description"] for a in artifacts}
+    for stage in ("data", "preprocess", "train", "evaluate", "register"):
+        assert f"{stage} stage log (completed)" in descriptions
+    train_log = next(a for a in artifacts if a["description"].startswith("train"))["data"]
+    assert "Epoch 2/2" in train_log, train_log  # Keras' per-epoch lines
+    summary = next(a for a in artifacts if a["key"] == "pipeline-summary")["data"]
+    assert f"{name} v1" in summary and "Test accuracy" in summary
+    assert f"{stack.mlflow_uri}/#/models/{name}/versions/1" in summary
+
+
+def test_two_runs_at_once_keep_outputs_apart_and_the_registry_consistent(stack):
+    name = "operate-concurrent"
+    launched = [
+        subprocess.Popen(
+            [
+                str(BIN / "prefect"),
+                *deployment_run_args(
+                    "training-pipeline/local", {"overrides": tiny(name, **{"train.seed": seed})}
+                ),
+            ],
+            cwd=stack.root,
+            env=stack.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for seed in (1, 2)
+    ]
+    outputs = [process.communicate(timeout=RUN_TIMEOUT_S)[0] for process in launched]
+    for process, output in zip(launched, outputs, strict=True):
+        assert process.returncode == 0, output[-3000:]
+    ids = [flow_run_id(output) for output in outputs]
+    assert len(set(ids)) == 2
+
+    client = client_for(stack)
+    registrations = [read_json(Workspace(stack.root / "runs" / i).registration) for i in ids]
+    runs = {run.info.run_id: run for run in runs_of(client, name)}
+    assert {r["run_id"] for r in registrations} == set(runs), "one MLflow run per flow run"
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert sorted(str(v.version) for v in versions) == ["1", "2"]
+    assert {v.run_id for v in versions} == set(runs)
+    assert {r["version"] for r in registrations} == {"1", "2"}
+    accuracy = {str(v.version): float(v.tags["test_accuracy"]) for v in versions}
+    champion = str(client.get_model_version_by_alias(name, "champion").version)
+    assert accuracy[champion] == max(accuracy.values())
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == "2"
+
+
+def test_a_sweep_nests_its_points_and_registers_only_the_best(stack):
+    name = "operate-sweep"
+    points = [{"train.learning_rate": 0.001}, {"train.learning_rate": 0.003}]
+    result, sweep_id = run_deployment(
+        stack, "training-sweep/sweep", {"points": points, "overrides": tiny(name)}
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    client = client_for(stack)
+    runs = runs_of(client, name)
+    [parent] = [run for run in runs if run.data.tags.get("pipeline.role") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(runs) == 3 and len(children) == 2
+    assert {c.data.params["train.learning_rate"] for c in children} == {"0.001", "0.003"}
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["pipeline.workdir"].startswith(str(stack.root / "runs" / sweep_id))
+    best = max(child.data.metrics["test_accuracy"] for child in children)
+    [version] = client.search_model_versions(f"name = '{name}'")
+    winner = client.get_run(version.run_id)
+    assert winner.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert winner.data.metrics["test_accuracy"] == best
+    assert parent.data.tags["registered.version"] == str(version.version) == "1"
+    assert parent.data.tags["sweep.best_run_id"] == version.run_id
+
+
+def test_a_bad_override_fails_fast_with_the_key_and_leaves_nothing(stack):
+    name = "operate-bad"
+    before = len(stack.api_flow_runs())
+    result, run_id = run_deployment(
+        stack, "training-pipeline/local", {"overrides": tiny(name, **{"train.epoch": 3})}
+    )
+    assert result.returncode != 0
+    state = stack.flow_run(run_id)["state"]
+    assert state["type"] == "FAILED" and "train.epoch" in state["message"]
+    assert not (stack.root / "runs" / run_id).exists()
+
+    points = [{"train.learning_rate": 0.01}, {"train.epoch": 2}]
+    result, sweep_id = run_deployment(
+        stack, "training-sweep/sweep", {"points": points, "overrides": tiny(name)}
+    )
+    state = stack.flow_run(sweep_id)["state"]
+    assert result.returncode != 0 and state["type"] == "FAILED"
+    assert "sweep point 1" in state["message"] and "train.epoch" in state["message"]
+    assert len(stack.api_flow_runs()) == before + 2, "the sweep launched no point"
+    assert client_for(stack).get_experiment_by_name(name) is None, "no MLflow run"
+    assert not (stack.root / "runs" / sweep_id).exists()
+
+
+def test_retraining_uses_the_data_version_dvc_lock_pins(stack):
+    set_params(stack.root, TINY)  # the data stage below must work offline
+    repro = subprocess.run(
+        [str(BIN / "dvc"), "repro", "data"],
+        cwd=stack.root,
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+    assert repro.returncode == 0, repro.stdout[-3000:] + repro.stderr[-3000:]
+    lock = yaml.safe_load((stack.root / "dvc.lock").read_text())
+    [out] = lock["stages"]["data"]["outs"]
+
+    name = "operate-retrain"
+    result, run_id = run_deployment(stack, "scheduled-retrain/nightly", {"overrides": tiny(name)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ws = Workspace(stack.root / "runs" / run_id)
+    assert dvc_hash(ws.prepared) == out["md5"]
+    client = client_for(stack)
+    version = client.get_model_version_by_alias(name, "champion")
+    assert version.tags["data_version"] == out["md5"]
+    run = client.get_run(version.run_id)
+    assert "data.source" in run.data.params and run.data.tags["pipeline.stage.register"] == "done"
+    assert json.loads(version.tags["params"])["register.model_name"] == name
