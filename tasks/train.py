@@ -18,13 +18,21 @@ from tasks.models import build_model
 from tasks.workspace import Workspace, atomic_path, read_json
 
 
-def seed_everything(seed: int) -> None:
-    """Same seed, same data, same params -> same metrics on CPU (op determinism on)."""
+def seed_everything(seed: int, deterministic_ops: bool = True) -> None:
+    """Same seed, same data, same params -> same metrics on CPU (op determinism on).
+
+    Keras silently compiles without XLA while op determinism is on, so a run that asks
+    for XLA turns it off (that run is then not bit-reproducible). TensorFlow has no
+    public switch back, hence the framework-internal one; the setting is process-wide.
+    """
     import keras
-    import tensorflow as tf
+    from tensorflow.python.framework import config as tf_config
 
     keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
+    if deterministic_ops:
+        tf_config.enable_op_determinism()
+    else:
+        tf_config.disable_op_determinism()
 
 
 def build_for_training(
@@ -38,15 +46,15 @@ def build_for_training(
     import keras
 
     device = augment.resolve_device(cfg.preprocess.device)
+    xla = recipe.resolve_xla(cfg.train.xla, device)
+    seed_everything(cfg.train.seed, deterministic_ops=not xla)
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(recipe.resolve_precision(cfg.train.precision, device))
     try:
         model = build_model(cfg.model.name, input_shape, num_classes, tuple(cfg.model.widths))
     finally:
         keras.config.set_dtype_policy(previous)
-    return recipe.compile_model(
-        model, cfg.train, steps, xla=recipe.resolve_xla(cfg.train.xla, device)
-    )
+    return recipe.compile_model(model, cfg.train, steps, xla=xla)
 
 
 def train_model(
@@ -58,7 +66,6 @@ def train_model(
     callbacks: list[Any] | None = None,
 ) -> tuple[Any, dict[str, list[float]]]:
     """Build, compile and fit the model; return it with its per-epoch history."""
-    seed_everything(cfg.train.seed)
     images, labels = train_split
     steps = math.ceil(len(images) / cfg.train.batch_size)
     model = build_for_training(cfg, tuple(images.shape[1:]), num_classes, steps)
