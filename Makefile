@@ -10,7 +10,7 @@ export PATH := $(BIN):$(PATH)
 MLFLOW_PORT ?= 5000
 PREFECT_PORT ?= 4200
 
-.PHONY: help venv run smoke test lint format ui serve
+.PHONY: help venv run smoke test bench lint format ui serve
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ smoke: venv ## offline run of the whole pipeline as a Prefect flow on synthetic 
 
 test: venv ## run the test suite (CPU; GPU tests skip themselves)
 	python -m pytest
+
+bench: venv ## CPU benchmarks -> BENCHMARKS.md (~45 min; BENCH_QUICK=1: tiny sizes, a few min)
+	python -m benchmarks $(if $(filter-out 0,$(BENCH_QUICK)),--quick)
 
 lint: venv ## ruff lint and format check
 	ruff check . && ruff format --check .

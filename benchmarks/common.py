@@ -234,8 +234,18 @@ def set_params(root: Path, overrides: Mapping[str, Any]) -> None:
 
 
 def as_cli_overrides(overrides: Mapping[str, Any]) -> list[str]:
-    """``{"train.epochs": 1}`` -> ``["train.epochs=1"]``; JSON values are YAML, as the CLI reads."""
-    return [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+    """``{"train.epochs": 1}`` -> ``["train.epochs=1"]``, values written so that the CLI's
+    YAML reading gives them back (plain where that holds, JSON otherwise)."""
+
+    def text(value: Any) -> str:
+        plain = str(value)
+        return (
+            plain
+            if isinstance(value, str) and yaml.safe_load(plain) == value
+            else json.dumps(value)
+        )
+
+    return [f"{key}={text(value)}" for key, value in overrides.items()]
 
 
 def log(message: str) -> None:

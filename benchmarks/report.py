@@ -193,7 +193,9 @@ process's maximum resident set (wait4).
         return text + missing("stages", quick)
     row = result["rows"][0]
     sizes = ", ".join(f"{k}={v}" for k, v in row["overrides"].items())
-    text += f"Params: {code(sizes)}. Load {load(row)}. Command: {code(row['command'])}\n\n"
+    text += f"Params: {code(sizes)}. Load {load(row)}. Command: {code(row['command'])}\n"
+    by_hand = row["equivalent_commands"]
+    text += f"(By hand: {code(by_hand['dvc'])}; {code(by_hand['prefect'])}.)\n\n"
     dvc, bare = row["dvc"]["stages"], row["bare"]["steps"]
     rows = []
     for stage in ("imports", "data", "preprocess", "train", "evaluate", "register"):
@@ -241,13 +243,14 @@ process's maximum resident set (wait4).
     text += f"""
 
 Where the `dvc repro` overhead goes (medians): DVC's own work (hashing, dvc.lock, cache)
-= repro wall - sum of stage processes = {over["dvc_own_s"]["median"]:.1f} s; the stage
-processes together take {over["dvc_stage_processes_s"]["median"]:.1f} s more than the bare
-run: a Python start and imports in each of five processes (`python -c "{STARTUP_IMPORTS}"`
-alone takes {spread(startup, "{:.1f}")} s), MLflow logging and model registration, and
-re-reading inputs from disk. The Prefect overhead holds Prefect's ephemeral API server
+is the repro wall minus the sum of its stage processes,
+{over["dvc_own_s"]["median"]:.1f} s. The five stage processes together take
+{over["dvc_stage_processes_s"]["median"]:.1f} s more than the bare run: each starts Python
+and imports its libraries (`python -c "{STARTUP_IMPORTS}"` alone takes
+{spread(startup, "{:.1f}")} s), logs to MLflow, and re-reads its inputs from disk; register
+also exports and registers the model. The Prefect overhead holds its ephemeral API server
 start, task bookkeeping, MLflow logging and model registration (the Prefect home's
-database exists before timing starts).
+database is created before timing starts).
 """
     return text
 
@@ -289,7 +292,8 @@ def plot_curves(result: dict[str, Any], path: Path) -> None:
     if target:
         ax.axhline(100 * target["test_accuracy"], color="grey", linestyle="--", linewidth=0.8)
         ax.axvline(target["train_s"], color="grey", linestyle=":", linewidth=0.8)
-    ax.set_xlabel("cumulative training seconds (train_model, 2 CPU cores)")
+    cpus = result["machine"]["logical_cpus"]
+    ax.set_xlabel(f"cumulative training seconds (train_model, {cpus} CPU cores)")
     ax.set_ylabel("test accuracy, %")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -300,10 +304,10 @@ def plot_curves(result: dict[str, Any], path: Path) -> None:
 def accuracy_section(result: dict[str, Any] | None, quick: bool, out_dir: Path) -> str:
     text = """## 5. Time to accuracy on Fashion-MNIST
 
-Real data: Debian's `dataset-fashion-mnist` IDX files (`data.source=idx`; 54,000 train /
-6,000 validation / 10,000 test). One run per model (these take minutes each). The curve run
-is `tasks.train.train_model` with the model's config plus a callback that scores the test
-set after each epoch with the evaluate stage's code (flip TTA and averaged weights when the
+Data per model below; a full run uses Debian's `dataset-fashion-mnist` IDX files
+(`data.source=idx`). One run per model (these take minutes each). The curve run is
+`tasks.train.train_model` with the model's config plus a callback that scores the test set
+after each epoch with the evaluate stage's code (flip TTA and averaged weights when the
 config uses them); its clock is train_model's wall time (model build, input pipeline, fit
 with per-epoch validation) minus the callback's own time. The pipeline run is the real
 Prefect flow; its test accuracy is the registered model's (reports/metrics.json).
@@ -312,6 +316,12 @@ Prefect flow; its test accuracy is the registered model's (reports/metrics.json)
     if not result:
         return text + missing("time_to_accuracy", quick)
     target = result.get("target") or {}
+    for row in result["rows"]:
+        counts = ", ".join(f"{n:,} {split}" for split, n in row["curve"]["counts"].items())
+        data = row["data"]
+        where = f" from {data['idx_dir']}" if data["source"] == "idx" else ""
+        text += f"- {row['key']}: data.source={data['source']} ({data['name']}{where}): {counts}\n"
+    text += "\n"
     rows = []
     for row in result["rows"]:
         curve, pipeline, first = row["curve"], row["pipeline"], row["first_reaching_target"]
@@ -348,6 +358,15 @@ Prefect flow; its test accuracy is the registered model's (reports/metrics.json)
     ]
     text += table(headers, rows) + "\n\nPipeline runs: "
     text += "; ".join(code(row["pipeline"]["command"]) for row in result["rows"]) + ".\n"
+    for row in result["rows"]:
+        curve_val = [p["val_accuracy"] for p in row["curve"]["points"]]
+        same = curve_val == row["pipeline"]["val_accuracy"]
+        text += (
+            f"\n{row['key']}: the pipeline's per-epoch validation accuracy "
+            + ("is identical to" if same else "**differs** from")
+            + " the curve run's (same seed, deterministic ops)."
+        )
+    text += "\n"
     plot = out_dir / "time_to_accuracy.png"
     plot_curves(result, plot)
     link = os.path.relpath(plot, report_path(out_dir == results_dir(True)).parent)

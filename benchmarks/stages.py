@@ -284,6 +284,27 @@ def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def run_repeats(scratch: Path, quick: bool) -> list[dict[str, Any]]:
+    """Every repeat: import cost, then the three modes in an order rotated per repeat."""
+    size = SIZES[quick]
+    warm_prefect(scratch)
+    runs = []
+    for repeat in range(size["repeats"]):
+        run: dict[str, Any] = {"startup": run_startup(scratch, f"startup-{repeat}")}
+        for mode in MODES[repeat % 3 :] + MODES[: repeat % 3]:
+            name = f"{mode}-{repeat}"
+            if mode == "bare":
+                run[mode] = run_bare(scratch, name, quick)
+            elif mode == "prefect":
+                run[mode] = run_prefect(scratch, name, size["overrides"])
+            else:
+                run[mode] = run_dvc(scratch, name, size["overrides"], size["noop_repeats"])
+            shutil.rmtree(scratch / name, ignore_errors=True)  # full size: ~0.5 GB per copy
+            log(f"stages repeat {repeat + 1} {mode}: {run[mode]['wall_s']:.1f} s")
+        runs.append(run)
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.stages")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, results/quick/")
@@ -299,23 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     load_before = load_average()
-    runs = []
     with tempfile.TemporaryDirectory(prefix="bench-stages-") as tmp:
-        scratch = Path(tmp)
-        warm_prefect(scratch)
-        for repeat in range(size["repeats"]):
-            run: dict[str, Any] = {"startup": run_startup(scratch, f"startup-{repeat}")}
-            for mode in MODES[repeat % 3 :] + MODES[: repeat % 3]:  # rotate the order
-                name = f"{mode}-{repeat}"
-                if mode == "bare":
-                    run[mode] = run_bare(scratch, name, args.quick)
-                elif mode == "prefect":
-                    run[mode] = run_prefect(scratch, name, size["overrides"])
-                else:
-                    run[mode] = run_dvc(scratch, name, size["overrides"], size["noop_repeats"])
-                shutil.rmtree(scratch / name, ignore_errors=True)  # ~1 GB per full-size copy
-                log(f"stages repeat {repeat + 1} {mode}: {run[mode]['wall_s']:.1f} s")
-            runs.append(run)
+        runs = run_repeats(Path(tmp), args.quick)
 
     overrides = as_cli_overrides(size["overrides"])
     row = stamp_row(
@@ -327,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             "runs": runs,
             "command": command("benchmarks.stages", quick=args.quick),
             "equivalent_commands": {
-                "dvc": "dvc repro  # params.yaml set to the overrides",
+                "dvc": "dvc repro  # with params.yaml set to the overrides",
                 "prefect": " ".join(["python -m flows.pipeline", *overrides]),
             },
             "target_overhead_percent": 5.0,

@@ -143,16 +143,17 @@ def curve_worker(model: str, quick: bool, out: Path) -> None:
 # ---------------------------------------------------------------------------- pipeline
 
 
-def pipeline_args(model: str, quick: bool, workdir: str) -> list[str]:
+def pipeline_args(model: str, quick: bool) -> list[str]:
+    """`python -m flows.pipeline` arguments for ``model``, except --workdir."""
     profile = MODELS[model]["profile"]
     args = ["--profile", profile] if profile else []
-    return [*args, "--workdir", workdir, *as_cli_overrides(overrides_for(model, quick))]
+    return [*args, *as_cli_overrides(overrides_for(model, quick))]
 
 
 def run_pipeline(model: str, quick: bool, scratch: Path) -> dict[str, Any]:
     workdir = scratch / f"pipeline-{model}"
     measured = run_measured(
-        python_module("flows.pipeline", *pipeline_args(model, quick, str(workdir))),
+        python_module("flows.pipeline", *pipeline_args(model, quick), "--workdir", str(workdir)),
         cwd=REPO,
         env=child_env(scratch),
         log=scratch / f"pipeline-{model}.log",
@@ -167,9 +168,8 @@ def run_pipeline(model: str, quick: bool, scratch: Path) -> dict[str, Any]:
         "test_accuracy": json.loads((reports / "metrics.json").read_text())["test"]["accuracy"],
         "registered": f"{registration['model_name']} version {registration['version']}",
         "val_accuracy": val_accuracy,
-        "command": shlex.join(
-            ["python", "-m", "flows.pipeline", *pipeline_args(model, quick, "TMP")]
-        ),
+        "command": shlex.join(["python", "-m", "flows.pipeline", *pipeline_args(model, quick)])
+        + ' --workdir "$(mktemp -d)"',
     }
 
 
@@ -197,6 +197,7 @@ def measure(model: str, quick: bool, scratch: Path) -> dict[str, Any]:
         "model": cfg.model.name,
         "profile": MODELS[model]["profile"],
         "overrides": overrides_for(model, quick),
+        "data": {"source": cfg.data.source, "name": cfg.data.name, "idx_dir": cfg.data.idx_dir},
         "epochs": cfg.train.epochs,
         "batch_size": cfg.train.batch_size,
         "runs": 1,

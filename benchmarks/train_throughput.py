@@ -150,6 +150,27 @@ def steady_rate(result: dict[str, Any], key: str) -> float:
     return result["train_images"] * len(timed) / sum(timed)
 
 
+def run_sides(quick: bool, scratch: Path) -> list[dict[str, Any]]:
+    """Per repeat, each side's worker result; the order alternates between repeats."""
+    runs = []
+    for repeat in range(SIZES[quick]["repeats"]):
+        results = {}
+        for side in SIDES if repeat % 2 == 0 else SIDES[::-1]:
+            out = scratch / f"{side}-{repeat}.json"
+            args = ["--worker", side, "--out", str(out), *(["--quick"] if quick else [])]
+            run_measured(
+                python_module("benchmarks.train_throughput", *args),
+                cwd=REPO,
+                env=child_env(scratch),
+                log=scratch / f"{side}-{repeat}.log",
+            )
+            results[side] = json.loads(out.read_text())
+        runs.append(results)
+        stage, bare = (steady_rate(results[side], "train_s") for side in ("stage", "bare"))
+        log(f"train repeat {repeat + 1}: stage {stage:,.0f} img/s, bare {bare:,.0f} img/s")
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.train_throughput")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, results/quick/")
@@ -161,44 +182,28 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     load_before = load_average()
-    kinds = {"train": "train_s", "epoch": "epoch_s", "train_per_cpu_s": "cpu_s"}
-    rates: dict[str, dict[str, list[float]]] = {side: {k: [] for k in kinds} for side in SIDES}
-    ratios: dict[str, list[float]] = {kind: [] for kind in kinds}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
-        scratch = Path(tmp)
-        for repeat in range(SIZES[args.quick]["repeats"]):
-            order = SIDES if repeat % 2 == 0 else SIDES[::-1]
-            results = {}
-            for side in order:
-                out = scratch / f"{side}-{repeat}.json"
-                extra = ["--quick"] if args.quick else []
-                run_measured(
-                    python_module(
-                        "benchmarks.train_throughput", "--worker", side, "--out", str(out), *extra
-                    ),
-                    cwd=REPO,
-                    env=child_env(scratch),
-                    log=scratch / f"{side}-{repeat}.log",
-                )
-                results[side] = json.loads(out.read_text())
-            for kind, key in kinds.items():
-                for side in SIDES:
-                    rates[side][kind].append(steady_rate(results[side], key))
-                ratios[kind].append(rates["stage"][kind][-1] / rates["bare"][kind][-1])
-            log(
-                f"train repeat {repeat + 1}: stage {rates['stage']['train'][-1]:,.0f} img/s, "
-                f"bare {rates['bare']['train'][-1]:,.0f} img/s, ratio {ratios['train'][-1]:.3f}"
-            )
-    size = SIZES[args.quick]
+        runs = run_sides(args.quick, Path(tmp))
+    # images/s over: the training part of epochs (wall), whole epochs, training CPU time
+    kinds = {"train": "train_s", "epoch": "epoch_s", "train_per_cpu_s": "cpu_s"}
+    rates = {
+        side: {kind: [steady_rate(run[side], key) for run in runs] for kind, key in kinds.items()}
+        for side in SIDES
+    }
+    ratios = {
+        kind: [s / b for s, b in zip(rates["stage"][kind], rates["bare"][kind], strict=True)]
+        for kind in kinds
+    }
     row = {
         "key": "seed_cnn",
         "model": "seed_cnn",
         "batch_size": config(args.quick).train.batch_size,
-        "train_images": results["stage"]["train_images"],
-        "timed_epochs_per_run": size["epochs"] - 1,
+        "train_images": runs[0]["stage"]["train_images"],
+        "timed_epochs_per_run": SIZES[args.quick]["epochs"] - 1,
         "images_per_s": {side: {k: summarize(v) for k, v in rates[side].items()} for side in SIDES},
         "ratio_stage_over_bare": {k: summarize(v) for k, v in ratios.items()},
         "target_ratio": 0.95,
+        "runs": runs,
         "command": command("benchmarks.train_throughput", quick=args.quick),
     }
     write_rows("train_throughput", args.quick, [stamp_row(row, load_before)])

@@ -23,8 +23,9 @@ def resolve_precision(setting: str, device: str) -> str:
 
 
 def resolve_xla(setting: bool | str, device: str) -> bool:
-    """``auto``: XLA on a GPU (fused kernels); off on CPU, where it halved throughput of
-    these small convnets in our measurements (benchmarks/, BENCHMARKS.md)."""
+    """``auto``: XLA on a GPU (fused kernels); off on CPU, where a one-off comparison on
+    the project's 2-core machine ran these small convnets at about half the speed with it
+    (not part of BENCHMARKS.md)."""
     return device == "gpu" if setting == "auto" else bool(setting)
 
 
