@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from flows.retrain import check_out_data, locked_data_version
 from tasks.register import dvc_hash
 from tests.conftest import TINY, copy_repo
 from tests.operate import BIN
@@ -80,6 +81,12 @@ def test_push_then_pull_in_a_fresh_clone_restores_identical_outputs(tmp_path):
     git(team, "clone", "-q", str(origin), "clone")
     dvc(team / "clone", "pull")
     assert_restored(team / "clone", origin)
+
+    # The nightly retrain's checkout: a clone without the data pulls the locked version.
+    git(team, "clone", "-q", str(origin), "retrain")
+    version = locked_data_version(team / "retrain")
+    prepared = check_out_data.fn(team / "retrain", version)
+    assert prepared == team / "retrain" / "data" / "prepared" and dvc_hash(prepared) == version
 
     # Elsewhere with one command per clone (s3://..., gs://..., ssh://... work the same way).
     elsewhere = tmp_path / "shared-remote"
