@@ -50,29 +50,6 @@ def tiny_cfg(tmp_path) -> PipelineConfig:
     return load_config(PARAMS, tiny_overrides(tmp_path))
 
 
-def copy_repo(dest: Path) -> Path:
-    """A fresh git repository holding this checkout's files (tracked and not ignored)."""
-    import shutil
-    import subprocess
-
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=REPO,
-        capture_output=True,
-        check=True,
-    ).stdout.decode()
-    for name in filter(None, listed.split("\0")):
-        source = REPO / name
-        if source.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dest / name)
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
-    subprocess.run([*git, "commit", "-qm", "copy"], cwd=dest, check=True)
-    return dest
-
-
 def read_mlflow(tracking_uri: str, experiment: str):
     """(client, runs of the experiment, newest first) from a real MLflow store."""
     import mlflow

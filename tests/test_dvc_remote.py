@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from benchmarks.common import copy_repo, set_params
 from flows.retrain import check_out_data, locked_data_version
 from tasks.register import dvc_hash
-from tests.conftest import TINY, copy_repo
+from tests.conftest import TINY
 from tests.operate import BIN
-from tests.test_pipeline_dvc import set_params
 
 pytestmark = pytest.mark.slow
 DEFAULT_REMOTE = "gpu-train-pipeline-dvc-storage"  # .dvc/config: ../../<this>

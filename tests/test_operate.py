@@ -18,10 +18,11 @@ import mlflow
 import pytest
 import yaml
 
+from benchmarks.common import copy_repo, set_params
 from flows.workdir import RUN_ID_FIELD
 from tasks.register import dvc_hash
 from tasks.workspace import Workspace, read_json
-from tests.conftest import TINY, copy_repo
+from tests.conftest import TINY
 from tests.operate import (
     BIN,
     RUN_TIMEOUT_S,
@@ -31,7 +32,6 @@ from tests.operate import (
     stop_stack,
 )
 from tests.pipeline_checks import check_pipeline_run
-from tests.test_pipeline_dvc import set_params
 
 pytestmark = pytest.mark.slow
 

@@ -10,24 +10,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from benchmarks.common import copy_repo, set_params
 from tasks.workspace import Workspace
-from tests.conftest import TINY, copy_repo, read_mlflow
+from tests.conftest import TINY, read_mlflow
 from tests.pipeline_checks import check_pipeline_run
 
 pytestmark = pytest.mark.slow
 STAGES = ("data", "preprocess", "train", "evaluate", "register")
-
-
-def set_params(root: Path, overrides: dict) -> None:
-    path = root / "params.yaml"
-    tree = yaml.safe_load(path.read_text())
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = tree
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    path.write_text(yaml.safe_dump(tree, sort_keys=False))
 
 
 def dvc_repro(root: Path) -> str:
