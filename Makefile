@@ -44,9 +44,8 @@ lint: venv ## ruff lint and format check
 format: venv ## apply ruff fixes and formatting
 	ruff check --fix . && ruff format .
 
-ui: venv ## MLflow UI on http://127.0.0.1:$(MLFLOW_PORT) over the mlruns/ store
-	mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db \
-		--default-artifact-root mlruns/artifacts --host 127.0.0.1 --port $(MLFLOW_PORT)
+ui: venv ## MLflow UI on http://127.0.0.1:5000 over the mlruns/ store (MLFLOW_PORT=...; asks for the credential)
+	python -m flows.serve --mlflow-only --mlflow-port $(MLFLOW_PORT)
 
 serve: venv ## Prefect server + worker + MLflow server on 127.0.0.1 (PREFECT_PORT, MLFLOW_PORT)
 	python -m flows.serve --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT)

@@ -15,16 +15,18 @@ become Prefect artifacts. Deployments write to runs/<flow-run-id>/ (flows/workdi
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 from prefect.tasks import exponential_backoff
 
-from flows import reporting
+from flows import reporting, security
 from flows.stage import STAGE_NAMES, StageFailed, expected_errors, stage_functions
 from flows.workdir import run_root, shared_path_overrides
 from tasks import tracking
@@ -32,6 +34,7 @@ from tasks.config import ConfigError, PipelineConfig, load_config, load_profile,
 from tasks.workspace import Workspace, read_json
 
 STAGE_RETRIES = 2  # after the first attempt, for transient causes only
+MLFLOW_RUN_ID = re.compile(r"[0-9a-f]{32}")
 RETRY_BACKOFF_S = 5  # retries wait about 5 s, then 10 s (jittered by up to half)
 
 
@@ -78,8 +81,12 @@ def training_pipeline(
     Returns the last stage's result (the registration record when register runs).
     """
     ws = Workspace(run_root(workdir, flow_run.get_id()))
-    cfg = resolve_config(ws, params_path, profile, overrides)  # fails here, before any work
+    cfg = resolve_run_config(ws, params_path, profile, overrides)  # fails before any work
     names = select_stages(stages)
+    if parent_run_id is not None and not MLFLOW_RUN_ID.fullmatch(parent_run_id):
+        raise ConfigError(
+            f"parent_run_id {parent_run_id!r} is not an MLflow run id (32 hex digits)"
+        )
     run_id = tracking.start_pipeline_run(
         cfg, ws, run_name=f"prefect-{flow_run.get_name()}", parent_run_id=parent_run_id
     )
@@ -131,6 +138,22 @@ def resolve_config(
     cfg = load_config(params, merged)
     shared = shared_path_overrides(cfg, params.parent, ws.root)
     return load_config(params, merged | shared) if shared else cfg
+
+
+def resolve_run_config(
+    ws: Workspace, params_path: str, profile: str | None, overrides: dict[str, Any] | None
+) -> PipelineConfig:
+    """resolve_config, and for a run created through the API (a deployment) the checks that
+    keep it reading and writing inside the project (flows/security.py). The local CLI,
+    with no deployment, may use any path."""
+    if deployment.get_id() is None:
+        return resolve_config(ws, params_path, profile, overrides)
+    project = Path.cwd()
+    files = {"params_path": params_path, "profile": profile}
+    security.check_deployment_files(project, ws.root, files)
+    cfg = resolve_config(ws, params_path, profile, overrides)
+    security.check_deployment_stores(project, ws.root, cfg, os.environ.get(tracking.TRACKING_ENV))
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:

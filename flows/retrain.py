@@ -26,7 +26,7 @@ from prefect.tasks import exponential_backoff
 from flows.pipeline import (
     RETRY_BACKOFF_S,
     STAGE_RETRIES,
-    resolve_config,
+    resolve_run_config,
     retry_if_transient,
     training_pipeline,
 )
@@ -104,7 +104,7 @@ def scheduled_retrain(
     workdir: the run's own output directory; "{flow_run_id}" is filled in.
     """
     ws = Workspace(run_root(workdir, flow_run.get_id()))
-    resolve_config(ws, params_path, profile, overrides)  # a bad override fails before any work
+    resolve_run_config(ws, params_path, profile, overrides)  # fails before any work
     project = Path.cwd()
     version = locked_data_version(project)
     get_run_logger().info("data version %s, outputs in %s", version, ws.root)

@@ -9,6 +9,10 @@ the process work pool if it is missing, registers prefect.yaml's deployments (`p
 deploy --all`) and starts a worker on the pool whose flow runs log to the tracking server
 (MLFLOW_TRACKING_URI). Prints the URLs once the worker is polling, and waits.
 
+Both servers require the stack's credential (flows/security.py: generated on first
+start into .pipeline/secrets/api-credential, mode 0600, or PREFECT_SERVER_API_AUTH_STRING),
+answer browsers only from their own origins, and the work pool accepts no job variables.
+
 Ctrl-C or SIGTERM stops the worker, any flow runs in progress and the servers. A port
 already in use stops it before anything starts. Each service logs to
 .pipeline/serve/<service>.log; if one dies, the launcher stops the rest and shows its log.
@@ -17,6 +21,7 @@ already in use stops it before anything starts. Each service logs to
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import signal
@@ -29,6 +34,14 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from flows import security
+from flows.stack_env import (
+    Endpoints,
+    client_env,
+    mlflow_server_env,
+    prefect_server_env,
+)
 
 POOL = "local-process"  # the work pool prefect.yaml's deployments name
 STARTUP_TIMEOUT_S = 180  # each server is up in ~10 s here; generous for a busy machine
@@ -111,13 +124,27 @@ def stop_all(services: list[Service]) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.serve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback)")
     parser.add_argument("--prefect-port", type=int, default=4200)
     parser.add_argument("--mlflow-port", type=int, default=5000)
     parser.add_argument("--pool", default=POOL, help="process work pool the worker polls")
     parser.add_argument("--params", default="params.yaml", help="where the MLflow store is set")
     parser.add_argument("--no-deploy", action="store_true", help="skip `prefect deploy --all`")
+    parser.add_argument(
+        "--mlflow-only",
+        action="store_true",
+        help="only the MLflow server (`make ui`): browse the store with the same protections",
+    )
+    parser.add_argument(
+        "--no-mlflow-auth",
+        action="store_true",
+        help="MLflow server without its basic-auth app (it still checks Host and CORS)",
+    )
     return parser.parse_args(argv)
 
 
@@ -146,53 +173,56 @@ def mlflow_store(project: Path, params: str) -> tuple[str, str]:
     return anchored_uri(cfg.tracking_uri, project), anchored_path(cfg.artifact_root, project)
 
 
-def service_env(api_url: str, tracking_uri: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        PREFECT_API_URL=api_url,
-        MLFLOW_TRACKING_URI=tracking_uri,  # the worker's flow runs log to the server
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",  # no telemetry (and no DNS errors offline)
-        # MLflow's job runner (GenAI scorers) adds six processes the pipeline never uses.
-        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
-    )
-    for key in ("NO_PROXY", "no_proxy"):
-        env[key] = ",".join(filter(None, [env.get(key), "127.0.0.1", "localhost"]))
-    return env
-
-
-def build_services(args: argparse.Namespace, project: Path, env: dict[str, str]) -> list[Service]:
-    """The MLflow server, the Prefect server and the worker, in start order."""
+def build_services(
+    args: argparse.Namespace, project: Path, ends: Endpoints, credential: str
+) -> list[Service]:
+    """The MLflow server, the Prefect server and the worker, in start order (the MLflow
+    server alone with --mlflow-only)."""
     bin_dir = Path(sys.executable).parent  # the virtualenv's console scripts
     backend, artifacts = mlflow_store(project, args.params)
     log_dir = project / LOG_DIR
     mlflow = [str(bin_dir / "mlflow"), "server", "--backend-store-uri", backend]
     mlflow += ["--artifacts-destination", artifacts, "--serve-artifacts", "--workers", "1"]
     mlflow += ["--host", args.host, "--port", str(args.mlflow_port)]
+    mlflow += ["--allowed-hosts", ends.hosts(args.mlflow_port)]
+    mlflow += ["--cors-allowed-origins", ends.origins(args.mlflow_port)]
+    if not args.no_mlflow_auth:
+        mlflow += ["--app-name", "basic-auth"]
     prefect = [str(bin_dir / "prefect"), "server", "start"]
     prefect += ["--host", args.host, "--port", str(args.prefect_port)]
     worker = [str(bin_dir / "prefect"), "worker", "start", "--pool", args.pool, "--type", "process"]
+    mlflow_env = mlflow_server_env(project, None if args.no_mlflow_auth else credential)
+    mlflow_service = Service("MLflow server", mlflow, log_dir / "mlflow.log", mlflow_env)
+    if args.mlflow_only:
+        return [mlflow_service]
+    prefect_env = prefect_server_env(ends, credential)
+    worker_env = client_env(ends, credential, not args.no_mlflow_auth)
     return [
-        Service("MLflow server", mlflow, log_dir / "mlflow.log", env),
-        Service("Prefect server", prefect, log_dir / "prefect-server.log", env),
-        Service("Prefect worker", worker, log_dir / "worker.log", env),
+        mlflow_service,
+        Service("Prefect server", prefect, log_dir / "prefect-server.log", prefect_env),
+        Service("Prefect worker", worker, log_dir / "worker.log", worker_env),
     ]
 
 
-def http_get(url: str) -> Any:
+def http_get(url: str, credential: str | None = None) -> Any:
     direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
-    with direct.open(url, timeout=5) as response:
+    request = urllib.request.Request(url)
+    if credential is not None:
+        token = base64.b64encode(credential.encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    with direct.open(request, timeout=5) as response:
         body = response.read()
     return json.loads(body) if body[:1] in (b"{", b"[") else body
 
 
-def wait_for(service: Service, url: str, ready: Any = None) -> None:
+def wait_for(service: Service, url: str, ready: Any = None, credential: str | None = None) -> None:
     """Wait until GET ``url`` answers (and ``ready(answer)`` holds) or the service dies."""
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if (code := service.exit_code()) is not None:
             raise service.failure(f"exited with status {code} while starting")
         with suppress(OSError, ValueError):
-            answer = http_get(url)
+            answer = http_get(url, credential)
             if ready is None or ready(answer):
                 return
         time.sleep(0.5)
@@ -204,13 +234,25 @@ def prefect_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.C
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
 
 
-def register_deployments(pool: str, env: dict[str, str], project: Path, deploy: bool) -> None:
-    """Create the process work pool unless it exists; `prefect deploy --all` from the project."""
+def lock_work_pool(pool: str, env: dict[str, str], project: Path) -> None:
+    """Create the process work pool, or reset an existing one, with the locked job template:
+    an API caller can then set no command, env or working directory for a flow run."""
+    template = project / LOG_DIR / "locked-job-template.json"
+    template.parent.mkdir(parents=True, exist_ok=True)
+    template.write_text(json.dumps(security.LOCKED_JOB_TEMPLATE, indent=2))
     if prefect_cli(["work-pool", "inspect", pool], env, project).returncode != 0:
-        created = prefect_cli(["work-pool", "create", pool, "--type", "process"], env, project)
-        if created.returncode != 0:
-            output = created.stdout + created.stderr
-            raise ServeError(f"could not create work pool {pool!r}:\n{output}")
+        command = ["work-pool", "create", pool, "--type", "process"]
+    else:
+        command = ["work-pool", "update", pool]
+    done = prefect_cli([*command, "--base-job-template", str(template)], env, project)
+    if done.returncode != 0:
+        output = done.stdout + done.stderr
+        raise ServeError(f"could not set up work pool {pool!r}:\n{output}")
+
+
+def register_deployments(pool: str, env: dict[str, str], project: Path, deploy: bool) -> None:
+    """Lock the work pool (created if missing); `prefect deploy --all` from the project."""
+    lock_work_pool(pool, env, project)
     if deploy:
         deployed = prefect_cli(["--no-prompt", "deploy", "--all"], env, project)
         if deployed.returncode != 0:
@@ -218,36 +260,59 @@ def register_deployments(pool: str, env: dict[str, str], project: Path, deploy: 
             raise ServeError(f"`prefect deploy --all` failed:\n{output}")
 
 
-def banner(args: argparse.Namespace, prefect_url: str, mlflow_url: str, project: Path) -> str:
+def banner(args: argparse.Namespace, ends: Endpoints, project: Path, credential_file: Path) -> str:
+    """What a user needs: URLs, and export lines naming the credential file, never its text."""
+    mlflow_exports = (
+        '\n  export MLFLOW_TRACKING_USERNAME="${PREFECT_API_AUTH_STRING%%:*}"'
+        ' MLFLOW_TRACKING_PASSWORD="${PREFECT_API_AUTH_STRING#*:}"'
+        if not args.no_mlflow_auth
+        else ""
+    )
+    mlflow_login = (
+        "user name and password: the two parts of that line"
+        if not args.no_mlflow_auth
+        else "no credential (--no-mlflow-auth)"
+    )
+    if args.mlflow_only:
+        return f"""
+Serving the MLflow UI on {ends.mlflow_url} over the project's store; Ctrl-C stops it.
+  credential   {credential_file} (user:password, mode 0600)
+               MLflow UI login: {mlflow_login}
+""".rstrip()
     return f"""
 Serving on {args.host}; Ctrl-C stops everything.
-  Prefect UI   {prefect_url}
-  Prefect API  {prefect_url}/api
-  MLflow UI    {mlflow_url}
+  Prefect UI   {ends.prefect_url}
+  Prefect API  {ends.prefect_url}/api
+  MLflow UI    {ends.mlflow_url}
   worker       polling work pool {args.pool!r}; flow runs write to {project}/runs/<flow-run-id>/
   logs         {project / LOG_DIR}/{{mlflow,prefect-server,worker}}.log
+  credential   {credential_file} (user:password, mode 0600)
+               Prefect UI login: the whole line; MLflow UI: {mlflow_login}
 
 In another shell (virtualenv active, in {project}):
-  export PREFECT_API_URL={prefect_url}/api MLFLOW_TRACKING_URI={mlflow_url}
+  export PREFECT_API_URL={ends.prefect_url}/api MLFLOW_TRACKING_URI={ends.mlflow_url}
+  export PREFECT_API_AUTH_STRING="$(cat {credential_file})"{mlflow_exports}
   prefect deployment run 'training-pipeline/local' -p overrides='{{"train.epochs": 3}}' --watch
 """.rstrip()
 
 
 def serve(args: argparse.Namespace, project: Path, services: list[Service]) -> None:
     """Start everything, print the banner, then watch the services until one dies."""
-    prefect_url = f"http://{args.host}:{args.prefect_port}"
-    mlflow_url = f"http://{args.host}:{args.mlflow_port}"
-    env = service_env(f"{prefect_url}/api", mlflow_url)
-    services.extend(build_services(args, project, env))
-    mlflow_server, prefect_server, worker = services
-    mlflow_server.start(project)
-    prefect_server.start(project)  # both servers start at once: about 10 s instead of 20
-    wait_for(mlflow_server, f"{mlflow_url}/health")
-    wait_for(prefect_server, f"{prefect_url}/api/health")
-    register_deployments(args.pool, env, project, deploy=not args.no_deploy)
-    worker.start(project)
-    wait_for(worker, f"{prefect_url}/api/work_pools/{args.pool}", lambda p: p["status"] == "READY")
-    print(banner(args, prefect_url, mlflow_url, project), flush=True)
+    ends = Endpoints(args.host, args.prefect_port, args.mlflow_port)
+    credential_file, credential = security.ensure_credential(project, dict(os.environ))
+    services.extend(build_services(args, project, ends, credential))
+    for service in services[:2]:
+        service.start(project)  # both servers start at once: about 10 s instead of 20
+    wait_for(services[0], f"{ends.mlflow_url}/health")
+    if not args.mlflow_only:
+        _, prefect_server, worker = services
+        wait_for(prefect_server, f"{ends.prefect_url}/api/health")
+        clients = client_env(ends, credential, not args.no_mlflow_auth)
+        register_deployments(args.pool, clients, project, deploy=not args.no_deploy)
+        worker.start(project)
+        pool_url = f"{ends.prefect_url}/api/work_pools/{args.pool}"
+        wait_for(worker, pool_url, lambda p: p["status"] == "READY", credential)
+    print(banner(args, ends, project, credential_file), flush=True)
     while True:
         for service in services:
             if (code := service.exit_code()) is not None:
@@ -263,14 +328,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     project = Path.cwd()
     services: list[Service] = []
-    ports = {"Prefect server": args.prefect_port, "MLflow server": args.mlflow_port}
+    ports = {"MLflow server": args.mlflow_port}
+    if not args.mlflow_only:
+        ports["Prefect server"] = args.prefect_port
     previous_term = signal.signal(signal.SIGTERM, _on_sigterm)
     # Ctrl-C must work even when started with SIGINT ignored (a background job of a script).
     previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         check_ports(args.host, ports)
         serve(args, project, services)
-    except PortInUse as error:
+    except (PortInUse, security.CredentialError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except ServeError as error:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import ConfigError, PipelineConfig, load_config
+from tasks.errors import ModelFileError
 from tasks.workspace import Workspace
 
 
@@ -54,7 +55,7 @@ class StageFailed(RuntimeError):
 def expected_errors() -> tuple[type[BaseException], ...]:
     from tasks.data import DataUnavailableError
 
-    return (ConfigError, DataUnavailableError, FileNotFoundError, StageFailed)
+    return (ConfigError, DataUnavailableError, FileNotFoundError, ModelFileError, StageFailed)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows import reporting
-from flows.pipeline import resolve_config, run_stage
+from flows.pipeline import resolve_config, resolve_run_config, run_stage
 from flows.stage import STAGE_NAMES
 from tasks import tracking
 from tasks.config import ConfigError, PipelineConfig
@@ -91,12 +91,14 @@ def training_sweep(
     pipeline_deployment: the deployment each point runs as.
     """
     base = overrides or {}
+    sweep_dir = Path("runs") / str(flow_run.get_id())
+    # A deployment run reads and writes only inside the project: checked before any read.
+    resolve_run_config(Workspace(sweep_dir.resolve()), params_path, profile, base)
     point_list = expand_points(grid, points)
     base_cfg = validate_points(point_list, base, params_path, profile)
     if max_parallel < 1:
         raise ConfigError(f"max_parallel must be >= 1, got {max_parallel}")
     check_deployment(pipeline_deployment)
-    sweep_dir = Path("runs") / str(flow_run.get_id())
     parent_id = tracking.start_sweep_run(
         base_cfg, Workspace(Path.cwd()), f"sweep-{flow_run.get_name()}", point_list
     )

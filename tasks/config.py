@@ -103,7 +103,8 @@ class EvaluateConfig(_Section):
 
 
 class RegisterConfig(_Section):
-    model_name: str = Field(min_length=1)
+    # Letters, digits, '.', '_', '-': the name goes into MLflow search filters and URLs.
+    model_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     promote_margin: float = Field(ge=0.0)
 
 

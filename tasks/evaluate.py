@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks import augment, data, tracking
+from tasks import augment, data, models, tracking
 from tasks.config import PipelineConfig
 from tasks.workspace import Workspace, atomic_path, read_json, write_json
 
@@ -123,13 +123,12 @@ def mlflow_metrics(metrics: dict) -> dict[str, float]:
 
 def run(cfg: PipelineConfig, ws: Workspace) -> dict:
     """The stage as `dvc repro` and the Prefect flow call it."""
-    import keras
     import mlflow
 
     meta = data.load_meta(ws.prepared)
     images, labels = data.load_split(ws.prepared, "test")
     stats = augment.NormStats(**read_json(ws.norm_stats))
-    model = keras.models.load_model(ws.model_file, compile=False)  # inference only
+    model = models.load_model_file(ws.model_file)  # inference only, safe mode
     with tracking.stage_run(cfg, ws, "evaluate"):
         logits = predict_logits(model, images, labels, stats, cfg)
         metrics = compute_metrics(logits, labels, meta["class_names"])

@@ -7,8 +7,12 @@ They use only keras.layers, so the models run on any Keras 3 backend.
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+from tasks.errors import ModelFileError
 
 
 def seed_cnn(input_shape: tuple[int, int, int], num_classes: int) -> Any:
@@ -115,3 +119,29 @@ def mirror_left_right(images: Any, width: int) -> Any:
     mirrored = flip(along_w)
     flip.set_weights([np.eye(width, dtype="float32")[::-1]])
     return keras.layers.Permute((1, 3, 2), name="to_nhwc")(mirrored)
+
+
+def load_model_file(path: Path) -> Any:
+    """The Keras model in ``path`` for inference, loaded in Keras' safe mode.
+
+    Safe mode refuses to deserialize code (a Lambda layer's Python function), so a
+    crafted or tampered ``.keras`` file cannot run anything when a stage loads it; such a
+    file, or one that is not a Keras model at all, stops the stage with its name.
+    """
+    import keras
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the train stage first (`dvc repro train`)")
+    try:
+        return keras.models.load_model(path, compile=False, safe_mode=True)
+    except (ValueError, OSError, zipfile.BadZipFile) as error:
+        if "safe_mode" in str(error):
+            raise ModelFileError(
+                f"{path} holds executable code (a Lambda layer with a Python function), "
+                "which the pipeline never loads (Keras safe_mode): rebuild it with the train "
+                "stage (`dvc repro train`) from the models in tasks/models.py"
+            ) from None
+        raise ModelFileError(
+            f"{path} is not a loadable .keras model (truncated or corrupt?): rebuild it with "
+            f"the train stage (`dvc repro train`); Keras said: {error}"
+        ) from error

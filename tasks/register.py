@@ -19,7 +19,7 @@ from typing import Any
 
 from tasks import data, tracking
 from tasks.config import PipelineConfig
-from tasks.models import with_normalization
+from tasks.models import load_model_file, with_normalization
 from tasks.workspace import Workspace, read_json, write_json
 
 CHAMPION = "champion"
@@ -86,13 +86,12 @@ def version_of_run(client: Any, model_name: str, run_id: str) -> str | None:
 
 def log_model(cfg: PipelineConfig, ws: Workspace) -> str:
     """Log the raw-pixel model to the active run, register it; return the new version."""
-    import keras
     import mlflow
     from mlflow.models import infer_signature
 
     stats = read_json(ws.norm_stats)
     raw_model = with_normalization(
-        keras.models.load_model(ws.model_file, compile=False),
+        load_model_file(ws.model_file),
         stats["mean"],
         stats["std"],
         tta_flip=cfg.evaluate.tta_flip,

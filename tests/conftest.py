@@ -59,3 +59,27 @@ def read_mlflow(tracking_uri: str, experiment: str):
     assert exp is not None, f"experiment {experiment!r} missing from {tracking_uri}"
     runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
     return client, runs
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    """`make serve` (python -m flows.serve) in a git copy of the repository, for the session.
+
+    The MLflow client in this process talks to its server with the credential the
+    banner's export lines give, as a user's shell would.
+    """
+    from benchmarks.common import copy_repo
+    from tests.operate import start_stack, stop_stack
+
+    root = copy_repo(tmp_path_factory.mktemp("repo"))
+    stack = start_stack(root, tmp_path_factory.mktemp("prefect-home"))
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+                patch.setenv(key, stack.env[key])
+            yield stack
+    finally:
+        strays = stop_stack(stack)
+    assert stack.process.returncode == 0, stack.logs()
+    assert "stopped" in "".join(stack.output)
+    assert not strays, f"processes outlived the launcher: {strays}"

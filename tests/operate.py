@@ -16,6 +16,9 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,14 @@ BIN = Path(sys.executable).parent
 READY_TIMEOUT_S = 240  # servers start in ~15 s here; a cold, loaded CI machine gets slack
 RUN_TIMEOUT_S = 420  # one tiny pipeline run takes ~30 s; concurrent ones share 2 cores
 STOP_TIMEOUT_S = 60
+# What a client shell needs from the banner (the credential by reference to its file).
+CLIENT_KEYS = (
+    "PREFECT_API_URL",
+    "PREFECT_API_AUTH_STRING",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+)
 
 
 def free_port() -> int:
@@ -54,13 +65,34 @@ class Stack:
             timeout=timeout,
         )
 
+    @property
+    def credential(self) -> str:
+        return self.env["PREFECT_API_AUTH_STRING"]
+
+    @contextmanager
+    def http(self) -> Iterator[httpx.Client]:
+        """A Prefect API client as the UI is one: the credential, then a CSRF token."""
+        user, password = self.credential.split(":", 1)
+        with httpx.Client(
+            base_url=self.prefect_api, auth=(user, password), timeout=30, trust_env=False
+        ) as client:
+            client_id = str(uuid.uuid4())
+            token = client.get("/csrf-token", params={"client": client_id})
+            token.raise_for_status()
+            client.headers.update(
+                {"Prefect-Csrf-Token": token.json()["token"], "Prefect-Csrf-Client": client_id}
+            )
+            yield client
+
     def api(self, path: str) -> Any:
-        response = httpx.get(f"{self.prefect_api}/{path}", timeout=30, trust_env=False)
+        with self.http() as client:
+            response = client.get(f"/{path}")
         response.raise_for_status()
         return response.json()
 
     def api_post(self, path: str, body: dict[str, Any]) -> Any:
-        response = httpx.post(f"{self.prefect_api}/{path}", json=body, timeout=30, trust_env=False)
+        with self.http() as client:
+            response = client.post(f"/{path}", json=body)
         response.raise_for_status()
         return response.json()
 
@@ -126,7 +158,7 @@ def start_stack(root: Path, home: Path) -> Stack:
     def read() -> None:
         for line in process.stdout:
             stack.output.append(line)
-            if line.startswith("Serving on"):
+            if line.strip().startswith("prefect deployment run"):  # the banner's last line
                 ready.set()
 
     threading.Thread(target=read, daemon=True).start()
@@ -135,7 +167,24 @@ def start_stack(root: Path, home: Path) -> Stack:
         if process.poll() is not None or time.monotonic() > deadline:
             stop_stack(stack)
             raise AssertionError(f"flows.serve did not come up:\n{stack.logs()}")
+    stack.env |= banner_exports(stack)
     return stack
+
+
+def banner_exports(stack: Stack) -> dict[str, str]:
+    """What the banner's `export` lines set when pasted into bash, as the README says to."""
+    exports = [line.strip() for line in stack.output if line.strip().startswith("export ")]
+    assert exports, f"no export lines in the banner:\n{''.join(stack.output)}"
+    shown = subprocess.run(
+        ["bash", "-c", "\n".join([*exports, "env -0"])],
+        cwd=stack.root,
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    env = dict(item.split("=", 1) for item in shown.split("\0") if "=" in item)
+    return {key: env[key] for key in CLIENT_KEYS if key in env}
 
 
 def stop_stack(stack: Stack) -> list[int]:

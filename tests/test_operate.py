@@ -1,12 +1,13 @@
 """The README's "Operate" section, step for step, against real servers on loopback.
 
-One stack for the module (README step 1): `python -m flows.serve` in a git copy of the
-repository starts the Prefect server, the worker and the MLflow server on free ports,
-with a temporary PREFECT_HOME, and registers prefect.yaml's deployments. Each test then
-uses the `prefect` CLI as the README does (step 2) and checks Prefect's API, the MLflow
-server and the registry. Every test trains on tiny synthetic data, in its own experiment
-and registered model. At the end the launcher is stopped with Ctrl-C (SIGINT) and no
-process it started may survive.
+One stack for the session (README step 1, the `stack` fixture in conftest.py, shared with
+tests/test_security.py): `python -m flows.serve` in a git copy of the repository starts
+the Prefect server, the worker and the MLflow server on free ports, with a temporary
+PREFECT_HOME, and registers prefect.yaml's deployments. Each test then uses the `prefect`
+CLI as the README does (step 2), with the environment the banner's export lines give,
+and checks Prefect's API, the MLflow server and the registry. Every test trains on tiny
+synthetic data, in its own experiment and registered model. At the end the launcher is
+stopped with Ctrl-C (SIGINT) and no process it started may survive.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import mlflow
 import pytest
 import yaml
 
-from benchmarks.common import copy_repo, set_params
+from benchmarks.common import set_params
 from flows.workdir import RUN_ID_FIELD
 from tasks.register import dvc_hash
 from tasks.workspace import Workspace, read_json
@@ -28,25 +29,10 @@ from tests.operate import (
     RUN_TIMEOUT_S,
     deployment_run_args,
     flow_run_id,
-    start_stack,
-    stop_stack,
 )
 from tests.pipeline_checks import check_pipeline_run
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    root = copy_repo(tmp_path_factory.mktemp("repo"))
-    stack = start_stack(root, tmp_path_factory.mktemp("prefect-home"))
-    try:
-        yield stack
-    finally:
-        strays = stop_stack(stack)
-    assert stack.process.returncode == 0, stack.logs()
-    assert "stopped" in "".join(stack.output)
-    assert not strays, f"processes outlived the launcher: {strays}"
 
 
 def tiny(name: str, **extra) -> dict:
