@@ -8,6 +8,7 @@ exit with status 2 instead of a traceback.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 from tasks.config import ConfigError, PipelineConfig, load_config
 from tasks.errors import ModelFileError
+from tasks.tracking import raise_interrupted
 from tasks.workspace import Workspace
 
 
@@ -63,12 +65,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stage", choices=STAGE_NAMES)
     parser.add_argument("--params", default="params.yaml", help="path to params.yaml")
     args = parser.parse_args(argv)
+    # SIGTERM (dvc's or a scheduler's stop) unwinds like Ctrl-C: the MLflow run ends KILLED.
+    signal.signal(signal.SIGTERM, raise_interrupted)
+    # Ctrl-C too when started with SIGINT ignored (a background job of a script).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         cfg = load_config(args.params)
         stage_functions()[args.stage](cfg, Workspace(Path.cwd()))
     except expected_errors() as error:
         print(f"error in stage {args.stage!r}: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as error:
+        print(f"stage {args.stage!r} stopped by {error or 'SIGINT'}", file=sys.stderr)
+        return 130
     return 0
 
 

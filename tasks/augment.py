@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -293,15 +293,24 @@ def _as_numpy(tensor_list) -> np.ndarray:
 # ------------------------------------------------------------------ tf.data for Keras
 
 
-def _index_batches(n: int, batch_size: int, shuffle_seed: int | None):
+def _index_batches(n: int, batch_size: int, shuffle_seed: int | None, epoch: Any = None):
     import tensorflow as tf
 
     indices = tf.data.Dataset.range(n)
-    if shuffle_seed is not None:
-        # Full-buffer shuffle, a new permutation per iteration (epoch), reproducible
-        # from (TF global seed, shuffle_seed).
-        indices = indices.shuffle(n, seed=shuffle_seed, reshuffle_each_iteration=True)
-    return indices.batch(batch_size)
+    if shuffle_seed is None:
+        return indices.batch(batch_size)
+    if epoch is None:  # iterated by hand: every pass is the next epoch
+        passes = tf.Variable(0, dtype=tf.int64, trainable=False)
+        epoch_of_pass = lambda: passes.assign_add(1) - 1  # noqa: E731
+    else:  # Keras: the epoch a callback stored (the plugin may open several passes per epoch)
+        epoch_of_pass = epoch.read_value
+
+    def permutation(_: tf.Tensor) -> tf.Tensor:
+        # A pure function of (seed, epoch): epoch k is the same after a resume at k.
+        seed = tf.stack([tf.constant(shuffle_seed, tf.int64), epoch_of_pass()])
+        return tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), seed=seed)
+
+    return tf.data.Dataset.from_tensors(0).map(permutation).unbatch().batch(batch_size)
 
 
 def dali_dataset(
@@ -313,6 +322,7 @@ def dali_dataset(
     train: bool,
     preprocess: PreprocessConfig,
     seed: int = 0,
+    epoch: Any = None,
 ) -> tf.data.Dataset:
     """Batches of (float32 NHWC normalized images, int32 labels) for Keras fit/evaluate/predict.
 
@@ -321,6 +331,10 @@ def dali_dataset(
     epoch; batches and augmentation are reproducible from ``seed`` (and TF's global seed,
     which `keras.utils.set_random_seed` sets). ``train=False``: normalized only, input
     order, so predictions line up with ``labels``. preprocess.device picks CPU or GPU.
+    ``epoch``: for Keras training, an int64 `tf.Variable` a callback sets to the current
+    epoch (see train.train_model): the order is then a function of (seed, epoch), so a
+    run resumed at epoch k sees the batches an unbroken one would. Without it each pass
+    over the dataset is the next epoch.
     """
     import tensorflow as tf
     from nvidia.dali.plugin import tf as dali_tf
@@ -337,8 +351,10 @@ def dali_dataset(
         labels_t = tf.constant(np.asarray(labels, dtype=np.int64))
         shuffle_seed = seed if train else None
         # One index dataset per input, identically seeded: see the module docstring.
-        image_ds = _index_batches(n, batch_size, shuffle_seed).map(lambda i: tf.gather(images_t, i))
-        label_ds = _index_batches(n, batch_size, shuffle_seed).map(lambda i: tf.gather(labels_t, i))
+        image_ds = _index_batches(n, batch_size, shuffle_seed, epoch)
+        label_ds = _index_batches(n, batch_size, shuffle_seed, epoch)
+        image_ds = image_ds.map(lambda i: tf.gather(images_t, i))
+        label_ds = label_ds.map(lambda i: tf.gather(labels_t, i))
         if device == "gpu":
             # The plugin reads inputs from the dataset's own device; batches cross once here.
             image_ds = image_ds.apply(tf.data.experimental.copy_to_device("/gpu:0"))

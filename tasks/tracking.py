@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -27,10 +28,21 @@ from tasks.workspace import Workspace, read_json, write_json
 
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
 PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests such runs under it
+END_REASON = "pipeline.end_reason"  # why a run ended FAILED or KILLED
+MAX_TAG_CHARS = 5000  # MLflow's limit on a tag value is 8000
 # MLflow REST error codes that mean "try again" rather than "this request is wrong".
 TRANSIENT_MLFLOW_CODES = frozenset(
     {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
 )
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (SIGTERM) turned into the same unwinding as Ctrl-C; names the signal."""
+
+
+def raise_interrupted(signum: int, frame: Any) -> None:
+    """A signal handler: stop like Ctrl-C, so every `finally` and run-closing path runs."""
+    raise Interrupted(signal.Signals(signum).name)
 
 
 def tracking_uri(cfg: MlflowConfig, root: Path) -> str:
@@ -197,12 +209,18 @@ def stage_run(
         log_upstream_outputs(ws, run_id)
     try:
         yield run_id
+    except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM through raise_interrupted
+        reason = f"stopped by {error or 'SIGINT'} in stage {stage}"
+        _end_quietly("KILLED", tags={f"pipeline.stage.{stage}": "killed", END_REASON: reason})
+        ws.run_handle.unlink(missing_ok=True)
+        raise
     except BaseException as error:
         if is_transient(error):
             # Leave the run open and the handle in place: a retry of this stage joins it.
             _end_quietly("RUNNING")
             raise
-        _end_quietly("FAILED", tag=(f"pipeline.stage.{stage}", "failed"))
+        reason = f"stage {stage}: {type(error).__name__}: {error}"[:MAX_TAG_CHARS]
+        _end_quietly("FAILED", tags={f"pipeline.stage.{stage}": "failed", END_REASON: reason})
         ws.run_handle.unlink(missing_ok=True)
         raise
     mlflow.set_tag(f"pipeline.stage.{stage}", "done")
@@ -213,7 +231,7 @@ def stage_run(
         mlflow.end_run(status="RUNNING")
 
 
-def _end_quietly(status: str, tag: tuple[str, str] | None = None) -> None:
+def _end_quietly(status: str, tags: dict[str, str] | None = None) -> None:
     """End the active run with ``status``; never hide the stage's own error behind ours.
 
     mlflow.end_run pops the active run before it calls the server, so even when the
@@ -221,9 +239,9 @@ def _end_quietly(status: str, tag: tuple[str, str] | None = None) -> None:
     """
     import mlflow
 
-    if tag:
+    if tags:
         with suppress(Exception):
-            mlflow.set_tag(*tag)
+            mlflow.set_tags(tags)
     with suppress(Exception):
         mlflow.end_run(status=status)
 

@@ -2,17 +2,20 @@
 
 Reads data/prepared and the preprocess stage's normalization stats; writes
 models/model.keras and reports/history.csv (per-epoch metrics, a DVC plot). Per-epoch
-metrics also go to the pipeline's MLflow run through MLflow's own Keras callback.
+metrics also go to the pipeline's MLflow run, at step = epoch. A checkpoint after each
+epoch lets a rerun after a crash resume where it stopped (tasks/checkpoint.py).
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 from typing import Any
 
 import numpy as np
 
 from tasks import augment, data, recipe, tracking
+from tasks.checkpoint import TrainCheckpoint, epoch_metrics_logger
 from tasks.config import PipelineConfig
 from tasks.models import build_model
 from tasks.workspace import Workspace, atomic_path, read_json
@@ -65,18 +68,31 @@ def train_model(
     stats: augment.NormStats,
     callbacks: list[Any] | None = None,
 ) -> tuple[Any, dict[str, list[float]]]:
-    """Build, compile and fit the model; return it with its per-epoch history."""
+    """Build, compile and fit the model; return it with its per-epoch history.
+
+    The training order of each epoch is a function of (seed, epoch), told to the data
+    pipeline at each epoch's start: a run resumed from a checkpoint (BackupAndRestore in
+    ``callbacks``) sees the same batches from there on as an unbroken run.
+    """
+    import keras
+    import tensorflow as tf
+
     images, labels = train_split
     steps = math.ceil(len(images) / cfg.train.batch_size)
     model = build_for_training(cfg, tuple(images.shape[1:]), num_classes, steps)
     batches = {"stats": stats, "batch_size": cfg.train.batch_size, "preprocess": cfg.preprocess}
-    train_ds = augment.dali_dataset(images, labels, train=True, seed=cfg.train.seed, **batches)
+    with tf.device("/cpu:0"):
+        epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+    train_ds = augment.dali_dataset(
+        images, labels, train=True, seed=cfg.train.seed, epoch=epoch, **batches
+    )
+    clock = keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: epoch.assign(e))
     val_ds = augment.dali_dataset(*val_split, train=False, **batches)
     history = model.fit(
         train_ds,
         validation_data=val_ds,
         epochs=cfg.train.epochs,
-        callbacks=callbacks,
+        callbacks=[clock, *(callbacks or [])],
         shuffle=False,  # dali_dataset reshuffles every epoch itself
         verbose=2,
     )
@@ -85,20 +101,32 @@ def train_model(
 
 def run(cfg: PipelineConfig, ws: Workspace) -> dict[str, list[float]]:
     """The stage as `dvc repro` and the Prefect flow call it."""
-    import keras
-    from mlflow.keras import MlflowCallback
-
     meta = data.load_meta(ws.prepared)
     stats = augment.NormStats(**read_json(ws.norm_stats))
     train_split = data.load_split(ws.prepared, "train")
     val_split = data.load_split(ws.prepared, "val")
-    with tracking.stage_run(cfg, ws, "train"):
+    with tracking.stage_run(cfg, ws, "train") as run_id:
+        ckpt = TrainCheckpoint.for_run(cfg, ws)
+        done = ckpt.completed_epochs()
+        ckpt.prepare_history(done)
+        metrics = epoch_metrics_logger(run_id)
+        if done:
+            print(f"resuming from epoch {done + 1} of {cfg.train.epochs}: checkpoint {ckpt.root}")
+            metrics.backfill(ckpt.read_history())
+        model, _ = train_model(
+            cfg,
+            train_split,
+            val_split,
+            meta["num_classes"],
+            stats,
+            [metrics, *ckpt.callbacks()],
+        )
         with atomic_path(ws.history) as history_tmp:
-            callbacks = [MlflowCallback(), keras.callbacks.CSVLogger(str(history_tmp))]
-            model, history = train_model(
-                cfg, train_split, val_split, meta["num_classes"], stats, callbacks
-            )
-            with atomic_path(ws.model_file) as model_tmp:
-                model.save(model_tmp)
+            shutil.copyfile(ckpt.history, history_tmp)
+        with atomic_path(ws.model_file) as model_tmp:
+            model.save(model_tmp)
+        history = ckpt.read_history()
+        metrics.flush()
+        ckpt.remove()
         tracking.log_artifact_if_exists(ws.history, "train")
     return history
