@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error in stage {args.stage!r}: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as error:
-        print(f"stage {args.stage!r} stopped by {error or 'SIGINT'}", file=sys.stderr)
+        print(f"stage {args.stage!r} stopped by {str(error) or 'SIGINT'}", file=sys.stderr)
         return 130
     return 0
 

@@ -210,7 +210,7 @@ def stage_run(
     try:
         yield run_id
     except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM through raise_interrupted
-        reason = f"stopped by {error or 'SIGINT'} in stage {stage}"
+        reason = f"stopped by {str(error) or 'SIGINT'} in stage {stage}"
         _end_quietly("KILLED", tags={f"pipeline.stage.{stage}": "killed", END_REASON: reason})
         ws.run_handle.unlink(missing_ok=True)
         raise
