@@ -1,8 +1,9 @@
 """Command-line entry point for one stage, as dvc.yaml calls it: ``python -m flows.stage train``.
 
 Runs in the current directory (the repository root under `dvc repro`) with params.yaml
-from there. Expected failures (bad config, missing data) print one clear message and
-exit with status 2 instead of a traceback.
+from there. Expected failures (bad config, missing or damaged input files) print one
+clear message and exit with status 2 instead of a traceback, and leave no MLflow run
+RUNNING (see `close_failed_pipeline_run`).
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import argparse
 import signal
 import sys
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 from tasks.config import ConfigError, PipelineConfig, load_config
-from tasks.errors import ModelFileError
+from tasks.errors import DataFileError, ModelFileError
 from tasks.tracking import raise_interrupted
 from tasks.workspace import Workspace
 
@@ -55,9 +57,36 @@ class StageFailed(RuntimeError):
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
+    """Failures a user fixes (config, input files), reported as one line without a traceback.
+
+    Anything else is a bug and keeps its traceback.
+    """
     from tasks.data import DataUnavailableError
 
-    return (ConfigError, DataUnavailableError, FileNotFoundError, ModelFileError, StageFailed)
+    return (
+        ConfigError,
+        DataFileError,
+        DataUnavailableError,
+        FileNotFoundError,
+        ModelFileError,
+        StageFailed,
+    )
+
+
+def close_failed_pipeline_run(ws: Workspace, error: BaseException) -> None:
+    """Mark the pipeline run that earlier stages left open FAILED, and drop its handle.
+
+    Under `dvc repro` the run stays RUNNING between stage processes. A stage that fails
+    inside `tracking.stage_run` closes it itself; one that fails before (reading its
+    inputs, loading params.yaml) would leave it RUNNING for good. A transient failure
+    (offline download) keeps it open on purpose: the rerun joins it, as stage_run does.
+    """
+    from tasks import tracking
+
+    if not ws.run_handle.is_file() or tracking.is_transient(error):
+        return
+    with suppress(Exception):  # the stage's own error is the one to report
+        tracking.end_pipeline_run(ws, "FAILED", keep_handle=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,14 +94,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stage", choices=STAGE_NAMES)
     parser.add_argument("--params", default="params.yaml", help="path to params.yaml")
     args = parser.parse_args(argv)
+    ws = Workspace(Path.cwd())
     # SIGTERM (dvc's or a scheduler's stop) unwinds like Ctrl-C: the MLflow run ends KILLED.
     signal.signal(signal.SIGTERM, raise_interrupted)
     # Ctrl-C too when started with SIGINT ignored (a background job of a script).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         cfg = load_config(args.params)
-        stage_functions()[args.stage](cfg, Workspace(Path.cwd()))
+        stage_functions()[args.stage](cfg, ws)
     except expected_errors() as error:
+        close_failed_pipeline_run(ws, error)
         print(f"error in stage {args.stage!r}: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as error:

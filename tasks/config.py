@@ -7,6 +7,7 @@ before any work, with the dotted name of the offending key.
 
 from __future__ import annotations
 
+import difflib
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -50,6 +52,42 @@ class DataConfig(_Section):
     val_fraction: float = Field(gt=0.0, lt=1.0)
     seed: int
     synthetic: SyntheticConfig
+
+    @field_validator("name")
+    @classmethod
+    def _known_tfds_name(cls, name: str, info: ValidationInfo) -> str:
+        # A misspelt name would otherwise surface only inside the data stage, after an
+        # MLflow run was opened; TFDS's registry is local, so checking here is offline-safe.
+        if info.data.get("source") == "tfds" and (problem := _unknown_tfds_name(name)):
+            raise ValueError(problem)
+        return name
+
+
+def _unknown_tfds_name(name: str) -> str | None:
+    """Why ``name`` is not a dataset TFDS knows, with the closest known names; None if it is.
+
+    Accepts what ``tfds.builder`` accepts (``cifar10``, ``cifar10:3.0.2``, ``mnist/config``).
+    Namespaced community names (``huggingface:mnist``) are left to the data stage: looking
+    them up reaches the network. TFDS is imported here, not at module level: it costs about
+    0.5 s and only a tfds source needs it.
+    """
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core import naming
+
+    try:
+        dataset, _ = naming.parse_builder_name_kwargs(name)
+    except ValueError:
+        return f"{name!r} is not a TFDS dataset name (name, name:version or name/config)"
+    if dataset.namespace is not None:
+        return None
+    try:
+        tfds.builder_cls(dataset.name)
+    except tfds.core.DatasetNotFoundError:
+        known = tfds.list_builders(with_community_datasets=False)
+        close = difflib.get_close_matches(dataset.name, known, n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else "tfds.list_builders() lists them"
+        return f"{dataset.name!r} is not a TFDS dataset; {hint}"
+    return None
 
 
 class PreprocessConfig(_Section):
@@ -151,7 +189,13 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(
             f"override {text!r} must look like section.key=value, e.g. train.epochs=3"
         )
-    return key.strip(), yaml.safe_load(raw)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise ConfigError(
+            f"override {text!r}: the value is not valid YAML ({_yaml_problem(error)}); "
+            "quote it if it is meant as text"
+        ) from None
 
 
 def apply_overrides(tree: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -178,16 +222,19 @@ def apply_overrides(tree: dict[str, Any], overrides: Mapping[str, Any]) -> dict[
 
 
 def _describe(error: ValidationError) -> str:
-    lines = []
+    """One line, so the entry points print the key on their single error line."""
+    problems = []
     for item in error.errors():
         key = ".".join(str(p) for p in item["loc"]) or "(top level)"
         if item["type"] == "extra_forbidden":
-            lines.append(f"unknown config key {key!r}: remove it or fix its spelling")
+            problems.append(f"unknown config key {key!r}: remove it or fix its spelling")
         elif item["type"] == "missing":
-            lines.append(f"missing config key {key!r}: add it to params.yaml")
+            problems.append(f"missing config key {key!r}: add it to params.yaml")
+        elif item["type"] == "value_error":  # our validators' messages already quote the value
+            problems.append(f"config key {key!r}: {item['ctx']['error']}")
         else:
-            lines.append(f"config key {key!r}: {item['msg']} (got {item.get('input')!r})")
-    return "invalid pipeline config:\n  " + "\n  ".join(lines)
+            problems.append(f"config key {key!r}: {item['msg']} (got {item.get('input')!r})")
+    return "invalid pipeline config: " + "; ".join(problems)
 
 
 def build_config(
@@ -205,7 +252,7 @@ def load_profile(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"profile {path} not found (see profiles/ for the shipped ones)")
-    overrides = yaml.safe_load(path.read_text()) or {}
+    overrides = _read_yaml(path) or {}
     if not isinstance(overrides, dict) or not all(isinstance(k, str) for k in overrides):
         raise ConfigError(f"profile {path} must map dotted keys (train.epochs) to values")
     return overrides
@@ -220,7 +267,25 @@ def load_config(
         raise ConfigError(
             f"config file {path} not found; run from the repository root or pass its path"
         )
-    tree = yaml.safe_load(path.read_text())
+    tree = _read_yaml(path)
     if not isinstance(tree, dict):
         raise ConfigError(f"{path} must hold a mapping of sections (data, train, ...)")
     return build_config(tree, overrides)
+
+
+def _read_yaml(path: Path) -> Any:
+    """``path`` parsed as YAML; a syntax error becomes a ConfigError naming file and line."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        raise ConfigError(
+            f"{where}: not valid YAML ({_yaml_problem(error)}); fix the syntax there"
+        ) from None
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's one-phrase reason ("mapping values are not allowed here"), without its
+    multi-line excerpt of the file."""
+    return getattr(error, "problem", None) or str(error).splitlines()[0]

@@ -19,6 +19,7 @@ import socket
 import tempfile
 import urllib.parse
 import uuid
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ import numpy as np
 
 from tasks import idx
 from tasks.config import DataConfig, PipelineConfig, SyntheticConfig
+from tasks.errors import DataFileError
 from tasks.workspace import Workspace, read_json
 
 SPLITS = ("train", "val", "test")
@@ -37,6 +39,8 @@ Split = tuple[np.ndarray, np.ndarray]  # (images uint8 NHWC, labels int64 N)
 KNOWN_IMAGE_DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "svhn_cropped", "kmnist")
 OFFLINE_SMOKE_COMMAND = "python -m flows.pipeline data.source=synthetic"
 MISSING_DATA_HINT = "run the data stage first: dvc repro data"
+# DVC reruns a stage whose outputs changed, so the same command rebuilds a damaged file.
+DAMAGED_DATA_HINT = "rebuild it with the data stage: dvc repro data"
 _READ_BATCH = 8192  # images per TFDS read; 8192 CIFAR images are 25 MB
 
 
@@ -251,6 +255,7 @@ def _download_and_prepare(builder: Any, name: str, manual_dir: Path) -> None:
     """
     import requests  # a dependency of tensorflow_datasets
     import tensorflow_datasets as tfds
+    from tensorflow_datasets.core.download import download_manager
 
     missing = {
         url: info.filename or _url_basename(url)
@@ -267,6 +272,35 @@ def _download_and_prepare(builder: Any, name: str, manual_dir: Path) -> None:
         )
     except (requests.ConnectionError, requests.Timeout, tfds.download.DownloadError) as error:
         raise _unavailable(name, missing, manual_dir) from error
+    except download_manager.NonMatchingChecksumError as error:
+        raise _checksum_mismatch(builder, name, manual_dir, error) from error
+
+
+def _checksum_mismatch(
+    builder: Any, name: str, manual_dir: Path, error: Exception
+) -> DataFileError:
+    """Name the archive in ``manual_dir`` whose size or sha256 is not the registered one.
+
+    TFDS's own message spans several lines and points at its docs; the usual cause is a
+    partial or wrong file put in the manual dir by hand, so that file is what to name.
+    Hashing again costs a second read of the archive, on this failure path only.
+    """
+    from tensorflow_datasets.core.download import checksums
+
+    for url, expected in sorted((builder.url_infos or {}).items()):
+        path = manual_dir / (expected.filename or _url_basename(url))
+        if not path.is_file():
+            continue
+        found = checksums.compute_url_info(path)
+        if (found.size, found.checksum) != (expected.size, expected.checksum):
+            return DataFileError(
+                f"{path.resolve()} (in data.manual_dir) is not the archive TFDS expects for "
+                f"{name!r}: {int(found.size)} bytes, sha256 {found.checksum[:12]}..., expected "
+                f"{int(expected.size)} bytes, sha256 {expected.checksum[:12]}...; replace it "
+                f"with a complete download of {url}, or delete it to let TFDS download it"
+            )
+    first_line = str(error).splitlines()[0]  # "Artifact <url>, downloaded to <path>, has ..."
+    return DataFileError(f"TFDS dataset {name!r}: {first_line}; delete that file and rerun")
 
 
 def _url_basename(url: str) -> str:
@@ -399,15 +433,31 @@ def _swap_in(staging: Path, out_dir: Path) -> None:
 
 
 def load_meta(prepared_dir: Path) -> dict[str, Any]:
-    return read_json(_prepared_file(prepared_dir, "meta.json"))
+    path = _prepared_file(prepared_dir, "meta.json")
+    try:
+        return read_json(path)
+    except ValueError as error:  # json.JSONDecodeError, UnicodeDecodeError
+        raise DataFileError(f"{path} is not valid JSON ({error}); {DAMAGED_DATA_HINT}") from error
 
 
 def load_split(prepared_dir: Path, split: str) -> Split:
-    """(images uint8 NHWC, labels int64) of one split of a prepared directory."""
+    """(images uint8 NHWC, labels int64) of one split of a prepared directory.
+
+    A truncated or corrupt file fails here, naming it: numpy and zipfile would report
+    "File is not a zip file" or a CRC error without saying which file.
+    """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
-    with np.load(_prepared_file(prepared_dir, f"{split}.npz"), allow_pickle=False) as arrays:
-        return arrays["images"], arrays["labels"]
+    path = _prepared_file(prepared_dir, f"{split}.npz")
+    try:
+        # Arrays are read lazily: a truncated member fails on access, inside the block.
+        with np.load(path, allow_pickle=False) as arrays:
+            return arrays["images"], arrays["labels"]
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as error:
+        raise DataFileError(
+            f"{path} cannot be read ({type(error).__name__}: {error}), truncated or corrupt? "
+            f"{DAMAGED_DATA_HINT}"
+        ) from error
 
 
 def _prepared_file(prepared_dir: Path, name: str) -> Path:

@@ -5,3 +5,12 @@ from __future__ import annotations
 
 class ModelFileError(ValueError):
     """A model file that cannot be loaded safely; the message names the file and the fix."""
+
+
+class DataFileError(ValueError):
+    """An input data file is missing, truncated, corrupt, or not the expected one.
+
+    Raised where the file is read, the only place that knows its path, so the message can
+    name the file and how to replace it; the entry points print it as one line and exit 2
+    instead of showing the reader's traceback (zipfile, numpy, TFDS).
+    """

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.errors import DataFileError
+
 UINT8_TYPE = 0x08  # the only IDX element type MNIST-family files use
 # split -> (images file stem, labels file stem), the names the datasets are published under
 FILE_STEMS = {
@@ -23,7 +25,7 @@ FILE_STEMS = {
 }
 
 
-class IdxFormatError(ValueError):
+class IdxFormatError(DataFileError):
     """An IDX file is missing, truncated, of the wrong kind, or disagrees with its partner."""
 
 

@@ -1,0 +1,270 @@
+"""Broken inputs fail as a user would meet them: one line, exit status 2, no run left open.
+
+Each fault is built for real in a temporary project (the real params.yaml, shrunk as
+conftest.py does) and the real entry point runs on it in a subprocess, the way
+`dvc repro` (``python -m flows.stage``) and ``python -m flows.pipeline`` run it. The
+MLflow store of the project is then read back: a stage that failed inside its MLflow run
+closed it FAILED, one that failed before opened none, and one that failed after an
+earlier stage left the pipeline run open closed that run too.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.common import set_params
+from tasks.config import PipelineConfig, load_config
+from tasks.workspace import Workspace, write_json
+from tests.conftest import PARAMS, REPO, tiny_overrides
+
+STAGE_TIMEOUT_S = 300
+
+
+def make_project(root: Path, **params: object) -> Path:
+    """A project directory whose params.yaml is the real one, shrunk, with ``params`` set."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(PARAMS.read_text())
+    set_params(root, tiny_overrides(root) | params)
+    return root
+
+
+def project_config(root: Path) -> PipelineConfig:
+    return load_config(root / "params.yaml")
+
+
+def run_entry_point(root: Path, module: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m module args`` in ``root`` with this checkout's code, as dvc.yaml runs it."""
+    env = {
+        "PATH": str(Path(sys.executable).parent),
+        "PYTHONPATH": str(REPO),
+        "HOME": str(root),  # ~/.keras, ~/.config and the like stay inside the project
+        "PREFECT_HOME": str(root / ".prefect"),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=STAGE_TIMEOUT_S,
+    )
+
+
+def the_error_line(done: subprocess.CompletedProcess, prefix: str) -> str:
+    """The one line starting with ``prefix``, after checking exit status 2 and no traceback."""
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith(prefix)]
+    assert len(lines) == 1, done.stderr[-3000:]
+    return lines[0]
+
+
+def run_statuses(root: Path) -> list[str]:
+    """The status of every run in the project's MLflow store (none when it was never made)."""
+    db = root / "mlruns" / "mlflow.db"  # tiny_overrides' store
+    if not db.is_file():
+        return []
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return [run.info.status for run in client.search_runs(experiments)] if experiments else []
+
+
+def write_synthetic_prepared(root: Path) -> Workspace:
+    """data/prepared/ as the data stage writes it, without opening an MLflow run."""
+    from tasks import data
+
+    cfg, ws = project_config(root), Workspace(root)
+    data.write_prepared(data.prepare_dataset(cfg.data, root), ws.prepared, cfg.data)
+    return ws
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    payload = path.read_bytes()
+    path.write_bytes(payload[: int(len(payload) * keep)])
+
+
+# --------------------------------------------------------------------------- data stage
+
+
+def test_garbage_idx_files_are_named(tmp_path):
+    idx_dir = tmp_path / "idx"
+    root = make_project(
+        tmp_path / "project", **{"data.source": "idx", "data.idx_dir": str(idx_dir)}
+    )
+    idx_dir.mkdir()
+    for stem in ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1"):
+        (idx_dir / f"{stem}-ubyte").write_bytes(b"this is no IDX file, just text\n" * 40)
+
+    line = the_error_line(run_entry_point(root, "flows.stage", "data"), "error in stage 'data'")
+    # The first file read is named: the train labels, or the images when class names come
+    # from TFDS metadata.
+    assert re.search(rf"{re.escape(str(idx_dir))}/train-\w+-idx[13]-ubyte: not an IDX file", line)
+    # Raised inside the stage's MLflow run, which the stage closed.
+    assert run_statuses(root) == ["FAILED"]
+
+
+def test_a_wrong_archive_in_the_manual_dir_is_named(tmp_path):
+    """Offline, with a file of the right name in data.manual_dir: TFDS uses it (no DNS
+    probe, no download) and refuses its checksum; the stage names the file."""
+    root = make_project(tmp_path / "project", **{"data.source": "tfds", "data.name": "cifar10"})
+    archive = root / "data" / "manual" / "cifar-10-binary.tar.gz"
+    archive.parent.mkdir(parents=True)
+    archive.write_bytes(b"\x1f\x8b not the CIFAR-10 archive" * 40)
+
+    line = the_error_line(run_entry_point(root, "flows.stage", "data"), "error in stage 'data'")
+    assert f"{archive} (in data.manual_dir) is not the archive TFDS expects for 'cifar10'" in line
+    assert "1080 bytes" in line and "expected 170052171 bytes" in line
+    assert "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz" in line
+    assert run_statuses(root) == ["FAILED"]
+
+
+def test_an_unknown_tfds_name_fails_at_config_validation(tmp_path):
+    root = make_project(tmp_path / "project", **{"data.source": "tfds", "data.name": "cifar11"})
+
+    line = the_error_line(run_entry_point(root, "flows.stage", "data"), "error in stage 'data'")
+    assert "config key 'data.name': 'cifar11' is not a TFDS dataset" in line
+    assert "did you mean" in line and "cifar10" in line
+    assert run_statuses(root) == []  # before any work: no run, no store
+    assert not (root / "data").exists()
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    root = make_project(tmp_path / "project")
+    params = root / "params.yaml"
+    lines = params.read_text().splitlines()
+    at = lines.index("train:") + 2  # 1-based number of the line after "train:"
+    lines.insert(at - 1, "  epochs: [1, 2")  # an unclosed flow sequence
+    params.write_text("\n".join(lines) + "\n")
+
+    line = the_error_line(run_entry_point(root, "flows.stage", "data"), "error in stage 'data'")
+    # The path as given (dvc.yaml's default, params.yaml); PyYAML notices on the next line.
+    assert f"'data': params.yaml, line {at + 1}, column" in line
+    assert "not valid YAML" in line and "fix the syntax" in line
+    assert run_statuses(root) == []
+
+
+# ------------------------------------------------------------------------- later stages
+
+
+def test_a_truncated_prepared_split_is_named_and_closes_the_open_run(tmp_path):
+    """As under `dvc repro`: the data stage ran and left the pipeline run open for the
+    next stage; preprocess then finds train.npz truncated, before it joins that run."""
+    from tasks import data
+
+    root = make_project(tmp_path / "project")
+    ws = Workspace(root)
+    data.run(project_config(root), ws)
+    assert run_statuses(root) == ["RUNNING"]
+    truncate(ws.prepared / "train.npz")
+
+    done = run_entry_point(root, "flows.stage", "preprocess")
+    line = the_error_line(done, "error in stage 'preprocess'")
+    assert f"{ws.prepared / 'train.npz'} cannot be read" in line and "dvc repro data" in line
+    assert run_statuses(root) == ["FAILED"]
+    assert not ws.run_handle.exists()  # the next stage starts a fresh run
+
+
+def test_a_truncated_model_file_is_named(tmp_path):
+    import keras
+
+    root = make_project(tmp_path / "project")
+    ws = write_synthetic_prepared(root)
+    write_json(ws.norm_stats, {"mean": [127.0] * 3, "std": [64.0] * 3})
+    inputs = keras.Input((32, 32, 3))
+    model = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(inputs)))
+    ws.model_file.parent.mkdir(parents=True)
+    model.save(ws.model_file)
+    truncate(ws.model_file)
+
+    done = run_entry_point(root, "flows.stage", "evaluate")
+    line = the_error_line(done, "error in stage 'evaluate'")
+    assert f"{ws.model_file} is not a loadable .keras model" in line
+    assert "dvc repro train" in line
+    assert run_statuses(root) == []
+
+
+# ------------------------------------------------------------------------ the pipeline
+
+
+@pytest.mark.parametrize("fault", ["unknown dataset name", "yaml syntax"])
+def test_the_pipeline_entry_point_reports_the_same_faults(tmp_path, fault):
+    root = make_project(tmp_path / "project", **{"data.source": "tfds"})
+    params = root / "params.yaml"
+    if fault == "yaml syntax":
+        params.write_text(params.read_text().replace("train:\n", "train:\n  [\n", 1))
+        args, named = [], f"{params}, line"
+    else:
+        args, named = ["data.name=cifar11"], "config key 'data.name': 'cifar11'"
+
+    line = the_error_line(run_entry_point(root, "flows.pipeline", *args), "error:")
+    assert named in line
+    assert run_statuses(root) == []
+    assert not (root / "data").exists()
+
+
+# --------------------------------------------------------------------- in-process checks
+
+
+def test_yaml_errors_in_profiles_and_overrides_name_their_source(tmp_path):
+    from tasks.config import ConfigError, load_profile, parse_override
+
+    profile = tmp_path / "profile.yaml"
+    profile.write_text("train.epochs: 3\ntrain.batch_size: [64\n")
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(profile))}, line 3, column 1: not"):
+        load_profile(profile)
+    with pytest.raises(ConfigError, match=r"override 'train\.epochs=\[3': the value is not valid"):
+        parse_override("train.epochs=[3")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "accepted"),
+    [
+        ({"data.source": "tfds", "data.name": "cifar10:3.0.2"}, True),  # tfds.builder syntax
+        ({"data.source": "tfds", "data.name": "fashion_mnist"}, True),
+        ({"data.source": "idx", "data.name": "not_in_tfds"}, True),  # only names classes
+        ({"data.source": "synthetic", "data.name": "not_in_tfds"}, True),
+        ({"data.source": "tfds", "data.name": "fasion_mnist"}, False),
+    ],
+)
+def test_only_a_tfds_source_checks_the_dataset_name(overrides, accepted):
+    from tasks.config import ConfigError
+
+    if accepted:
+        load_config(PARAMS, overrides)
+    else:
+        with pytest.raises(ConfigError, match=r"'data\.name': .*did you mean fashion_mnist"):
+            load_config(PARAMS, overrides)
+
+
+def test_a_corrupt_meta_file_is_named(tmp_path):
+    from tasks import data
+    from tasks.errors import DataFileError
+
+    (tmp_path / "meta.json").write_text('{"class_names": [')
+    with pytest.raises(DataFileError, match=rf"{re.escape(str(tmp_path / 'meta.json'))} is not"):
+        data.load_meta(tmp_path)
+
+
+def test_the_stage_cli_keeps_a_run_open_only_for_a_transient_failure(tmp_path):
+    """An offline download keeps the pipeline run open for the rerun to join (as
+    tracking.stage_run does); a failure the user must fix closes it."""
+    from flows.stage import close_failed_pipeline_run
+    from tasks import tracking
+    from tasks.config import ConfigError
+    from tasks.data import DataUnavailableError
+
+    root = make_project(tmp_path / "project")
+    ws = Workspace(root)
+    tracking.start_pipeline_run(project_config(root), ws)
+    close_failed_pipeline_run(ws, DataUnavailableError("offline"))
+    assert run_statuses(root) == ["RUNNING"] and ws.run_handle.is_file()
+    close_failed_pipeline_run(ws, ConfigError("bad key"))
+    assert run_statuses(root) == ["FAILED"] and not ws.run_handle.exists()
