@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import sys
 from contextlib import suppress
 from pathlib import Path
@@ -105,9 +106,13 @@ def run_stages(
         tracking.log_upstream_outputs(ws, run_id)
     try:
         results = {name: run_stage(name, cfg, ws) for name in names}
-    except BaseException:
+    except BaseException as error:
         with suppress(Exception):  # the stage's own error is the one to report
-            tracking.end_pipeline_run(ws, "FAILED", keep_handle=False)
+            if name := tracking.stop_signal(error):  # Ctrl-C, SIGTERM
+                status, reason = "KILLED", f"stopped by {name}"
+            else:
+                status, reason = "FAILED", f"{type(error).__name__}: {error}"
+            tracking.end_pipeline_run(ws, status, keep_handle=False, reason=reason)
         raise
     if "register" not in names:
         tracking.end_pipeline_run(ws, "FINISHED", keep_handle=True)
@@ -168,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     # Paths typed on the command line are relative to the shell's directory.
     args.params = str(Path(args.params).resolve())
     args.profile = args.profile and str(Path(args.profile).resolve())
+    # SIGTERM unwinds like Ctrl-C (also when SIGINT starts ignored, as in a background job
+    # of a script): the MLflow run ends KILLED and Prefect's temporary server is stopped.
+    signal.signal(signal.SIGTERM, tracking.raise_interrupted)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         overrides = dict(parse_override(item) for item in args.overrides)
         # Validate here too, so a typo fails before a Prefect API is even started.
@@ -178,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     except expected_errors() as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except BaseException as error:
+        if not (name := tracking.stop_signal(error)):
+            raise
+        print(f"pipeline stopped by {name}", file=sys.stderr)
+        return 130
     print(f"registered {record['model_name']} version {record['version']} {record['aliases']}")
     return 0
 

@@ -29,7 +29,7 @@ import numpy as np
 from tasks import idx
 from tasks.config import DataConfig, PipelineConfig, SyntheticConfig
 from tasks.errors import DataFileError
-from tasks.workspace import Workspace, read_json
+from tasks.workspace import Workspace, read_json, remove_stale_temps
 
 SPLITS = ("train", "val", "test")
 Split = tuple[np.ndarray, np.ndarray]  # (images uint8 NHWC, labels int64 N)
@@ -404,7 +404,11 @@ def write_prepared(ds: Dataset, out_dir: Path, cfg: DataConfig) -> dict[str, Any
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     meta = build_meta(ds, cfg)
+    remove_stale_temps(out_dir)  # a staging directory a killed run left behind
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the output gets the usual mode
     try:
         for split in SPLITS:
             images, labels = ds.split(split)

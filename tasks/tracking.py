@@ -23,12 +23,13 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+from tasks import store
 from tasks.config import MlflowConfig, PipelineConfig
 from tasks.workspace import Workspace, read_json, write_json
 
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
 PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests such runs under it
-END_REASON = "pipeline.end_reason"  # why a run ended FAILED or KILLED
+END_REASON = store.END_REASON  # why a run ended FAILED or KILLED
 MAX_TAG_CHARS = 5000  # MLflow's limit on a tag value is 8000
 # MLflow REST error codes that mean "try again" rather than "this request is wrong".
 TRANSIENT_MLFLOW_CODES = frozenset(
@@ -38,6 +39,20 @@ TRANSIENT_MLFLOW_CODES = frozenset(
 
 class Interrupted(KeyboardInterrupt):
     """A stop signal (SIGTERM) turned into the same unwinding as Ctrl-C; names the signal."""
+
+
+def stop_signal(error: BaseException) -> str | None:
+    """The signal's name when ``error`` is a stop (Ctrl-C, SIGTERM), else None.
+
+    Ctrl-C is KeyboardInterrupt (ours for SIGTERM too, see raise_interrupted); inside a
+    Prefect flow, Prefect turns SIGTERM into its TerminationSignal, which carries the number.
+    """
+    if isinstance(error, KeyboardInterrupt):
+        return str(error) or "SIGINT"
+    number = getattr(error, "signal", None)
+    if type(error).__name__ == "TerminationSignal" and isinstance(number, int):
+        return signal.Signals(number).name
+    return None
 
 
 def raise_interrupted(signum: int, frame: Any) -> None:
@@ -70,19 +85,35 @@ def configure(cfg: PipelineConfig, ws: Workspace) -> str:
     import mlflow
 
     uri = tracking_uri(cfg.mlflow, ws.root)
+    store.cap_client_retries()
+    if is_server(uri):
+        store.wait_for_server(uri)  # a dead server fails here, in bounded time
     mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient()
-    if client.get_experiment_by_name(cfg.mlflow.experiment) is None:
-        location = None
-        if not is_server(uri):
-            location = ws.resolve(cfg.mlflow.artifact_root).resolve().as_uri()
-        try:
-            client.create_experiment(cfg.mlflow.experiment, artifact_location=location)
-        except mlflow.exceptions.MlflowException:
-            # Another process created it between our lookup and create; theirs is as good.
-            if client.get_experiment_by_name(cfg.mlflow.experiment) is None:
-                raise
+    with store.first_use_lock(uri):  # a new SQLite store's schema is created once
+        client = mlflow.MlflowClient()
+        if client.get_experiment_by_name(cfg.mlflow.experiment) is None:
+            location = None
+            if not is_server(uri):
+                location = ws.resolve(cfg.mlflow.artifact_root).resolve().as_uri()
+            try:
+                client.create_experiment(cfg.mlflow.experiment, artifact_location=location)
+            except mlflow.exceptions.MlflowException:
+                # Another process created it between our lookup and create; theirs is fine.
+                if client.get_experiment_by_name(cfg.mlflow.experiment) is None:
+                    raise
     return uri
+
+
+def end_orphans(cfg: PipelineConfig, keep: str | None = None) -> list[str]:
+    """End KILLED the runs of this experiment left RUNNING by processes that are gone."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    ended = store.end_orphaned_runs(client, experiment.experiment_id, keep=keep)
+    for run_id in ended:
+        print(f"ended MLflow run {run_id} KILLED: its process was gone (orphaned)")
+    return ended
 
 
 def config_digest(cfg: PipelineConfig) -> str:
@@ -120,9 +151,11 @@ def start_pipeline_run(
     import mlflow
 
     uri = configure(cfg, ws)
+    end_orphans(cfg)
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
     tags = {
+        store.OWNER_TAG: store.owner(),
         "pipeline.git_commit": git_commit(ws.root),
         "pipeline.dataset": "synthetic" if cfg.data.source == "synthetic" else cfg.data.name,
         "pipeline.config_digest": config_digest(cfg),
@@ -157,7 +190,11 @@ def start_sweep_run(
     run = client.create_run(
         experiment.experiment_id,
         run_name=run_name,
-        tags={"pipeline.role": "sweep", "pipeline.git_commit": git_commit(ws.root)},
+        tags={
+            "pipeline.role": "sweep",
+            "pipeline.git_commit": git_commit(ws.root),
+            store.OWNER_TAG: store.owner(),
+        },
     )
     client.log_param(run.info.run_id, "sweep.points", len(points))
     client.log_dict(run.info.run_id, {"points": points}, "sweep/points.json")
@@ -184,7 +221,8 @@ def _joinable_run(cfg: PipelineConfig, ws: Workspace, uri: str) -> str | None:
         run = mlflow.MlflowClient().get_run(handle["run_id"])
     except mlflow.exceptions.MlflowException:
         return None
-    return run.info.run_id if run.info.status == "RUNNING" else None
+    # Between stages the run is FINISHED; RUNNING means a stage died (kill -9): resume it.
+    return run.info.run_id if run.info.status in ("RUNNING", "FINISHED") else None
 
 
 @contextmanager
@@ -193,28 +231,33 @@ def stage_run(
 ) -> Iterator[str]:
     """Make the pipeline run the active MLflow run while one stage executes.
 
-    The run stays RUNNING between stages and ends FINISHED after the ``last`` stage;
-    a failing stage marks it FAILED and drops the handle so the next attempt starts clean.
+    The run is RUNNING only while a stage executes (stamped with this process as its
+    owner) and FINISHED between stages, so a pipeline that stops after any stage (a
+    data-only `dvc repro`) leaves no run open; the handle lets the next stage reopen it.
+    A failing stage marks it FAILED, a stop signal KILLED (the reason in a tag), and
+    drops the handle so the next attempt starts clean.
     """
     import mlflow
 
     uri = configure(cfg, ws)
     run_id = _joinable_run(cfg, ws, uri)
     joined = run_id is not None
+    end_orphans(cfg, keep=run_id)
     run_id = run_id or start_pipeline_run(cfg, ws)
     mlflow.start_run(run_id=run_id)
+    mlflow.set_tag(store.OWNER_TAG, store.owner())
     if not joined:
         # Upstream stages were up to date and did not run: show their outputs here too,
         # so every pipeline run carries the data description and augmentation grid.
         log_upstream_outputs(ws, run_id)
     try:
         yield run_id
-    except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM through raise_interrupted
-        reason = f"stopped by {str(error) or 'SIGINT'} in stage {stage}"
-        _end_quietly("KILLED", tags={f"pipeline.stage.{stage}": "killed", END_REASON: reason})
-        ws.run_handle.unlink(missing_ok=True)
-        raise
     except BaseException as error:
+        if name := stop_signal(error):
+            reason = f"stopped by {name} in stage {stage}"
+            _end_quietly("KILLED", tags={f"pipeline.stage.{stage}": "killed", END_REASON: reason})
+            ws.run_handle.unlink(missing_ok=True)
+            raise
         if is_transient(error):
             # Leave the run open and the handle in place: a retry of this stage joins it.
             _end_quietly("RUNNING")
@@ -224,11 +267,9 @@ def stage_run(
         ws.run_handle.unlink(missing_ok=True)
         raise
     mlflow.set_tag(f"pipeline.stage.{stage}", "done")
+    mlflow.end_run(status="FINISHED")
     if last:
-        mlflow.end_run(status="FINISHED")
         ws.run_handle.unlink(missing_ok=True)
-    else:
-        mlflow.end_run(status="RUNNING")
 
 
 def _end_quietly(status: str, tags: dict[str, str] | None = None) -> None:
@@ -303,8 +344,11 @@ def handle_run_id(ws: Workspace) -> str | None:
     return read_json(ws.run_handle)["run_id"] if ws.run_handle.is_file() else None
 
 
-def end_pipeline_run(ws: Workspace, status: str, *, keep_handle: bool) -> None:
-    """Close the run named in the handle unless already closed; FAILED wins over FINISHED.
+def end_pipeline_run(
+    ws: Workspace, status: str, *, keep_handle: bool, reason: str | None = None
+) -> None:
+    """Close the run named in the handle unless already closed; FAILED and KILLED win over
+    FINISHED (the state between stages), and ``reason`` goes into a tag.
 
     ``keep_handle`` leaves the handle file so the run can be reopened later for one more
     stage (a sweep registers its best point's run after all points have finished).
@@ -315,21 +359,21 @@ def end_pipeline_run(ws: Workspace, status: str, *, keep_handle: bool) -> None:
     if run_id is None:
         return
     client = mlflow.MlflowClient(tracking_uri=read_json(ws.run_handle)["tracking_uri"])
-    if client.get_run(run_id).info.status == "RUNNING":
+    current = client.get_run(run_id).info.status
+    if current == "RUNNING" or (current == "FINISHED" and status != "FINISHED"):
+        if reason:
+            client.set_tag(run_id, END_REASON, reason[:MAX_TAG_CHARS])
         client.set_terminated(run_id, status)
     if not keep_handle:
         ws.run_handle.unlink(missing_ok=True)
 
 
 def reopen_pipeline_run(ws: Workspace) -> str:
-    """Mark the run named in the handle RUNNING again so the next stage joins it."""
-    import mlflow
-
+    """The run named in the handle, for one more stage: stage_run joins a FINISHED run and
+    marks it RUNNING (owned by its process) only while that stage executes."""
     run_id = handle_run_id(ws)
     if run_id is None:
         raise FileNotFoundError(f"{ws.run_handle} not found: no pipeline run to reopen")
-    client = mlflow.MlflowClient(tracking_uri=read_json(ws.run_handle)["tracking_uri"])
-    client.update_run(run_id, status="RUNNING")
     return run_id
 
 

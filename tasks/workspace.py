@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -74,9 +75,11 @@ class Workspace:
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temp path beside ``target``; rename it over ``target`` only on success.
 
-    A crash or an exception leaves the previous ``target`` untouched and no partial file.
+    A crash or an exception leaves the previous ``target`` untouched and no partial file;
+    a temp file a hard kill left behind is removed by the next write of ``target``.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target)
     fd, tmp_name = tempfile.mkstemp(
         prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent
     )
@@ -90,6 +93,23 @@ def atomic_path(target: Path) -> Iterator[Path]:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temps(target: Path) -> None:
+    """Delete temp files and directories an interrupted write of ``target`` left beside it.
+
+    One writer per work directory at a time (DVC's lock, a run directory per flow run),
+    so any such leftover is stale.
+    """
+    for stale in target.parent.glob(f".{glob_escape(target.name)}.*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def write_json(target: Path, payload: Any) -> None:

@@ -159,3 +159,113 @@ def test_a_stop_signal_ends_the_stage_quickly_and_the_run_killed(tmp_path, signu
     resumed = runs[0]
     steps = [m.step for m in client.get_metric_history(resumed.info.run_id, "val_loss")]
     assert sorted(steps) == [0, 1, 2]
+
+
+def test_stale_temp_files_of_a_killed_write_are_removed(tmp_path):
+    from tasks.workspace import atomic_path, write_json
+
+    target = tmp_path / "reports" / "history.csv"
+    target.parent.mkdir()
+    stale = target.parent / ".history.csv.k1ll3d.csv"  # as atomic_path names its temp files
+    stale.write_text("epoch,loss\n0,")
+    other = target.parent / ".metrics.json.abc.json"  # another output's: not ours to touch
+    other.write_text("{")
+    with atomic_path(target) as tmp:
+        tmp.write_text("epoch,loss\n0,1.0\n")
+    assert target.read_text().endswith("1.0\n")
+    assert not stale.exists() and other.exists()
+    write_json(target.parent / "metrics.json", {})
+    assert not other.exists()
+    assert sorted(p.name for p in target.parent.iterdir()) == ["history.csv", "metrics.json"]
+
+
+def test_a_stale_staging_directory_of_the_data_stage_is_removed(tmp_path):
+    from tasks import data
+    from tasks.config import load_config
+    from tests.conftest import PARAMS, tiny_overrides
+
+    cfg = load_config(PARAMS, tiny_overrides(tmp_path))
+    ws = Workspace(tmp_path)
+    stale = ws.prepared.parent / ".prepared.tmp-k1ll3d"
+    stale.mkdir(parents=True)
+    (stale / "train.npz").write_bytes(b"half")
+    data.run(cfg, ws)
+    assert not stale.exists()
+    assert sorted(p.name for p in ws.prepared.parent.iterdir()) == ["prepared"]
+    assert (ws.prepared.stat().st_mode & 0o777) == 0o777 & ~current_umask()
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def test_two_first_runs_on_a_new_sqlite_store_both_succeed(tmp_path):
+    """MLflow creates a new store's schema on first use; two at once used to collide."""
+    store = tmp_path / "mlruns" / "mlflow.db"
+    script = (
+        "import sys; from pathlib import Path\n"
+        "from tasks import tracking\n"
+        "from tasks.config import load_config\n"
+        "from tasks.workspace import Workspace\n"
+        "from tests.conftest import PARAMS, tiny_overrides\n"
+        "root = Path(sys.argv[1])\n"
+        "cfg = load_config(PARAMS, tiny_overrides(root.parent))\n"
+        "print(tracking.start_pipeline_run(cfg, Workspace(root)))\n"
+    )
+    env = project_env() | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    launched = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(tmp_path / f"run-{i}")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    results = [process.communicate(timeout=300) for process in launched]
+    for process, (_, err) in zip(launched, results, strict=True):
+        assert process.returncode == 0, err[-3000:]
+    client, runs = read_mlflow(f"sqlite:///{store}", "cifar10-pipeline")
+    assert len(runs) == 2
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_flow_leaves_no_process_and_no_open_run(tmp_path, signum):
+    """`python -m flows.pipeline` as a background job (SIGINT ignored on entry), stopped
+    mid-training: it exits within 10 s, its temporary Prefect server with it."""
+    import psutil
+
+    from tests.conftest import PARAMS, tiny_overrides
+
+    (tmp_path / "params.yaml").write_text(PARAMS.read_text())
+    overrides = tiny_overrides(tmp_path) | KILLABLE
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flows.pipeline", *(f"{k}={v}" for k, v in overrides.items())],
+        cwd=tmp_path,
+        env=project_env() | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    while checkpointed_epochs(tmp_path) < 1:
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        time.sleep(0.05)
+    family = psutil.Process(process.pid).children(recursive=True)
+    assert family, "the flow runs a temporary Prefect server"
+    sent = time.monotonic()
+    process.send_signal(signum)
+    output = process.communicate(timeout=60)[0]
+    assert time.monotonic() - sent < 10, output[-3000:]
+    assert process.returncode == 130, output[-3000:]
+    assert f"pipeline stopped by {signal.Signals(signum).name}" in output
+    _, alive = psutil.wait_procs(family, timeout=5)
+    assert not alive, f"left behind: {[p.cmdline() for p in alive]}"
+    _, runs = read_mlflow(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", "cifar10-pipeline")
+    [run] = runs
+    assert run.info.status == "KILLED"
+    assert signal.Signals(signum).name in run.data.tags["pipeline.end_reason"]

@@ -162,7 +162,7 @@ def test_a_truncated_prepared_split_is_named_and_closes_the_open_run(tmp_path):
     root = make_project(tmp_path / "project")
     ws = Workspace(root)
     data.run(project_config(root), ws)
-    assert run_statuses(root) == ["RUNNING"]
+    assert run_statuses(root) == ["FINISHED"] and ws.run_handle.is_file()
     truncate(ws.prepared / "train.npz")
 
     done = run_entry_point(root, "flows.stage", "preprocess")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-from tasks import tracking
+from tasks import store, tracking
 from tasks.config import load_config
+from tasks.workspace import Workspace
 from tests.conftest import PARAMS, tiny_overrides
 
 
@@ -17,7 +18,9 @@ def run_status(run_id: str) -> str:
 def test_stages_share_one_run_until_the_last_closes_it(tiny_cfg, workspace):
     with tracking.stage_run(tiny_cfg, workspace, "data") as first:
         mlflow.log_metric("a", 1.0)
-    assert run_status(first) == "RUNNING"
+        assert run_status(first) == "RUNNING"
+    # Between stages the run is closed: a pipeline that stops here leaves nothing open.
+    assert run_status(first) == "FINISHED" and workspace.run_handle.is_file()
     with tracking.stage_run(tiny_cfg, workspace, "train") as second:
         mlflow.log_metric("b", 2.0)
     with tracking.stage_run(tiny_cfg, workspace, "register", last=True) as third:
@@ -66,3 +69,52 @@ def test_relative_sqlite_uri_resolves_against_the_workspace(workspace):
     cfg = load_config(PARAMS)
     uri = tracking.tracking_uri(cfg.mlflow, workspace.root)
     assert uri == f"sqlite:///{workspace.root.resolve() / 'mlruns' / 'mlflow.db'}"
+
+
+def test_a_run_orphaned_by_a_dead_process_is_ended_killed(tiny_cfg, workspace, tmp_path):
+    """kill -9 leaves a run RUNNING; the next pipeline start on this host ends it KILLED."""
+    import psutil
+
+    tracking.configure(tiny_cfg, workspace)
+    orphan = mlflow.MlflowClient().create_run(
+        mlflow.get_experiment_by_name(tiny_cfg.mlflow.experiment).experiment_id
+    )
+    gone = max(psutil.pids()) + 100_000  # no such process
+    stamp = f"{store.socket.gethostname()}:{gone}:1.00"
+    live = mlflow.MlflowClient().create_run(orphan.info.experiment_id)
+    foreign = mlflow.MlflowClient().create_run(orphan.info.experiment_id)
+    client = mlflow.MlflowClient()
+    client.set_tag(orphan.info.run_id, store.OWNER_TAG, stamp)
+    client.set_tag(live.info.run_id, store.OWNER_TAG, store.owner())
+    client.set_tag(foreign.info.run_id, store.OWNER_TAG, "another-host:1:1.00")
+
+    new_run = tracking.start_pipeline_run(tiny_cfg, Workspace(tmp_path / "elsewhere"))
+
+    assert run_status(orphan.info.run_id) == "KILLED"
+    reason = client.get_run(orphan.info.run_id).data.tags[store.END_REASON]
+    assert reason.startswith("orphaned") and str(gone) in reason
+    assert run_status(live.info.run_id) == "RUNNING", "its process (this one) is alive"
+    assert run_status(foreign.info.run_id) == "RUNNING", "another host's runs are left alone"
+    assert run_status(new_run) == "RUNNING"
+
+
+def test_a_failure_between_stages_marks_the_closed_run_failed(tiny_cfg, workspace):
+    with tracking.stage_run(tiny_cfg, workspace, "data") as run_id:
+        pass
+    tracking.end_pipeline_run(workspace, "FAILED", keep_handle=False, reason="bad input")
+    run = mlflow.MlflowClient().get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.tags[store.END_REASON] == "bad input"
+
+
+def test_an_unreachable_tracking_server_fails_in_bounded_time(tiny_cfg, workspace, monkeypatch):
+    import time
+
+    from tests.operate import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    monkeypatch.setenv(store.TIMEOUT_ENV, "3")
+    started = time.monotonic()
+    with pytest.raises(store.TrackingUnreachable, match=url):
+        tracking.configure(tiny_cfg, workspace)
+    assert time.monotonic() - started < 10

@@ -1,0 +1,132 @@
+"""Reaching the tracking store without hanging, racing or leaving runs open.
+
+- Bounded waits: a tracking server that does not answer at a stage's start fails the
+  stage within PIPELINE_TRACKING_TIMEOUT_S seconds (30 by default) with its URL, instead
+  of MLflow's client retrying for minutes; MLflow's own per-request retries are capped
+  too (unless the user set MLFLOW_HTTP_REQUEST_MAX_RETRIES / _TIMEOUT themselves).
+- First use of a new SQLite store: MLflow creates its schema on first access, and two
+  processes doing that at once fail (`No such constraint`); a file lock beside the
+  database makes one wait for the other.
+- Orphaned runs: every stage process stamps the run it works on with its owner (host,
+  pid, process start time). A run left RUNNING by a process that no longer exists on this
+  host (kill -9, a crashed Prefect flow run) is ended KILLED by the next pipeline start
+  against the same store, with the reason as a tag. Between stages a pipeline's run is
+  FINISHED, never RUNNING, so only a stage actually in progress counts as live.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+TIMEOUT_ENV = "PIPELINE_TRACKING_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 30.0
+# MLflow's client defaults (7 retries, 120 s timeout) spend minutes on a dead server.
+CLIENT_RETRY_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",  # seconds per request
+}
+OWNER_TAG = "pipeline.owner"  # host:pid:start time of the process working on the run
+END_REASON = "pipeline.end_reason"
+SQLITE = "sqlite:///"
+LOCK_TIMEOUT_S = 120
+
+
+class TrackingUnreachable(ConnectionError):
+    """The tracking server did not answer in time; the message names its URL."""
+
+
+def timeout_s() -> float:
+    value = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        return float(value) if value else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise ValueError(f"{TIMEOUT_ENV}={value!r} is not a number of seconds") from None
+
+
+def cap_client_retries() -> None:
+    """Cap MLflow's per-request retries for this process, unless the user chose their own."""
+    for key, value in CLIENT_RETRY_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def wait_for_server(uri: str, limit_s: float | None = None) -> None:
+    """Return once ``uri``/health answers; raise TrackingUnreachable after ``limit_s``."""
+    limit_s = timeout_s() if limit_s is None else limit_s
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + limit_s
+    while True:
+        try:
+            with direct.open(f"{uri.rstrip('/')}/health", timeout=min(5.0, limit_s)):
+                return
+        except urllib.error.HTTPError:
+            return  # it answers (a proxy or auth in front of /health): the client takes over
+        except OSError as error:
+            cause = getattr(error, "reason", error)
+        if time.monotonic() >= deadline:
+            raise TrackingUnreachable(
+                f"the tracking server {uri} did not answer for {limit_s:.0f} s ({cause}): "
+                "start it (make serve) or point MLFLOW_TRACKING_URI / mlflow.tracking_uri at "
+                f"a running one ({TIMEOUT_ENV} sets how long to wait)"
+            )
+        time.sleep(1.0)
+
+
+@contextmanager
+def first_use_lock(uri: str) -> Iterator[None]:
+    """Hold a lock beside a SQLite store's database while its schema may be created."""
+    if not uri.startswith(SQLITE):
+        yield
+        return
+    from filelock import FileLock
+
+    database = Path(uri[len(SQLITE) :])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{database}.init.lock", timeout=LOCK_TIMEOUT_S):
+        yield
+
+
+def owner() -> str:
+    """This process, as a run's owner: host, pid and start time (pids are reused)."""
+    import psutil
+
+    started = psutil.Process().create_time()
+    return f"{socket.gethostname()}:{os.getpid()}:{started:.2f}"
+
+
+def _owner_alive(stamp: str) -> bool | None:
+    """Whether the owner process still runs; None when it is on another host (unknown)."""
+    import psutil
+
+    host, _, rest = stamp.partition(":")
+    pid, _, started = rest.partition(":")
+    if host != socket.gethostname():
+        return None
+    try:
+        return f"{psutil.Process(int(pid)).create_time():.2f}" == started
+    except (psutil.Error, ValueError):
+        return False
+
+
+def end_orphaned_runs(client: Any, experiment_id: str, keep: str | None = None) -> list[str]:
+    """End KILLED the RUNNING runs of ``experiment_id`` whose owner process is gone."""
+    running = client.search_runs(
+        [experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000
+    )
+    ended = []
+    for run in running:
+        stamp = run.data.tags.get(OWNER_TAG)
+        if run.info.run_id == keep or not stamp or _owner_alive(stamp) is not False:
+            continue
+        reason = f"orphaned: its process ({stamp}) ended without closing it"
+        client.set_tag(run.info.run_id, END_REASON, reason)
+        client.set_terminated(run.info.run_id, "KILLED")
+        ended.append(run.info.run_id)
+    return ended
