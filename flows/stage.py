@@ -62,6 +62,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     Anything else is a bug and keeps its traceback.
     """
     from tasks.data import DataUnavailableError
+    from tasks.store import TrackingUnreachable
 
     return (
         ConfigError,
@@ -70,6 +71,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
         FileNotFoundError,
         ModelFileError,
         StageFailed,
+        TrackingUnreachable,
     )
 
 

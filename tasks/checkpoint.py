@@ -29,15 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tasks import store
 from tasks.config import PipelineConfig
 from tasks.workspace import Workspace
 
 CHECKPOINTS = Path(".pipeline") / "checkpoints"
 # Metric logging to a tracking server that stopped answering: keep training, keep the
 # epochs' metrics in memory, and try again at each epoch end; after training, try for
-# at most this long before the stage fails with the server's URL.
-FLUSH_DEADLINE_S = 60.0
-FLUSH_RETRY_S = 5.0
+# at most store.timeout_s() (PIPELINE_TRACKING_TIMEOUT_S, 30 s) before the stage fails.
+FLUSH_RETRY_S = 2.0
 
 
 def training_key(cfg: PipelineConfig, ws: Workspace) -> str:
@@ -125,7 +125,7 @@ def epoch_metrics_logger(run_id: str) -> Any:
     Steps the run already holds (a resumed attempt redoing an epoch whose metrics were
     logged before the crash) are not logged again. If the tracking server does not
     answer, the metrics wait in memory and training goes on; `flush` at the end tries
-    for at most FLUSH_DEADLINE_S and then raises with the server's URL.
+    for at most store.timeout_s() and then raises with the server's URL.
     """
     import keras
     import mlflow
@@ -162,14 +162,16 @@ def epoch_metrics_logger(run_id: str) -> Any:
             self.pending = []
             return True
 
-        def flush(self, deadline_s: float = FLUSH_DEADLINE_S) -> None:
-            end = time.monotonic() + deadline_s
+        def flush(self) -> None:
+            limit_s = store.timeout_s()
+            end = time.monotonic() + limit_s
             while not self._send():
                 if time.monotonic() > end:
-                    raise ConnectionError(
-                        f"the tracking server {mlflow.get_tracking_uri()} did not take the "
-                        f"metrics of {len(self.pending)} values for {deadline_s:.0f} s; the "
-                        "model and history are written: rerun the stage once it answers"
+                    raise store.TrackingUnreachable(
+                        f"the tracking server {mlflow.get_tracking_uri()} did not take "
+                        f"{len(self.pending)} epoch metric values for {limit_s:.0f} s; the "
+                        "model and history are written: rerun the stage once it answers "
+                        "(it resumes from the checkpoint and logs them)"
                     )
                 time.sleep(FLUSH_RETRY_S)
 

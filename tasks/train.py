@@ -111,7 +111,11 @@ def run(cfg: PipelineConfig, ws: Workspace) -> dict[str, list[float]]:
         ckpt.prepare_history(done)
         metrics = epoch_metrics_logger(run_id)
         if done:
-            print(f"resuming from epoch {done + 1} of {cfg.train.epochs}: checkpoint {ckpt.root}")
+            where = f"checkpoint {ckpt.root}"
+            if done < cfg.train.epochs:
+                print(f"resuming from epoch {done + 1} of {cfg.train.epochs}: {where}")
+            else:  # trained, then stopped before the end (a tracking server lost)
+                print(f"all {done} epochs are in the {where}: finishing the stage")
             metrics.backfill(ckpt.read_history())
         model, _ = train_model(
             cfg,
@@ -126,7 +130,7 @@ def run(cfg: PipelineConfig, ws: Workspace) -> dict[str, list[float]]:
         with atomic_path(ws.model_file) as model_tmp:
             model.save(model_tmp)
         history = ckpt.read_history()
-        metrics.flush()
+        metrics.flush()  # a dead tracking server fails here; the checkpoint stays for the rerun
         ckpt.remove()
         tracking.log_artifact_if_exists(ws.history, "train")
     return history

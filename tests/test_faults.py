@@ -269,3 +269,137 @@ def test_a_stopped_flow_leaves_no_process_and_no_open_run(tmp_path, signum):
     [run] = runs
     assert run.info.status == "KILLED"
     assert signal.Signals(signum).name in run.data.tags["pipeline.end_reason"]
+
+
+def tiny_project(root: Path, **extra) -> Path:
+    """A project directory holding params.yaml shrunk to tiny synthetic data."""
+    from tests.conftest import PARAMS, tiny_overrides
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(PARAMS.read_text())
+    set_params(root, tiny_overrides(root) | KILLABLE | extra)
+    return root
+
+
+def stage(root: Path, name: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "flows.stage", name],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error in stage")]
+
+
+def with_repo(env: dict[str, str]) -> dict[str, str]:
+    return env | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+
+def test_a_dead_tracking_server_at_start_fails_in_bounded_time(tmp_path):
+    from tasks.store import TIMEOUT_ENV
+    from tests.operate import free_port
+
+    root = tiny_project(tmp_path / "project")
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    env = with_repo(project_env() | {"MLFLOW_TRACKING_URI": url, TIMEOUT_ENV: "5"})
+    started = time.monotonic()
+    done = stage(root, "data", env)
+    assert time.monotonic() - started < 30
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    [line] = error_lines(done.stderr)
+    assert url in line and "did not answer for 5 s" in line
+
+
+@pytest.fixture
+def tracking_server(tmp_path):
+    """A real `mlflow server` on a free loopback port; yields (url, stop, start)."""
+    from tests.operate import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--workers", "1"]
+    command += ["--artifacts-destination", str(tmp_path / "server-artifacts")]
+    processes: list[subprocess.Popen] = []
+
+    def start() -> None:
+        env = project_env() | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        processes.append(
+            subprocess.Popen(
+                command,
+                cwd=tmp_path,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        )
+        from tasks.store import wait_for_server
+
+        wait_for_server(url, 120)
+
+    def stop() -> None:
+        os.killpg(processes[-1].pid, signal.SIGKILL)
+        processes[-1].wait()
+
+    start()
+    try:
+        yield url, stop, start
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def test_a_tracking_server_lost_mid_training_ends_the_stage_in_bounded_time(
+    tmp_path, tracking_server
+):
+    """Training goes on without the server; the model and history are written; the stage
+    then fails in bounded time naming the server; once it is back, the rerun logs the
+    epochs it missed from the checkpoint."""
+    from tasks.store import TIMEOUT_ENV
+
+    url, stop_server, start_server = tracking_server
+    root = tiny_project(tmp_path / "project")
+    env = with_repo(project_env() | {"MLFLOW_TRACKING_URI": url, TIMEOUT_ENV: "10"})
+    for name in ("data", "preprocess"):
+        done = stage(root, name, env)
+        assert done.returncode == 0, done.stderr[-3000:]
+    training = subprocess.Popen(
+        [sys.executable, "-m", "flows.stage", "train"],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    while checkpointed_epochs(root) < 1:
+        assert training.poll() is None, training.communicate()[1][-3000:]
+        time.sleep(0.05)
+    stop_server()
+    lost = time.monotonic()
+    _, stderr = training.communicate(timeout=600)
+    assert time.monotonic() - lost < 180, "bounded"
+    assert training.returncode == 2, stderr[-3000:]
+    [line] = error_lines(stderr)
+    assert url in line and "model and history are written" in line
+    ws = Workspace(root)
+    assert ws.model_file.is_file()
+    assert len(ws.history.read_text().strip().splitlines()) == 1 + KILLABLE["train.epochs"]
+
+    start_server()
+    rerun = stage(root, "train", env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=url)
+    [run] = client.search_runs([client.get_experiment_by_name("cifar10-pipeline").experiment_id])
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert sorted(steps) == [0, 1, 2], "every epoch's metrics exactly once"

@@ -90,3 +90,26 @@ def test_editing_epochs_reruns_train_evaluate_register_only(repro):
     )
     assert registration["version"] == "2"
     assert "challenger" in registration["aliases"]
+
+
+def test_a_data_only_repro_leaves_no_run_open(repro):
+    """A repro that runs the data stage alone (`dvc repro -f -s data`) stops the pipeline
+    after one stage: its MLflow run must not stay RUNNING."""
+    root, _ = repro
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.pop("MLFLOW_TRACKING_URI", None)
+    result = subprocess.run(
+        ["dvc", "repro", "--force", "--single-item", "data"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert stages_run(result.stdout) == ["data"]
+    experiment = yaml.safe_load((root / "params.yaml").read_text())["mlflow"]["experiment"]
+    _, runs = read_mlflow(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}", experiment)
+    assert [run.info.status for run in runs if run.info.status == "RUNNING"] == []
+    assert runs[0].data.tags["pipeline.stage.data"] == "done"
