@@ -218,3 +218,50 @@ def test_retraining_uses_the_data_version_dvc_lock_pins(stack):
     run = client.get_run(version.run_id)
     assert "data.source" in run.data.params and run.data.tags["pipeline.stage.register"] == "done"
     assert json.loads(version.tags["params"])["register.model_name"] == name
+
+
+def flow_run_process(stack, flow_run_id: str):
+    """The process the worker started for ``flow_run_id`` (Prefect puts the id in its env)."""
+    import psutil
+
+    for process in psutil.Process(stack.process.pid).children(recursive=True):
+        try:
+            if process.environ().get("PREFECT__FLOW_RUN_ID") == flow_run_id:
+                return process
+        except psutil.Error:
+            continue
+    return None
+
+
+def test_a_killed_flow_run_is_crashed_in_prefect_and_killed_in_mlflow(stack):
+    """kill -9 of a flow run's process: Prefect marks it Crashed; the next pipeline start
+    against the same tracking store ends its orphaned MLflow run KILLED."""
+    import time
+
+    name = "operate-crash"
+    slow = tiny(name, **{"data.synthetic.train_size": 3000, "train.epochs": 3})
+    started = stack.prefect(
+        "deployment", "run", "training-pipeline/local", "--param", f"overrides={json.dumps(slow)}"
+    )
+    assert started.returncode == 0, started.stdout + started.stderr
+    run_id = flow_run_id(started.stdout)
+    checkpoints = stack.root / "runs" / run_id / ".pipeline" / "checkpoints"
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not list(checkpoints.glob("train-*/backup/training_metadata.json")):
+        assert time.monotonic() < deadline, "no checkpoint"
+        time.sleep(0.2)
+    process = flow_run_process(stack, run_id)
+    assert process is not None
+    process.kill()
+    while stack.flow_run(run_id)["state"]["type"] != "CRASHED":
+        assert time.monotonic() < deadline, stack.flow_run(run_id)["state"]
+        time.sleep(1)
+    client = client_for(stack)
+    [orphan] = runs_of(client, name)
+    assert orphan.info.status == "RUNNING", "nobody closed it yet"
+
+    result, _ = run_deployment(stack, "training-pipeline/local", {"overrides": tiny(name)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ended = client.get_run(orphan.info.run_id)
+    assert ended.info.status == "KILLED"
+    assert ended.data.tags["pipeline.end_reason"].startswith("orphaned")
