@@ -24,11 +24,18 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.exceptions import FailedRun
 from prefect.runtime import deployment, flow_run
 from prefect.tasks import exponential_backoff
 
 from flows import reporting, security
-from flows.stage import STAGE_NAMES, StageFailed, expected_errors, stage_functions
+from flows.stage import (
+    STAGE_NAMES,
+    StageFailed,
+    expected_errors,
+    is_expected,
+    stage_functions,
+)
 from flows.workdir import run_root, shared_path_overrides
 from tasks import tracking
 from tasks.config import ConfigError, PipelineConfig, load_config, load_profile, parse_override
@@ -82,20 +89,35 @@ def training_pipeline(
     Returns the last stage's result (the registration record when register runs).
     """
     ws = Workspace(run_root(workdir, flow_run.get_id()))
-    cfg = resolve_run_config(ws, params_path, profile, overrides)  # fails before any work
-    names = select_stages(stages)
-    if parent_run_id is not None and not MLFLOW_RUN_ID.fullmatch(parent_run_id):
-        raise ConfigError(
-            f"parent_run_id {parent_run_id!r} is not an MLflow run id (32 hex digits)"
+    try:
+        cfg = resolve_run_config(ws, params_path, profile, overrides)  # fails before any work
+        names = select_stages(stages)
+        if parent_run_id is not None and not MLFLOW_RUN_ID.fullmatch(parent_run_id):
+            raise ConfigError(
+                f"parent_run_id {parent_run_id!r} is not an MLflow run id (32 hex digits)"
+            )
+        run_id = tracking.start_pipeline_run(
+            cfg, ws, run_name=f"prefect-{flow_run.get_name()}", parent_run_id=parent_run_id
         )
-    run_id = tracking.start_pipeline_run(
-        cfg, ws, run_name=f"prefect-{flow_run.get_name()}", parent_run_id=parent_run_id
-    )
-    get_run_logger().info("MLflow run %s, outputs in %s", run_id, ws.root)
-    results = run_stages(names, cfg, ws, run_id)
+        get_run_logger().info("MLflow run %s, outputs in %s", run_id, ws.root)
+        results = run_stages(names, cfg, ws, run_id)
+    except Exception as error:
+        return failed_without_traceback(error)
     metrics = results.get("evaluate") or (read_json(ws.metrics) if ws.metrics.is_file() else None)
     reporting.publish_pipeline_summary(ws, run_id, metrics, results.get("register"))
     return results[names[-1]]
+
+
+def failed_without_traceback(error: Exception) -> Any:
+    """The flow run's Failed state for a problem the user fixes (bad config or input): the
+    message says it all, so Prefect logs no traceback; anything else is re-raised as a bug.
+    A caller of the flow function gets prefect.exceptions.FailedRun with that message."""
+    from prefect.exceptions import FailedRun
+    from prefect.states import Failed
+
+    if is_expected(error) or isinstance(error, FailedRun):  # a subflow's, already reported
+        return Failed(message=str(error))
+    raise error
 
 
 def run_stages(
@@ -173,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     # Paths typed on the command line are relative to the shell's directory.
     args.params = str(Path(args.params).resolve())
     args.profile = args.profile and str(Path(args.profile).resolve())
+    # The temporary Prefect server phones home by default (and logs an error offline).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # SIGTERM unwinds like Ctrl-C (also when SIGINT starts ignored, as in a background job
     # of a script): the MLflow run ends KILLED and Prefect's temporary server is stopped.
     signal.signal(signal.SIGTERM, tracking.raise_interrupted)
@@ -185,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
             overrides=overrides, params_path=args.params, workdir=args.workdir, profile=args.profile
         )
     except expected_errors() as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except FailedRun as error:  # the flow's Failed state for an expected error
         print(f"error: {error}", file=sys.stderr)
         return 2
     except BaseException as error:

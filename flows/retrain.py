@@ -26,6 +26,7 @@ from prefect.tasks import exponential_backoff
 from flows.pipeline import (
     RETRY_BACKOFF_S,
     STAGE_RETRIES,
+    failed_without_traceback,
     resolve_run_config,
     retry_if_transient,
     training_pipeline,
@@ -103,16 +104,19 @@ def scheduled_retrain(
         comes from DVC).
     workdir: the run's own output directory; "{flow_run_id}" is filled in.
     """
-    ws = Workspace(run_root(workdir, flow_run.get_id()))
-    resolve_run_config(ws, params_path, profile, overrides)  # fails before any work
-    project = Path.cwd()
-    version = locked_data_version(project)
-    get_run_logger().info("data version %s, outputs in %s", version, ws.root)
-    copy_prepared(check_out_data(project, version), ws)
-    return training_pipeline(
-        overrides=overrides,
-        params_path=params_path,
-        workdir=str(ws.root),
-        profile=profile,
-        stages=[name for name in STAGE_NAMES if name != "data"],
-    )
+    try:
+        ws = Workspace(run_root(workdir, flow_run.get_id()))
+        resolve_run_config(ws, params_path, profile, overrides)  # fails before any work
+        project = Path.cwd()
+        version = locked_data_version(project)
+        get_run_logger().info("data version %s, outputs in %s", version, ws.root)
+        copy_prepared(check_out_data(project, version), ws)
+        return training_pipeline(
+            overrides=overrides,
+            params_path=params_path,
+            workdir=str(ws.root),
+            profile=profile,
+            stages=[name for name in STAGE_NAMES if name != "data"],
+        )
+    except Exception as error:
+        return failed_without_traceback(error)

@@ -44,16 +44,25 @@ class StageFailed(RuntimeError):
     Built from strings only, so it survives pickling into a Prefect state unchanged.
     """
 
-    def __init__(self, stage: str, cause: str) -> None:
-        super().__init__(stage, cause)
+    def __init__(self, stage: str, cause: str, expected: bool = False) -> None:
+        super().__init__(stage, cause, expected)
         self.stage, self.cause = stage, cause
+        self.expected = expected  # a problem the user fixes (bad input), not a bug
 
     def __str__(self) -> str:
         return f"stage {self.stage!r} failed: {self.cause}"
 
     @classmethod
     def wrap(cls, stage: str, error: BaseException) -> StageFailed:
-        return cls(stage, f"{type(error).__name__}: {error}")
+        expected = isinstance(error, expected_errors())
+        return cls(stage, f"{type(error).__name__}: {error}", expected)
+
+
+def is_expected(error: BaseException) -> bool:
+    """A failure the user fixes: reported as one line, without a traceback."""
+    if isinstance(error, StageFailed):
+        return error.expected
+    return isinstance(error, expected_errors())
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:

@@ -23,7 +23,12 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows import reporting
-from flows.pipeline import resolve_config, resolve_run_config, run_stage
+from flows.pipeline import (
+    failed_without_traceback,
+    resolve_config,
+    resolve_run_config,
+    run_stage,
+)
 from flows.stage import STAGE_NAMES
 from tasks import tracking
 from tasks.config import ConfigError, PipelineConfig
@@ -90,15 +95,18 @@ def training_sweep(
     max_parallel: points running at once (each is a training process on the worker).
     pipeline_deployment: the deployment each point runs as.
     """
-    base = overrides or {}
-    sweep_dir = Path("runs") / str(flow_run.get_id())
-    # A deployment run reads and writes only inside the project: checked before any read.
-    resolve_run_config(Workspace(sweep_dir.resolve()), params_path, profile, base)
-    point_list = expand_points(grid, points)
-    base_cfg = validate_points(point_list, base, params_path, profile)
-    if max_parallel < 1:
-        raise ConfigError(f"max_parallel must be >= 1, got {max_parallel}")
-    check_deployment(pipeline_deployment)
+    try:
+        base = overrides or {}
+        sweep_dir = Path("runs") / str(flow_run.get_id())
+        # A deployment run reads and writes only inside the project: checked before any read.
+        resolve_run_config(Workspace(sweep_dir.resolve()), params_path, profile, base)
+        point_list = expand_points(grid, points)
+        base_cfg = validate_points(point_list, base, params_path, profile)
+        if max_parallel < 1:
+            raise ConfigError(f"max_parallel must be >= 1, got {max_parallel}")
+        check_deployment(pipeline_deployment)
+    except Exception as error:  # a bad point or parameter: one message, no traceback
+        return failed_without_traceback(error)
     parent_id = tracking.start_sweep_run(
         base_cfg, Workspace(Path.cwd()), f"sweep-{flow_run.get_name()}", point_list
     )

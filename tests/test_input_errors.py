@@ -194,20 +194,29 @@ def test_a_truncated_model_file_is_named(tmp_path):
 # ------------------------------------------------------------------------ the pipeline
 
 
-@pytest.mark.parametrize("fault", ["unknown dataset name", "yaml syntax"])
+@pytest.mark.parametrize("fault", ["unknown dataset name", "yaml syntax", "garbage idx"])
 def test_the_pipeline_entry_point_reports_the_same_faults(tmp_path, fault):
+    """As one line, exit 2, without a traceback, also when the fault is found inside a
+    stage of the Prefect flow (Prefect then logs the Failed state's message only)."""
     root = make_project(tmp_path / "project", **{"data.source": "tfds"})
     params = root / "params.yaml"
+    statuses: list[str] = []
     if fault == "yaml syntax":
         params.write_text(params.read_text().replace("train:\n", "train:\n  [\n", 1))
         args, named = [], f"{params}, line"
-    else:
+    elif fault == "unknown dataset name":
         args, named = ["data.name=cifar11"], "config key 'data.name': 'cifar11'"
+    else:
+        idx_dir = tmp_path / "idx"
+        idx_dir.mkdir()
+        (idx_dir / "train-labels-idx1-ubyte").write_bytes(b"no IDX file here\n" * 40)
+        args = ["data.source=idx", f"data.idx_dir={idx_dir}", "data.name=fashion_mnist"]
+        named, statuses = "stage 'data' failed: IdxFormatError", ["FAILED"]
 
     line = the_error_line(run_entry_point(root, "flows.pipeline", *args), "error:")
     assert named in line
-    assert run_statuses(root) == []
-    assert not (root / "data").exists()
+    assert run_statuses(root) == statuses
+    assert not (root / "data" / "prepared").exists()
 
 
 # --------------------------------------------------------------------- in-process checks
