@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import ConfigError, PipelineConfig, load_config
-from tasks.errors import DataFileError, ModelFileError
+from tasks.errors import DataFileError, ModelFileError, RegistryBindingError
 from tasks.tracking import raise_interrupted
 from tasks.workspace import Workspace
 
@@ -79,6 +79,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
         DataUnavailableError,
         FileNotFoundError,
         ModelFileError,
+        RegistryBindingError,
         StageFailed,
         TrackingUnreachable,
     )

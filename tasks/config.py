@@ -140,6 +140,15 @@ class EvaluateConfig(_Section):
     tta_flip: bool
 
 
+AUTO_MODEL_NAME = "auto"
+
+
+def dataset_identity(source: str, name: str) -> str:
+    """What a registered model is bound to: the dataset's name (TFDS and IDX files of the
+    same name are the same official data), or "synthetic" for the generated set."""
+    return "synthetic" if source == "synthetic" else name
+
+
 class RegisterConfig(_Section):
     # Letters, digits, '.', '_', '-': the name goes into MLflow search filters and URLs.
     model_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -165,6 +174,21 @@ with warnings.catch_warnings():
         evaluate: EvaluateConfig
         register: RegisterConfig
         mlflow: MlflowConfig
+
+        @model_validator(mode="before")
+        @classmethod
+        def _name_the_registered_model(cls, tree: Any) -> Any:
+            """``register.model_name: auto`` -> ``<dataset>-<model>`` (synthetic-seed_cnn,
+            fashion_mnist-fast_cnn): runs on different data never share a registered
+            model by default, and the resolved config logs the real name."""
+            try:
+                register, data, model = tree["register"], tree["data"], tree["model"]
+                if register.get("model_name") != AUTO_MODEL_NAME:
+                    return tree
+                name = f"{dataset_identity(data['source'], data['name'])}-{model['name']}"
+            except (TypeError, KeyError, AttributeError):
+                return tree  # field validation reports what is missing or malformed
+            return {**tree, "register": {**register, "model_name": name}}
 
         def flat(self) -> dict[str, Any]:
             """Dotted-key view (``train.epochs``), the form MLflow params and overrides use."""

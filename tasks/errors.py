@@ -14,3 +14,8 @@ class DataFileError(ValueError):
     name the file and how to replace it; the entry points print it as one line and exit 2
     instead of showing the reader's traceback (zipfile, numpy, TFDS).
     """
+
+
+class RegistryBindingError(ValueError):
+    """A version for another task (dataset, input signature, classes) than the registered
+    model name serves; the message names the model, both values and the fix."""

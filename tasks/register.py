@@ -2,29 +2,24 @@
 
 The registered model takes raw pixels (its first layer holds the normalization
 stats), so a registry consumer needs nothing from this repository. Every version is
-tagged with what made it: git commit, DVC hash of the dataset, resolved params, run id.
-Alias ``challenger`` always points at the newest version; ``champion`` moves to it only
-when there is no champion yet or it beats the champion's test accuracy by the margin.
-Concurrent pipelines compare and move aliases one at a time (a lock per registry and
-model), and a retried stage reuses the version its run already registered.
+tagged with what made it (git commit, DVC hash of the dataset, resolved params, run id,
+seed, determinism, library versions, device), so `python -m flows.reproduce` can rebuild
+it. The registry's rules (a name bound to one task, fair promotion, aliases) live in
+tasks/registry.py; a retried stage reuses the version its run already registered.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import platform
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from tasks import data, tracking
-from tasks.config import PipelineConfig
+from tasks import data, registry, tracking
+from tasks.config import PipelineConfig, dataset_identity
 from tasks.models import load_model_file, with_normalization
 from tasks.workspace import Workspace, read_json, write_json
-
-CHAMPION = "champion"
-CHALLENGER = "challenger"
-LOCK_TIMEOUT_S = 600  # a registration holds the lock for seconds; wait long before giving up
 
 
 def dvc_hash(path: Path) -> str:
@@ -37,51 +32,6 @@ def dvc_hash(path: Path) -> str:
     with tempfile.TemporaryDirectory() as scratch:
         _, _, obj = build(HashFileDB(fs, scratch), str(path), fs, "md5")
     return obj.hash_info.value
-
-
-def should_promote(candidate: float, champion: float | None, margin: float) -> bool:
-    """Promote when there is no champion, or the candidate is better by at least ``margin``.
-
-    A tie never promotes, so rerunning identical params does not churn the alias.
-    """
-    if champion is None:
-        return True
-    improvement = candidate - champion
-    return improvement > 0 and improvement >= margin
-
-
-def champion_accuracy(client: Any, model_name: str) -> tuple[str | None, float | None]:
-    import mlflow
-
-    try:
-        version = client.get_model_version_by_alias(model_name, CHAMPION)
-    except mlflow.exceptions.MlflowException:
-        return None, None
-    accuracy = version.tags.get("test_accuracy")
-    if accuracy is None:  # registered by something else: fall back to its run's metric
-        accuracy = client.get_run(version.run_id).data.metrics.get("test_accuracy")
-    return str(version.version), None if accuracy is None else float(accuracy)
-
-
-def registry_lock(model_name: str) -> Any:
-    """A lock shared by every process on this machine that moves ``model_name``'s aliases.
-
-    Keyed by the registry URI and the model name, so two pipelines registering into the
-    same registry compare against the champion and move aliases one after the other.
-    """
-    import mlflow
-    from filelock import FileLock
-
-    key = hashlib.sha256(f"{mlflow.get_registry_uri()}|{model_name}".encode()).hexdigest()
-    path = Path(tempfile.gettempdir()) / "gpu-train-pipeline-locks" / f"registry-{key[:16]}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(path, timeout=LOCK_TIMEOUT_S)
-
-
-def version_of_run(client: Any, model_name: str, run_id: str) -> str | None:
-    """The version already registered from ``run_id`` (a retried stage), or None."""
-    versions = client.search_model_versions(f"name = '{model_name}' AND run_id = '{run_id}'")
-    return str(min(int(v.version) for v in versions)) if versions else None
 
 
 def log_model(cfg: PipelineConfig, ws: Workspace) -> str:
@@ -120,65 +70,83 @@ def serving_requirements() -> list[str]:
     return [f"{name}=={version(name)}" for name in ("tensorflow", "keras")]
 
 
-def move_aliases(
-    client: Any, model_name: str, version: str, test_accuracy: float, margin: float
-) -> dict[str, Any]:
-    """Under the registry lock: challenger -> the newest version, champion -> by the rule.
+def lineage_tags(cfg: PipelineConfig, ws: Workspace, run_id: str) -> dict[str, str]:
+    """What made this version, enough to rebuild it (flows/reproduce.py)."""
+    from importlib.metadata import version as installed
 
-    Holding the lock across read-compare-write keeps concurrent pipelines from both
-    promoting against the same old champion; challenger never moves back to an older
-    version when registrations finish out of order.
-    """
-    with registry_lock(model_name):
-        previous_version, previous_accuracy = champion_accuracy(client, model_name)
-        promoted = previous_version == version or should_promote(
-            test_accuracy, previous_accuracy, margin
-        )
-        challenger = alias_version(client, model_name, CHALLENGER)
-        if challenger is None or int(challenger) <= int(version):
-            client.set_registered_model_alias(model_name, CHALLENGER, version)
-        if promoted:
-            client.set_registered_model_alias(model_name, CHAMPION, version)
+    from tasks import augment, recipe
+
+    device = augment.resolve_device(cfg.preprocess.device)
+    packages = ("tensorflow", "keras", "nvidia-dali-cuda120", "mlflow", "numpy")
+    versions = {name: installed(name) for name in packages}
     return {
-        "promoted": promoted,
-        "champion_version": version if promoted else previous_version,
-        "previous_champion": {"version": previous_version, "test_accuracy": previous_accuracy},
+        "git_commit": tracking.git_commit(ws.root),
+        "data_version": dvc_hash(ws.prepared),
+        "params": json.dumps(cfg.flat(), sort_keys=True),
+        "run_id": run_id,
+        "seed": str(cfg.train.seed),
+        # tasks/train.py: op determinism is on unless XLA is (Keras drops XLA under it).
+        "deterministic": str(not recipe.resolve_xla(cfg.train.xla, device)).lower(),
+        "versions": json.dumps(versions | {"python": platform.python_version()}),
+        "device": tracking.device_description(device),
     }
 
 
-def alias_version(client: Any, model_name: str, alias: str) -> str | None:
-    import mlflow
+def reevaluation(cfg: PipelineConfig, ws: Workspace) -> Any:
+    """``accuracy(version)``: a registered version of this model on this run's test set
+    (used only when the champion was evaluated on other data)."""
 
-    try:
-        return str(client.get_model_version_by_alias(model_name, alias).version)
-    except mlflow.exceptions.MlflowException:
-        return None
+    def accuracy(version: str) -> float:
+        images, labels = data.load_split(ws.prepared, "test")
+        model = registry.load_version(cfg.register.model_name, version)
+        raw = images.astype("float32")  # the registered model takes raw pixels
+        logits = model.predict(raw, batch_size=cfg.evaluate.batch_size, verbose=0)
+        return float((logits.argmax(axis=1) == labels).mean())
+
+    return accuracy
 
 
 def log_and_register(
     cfg: PipelineConfig, ws: Workspace, run_id: str, test_accuracy: float
 ) -> dict[str, Any]:
-    """Register the run's model once (a retry reuses its version), tag it, move aliases."""
+    """Check the name's binding, register the run's model once (a retry reuses its
+    version), tag it, move aliases comparing like with like."""
     import mlflow
 
     client = mlflow.MlflowClient()
     name = cfg.register.model_name
-    version = version_of_run(client, name, run_id) or log_model(cfg, ws)
-    tags = {
-        "git_commit": tracking.git_commit(ws.root),
-        "data_version": dvc_hash(ws.prepared),
-        "params": json.dumps(cfg.flat(), sort_keys=True),
-        "run_id": run_id,
-        "test_accuracy": repr(test_accuracy),
-    }
+    meta = data.load_meta(ws.prepared)
+    wanted = registry.binding_of(
+        dataset_identity(cfg.data.source, cfg.data.name), meta["image_shape"], meta["class_names"]
+    )
+    with registry.registry_lock(name):
+        registry.bind_or_check(client, name, wanted)  # before anything is logged
+    version = registry.version_of_run(client, name, run_id) or log_model(cfg, ws)
+    tags = lineage_tags(cfg, ws, run_id) | {"test_accuracy": repr(test_accuracy)}
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
-    aliases = move_aliases(client, name, version, test_accuracy, cfg.register.promote_margin)
+    aliases = registry.move_aliases(
+        client,
+        name,
+        version,
+        test_accuracy,
+        cfg.register.promote_margin,
+        data_version=tags["data_version"],
+        reevaluate=reevaluation(cfg, ws),
+    )
+    previous = aliases["previous_champion"]
+    if previous.get("reevaluated"):
+        on_this_data = repr(previous["compared_accuracy"])
+        client.set_model_version_tag(name, version, "champion_compared", previous["version"])
+        client.set_model_version_tag(name, version, "champion_accuracy_on_this_data", on_this_data)
+        mlflow.log_metric("champion_accuracy_on_this_data", previous["compared_accuracy"])
     return {
         "model_name": name,
         "version": version,
         "model_uri": f"models:/{name}/{version}",
-        "aliases": [CHALLENGER, CHAMPION] if aliases["promoted"] else [CHALLENGER],
+        "aliases": [registry.CHALLENGER, registry.CHAMPION]
+        if aliases["promoted"]
+        else [registry.CHALLENGER],
         **aliases,
         "test_accuracy": test_accuracy,
         "run_id": run_id,

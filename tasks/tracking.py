@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -120,22 +121,49 @@ def config_digest(cfg: PipelineConfig) -> str:
     return hashlib.sha256(json.dumps(cfg.flat(), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _git(root: Path, *args: str) -> str:
+    """``git args`` in the nearest existing directory at or above ``root`` (a run directory
+    may not exist yet when its run starts)."""
+    cwd = next(path for path in (root, *root.resolve().parents) if path.is_dir())
+    return subprocess.run(
+        ["git", *args], cwd=cwd, capture_output=True, text=True, check=True
+    ).stdout
+
+
 def git_commit(root: Path) -> str:
     """HEAD's commit, with ``-dirty`` when tracked files differ from it; "unknown" outside git."""
     try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        head = _git(root, "rev-parse", "HEAD").strip()
+        dirty = _git(root, "status", "--porcelain", "--untracked-files=no").strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return f"{head}-dirty" if dirty else head
+
+
+def tracked_changes(root: Path) -> str:
+    """The diff of tracked files against HEAD: what a ``-dirty`` commit tag leaves out."""
+    try:
+        return _git(root, "diff", "HEAD")
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def device_description(device: str) -> str:
+    """What trained: the GPU's name, or the CPU model (for a version's lineage)."""
+    if device == "gpu":
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        names = [
+            tf.config.experimental.get_device_details(g).get("device_name", "GPU") for g in gpus
+        ]
+        return ", ".join(names) or "GPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return f"CPU: {line.partition(':')[2].strip()} ({os.cpu_count()} cores)"
+    return f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
 def start_pipeline_run(
@@ -171,6 +199,8 @@ def start_pipeline_run(
         params=[mlflow.entities.Param(k, str(v)) for k, v in sorted(cfg.flat().items())],
     )
     client.log_dict(run_id, cfg.model_dump(), "config/resolved_params.json")
+    if tags["pipeline.git_commit"].endswith("-dirty"):  # rebuildable: keep what git lacks
+        client.log_text(run_id, tracked_changes(ws.root), "lineage/tracked_changes.diff")
     write_json(
         ws.run_handle,
         {"run_id": run_id, "tracking_uri": uri, "config_digest": config_digest(cfg)},

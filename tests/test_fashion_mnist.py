@@ -52,5 +52,5 @@ def test_fast_profile_reaches_85_percent_in_one_epoch(tmp_path):
     metrics = json.loads(ws.metrics.read_text())
     assert metrics["test"]["accuracy"] >= 0.85, metrics["test"]
     registration = json.loads(ws.registration.read_text())
-    assert registration["model_name"] == "fashion-mnist-fast"
+    assert registration["model_name"] == "fashion_mnist-fast_cnn"  # register.model_name: auto
     assert registration["promoted"] is True

@@ -93,6 +93,12 @@ def test_a_deployment_run_with_overrides_is_tracked_and_registered(stack):
     for alias in ("champion", "challenger"):
         assert str(client.get_model_version_by_alias(name, alias).version) == "1"
     assert registration["mlflow"]["ui_url"].startswith(stack.mlflow_uri)
+    # Lineage from a deployment run: the project's real commit, not "unknown".
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=stack.root, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert client.get_model_version(name, "1").tags["git_commit"].startswith(head)
+    assert run.data.tags["pipeline.git_commit"].startswith(head)
 
     # Per-stage logs and the run summary are artifacts of the flow run.
     artifacts = stack.api_post_artifacts(run_id)

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from benchmarks.common import copy_repo, set_params
+from tasks.config import load_config
 from tasks.workspace import Workspace
 from tests.conftest import TINY, read_mlflow
 from tests.pipeline_checks import check_pipeline_run
@@ -51,7 +52,7 @@ def test_first_repro_runs_every_stage_and_records_everything(repro):
     client, runs = read_mlflow(tracking_uri, params["mlflow"]["experiment"])
     assert len(runs) == 1, "one MLflow run per pipeline execution"
     ws = Workspace(root)
-    model_name = params["register"]["model_name"]
+    model_name = load_config(root / "params.yaml").register.model_name  # auto: resolved
     registration = check_pipeline_run(client, runs[0], epochs=1, model_name=model_name, ws=ws)
     assert registration["version"] == "1"
     assert registration["promoted"] is True
@@ -86,7 +87,11 @@ def test_editing_epochs_reruns_train_evaluate_register_only(repro):
     )
     assert len(runs) == 2
     registration = check_pipeline_run(
-        client, runs[0], epochs=2, model_name=params["register"]["model_name"], ws=Workspace(root)
+        client,
+        runs[0],
+        epochs=2,
+        model_name=load_config(root / "params.yaml").register.model_name,
+        ws=Workspace(root),
     )
     assert registration["version"] == "2"
     assert "challenger" in registration["aliases"]

@@ -35,16 +35,17 @@ def test_flow_runs_all_stages_and_registers_a_champion(prefect_server, tmp_path)
     assert len(runs) == 1
     assert runs[0].info.run_name.startswith("prefect-")
     ws = Workspace(tmp_path)
-    registration = check_pipeline_run(client, runs[0], epochs=1, model_name="cifar10-cnn", ws=ws)
+    name = "synthetic-seed_cnn"  # register.model_name: auto, on synthetic data
+    registration = check_pipeline_run(client, runs[0], epochs=1, model_name=name, ws=ws)
     assert registration == record
-    assert str(client.get_model_version_by_alias("cifar10-cnn", "champion").version) == "1"
+    assert str(client.get_model_version_by_alias("synthetic-seed_cnn", "champion").version) == "1"
 
     # The registered model takes raw pixels and agrees with the evaluate stage's predictions.
     from tasks.data import load_meta, load_split
 
     images, _ = load_split(ws.prepared, "test")
     names = load_meta(ws.prepared)["class_names"]
-    model = mlflow.tensorflow.load_model("models:/cifar10-cnn@champion")
+    model = mlflow.tensorflow.load_model("models:/synthetic-seed_cnn@champion")
     served = model.predict(images[:50].astype("float32"), verbose=0).argmax(axis=1)
     rows = ws.predictions.read_text().splitlines()[1:51]
     evaluated = [names.index(row.split(",")[1]) for row in rows]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import mlflow
@@ -9,7 +10,7 @@ import pytest
 import requests
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 
-from tasks import register, tracking
+from tasks import register, registry, tracking
 from tasks.config import ConfigError
 from tasks.data import DataUnavailableError
 
@@ -43,7 +44,7 @@ def test_concurrent_alias_moves_leave_the_best_champion_and_newest_challenger(cl
 
     def promote(version: str, accuracy: float) -> None:
         barrier.wait()  # all compare-and-move at once
-        register.move_aliases(mlflow.MlflowClient(), "m", version, accuracy, 0.0)
+        registry.move_aliases(mlflow.MlflowClient(), "m", version, accuracy, 0.0)
 
     threads = [
         threading.Thread(target=promote, args=pair)
@@ -63,7 +64,8 @@ def test_a_retried_registration_reuses_the_runs_version(client, tmp_path, monkey
 
     ws = Workspace(tmp_path)
     ws.prepared.mkdir(parents=True)
-    (ws.prepared / "meta.json").write_text("{}")
+    meta = {"image_shape": [32, 32, 3], "class_names": [str(i) for i in range(10)]}
+    (ws.prepared / "meta.json").write_text(json.dumps(meta))
     experiment = client.create_experiment("retry")
     run_id = client.create_run(experiment).info.run_id
     calls = []
