@@ -14,3 +14,9 @@ class DataFileError(ValueError):
     name the file and how to replace it; the entry points print it as one line and exit 2
     instead of showing the reader's traceback (zipfile, numpy, TFDS).
     """
+
+
+class ReproduceError(ValueError):
+    """A registered model version cannot be rebuilt: a malformed or unknown URI, missing
+    tags, a commit git cannot restore, data DVC cannot restore (all refused before any
+    work), or its pipeline failed; the message says why and what to do."""
