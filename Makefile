@@ -10,7 +10,7 @@ export PATH := $(BIN):$(PATH)
 MLFLOW_PORT ?= 5000
 PREFECT_PORT ?= 4200
 
-.PHONY: help venv run smoke test bench lint format ui serve
+.PHONY: help venv run smoke test bench lint format ui serve reproduce
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -49,3 +49,6 @@ ui: venv ## MLflow UI on http://127.0.0.1:5000 over the mlruns/ store (MLFLOW_PO
 
 serve: venv ## Prefect server + worker + MLflow server on 127.0.0.1 (PREFECT_PORT, MLFLOW_PORT)
 	python -m flows.serve --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT)
+
+reproduce: venv ## rebuild a registered version, compare its metrics: make reproduce MODEL=models:/cifar10-cnn/3
+	python -m flows.reproduce "$(MODEL)"

@@ -19,3 +19,9 @@ class DataFileError(ValueError):
 class RegistryBindingError(ValueError):
     """A version for another task (dataset, input signature, classes) than the registered
     model name serves; the message names the model, both values and the fix."""
+
+
+class ReproduceError(ValueError):
+    """A registered model version cannot be rebuilt: a malformed or unknown URI, missing
+    tags, a commit git cannot restore, data DVC cannot restore (all refused before any
+    work), or its pipeline failed; the message says why and what to do."""

@@ -1,0 +1,188 @@
+"""A registered version's commit and data, restored side by side in a temporary checkout.
+
+git gives back the code (``git worktree add --detach``, in a temp directory outside the
+project, removed on every way out); DVC gives back the data version by its hash. The
+checkout shares the project's DVC cache and remotes, so a version trained here comes out
+of the cache without copying through a remote, and one trained elsewhere is pulled once
+into the project's cache. Every command is an argument list: the commit and the hash
+were checked against strict patterns before they get here, and nothing reaches a shell.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flows.retrain import DATA_OUT, locked_data_version
+from tasks.data import DataUnavailableError
+from tasks.errors import ReproduceError
+
+GIT_TIMEOUT_S = 120
+MISSING_FROM_REMOTE = "Missing cache files"  # dvc pull's warning when no storage has it
+
+
+def git(project: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["git", *args], cwd=project, capture_output=True, text=True, timeout=GIT_TIMEOUT_S
+    )
+
+
+def check_commit_known(project: Path, commit: str, uri: str) -> None:
+    """Refuse a commit this repository does not have, before any checkout starts."""
+    if git(project, "rev-parse", "--is-inside-work-tree").returncode != 0:
+        raise ReproduceError(f"{project} is not a git checkout: run this in the project's clone")
+    if git(project, "cat-file", "-e", f"{commit}^{{commit}}").returncode != 0:
+        raise ReproduceError(
+            f"{uri} was trained from commit {commit}, which the git repository at {project} "
+            "does not have: fetch the branch that holds it (`git fetch --all`) or run this "
+            "in the clone it was trained in"
+        )
+
+
+@contextmanager
+def temporary_checkout(project: Path, commit: str) -> Iterator[Path]:
+    """``commit`` checked out in a fresh temp directory; removed, and unregistered from the
+    project's git, however the block ends (an error, Ctrl-C, SIGTERM turned into one)."""
+    scratch = Path(tempfile.mkdtemp(prefix="reproduce-")).resolve()
+    checkout = scratch / "checkout"
+    try:
+        added = git(project, "worktree", "add", "--detach", str(checkout), commit)
+        if added.returncode != 0:
+            reason = (added.stderr.strip().splitlines() or ["no reason given"])[-1]
+            raise ReproduceError(f"`git worktree add` of {commit} failed: {reason}")
+        yield checkout
+    finally:
+        with suppress(Exception):
+            git(project, "worktree", "remove", "--force", str(checkout))
+        shutil.rmtree(scratch, ignore_errors=True)
+        with suppress(Exception):
+            git(project, "worktree", "prune")
+
+
+def share_dvc_storage(project: Path, checkout: Path) -> dict[str, Any]:
+    """Point the checkout's DVC at the project's cache and remotes (its git-ignored local
+    config). The commit's own config may name the remote by a path relative to the
+    repository, which from a temp directory would point elsewhere, and the project's local
+    config (credentials, a relocated remote) is not in git at all. DVC's per-repository
+    scratch index goes inside the checkout too, so nothing of it outlives the run.
+
+    Returns {"cache": dir, "remote": name or None, "url": its URL or None} for messages.
+    """
+    from dvc.config import Config
+    from dvc.repo import Repo
+
+    with Repo(str(project)) as repo:
+        cache_dir = repo.cache.local_cache_dir
+        remotes = {name: dict(section) for name, section in repo.config["remote"].items()}
+        default = repo.config["core"].get("remote")
+    with Config(dvc_dir=str(checkout / ".dvc")).edit("local") as local:
+        local["cache"]["dir"] = cache_dir
+        local["core"]["site_cache_dir"] = str(checkout / ".dvc" / "tmp" / "site")
+        local["remote"] = remotes
+        if default:
+            local["core"]["remote"] = default
+    url = remotes.get(default, {}).get("url") if default else None
+    return {"cache": cache_dir, "remote": default, "url": url and str(url)}
+
+
+def with_data_version(lock: dict[str, Any], version: str) -> dict[str, Any]:
+    """``lock`` (a parsed dvc.lock, possibly empty) pinning data/prepared at ``version``."""
+    stages = dict(lock.get("stages") or {})
+    data = dict(stages.get("data") or {"cmd": "python -m flows.stage data"})
+    outs = [out for out in data.get("outs", []) if out.get("path") != DATA_OUT]
+    data["outs"] = [*outs, {"path": DATA_OUT, "hash": "md5", "md5": version}]
+    return {"schema": lock.get("schema", "2.0"), **lock, "stages": stages | {"data": data}}
+
+
+@contextmanager
+def data_version_pinned(checkout: Path, version: str) -> Iterator[bool]:
+    """While DVC restores data, the checkout's dvc.lock pins ``version`` for data/prepared.
+
+    Yields whether the commit's own dvc.lock already did. It often does not: dvc.lock is
+    usually committed after the `dvc repro` that registered the version. The registry's
+    hash is what the model trained on, so it is the one restored. The committed dvc.lock
+    comes back afterwards, so the reproduction runs on an unmodified checkout.
+    """
+    lock = checkout / "dvc.lock"
+    committed = lock.read_text() if lock.is_file() else None
+    try:
+        pinned = locked_data_version(checkout) == version
+    except DataUnavailableError:  # no dvc.lock, or none pinning data/prepared
+        pinned = False
+    if not pinned:
+        lock.write_text(
+            yaml.safe_dump(with_data_version(yaml.safe_load(committed or "{}") or {}, version))
+        )
+    try:
+        yield pinned
+    finally:
+        if committed is None:
+            lock.unlink(missing_ok=True)
+        elif not pinned:
+            lock.write_text(committed)
+
+
+def dvc(checkout: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=checkout, capture_output=True, text=True
+    )
+
+
+def restore_data(project: Path, checkout: Path, version: str, uri: str) -> str:
+    """Bring data/prepared at ``version`` into the checkout: from the project's DVC cache,
+    else pulled from its remote. Returns how, for the user; refuses with the hash and the
+    way out when neither has it."""
+    from tasks.register import dvc_hash
+
+    storage = share_dvc_storage(project, checkout)
+    with data_version_pinned(checkout, version) as pinned:
+        source = f"the DVC cache {storage['cache']}"
+        if dvc(checkout, "checkout", DATA_OUT).returncode != 0:
+            pulled = dvc(checkout, "pull", DATA_OUT)
+            if pulled.returncode != 0:
+                raise ReproduceError(missing_data_message(uri, version, storage, pulled))
+            source = f"DVC remote {storage['remote']!r} ({storage['url']})"
+    restored = dvc_hash(checkout / DATA_OUT)
+    if restored != version:
+        raise ReproduceError(
+            f"{DATA_OUT} restored for {uri} hashes to {restored}, not {version}: the DVC "
+            f"cache {storage['cache']} is damaged; remove the objects `dvc cache` names and "
+            "`dvc pull` again"
+        )
+    lock = "pinned by the commit's dvc.lock" if pinned else "not in the commit's dvc.lock"
+    return f"{DATA_OUT} {version} ({lock}) from {source}"
+
+
+def missing_data_message(
+    uri: str, version: str, storage: dict[str, Any], pulled: subprocess.CompletedProcess
+) -> str:
+    """One line: which hash is missing, where it was looked for, and what to do."""
+    cache = (
+        f"data version {version} of {DATA_OUT} ({uri}) is not in the DVC cache {storage['cache']}"
+    )
+    if storage["remote"] is None:
+        return (
+            f"{cache}, and no DVC remote is configured to pull it from: add the one it was "
+            "pushed to (`dvc remote add -d storage <url>`), or run `dvc push` where it was "
+            "trained"
+        )
+    where = f"remote {storage['remote']!r} ({storage['url']})"
+    output = pulled.stdout + pulled.stderr
+    if MISSING_FROM_REMOTE in output:
+        why = f"nor on the {where}"
+    else:
+        errors = [line for line in output.splitlines() if line.startswith("ERROR")]
+        why = f"and `dvc pull` from the {where} failed ({(errors or ['no reason given'])[0]})"
+    return (
+        f"{cache} {why}: run `dvc push` in the clone where it was trained, or point this "
+        f"project at the storage that has it (`dvc remote modify --local {storage['remote']} "
+        "url <url>`)"
+    )

@@ -1,0 +1,293 @@
+"""What a reproduction compares, and when it counts as one: the pure part of flows.reproduce.
+
+A registered version is identified by ``models:/<name>/<version>`` and described by the
+tags the register stage sets (commit, data version, params, run id). The rebuilt model's
+test metrics are compared with the original run's under one of two rules:
+
+- exact: the original trained with TensorFlow op determinism on, with the TensorFlow and
+  Keras versions installed now, and the reproduction ran with determinism on too. Same
+  code, data, params, seeds and libraries on a deterministic path give the same bits, so
+  any difference means one of them was not what the tags say.
+- tolerance (any other case, including a version that does not record these facts): every
+  metric within an absolute tolerance, 1e-6 by default. One test image more or less right
+  moves accuracy by 1/N and a class's F1 by about 1/support, both far above 1e-6 for any
+  test set under a million images, so within 1e-6 means the same prediction for every
+  test image; what it forgives is float32 rounding in the mean loss (~1e-7 relative)
+  from a different summation order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tasks.errors import ReproduceError
+
+# Same name rule as params.yaml register.model_name; versions are positive integers.
+MODEL_URI = re.compile(
+    r"models:/(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,127})/(?P<version>[1-9]\d{0,8})"
+)
+COMMIT = re.compile(r"(?P<sha>[0-9a-f]{40})(?P<dirty>-dirty)?")
+DATA_VERSION = re.compile(r"[0-9a-f]{32}(\.dir)?")  # DVC md5, ".dir" for a directory
+RUN_ID = re.compile(r"[0-9a-f]{32}")
+# What tasks/register.py log_and_register tags every version with.
+REQUIRED_TAGS = ("git_commit", "data_version", "params", "run_id", "test_accuracy")
+REPRODUCES_TAG = "reproduces"  # on the reproduction's MLflow run: <name>/<version>
+DETERMINISTIC_TAG = "deterministic"  # "true" / "false": TF op determinism in that training
+LIBRARY_TAGS = {"tensorflow": "tensorflow_version", "keras": "keras_version"}
+DEFAULT_TOLERANCE = 1e-6  # absolute, per metric; see the module docstring
+HEADLINE_METRICS = ("test_accuracy", "test_loss", "test_macro_f1")
+CLASS_F1_PREFIX = "test_f1_"  # tasks/evaluate.py mlflow_metrics: test_f1_<class>
+MAX_QUOTED_CHARS = 200  # of a caller's text quoted back in an error
+
+
+def parse_model_uri(uri: str) -> tuple[str, str]:
+    """(name, version) of ``models:/<name>/<version>``; anything else is refused.
+
+    The one gate for what a caller (a deployment parameter) sends: only a name of
+    letters, digits, '.', '_', '-' and a number get past it.
+    """
+    match = MODEL_URI.fullmatch(uri) if isinstance(uri, str) else None
+    if match is None:
+        quoted = repr(uri)[:MAX_QUOTED_CHARS]
+        raise ReproduceError(
+            f"{quoted} is not a model version URI: expected models:/<name>/<version>, e.g. "
+            "models:/cifar10-cnn/3 (name: letters, digits, '.', '_', '-'; version: a number)"
+        )
+    return match["name"], match["version"]
+
+
+def check_tolerance(tolerance: float) -> float:
+    if not (isinstance(tolerance, int | float) and math.isfinite(tolerance) and tolerance >= 0):
+        raise ReproduceError(f"tolerance {tolerance!r} must be a finite number >= 0")
+    return float(tolerance)
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """What a registered version says made it, read from its registry tags."""
+
+    name: str
+    version: str
+    commit: str  # 40 hex digits
+    dirty: bool  # tracked files differed from ``commit`` when it was trained
+    data_version: str  # DVC md5 of data/prepared
+    params: dict[str, Any]  # flattened resolved config: dotted key -> value
+    run_id: str
+    deterministic: bool | None  # None: not recorded
+    libraries: dict[str, str] = field(default_factory=dict)  # package -> version, as tagged
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+    @classmethod
+    def from_tags(cls, name: str, version: str, tags: Mapping[str, str]) -> VersionRecord:
+        """Validate the tags; a version registered by something else is refused here."""
+        uri = f"models:/{name}/{version}"
+        missing = [tag for tag in REQUIRED_TAGS if tag not in tags]
+        if missing:
+            raise ReproduceError(
+                f"{uri} has no {', '.join(missing)} tag(s), which this pipeline's register "
+                "stage sets on every version: it was registered by something else, so there "
+                "is no recorded commit, data version and params to rebuild it from"
+            )
+        commit = _tag(uri, tags, "git_commit", COMMIT, "a git commit (40 hex digits)")
+        return cls(
+            name=name,
+            version=version,
+            commit=commit["sha"],
+            dirty=commit["dirty"] is not None,
+            data_version=_tag(uri, tags, "data_version", DATA_VERSION, "a DVC md5")[0],
+            params=_params(uri, tags["params"]),
+            run_id=_tag(uri, tags, "run_id", RUN_ID, "an MLflow run id")[0],
+            deterministic={"true": True, "false": False}.get(tags.get(DETERMINISTIC_TAG, "")),
+            libraries={pkg: tags[tag] for pkg, tag in LIBRARY_TAGS.items() if tag in tags},
+        )
+
+
+def _tag(uri: str, tags: Mapping[str, str], key: str, pattern: re.Pattern, what: str) -> re.Match:
+    match = pattern.fullmatch(tags[key])
+    if match is None:
+        raise ReproduceError(
+            f"{uri}: its {key} tag {tags[key][:MAX_QUOTED_CHARS]!r} is not {what}, so it "
+            "cannot be rebuilt (was it registered outside a git checkout of this project?)"
+        )
+    return match
+
+
+def _params(uri: str, text: str) -> dict[str, Any]:
+    try:
+        params = json.loads(text)
+    except json.JSONDecodeError:
+        params = None
+    if not isinstance(params, dict) or not all(isinstance(key, str) for key in params):
+        raise ReproduceError(f"{uri}: its params tag is not a JSON object of dotted keys")
+    return params
+
+
+@dataclass(frozen=True)
+class Rebuilt:
+    """How the reproduction ran, as its own process reported it."""
+
+    op_determinism: bool
+    libraries: dict[str, str]  # package -> version
+
+
+@dataclass(frozen=True)
+class Rule:
+    exact: bool
+    tolerance: float  # 0 for the exact rule
+    reason: str
+
+    def accepts(self, difference: float | None) -> bool:
+        return difference is not None and difference <= self.tolerance
+
+    def describe(self) -> str:
+        """What the rule is and why it applies, for the lines under the table."""
+        if self.exact:
+            return f"exact: every metric identical\n  because {self.reason}"
+        return (
+            f"tolerance {self.tolerance:g} (absolute, every metric)\n  because {self.reason}\n"
+            "  one test image predicted differently moves accuracy by 1/N and a class F1 by "
+            "~1/support, far above 1e-6: within it, every prediction is the same and only "
+            "float32 rounding in the loss differs"
+        )
+
+
+def choose_rule(original: VersionRecord, rebuilt: Rebuilt, tolerance: float) -> Rule:
+    """Exact when everything bit-reproducibility needs is recorded and holds, else tolerance."""
+    doubts = []
+    if original.deterministic is None:
+        doubts.append(f"the original's op determinism is unknown (no {DETERMINISTIC_TAG!r} tag)")
+    elif not original.deterministic:
+        doubts.append("the original trained without op determinism")
+    if not rebuilt.op_determinism:
+        doubts.append("this reproduction ran without op determinism (train.xla on)")
+    for package, tag in LIBRARY_TAGS.items():
+        then, now = original.libraries.get(package), rebuilt.libraries.get(package)
+        if then is None:
+            doubts.append(f"the original's {package} version is unknown (no {tag!r} tag)")
+        elif then != now:
+            doubts.append(f"{package} was {then}, now {now}")
+    if doubts:
+        return Rule(exact=False, tolerance=tolerance, reason="; ".join(doubts))
+    versions = ", ".join(f"{pkg} {ver}" for pkg, ver in sorted(rebuilt.libraries.items()))
+    reason = f"both ran with op determinism on and the same {versions}"
+    return Rule(exact=True, tolerance=0.0, reason=reason)
+
+
+@dataclass(frozen=True)
+class Row:
+    metric: str
+    original: float | None
+    reproduced: float | None
+
+    @property
+    def difference(self) -> float | None:
+        if self.original is None or self.reproduced is None:
+            return None
+        return abs(self.reproduced - self.original)
+
+
+def compared_metrics(flat: Mapping[str, float]) -> dict[str, float]:
+    """The metrics a reproduction is judged on: accuracy, loss, macro F1, per-class F1."""
+    keys = [key for key in HEADLINE_METRICS if key in flat]
+    keys += [key for key in flat if key.startswith(CLASS_F1_PREFIX)]
+    return {key: float(flat[key]) for key in keys}
+
+
+def compare(original: Mapping[str, float], reproduced: Mapping[str, float]) -> list[Row]:
+    """One row per metric either side has, in the reproduction's order (classes as named)."""
+    ours, theirs = compared_metrics(reproduced), compared_metrics(original)
+    keys = list(ours) + [key for key in theirs if key not in ours]
+    return [Row(key, theirs.get(key), ours.get(key)) for key in keys]
+
+
+def matches(rows: list[Row], rule: Rule) -> bool:
+    return bool(rows) and all(rule.accepts(row.difference) for row in rows)
+
+
+def format_table(rows: list[Row]) -> str:
+    """Side by side, full precision (repr), so an exact match can be seen to be exact."""
+
+    def cell(value: float | None) -> str:
+        return "missing" if value is None else repr(value)
+
+    lines = [("metric", "original", "reproduction", "|difference|")]
+    for row in rows:
+        difference = "-" if row.difference is None else f"{row.difference:.3g}"
+        lines.append((row.metric, cell(row.original), cell(row.reproduced), difference))
+    widths = [max(len(line[i]) for line in lines) for i in range(4)]
+    return "\n".join(
+        "  ".join(text.ljust(width) for text, width in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )
+
+
+def verdict(rows: list[Row], rule: Rule) -> str:
+    """The closing line: MATCH or DIFFERENT, with the largest difference against the rule."""
+    known = [row.difference for row in rows if row.difference is not None]
+    largest = f"largest difference {max(known):.3g}" if known else "nothing to compare"
+    missing = [row.metric for row in rows if row.difference is None]
+    if missing:
+        largest += f"; missing on one side: {', '.join(missing)}"
+    if matches(rows, rule):
+        return f"MATCH ({largest}, allowed {rule.tolerance:g})"
+    return f"DIFFERENT ({largest}, allowed {rule.tolerance:g})"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A finished reproduction: what was rebuilt, how, and how it compares."""
+
+    record: VersionRecord
+    rebuilt: Rebuilt
+    run_id: str | None  # the reproduction's MLflow run
+    rule: Rule
+    rows: list[Row]
+
+    @property
+    def matched(self) -> bool:
+        return matches(self.rows, self.rule)
+
+    def report(self) -> str:
+        """The side-by-side table, the rule applied and why, and the verdict."""
+        original = self.record
+        rebuilt = self.rebuilt
+        then = {True: "on", False: "off", None: "unknown (not tagged)"}[original.deterministic]
+        now = "on" if rebuilt.op_determinism else "off"
+        return "\n".join(
+            [
+                f"original:     MLflow run {original.run_id}, op determinism {then}, "
+                + describe_libraries(original.libraries),
+                f"reproduction: MLflow run {self.run_id} "
+                f"({REPRODUCES_TAG}={original.name}/{original.version}), op determinism {now}, "
+                + describe_libraries(rebuilt.libraries),
+                "",
+                format_table(self.rows),
+                "",
+                f"rule: {self.rule.describe()}",
+                f"result: {verdict(self.rows, self.rule)}",
+            ]
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model_uri": self.record.uri,
+            "matched": self.matched,
+            "rule": "exact" if self.rule.exact else f"tolerance {self.rule.tolerance:g}",
+            "reason": self.rule.reason,
+            "reproduction_run_id": self.run_id,
+            "rows": [asdict(row) | {"difference": row.difference} for row in self.rows],
+        }
+
+
+def describe_libraries(versions: Mapping[str, str]) -> str:
+    return ", ".join(
+        f"{name} {versions.get(name, 'unknown (not tagged)')}" for name in LIBRARY_TAGS
+    )
