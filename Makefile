@@ -50,5 +50,5 @@ ui: venv ## MLflow UI on http://127.0.0.1:5000 over the mlruns/ store (MLFLOW_PO
 serve: venv ## Prefect server + worker + MLflow server on 127.0.0.1 (PREFECT_PORT, MLFLOW_PORT)
 	python -m flows.serve --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT)
 
-reproduce: venv ## rebuild a registered version, compare its metrics: make reproduce MODEL=models:/cifar10-cnn/3
+reproduce: venv ## rebuild a registered version, compare its metrics: make reproduce MODEL=models:/cifar10-seed_cnn/3
 	python -m flows.reproduce "$(MODEL)"

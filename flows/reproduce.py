@@ -1,6 +1,6 @@
 """Rebuild a registered model version from what it records, and compare it with the original.
 
-    python -m flows.reproduce models:/cifar10-cnn/3
+    python -m flows.reproduce models:/cifar10-seed_cnn/3
     prefect deployment run 'reproduce-version/local' -p model_uri=models:/cifar10-cnn/3 --watch
 
 The version's tags name its commit, data version (DVC hash) and resolved params. That
@@ -45,6 +45,7 @@ from tasks.errors import ReproduceError
 from tasks.workspace import read_json, write_json
 
 SUMMARY_KEY = "reproduction-summary"  # the Prefect artifact's key
+CHANGES_ARTIFACT = tracking.CHANGES_ARTIFACT  # what a -dirty version's run recorded
 STOP_WAIT_S = 10  # for the pipeline process to end its MLflow run after each SIGTERM
 STOP_ATTEMPTS = 3
 
@@ -135,16 +136,56 @@ def original_metrics(client: Any, record: VersionRecord) -> dict[str, float]:
         ) from None
 
 
-def check_rebuildable(project: Path, record: VersionRecord) -> None:
-    """Refuse, before any work, a version git cannot give back the code of."""
-    if record.dirty:
+def check_rebuildable(project: Path, record: VersionRecord, uri: str) -> str | None:
+    """Refuse, before any work, a version git cannot give back the code of. For a version
+    trained from a dirty tree, return the diff its run recorded (applied to the checkout)."""
+    check_commit_known(project, record.commit, record.uri)
+    if not record.dirty:
+        return None
+    diff = recorded_changes(record, uri)
+    if diff is None:
         raise ReproduceError(
             f"{record.uri} was trained from {record.commit}-dirty: tracked files differed "
             "from that commit and the difference was never recorded, so git cannot rebuild "
             "it; commit changes before training (`git commit`, then `dvc repro`) so that the "
             "versions it registers can be reproduced"
         )
-    check_commit_known(project, record.commit, record.uri)
+    return diff
+
+
+def recorded_changes(record: VersionRecord, uri: str) -> str | None:
+    """The tracked-file diff the version's run logged (lineage/tracked_changes.diff)."""
+    import tempfile
+
+    import mlflow
+
+    folder, _, _ = CHANGES_ARTIFACT.rpartition("/")
+    listed = mlflow.MlflowClient(tracking_uri=uri).list_artifacts(record.run_id, folder)
+    if CHANGES_ARTIFACT not in {item.path for item in listed}:
+        return None  # registered before diffs were recorded
+    with tempfile.TemporaryDirectory() as scratch:
+        local = mlflow.artifacts.download_artifacts(
+            run_id=record.run_id, artifact_path=CHANGES_ARTIFACT, dst_path=scratch, tracking_uri=uri
+        )
+        return Path(local).read_text()
+
+
+def apply_changes(checkout: Path, diff: str, record: VersionRecord) -> None:
+    """Put the version's uncommitted changes on top of its commit, as it was trained."""
+    patch = checkout / ".pipeline" / "tracked_changes.diff"  # git-ignored
+    patch.parent.mkdir(parents=True, exist_ok=True)
+    patch.write_text(diff)
+    applied = subprocess.run(
+        ["git", "apply", "--whitespace=nowarn", str(patch)],
+        cwd=checkout,
+        capture_output=True,
+        text=True,
+    )
+    if applied.returncode != 0:
+        raise ReproduceError(
+            f"{record.uri}: its recorded changes do not apply to {record.commit[:12]}: "
+            f"{applied.stderr.strip()}"
+        )
 
 
 def child_env(tracking_uri: str) -> dict[str, str]:
@@ -239,10 +280,13 @@ def reproduce_version(
     uri = project_tracking_uri(project)
     client = mlflow_client(uri)
     record = read_version(client, name, version, uri)
-    check_rebuildable(project, record)
+    changes = check_rebuildable(project, record, uri)
     original = original_metrics(client, record)
     print(f"reproducing {record.uri}: commit {record.commit}, run {record.run_id}", flush=True)
     with temporary_checkout(project, record.commit) as checkout:
+        if changes is not None:
+            apply_changes(checkout, changes, record)
+            print(f"applied the tracked-file changes its run recorded ({CHANGES_ARTIFACT})")
         restored = restore_data(project, checkout, record.data_version, record.uri)
         print(f"data: {restored}", flush=True)
         print(f"rerunning the stages after data, without register, in {checkout}", flush=True)

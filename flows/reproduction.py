@@ -38,7 +38,8 @@ RUN_ID = re.compile(r"[0-9a-f]{32}")
 REQUIRED_TAGS = ("git_commit", "data_version", "params", "run_id", "test_accuracy")
 REPRODUCES_TAG = "reproduces"  # on the reproduction's MLflow run: <name>/<version>
 DETERMINISTIC_TAG = "deterministic"  # "true" / "false": TF op determinism in that training
-LIBRARY_TAGS = {"tensorflow": "tensorflow_version", "keras": "keras_version"}
+VERSIONS_TAG = "versions"  # JSON {package: version} (tasks/register.py lineage_tags)
+LIBRARY_TAGS = {"tensorflow": VERSIONS_TAG, "keras": VERSIONS_TAG}  # what exactness needs
 DEFAULT_TOLERANCE = 1e-6  # absolute, per metric; see the module docstring
 HEADLINE_METRICS = ("test_accuracy", "test_loss", "test_macro_f1")
 CLASS_F1_PREFIX = "test_f1_"  # tasks/evaluate.py mlflow_metrics: test_f1_<class>
@@ -106,8 +107,19 @@ class VersionRecord:
             params=_params(uri, tags["params"]),
             run_id=_tag(uri, tags, "run_id", RUN_ID, "an MLflow run id")[0],
             deterministic={"true": True, "false": False}.get(tags.get(DETERMINISTIC_TAG, "")),
-            libraries={pkg: tags[tag] for pkg, tag in LIBRARY_TAGS.items() if tag in tags},
+            libraries=_libraries(tags),
         )
+
+
+def _libraries(tags: Mapping[str, str]) -> dict[str, str]:
+    """The versions of the packages exactness depends on, as the register stage tagged them."""
+    try:
+        versions = json.loads(tags.get(VERSIONS_TAG, "{}"))
+    except ValueError:
+        return {}
+    if not isinstance(versions, dict):
+        return {}
+    return {package: str(versions[package]) for package in LIBRARY_TAGS if package in versions}
 
 
 def _tag(uri: str, tags: Mapping[str, str], key: str, pattern: re.Pattern, what: str) -> re.Match:

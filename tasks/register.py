@@ -123,6 +123,8 @@ def log_and_register(
         registry.bind_or_check(client, name, wanted)  # before anything is logged
     version = registry.version_of_run(client, name, run_id) or log_model(cfg, ws)
     tags = lineage_tags(cfg, ws, run_id) | {"test_accuracy": repr(test_accuracy)}
+    if tags["git_commit"].endswith("-dirty"):  # what git lacks to rebuild this version
+        mlflow.log_text(tracking.tracked_changes(ws.root), tracking.CHANGES_ARTIFACT)
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     aliases = registry.move_aliases(

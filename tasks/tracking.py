@@ -121,6 +121,12 @@ def config_digest(cfg: PipelineConfig) -> str:
     return hashlib.sha256(json.dumps(cfg.flat(), sort_keys=True).encode()).hexdigest()[:16]
 
 
+# `dvc repro` rewrites dvc.lock after every stage, before register: its changes are the
+# run's own outputs (data_version and params tags), not a difference in the code.
+NOT_LOCK = ("--", ".", ":(exclude)dvc.lock")
+CHANGES_ARTIFACT = "lineage/tracked_changes.diff"  # a -dirty run's diff against its commit
+
+
 def _git(root: Path, *args: str) -> str:
     """``git args`` in the nearest existing directory at or above ``root`` (a run directory
     may not exist yet when its run starts)."""
@@ -134,7 +140,7 @@ def git_commit(root: Path) -> str:
     """HEAD's commit, with ``-dirty`` when tracked files differ from it; "unknown" outside git."""
     try:
         head = _git(root, "rev-parse", "HEAD").strip()
-        dirty = _git(root, "status", "--porcelain", "--untracked-files=no").strip()
+        dirty = _git(root, "status", "--porcelain", "--untracked-files=no", *NOT_LOCK).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return f"{head}-dirty" if dirty else head
@@ -143,7 +149,7 @@ def git_commit(root: Path) -> str:
 def tracked_changes(root: Path) -> str:
     """The diff of tracked files against HEAD: what a ``-dirty`` commit tag leaves out."""
     try:
-        return _git(root, "diff", "HEAD")
+        return _git(root, "diff", "HEAD", *NOT_LOCK)
     except (OSError, subprocess.CalledProcessError):
         return ""
 
@@ -200,7 +206,7 @@ def start_pipeline_run(
     )
     client.log_dict(run_id, cfg.model_dump(), "config/resolved_params.json")
     if tags["pipeline.git_commit"].endswith("-dirty"):  # rebuildable: keep what git lacks
-        client.log_text(run_id, tracked_changes(ws.root), "lineage/tracked_changes.diff")
+        client.log_text(run_id, tracked_changes(ws.root), CHANGES_ARTIFACT)
     write_json(
         ws.run_handle,
         {"run_id": run_id, "tracking_uri": uri, "config_digest": config_digest(cfg)},

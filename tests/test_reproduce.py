@@ -38,7 +38,7 @@ from tasks.register import dvc_hash
 from tests.conftest import REPO, TINY
 from tests.test_pipeline_dvc import dvc_repro
 
-MODEL = "cifar10-cnn"  # params.yaml register.model_name
+MODEL = "synthetic-seed_cnn"  # register.model_name: auto, on TINY synthetic data
 COMPARED = ("test_accuracy", "test_loss", "test_macro_f1")
 COMMIT = "4d7f1a53b6f8c87ceac391c5ad7ba3764dd8954c"
 TAGS = {
@@ -91,8 +91,8 @@ def test_the_tags_are_validated_before_use():
 
 
 def test_exact_only_when_determinism_and_library_versions_are_recorded_and_equal():
-    recorded = TAGS | {"deterministic": "true", "tensorflow_version": "2.21.0"}
-    recorded |= {"keras_version": "3.15.1"}
+    versions = {"tensorflow": "2.21.0", "keras": "3.15.1", "python": "3.11.7"}
+    recorded = TAGS | {"deterministic": "true", "versions": json.dumps(versions)}
     original = VersionRecord.from_tags(MODEL, "1", recorded)
     assert choose_rule(original, Rebuilt(True, SAME_LIBRARIES), 1e-6).exact
     newer_keras = Rebuilt(True, SAME_LIBRARIES | {"keras": "3.16.0"})
@@ -220,6 +220,8 @@ def test_a_registered_version_is_rebuilt_from_its_tags_and_matches(project, clie
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "metric" in done.stdout and "reproduction" in done.stdout
     assert "result: MATCH" in done.stdout
+    # Version 1 is tagged deterministic with its library versions: the exact rule applies.
+    assert "rule: exact" in done.stdout, done.stdout[-2000:]
     assert version_count(client) == versions, "a reproduction never registers"
 
     (new,) = [run for run in runs(client) if run.info.run_id not in before]
@@ -288,7 +290,7 @@ def foreign_versions(project, client) -> dict[str, str]:
     [
         ("models:/cifar10-cnn/1 && id", "is not a model version URI"),
         ("models:/no-such-model/1", "no registered model 'no-such-model'"),
-        ("models:/cifar10-cnn/999", "does not exist: 'cifar10-cnn' has versions 1 to"),
+        (f"models:/{MODEL}/999", f"does not exist: '{MODEL}' has versions 1 to"),
         ("untagged", "registered by something else"),
         ("unknown commit", "which the git repository at"),
         ("dirty", "the difference was never recorded, so git cannot rebuild it"),
@@ -399,3 +401,42 @@ def test_a_data_version_missing_from_the_cache_is_pulled_from_the_remote(client,
         for path, content in kept.items():
             if not path.is_file():
                 path.write_bytes(content)
+
+
+@pytest.mark.slow
+def test_a_version_trained_from_a_dirty_tree_is_rebuilt_with_its_recorded_changes(client, project):
+    """Tracked files differ from HEAD when register runs: the version is tagged -dirty, its
+    run keeps the diff, and the reproduction applies that diff to the commit."""
+    readme = project / "README.md"
+    kept = readme.read_text()
+    readme.write_text(kept + "\nA local note, not committed.\n")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        registered = subprocess.run(
+            # evaluate opens the run (with the test metrics), register joins it
+            ["dvc", "repro", "--force", "--single-item", "evaluate", "register"],
+            cwd=project,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert registered.returncode == 0, registered.stderr[-3000:]
+        listed = client.search_model_versions(f"name = '{MODEL}'")
+        version = str(max(int(v.version) for v in listed))
+        tags = client.get_model_version(MODEL, version).tags
+        assert tags["git_commit"].endswith("-dirty")
+        done = subprocess.run(
+            [sys.executable, "-m", "flows.reproduce", f"models:/{MODEL}/{version}"],
+            cwd=project,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "applied the tracked-file changes" in done.stdout
+        assert "result: MATCH" in done.stdout
+    finally:
+        readme.write_text(kept)
