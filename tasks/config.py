@@ -8,6 +8,7 @@ before any work, with the dotted name of the offending key.
 from __future__ import annotations
 
 import difflib
+import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -185,7 +186,9 @@ with warnings.catch_warnings():
                 register, data, model = tree["register"], tree["data"], tree["model"]
                 if register.get("model_name") != AUTO_MODEL_NAME:
                     return tree
-                name = f"{dataset_identity(data['source'], data['name'])}-{model['name']}"
+                dataset = dataset_identity(data["source"], data["name"])
+                # A TFDS version or namespace (cifar10:3.0.2) is not allowed in a model name.
+                name = re.sub(r"[^A-Za-z0-9._-]", "_", f"{dataset}-{model['name']}")
             except (TypeError, KeyError, AttributeError):
                 return tree  # field validation reports what is missing or malformed
             return {**tree, "register": {**register, "model_name": name}}

@@ -45,6 +45,8 @@ def test_default_names_say_which_data_and_model():
     assert idx == "fashion_mnist-fast_cnn"
     assert load_config(PARAMS).register.model_name == "cifar10-seed_cnn"
     assert load_config(PARAMS, {"register.model_name": "mine"}).register.model_name == "mine"
+    versioned = load_config(PARAMS, {"data.name": "cifar10:3.0.2"}).register.model_name
+    assert versioned == "cifar10_3.0.2-seed_cnn"
 
 
 def test_a_version_for_another_input_shape_is_refused(tmp_path):
