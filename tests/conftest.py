@@ -38,6 +38,7 @@ def tiny_overrides(root: Path) -> dict:
 def _no_outside_tracking(monkeypatch):
     """A developer's MLFLOW_TRACKING_URI must never receive test runs."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
 
 
 @pytest.fixture

@@ -21,9 +21,8 @@ STAGES = ("data", "preprocess", "train", "evaluate", "register")
 
 
 def dvc_repro(root: Path) -> str:
-    env = dict(os.environ)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env.pop("MLFLOW_TRACKING_URI", None)
     result = subprocess.run(
         ["dvc", "repro"], cwd=root, env=env, capture_output=True, text=True, timeout=900
     )
@@ -104,6 +103,7 @@ def test_a_data_only_repro_leaves_no_run_open(repro):
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("MLFLOW_REGISTRY_URI", None)
     result = subprocess.run(
         ["dvc", "repro", "--force", "--single-item", "data"],
         cwd=root,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 
 import mlflow
@@ -22,6 +23,9 @@ def client(tmp_path):
     mlflow.set_registry_uri(uri)
     yield mlflow.MlflowClient()
     mlflow.set_registry_uri("")
+    # set_registry_uri also exports MLFLOW_REGISTRY_URI (for subprocesses) and "" does not
+    # clear it: later tests' pipelines would register into this test's store.
+    os.environ.pop("MLFLOW_REGISTRY_URI", None)
 
 
 def new_version(client, name: str, accuracy: float) -> str:

@@ -209,6 +209,7 @@ def test_a_registered_version_is_rebuilt_from_its_tags_and_matches(project, clie
     versions = version_count(client)
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("MLFLOW_REGISTRY_URI", None)
     done = subprocess.run(
         [sys.executable, "-m", "flows.reproduce", f"models:/{MODEL}/1"],
         cwd=project,
@@ -248,6 +249,7 @@ def test_a_stopped_reproduction_stops_its_pipeline_and_removes_its_checkout(
     before = {run.info.run_id for run in runs(client)}
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("MLFLOW_REGISTRY_URI", None)
     with (tmp_path / "output.log").open("w") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "flows.reproduce", f"models:/{MODEL}/1"],
@@ -313,6 +315,7 @@ def test_a_version_that_cannot_be_rebuilt_is_refused_in_one_line(
 def test_the_command_line_refuses_with_one_line_and_status_2(project):
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("MLFLOW_REGISTRY_URI", None)
     done = subprocess.run(
         [sys.executable, "-m", "flows.reproduce", f"models:/{MODEL}/999"],
         cwd=project,
@@ -412,6 +415,7 @@ def test_a_version_trained_from_a_dirty_tree_is_rebuilt_with_its_recorded_change
     readme.write_text(kept + "\nA local note, not committed.\n")
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("MLFLOW_REGISTRY_URI", None)
     try:
         registered = subprocess.run(
             # evaluate opens the run (with the test metrics), register joins it
