@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,14 @@ TINY = {
 }
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def pipeline_env() -> dict[str, str]:
+    """The environment for a pipeline subprocess: the virtualenv first on PATH (dvc.yaml's
+    `python -m ...`) and no MLFLOW_* setting of this process (tests use their own stores)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+    bin_dir = Path(sys.executable).parent
+    return env | {"PATH": f"{bin_dir}{os.pathsep}{env['PATH']}", "PYTHONUNBUFFERED": "1"}
 
 
 def tiny_overrides(root: Path) -> dict:

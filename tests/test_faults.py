@@ -19,7 +19,7 @@ import pytest
 from benchmarks.common import copy_repo, set_params
 from tasks.checkpoint import CHECKPOINTS
 from tasks.workspace import Workspace
-from tests.conftest import TINY, read_mlflow
+from tests.conftest import TINY, pipeline_env, read_mlflow
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -27,14 +27,9 @@ BIN = Path(sys.executable).parent
 KILLABLE = TINY | {"data.synthetic.train_size": 3000, "train.epochs": 3}
 
 
-def project_env() -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
-    return env | {"PATH": f"{BIN}{os.pathsep}{env['PATH']}", "PYTHONUNBUFFERED": "1"}
-
-
 def run(root: Path, *command: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
-        command, cwd=root, env=project_env(), capture_output=True, text=True, timeout=timeout
+        command, cwd=root, env=pipeline_env(), capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -48,7 +43,7 @@ def kill_after_first_checkpoint(root: Path, *command: str) -> None:
     process = subprocess.Popen(
         command,
         cwd=root,
-        env=project_env(),
+        env=pipeline_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -129,7 +124,7 @@ def test_a_stop_signal_ends_the_stage_quickly_and_the_run_killed(tmp_path, signu
     process = subprocess.Popen(
         [sys.executable, "-m", "flows.stage", "train"],
         cwd=root,
-        env=project_env(),
+        env=pipeline_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -214,7 +209,7 @@ def test_two_first_runs_on_a_new_sqlite_store_both_succeed(tmp_path):
         "cfg = load_config(PARAMS, tiny_overrides(root.parent))\n"
         "print(tracking.start_pipeline_run(cfg, Workspace(root)))\n"
     )
-    env = project_env() | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = pipeline_env() | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     launched = [
         subprocess.Popen(
             [sys.executable, "-c", script, str(tmp_path / f"run-{i}")],
@@ -245,7 +240,7 @@ def test_a_stopped_flow_leaves_no_process_and_no_open_run(tmp_path, signum):
     process = subprocess.Popen(
         [sys.executable, "-m", "flows.pipeline", *(f"{k}={v}" for k, v in overrides.items())],
         cwd=tmp_path,
-        env=project_env() | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        env=pipeline_env() | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -306,7 +301,7 @@ def test_a_dead_tracking_server_at_start_fails_in_bounded_time(tmp_path):
 
     root = tiny_project(tmp_path / "project")
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    env = with_repo(project_env() | {"MLFLOW_TRACKING_URI": url, TIMEOUT_ENV: "5"})
+    env = with_repo(pipeline_env() | {"MLFLOW_TRACKING_URI": url, TIMEOUT_ENV: "5"})
     started = time.monotonic()
     done = stage(root, "data", env)
     assert time.monotonic() - started < 30
@@ -329,7 +324,7 @@ def tracking_server(tmp_path):
     processes: list[subprocess.Popen] = []
 
     def start() -> None:
-        env = project_env() | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env = pipeline_env() | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         processes.append(
             subprocess.Popen(
                 command,
@@ -368,7 +363,7 @@ def test_a_tracking_server_lost_mid_training_ends_the_stage_in_bounded_time(
 
     url, stop_server, start_server = tracking_server
     root = tiny_project(tmp_path / "project")
-    env = with_repo(project_env() | {"MLFLOW_TRACKING_URI": url, TIMEOUT_ENV: "10"})
+    env = with_repo(pipeline_env() | {"MLFLOW_TRACKING_URI": url, TIMEOUT_ENV: "10"})
     for name in ("data", "preprocess"):
         done = stage(root, name, env)
         assert done.returncode == 0, done.stderr[-3000:]

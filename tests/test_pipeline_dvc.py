@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,7 @@ import yaml
 from benchmarks.common import copy_repo, set_params
 from tasks.config import load_config
 from tasks.workspace import Workspace
-from tests.conftest import TINY, read_mlflow
+from tests.conftest import TINY, pipeline_env, read_mlflow
 from tests.pipeline_checks import check_pipeline_run
 
 pytestmark = pytest.mark.slow
@@ -21,8 +19,7 @@ STAGES = ("data", "preprocess", "train", "evaluate", "register")
 
 
 def dvc_repro(root: Path) -> str:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env = pipeline_env()
     result = subprocess.run(
         ["dvc", "repro"], cwd=root, env=env, capture_output=True, text=True, timeout=900
     )
@@ -100,10 +97,7 @@ def test_a_data_only_repro_leaves_no_run_open(repro):
     """A repro that runs the data stage alone (`dvc repro -f -s data`) stops the pipeline
     after one stage: its MLflow run must not stay RUNNING."""
     root, _ = repro
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("MLFLOW_REGISTRY_URI", None)
+    env = pipeline_env()
     result = subprocess.run(
         ["dvc", "repro", "--force", "--single-item", "data"],
         cwd=root,

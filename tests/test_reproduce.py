@@ -9,7 +9,6 @@ rule, the URI gate and the tag checks are also tested alone, without the pipelin
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from flows.reproduction import (
 )
 from tasks.errors import ReproduceError
 from tasks.register import dvc_hash
-from tests.conftest import REPO, TINY
+from tests.conftest import REPO, TINY, pipeline_env
 from tests.test_pipeline_dvc import dvc_repro
 
 MODEL = "synthetic-seed_cnn"  # register.model_name: auto, on TINY synthetic data
@@ -207,9 +206,7 @@ def cli(project, monkeypatch, capsys):
 def test_a_registered_version_is_rebuilt_from_its_tags_and_matches(project, client):
     before = {run.info.run_id for run in runs(client)}
     versions = version_count(client)
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("MLFLOW_REGISTRY_URI", None)
+    env = pipeline_env()
     done = subprocess.run(
         [sys.executable, "-m", "flows.reproduce", f"models:/{MODEL}/1"],
         cwd=project,
@@ -247,9 +244,7 @@ def test_a_stopped_reproduction_stops_its_pipeline_and_removes_its_checkout(
     """SIGTERM while the pipeline runs: exit 130, its MLflow run ended (not RUNNING) and
     tagged, no checkout left behind."""
     before = {run.info.run_id for run in runs(client)}
-    env = dict(os.environ)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("MLFLOW_REGISTRY_URI", None)
+    env = pipeline_env()
     with (tmp_path / "output.log").open("w") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "flows.reproduce", f"models:/{MODEL}/1"],
@@ -313,9 +308,7 @@ def test_a_version_that_cannot_be_rebuilt_is_refused_in_one_line(
 
 @pytest.mark.slow
 def test_the_command_line_refuses_with_one_line_and_status_2(project):
-    env = dict(os.environ)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("MLFLOW_REGISTRY_URI", None)
+    env = pipeline_env()
     done = subprocess.run(
         [sys.executable, "-m", "flows.reproduce", f"models:/{MODEL}/999"],
         cwd=project,
@@ -413,9 +406,7 @@ def test_a_version_trained_from_a_dirty_tree_is_rebuilt_with_its_recorded_change
     readme = project / "README.md"
     kept = readme.read_text()
     readme.write_text(kept + "\nA local note, not committed.\n")
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("MLFLOW_REGISTRY_URI", None)
+    env = pipeline_env()
     try:
         registered = subprocess.run(
             # evaluate opens the run (with the test metrics), register joins it
