@@ -1,4 +1,5 @@
-"""The training pipeline as a Prefect flow: data -> preprocess -> train -> evaluate -> register.
+"""The training pipeline as a Prefect flow: data -> preprocess -> train -> evaluate -> register
+-> export.
 
 Each Prefect task calls the same stage function `dvc repro` runs (flows.stage), so the
 two ways of running the pipeline cannot drift apart. Flow parameters are dotted-key
@@ -30,6 +31,7 @@ from prefect.tasks import exponential_backoff
 
 from flows import reporting, security
 from flows.stage import (
+    CLOSING_STAGE,
     STAGE_NAMES,
     StageFailed,
     expected_errors,
@@ -86,7 +88,8 @@ def training_pipeline(
     stages: a subset of the stages (default: all). Without register the MLflow run is
         closed but can be registered later (the sweep registers only its best point).
     parent_run_id: nest this MLflow run under that one (a sweep's parent run).
-    Returns the last stage's result (the registration record when register runs).
+    Returns the registration record (with the export's parity under "exports") when
+    register runs, else the last stage's result.
     """
     ws = Workspace(run_root(workdir, flow_run.get_id()))
     try:
@@ -105,7 +108,9 @@ def training_pipeline(
         return failed_without_traceback(error)
     metrics = results.get("evaluate") or (read_json(ws.metrics) if ws.metrics.is_file() else None)
     reporting.publish_pipeline_summary(ws, run_id, metrics, results.get("register"))
-    return results[names[-1]]
+    if "register" not in results:
+        return results[names[-1]]
+    return results["register"] | ({"exports": results["export"]} if "export" in results else {})
 
 
 def failed_without_traceback(error: Exception) -> Any:
@@ -136,7 +141,7 @@ def run_stages(
                 status, reason = "FAILED", f"{type(error).__name__}: {error}"
             tracking.end_pipeline_run(ws, status, keep_handle=False, reason=reason)
         raise
-    if "register" not in names:
+    if CLOSING_STAGE not in names:
         tracking.end_pipeline_run(ws, "FINISHED", keep_handle=True)
     return results
 

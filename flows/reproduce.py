@@ -68,7 +68,7 @@ from flows.stage import STAGE_NAMES
 from tensorflow.python.framework import config
 
 overrides = json.loads(Path(sys.argv[1]).read_text())
-stages = [name for name in STAGE_NAMES if name not in ("data", "register")]
+stages = [name for name in STAGE_NAMES if name not in ("data", "register", "export")]
 try:
     flows.pipeline.training_pipeline(overrides=overrides, workdir=".", stages=stages)
 except Exception as error:

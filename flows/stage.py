@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import ConfigError, PipelineConfig, load_config
-from tasks.errors import DataFileError, ModelFileError, RegistryBindingError
+from tasks.errors import DataFileError, ExportError, ModelFileError, RegistryBindingError
 from tasks.tracking import raise_interrupted
 from tasks.workspace import Workspace
 
@@ -25,6 +25,7 @@ from tasks.workspace import Workspace
 def stage_functions() -> dict[str, Callable[[PipelineConfig, Workspace], Any]]:
     """Stage name -> the one function that implements it (shared with the Prefect flow)."""
     from tasks import data, evaluate, preprocess, register, train
+    from tasks.serving import export
 
     return {
         "data": data.run,
@@ -32,10 +33,12 @@ def stage_functions() -> dict[str, Callable[[PipelineConfig, Workspace], Any]]:
         "train": train.run,
         "evaluate": evaluate.run,
         "register": register.run,
+        "export": export.run,
     }
 
 
-STAGE_NAMES = ("data", "preprocess", "train", "evaluate", "register")
+STAGE_NAMES = ("data", "preprocess", "train", "evaluate", "register", "export")
+CLOSING_STAGE = STAGE_NAMES[-1]  # ends the pipeline's MLflow run
 
 
 class StageFailed(RuntimeError):
@@ -77,6 +80,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
         ConfigError,
         DataFileError,
         DataUnavailableError,
+        ExportError,
         FileNotFoundError,
         ModelFileError,
         RegistryBindingError,

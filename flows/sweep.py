@@ -35,7 +35,7 @@ from tasks.config import ConfigError, PipelineConfig
 from tasks.workspace import Workspace, read_json
 
 PIPELINE_DEPLOYMENT = "training-pipeline/local"
-POINT_STAGES = [name for name in STAGE_NAMES if name != "register"]
+POINT_STAGES = [name for name in STAGE_NAMES if name not in ("register", "export")]
 POLL_S = 2.0  # how often the sweep looks at its points' flow runs
 # A sweep compares points within one tracking store and registers one model: points may
 # not move either, only the base overrides may.
@@ -215,11 +215,13 @@ def collect_results(
 def register_point(
     result: dict[str, Any], base: dict[str, Any], params_path: str, profile: str | None
 ) -> dict[str, Any]:
-    """Register the point's model through the register stage, in the point's own MLflow run."""
+    """Register and export the point's model through the register and export stages, in the
+    point's own MLflow run; return the registration record with the export's parity."""
     ws = Workspace(Path(result["workdir"]))
     cfg = resolve_config(ws, params_path, profile, base | result["point"])
     tracking.reopen_pipeline_run(ws)
-    return run_stage("register", cfg, ws)
+    record = run_stage("register", cfg, ws)
+    return record | {"exports": run_stage("export", cfg, ws)}
 
 
 def record_sweep(

@@ -156,6 +156,23 @@ class RegisterConfig(_Section):
     promote_margin: float = Field(ge=0.0)
 
 
+EXPORT_FORMATS = ("saved_model", "litert", "onnx")
+
+
+class ExportConfig(_Section):
+    formats: list[Literal["saved_model", "litert", "onnx"]] = Field(min_length=1)
+    parity_samples: int = Field(ge=1)
+    # LiteRT variants beside float32; each level includes the one before it.
+    quantize: Literal["none", "dynamic", "int8"]
+
+    @field_validator("formats")
+    @classmethod
+    def _unique(cls, formats: list[str]) -> list[str]:
+        if len(set(formats)) != len(formats):
+            raise ValueError(f"each format at most once, got {formats}")
+        return formats
+
+
 class MlflowConfig(_Section):
     experiment: str = Field(min_length=1)
     tracking_uri: str = Field(min_length=1)
@@ -174,6 +191,7 @@ with warnings.catch_warnings():
         train: TrainConfig
         evaluate: EvaluateConfig
         register: RegisterConfig
+        export: ExportConfig
         mlflow: MlflowConfig
 
         @model_validator(mode="before")

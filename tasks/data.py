@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
-import tempfile
 import urllib.parse
-import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +26,7 @@ import numpy as np
 from tasks import idx
 from tasks.config import DataConfig, PipelineConfig, SyntheticConfig
 from tasks.errors import DataFileError
-from tasks.workspace import Workspace, read_json, remove_stale_temps
+from tasks.workspace import Workspace, atomic_dir, read_json
 
 SPLITS = ("train", "val", "test")
 Split = tuple[np.ndarray, np.ndarray]  # (images uint8 NHWC, labels int64 N)
@@ -398,42 +395,16 @@ def build_meta(ds: Dataset, cfg: DataConfig) -> dict[str, Any]:
 def write_prepared(ds: Dataset, out_dir: Path, cfg: DataConfig) -> dict[str, Any]:
     """Write the splits and meta.json to ``out_dir`` as a whole; return the meta.
 
-    Everything goes to a temp sibling first, which then replaces ``out_dir`` by renames:
-    an error or crash mid-write leaves the previous ``out_dir`` intact, never half of one.
+    An error or crash mid-write leaves the previous ``out_dir`` intact, never half of one
+    (workspace.atomic_dir).
     """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     meta = build_meta(ds, cfg)
-    remove_stale_temps(out_dir)  # a staging directory a killed run left behind
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the output gets the usual mode
-    try:
+    with atomic_dir(Path(out_dir)) as staging:
         for split in SPLITS:
             images, labels = ds.split(split)
             np.savez(staging / f"{split}.npz", images=images, labels=labels)  # uncompressed
         (staging / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        _swap_in(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful swap
     return meta
-
-
-def _swap_in(staging: Path, out_dir: Path) -> None:
-    """Replace ``out_dir`` by ``staging`` (two renames); restore the old one if that fails."""
-    retired = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-    had_previous = out_dir.exists()
-    if had_previous:
-        os.replace(out_dir, retired)
-    try:
-        os.replace(staging, out_dir)
-    except BaseException:
-        if had_previous:
-            os.replace(retired, out_dir)
-        raise
-    if had_previous:
-        shutil.rmtree(retired)
 
 
 def load_meta(prepared_dir: Path) -> dict[str, Any]:

@@ -25,3 +25,10 @@ class ReproduceError(ValueError):
     """A registered model version cannot be rebuilt: a malformed or unknown URI, missing
     tags, a commit git cannot restore, data DVC cannot restore (all refused before any
     work), or its pipeline failed; the message says why and what to do."""
+
+
+class ExportError(ValueError):
+    """An export cannot be made or does not answer like the trained model: a converter
+    package is missing (the message names it), there is no registered version to export,
+    or a float format's probabilities or labels differ beyond the parity bound (the
+    message names the format and the numbers)."""

@@ -21,6 +21,8 @@ from tasks.config import PipelineConfig, dataset_identity
 from tasks.models import load_model_file, with_normalization
 from tasks.workspace import Workspace, read_json, write_json
 
+CLASSIFIER_KERAS_ARTIFACT = "keras_model"  # the name classifier_model.py loads it by
+
 
 def dvc_hash(path: Path) -> str:
     """The md5 DVC records for this output in dvc.lock (``<md5>.dir`` for a directory)."""
@@ -35,7 +37,14 @@ def dvc_hash(path: Path) -> str:
 
 
 def log_model(cfg: PipelineConfig, ws: Workspace) -> str:
-    """Log the raw-pixel model to the active run, register it; return the new version."""
+    """Log the raw-pixel model to the active run as an MLflow pyfunc, register it; return the
+    new version.
+
+    The version is MLflow model code (tasks/serving/classifier_model.py, copied into the
+    model) around the raw-pixel Keras file: `mlflow models serve` and
+    `mlflow.pyfunc.load_model` answer with class names and probabilities, and loading it
+    needs nothing from this repository.
+    """
     import mlflow
     from mlflow.models import infer_signature
 
@@ -46,28 +55,38 @@ def log_model(cfg: PipelineConfig, ws: Workspace) -> str:
         stats["std"],
         tta_flip=cfg.evaluate.tta_flip,
     )
+    meta = data.load_meta(ws.prepared)
     images, _ = data.load_split(ws.prepared, "test")
-    example = images[:4].astype("float32")  # raw pixels, 0..255
-    signature = infer_signature(example, raw_model.predict(example, verbose=0))
-    # The TensorFlow flavor, which wraps Keras 3 models: mlflow 3.17's keras flavor writes
-    # the input example before creating the model directory and fails.
-    info = mlflow.tensorflow.log_model(
-        raw_model,
-        name="model",
-        signature=signature,
-        input_example=example,
-        registered_model_name=cfg.register.model_name,
-        # Stated, not inferred: inference reloads the model in a subprocess (~6 s of ~7).
-        pip_requirements=serving_requirements(),
-    )
+    example = images[:2].astype("float32")  # raw pixels, 0..255
+    with tempfile.TemporaryDirectory() as scratch:
+        keras_file = Path(scratch) / "model.keras"
+        raw_model.save(keras_file)
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=classifier_code(),
+            artifacts={CLASSIFIER_KERAS_ARTIFACT: str(keras_file)},
+            model_config={"class_names": list(meta["class_names"])},
+            signature=infer_signature(example),
+            input_example=example,
+            registered_model_name=cfg.register.model_name,
+            # Stated, not inferred: inference reloads the model in a subprocess (~6 s of ~7).
+            pip_requirements=serving_requirements(),
+        )
     return str(info.registered_model_version)
+
+
+def classifier_code() -> str:
+    """The path of the model code logged with every version (not imported here: it is the
+    served model's module, which MLflow loads on its own)."""
+    return str(Path(__file__).resolve().parent / "serving" / "classifier_model.py")
 
 
 def serving_requirements() -> list[str]:
     """What loading the registered model needs: the exact TensorFlow and Keras trained with."""
     from importlib.metadata import version
 
-    return [f"{name}=={version(name)}" for name in ("tensorflow", "keras")]
+    packages = ("tensorflow", "keras", "numpy", "pandas")
+    return [f"{name}=={version(name)}" for name in packages]
 
 
 def lineage_tags(cfg: PipelineConfig, ws: Workspace, run_id: str) -> dict[str, str]:
@@ -158,11 +177,11 @@ def log_and_register(
 
 
 def run(cfg: PipelineConfig, ws: Workspace) -> dict[str, Any]:
-    """The stage as `dvc repro` and the Prefect flow call it; closes the pipeline run."""
+    """The stage as `dvc repro` and the Prefect flow call it."""
     import mlflow
 
     metrics = read_json(ws.metrics)
-    with tracking.stage_run(cfg, ws, "register", last=True) as run_id:
+    with tracking.stage_run(cfg, ws, "register") as run_id:
         record = log_and_register(cfg, ws, run_id, metrics["test"]["accuracy"])
         record["mlflow"] = tracking.run_url(run_id)
         write_json(ws.registration, record)

@@ -263,7 +263,12 @@ def _joinable_run(cfg: PipelineConfig, ws: Workspace, uri: str) -> str | None:
 
 @contextmanager
 def stage_run(
-    cfg: PipelineConfig, ws: Workspace, stage: str, *, last: bool = False
+    cfg: PipelineConfig,
+    ws: Workspace,
+    stage: str,
+    *,
+    last: bool = False,
+    run_id: str | None = None,
 ) -> Iterator[str]:
     """Make the pipeline run the active MLflow run while one stage executes.
 
@@ -271,12 +276,14 @@ def stage_run(
     owner) and FINISHED between stages, so a pipeline that stops after any stage (a
     data-only `dvc repro`) leaves no run open; the handle lets the next stage reopen it.
     A failing stage marks it FAILED, a stop signal KILLED (the reason in a tag), and
-    drops the handle so the next attempt starts clean.
+    drops the handle so the next attempt starts clean. ``run_id`` joins that run instead
+    (the export stage joins the run that registered the version it exports, also when
+    only the export params changed and the stage runs alone).
     """
     import mlflow
 
     uri = configure(cfg, ws)
-    run_id = _joinable_run(cfg, ws, uri)
+    run_id = run_id or _joinable_run(cfg, ws, uri)
     joined = run_id is not None
     end_orphans(cfg, keep=run_id)
     run_id = run_id or start_pipeline_run(cfg, ws)

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -62,6 +63,14 @@ class Workspace:
         return self.reports / "registration.json"
 
     @property
+    def exports(self) -> Path:  # export stage: one file or directory per format
+        return self.root / "exports"
+
+    @property
+    def parity(self) -> Path:  # export stage: each format against the Keras model
+        return self.exports / "parity.json"
+
+    @property
     def run_handle(self) -> Path:  # the open MLflow pipeline run, shared by stage processes
         return self.root / ".pipeline" / "mlflow_run.json"
 
@@ -93,6 +102,40 @@ def atomic_path(target: Path) -> Iterator[Path]:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield an empty temp directory beside ``target``; it replaces ``target`` (two renames)
+    only when the block succeeds. An error or a crash mid-write leaves the previous
+    ``target`` intact, never half of one; a killed run's leftovers go at the next write."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the output gets the usual mode
+    try:
+        yield staging
+        _swap_in(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful swap
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    """Replace ``target`` by ``staging``; restore the old one if that fails."""
+    retired = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    had_previous = target.exists()
+    if had_previous:
+        os.replace(target, retired)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        if had_previous:
+            os.replace(retired, target)
+        raise
+    if had_previous:
+        shutil.rmtree(retired)
 
 
 def remove_stale_temps(target: Path) -> None:

@@ -22,6 +22,10 @@ TINY = {
     "train.epochs": 1,
     "train.batch_size": 64,
     "preprocess.grid_samples": 16,
+    # The SavedModel alone: every format and quantization is tested once, in test_export.py.
+    "export.formats": ["saved_model"],
+    "export.quantize": "none",
+    "export.parity_samples": 64,
 }
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

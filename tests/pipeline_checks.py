@@ -48,6 +48,8 @@ def check_pipeline_run(client, run, *, epochs: int, model_name: str, ws: Workspa
         "evaluate/metrics.json",
         "train/history.csv",
         "register/registration.json",
+        "exports/parity.json",
+        "exports/saved_model/saved_model.pb",
     ):
         assert expected in artifacts, f"{expected} not among {sorted(artifacts)}"
     for png in (ws.augmented_grid, ws.confusion_png):
@@ -61,6 +63,9 @@ def check_pipeline_run(client, run, *, epochs: int, model_name: str, ws: Workspa
     assert json.loads(version.tags["params"])["train.epochs"] == epochs
     assert version.tags["data_version"].endswith(".dir")
     assert float(version.tags["test_accuracy"]) == metrics["test"]["accuracy"]
+    exported = json.loads(version.tags["export.saved_model"])  # the export stage's listing
+    assert exported["artifact"] == f"runs:/{run.info.run_id}/exports/saved_model"
+    assert exported["max_abs_diff"] <= 1e-4 and exported["top1_agreement"] == 1.0
     info = mlflow.models.get_model_info(f"models:/{model_name}/{version.version}")
     assert info.signature is not None and info.saved_input_example_info is not None
     assert info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 32, 32, 3)

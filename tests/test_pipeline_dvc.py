@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -9,13 +10,14 @@ import pytest
 import yaml
 
 from benchmarks.common import copy_repo, set_params
+from flows.stage import STAGE_NAMES
 from tasks.config import load_config
 from tasks.workspace import Workspace
 from tests.conftest import TINY, pipeline_env, read_mlflow
 from tests.pipeline_checks import check_pipeline_run
 
 pytestmark = pytest.mark.slow
-STAGES = ("data", "preprocess", "train", "evaluate", "register")
+STAGES = STAGE_NAMES
 
 
 def dvc_repro(root: Path) -> str:
@@ -72,11 +74,11 @@ def test_unchanged_workspace_runs_nothing(repro):
     assert "didn't change, skipping" in output
 
 
-def test_editing_epochs_reruns_train_evaluate_register_only(repro):
+def test_editing_epochs_reruns_train_evaluate_register_export_only(repro):
     root, _ = repro
     set_params(root, {"train.epochs": 2})
     output = dvc_repro(root)
-    assert stages_run(output) == ["train", "evaluate", "register"]
+    assert stages_run(output) == ["train", "evaluate", "register", "export"]
     params = yaml.safe_load((root / "params.yaml").read_text())
     client, runs = read_mlflow(
         f"sqlite:///{root / 'mlruns' / 'mlflow.db'}", params["mlflow"]["experiment"]
@@ -112,3 +114,23 @@ def test_a_data_only_repro_leaves_no_run_open(repro):
     _, runs = read_mlflow(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}", experiment)
     assert [run.info.status for run in runs if run.info.status == "RUNNING"] == []
     assert runs[0].data.tags["pipeline.stage.data"] == "done"
+
+
+def test_editing_export_params_reruns_export_only_into_the_registering_run(repro):
+    """A new export of the same version: only the export stage runs, and it logs into the
+    MLflow run that registered the version (no new run, the version's tags updated)."""
+    root, _ = repro
+    set_params(root, {"export.parity_samples": 32})
+    output = dvc_repro(root)
+    assert stages_run(output) == ["export"]
+    registration = json.loads(Workspace(root).registration.read_text())
+    parity = json.loads(Workspace(root).parity.read_text())
+    assert parity["samples"] == 32
+    assert parity["model"] == registration["model_uri"]
+    experiment = yaml.safe_load((root / "params.yaml").read_text())["mlflow"]["experiment"]
+    client, runs = read_mlflow(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}", experiment)
+    registering = client.get_run(registration["run_id"])
+    assert registering.info.status == "FINISHED"
+    assert registering.data.tags["pipeline.stage.export"] == "done"
+    assert all(run.info.status != "RUNNING" for run in runs)
+    assert stages_run(dvc_repro(root)) == []

@@ -40,16 +40,18 @@ def test_flow_runs_all_stages_and_registers_a_champion(prefect_server, tmp_path)
     assert registration == record
     assert str(client.get_model_version_by_alias("synthetic-seed_cnn", "champion").version) == "1"
 
-    # The registered model takes raw pixels and agrees with the evaluate stage's predictions.
-    from tasks.data import load_meta, load_split
+    # The registered model takes raw pixels, answers with class names, and agrees with the
+    # evaluate stage's predictions.
+    from tasks.data import load_split
 
     images, _ = load_split(ws.prepared, "test")
-    names = load_meta(ws.prepared)["class_names"]
-    model = mlflow.tensorflow.load_model("models:/synthetic-seed_cnn@champion")
-    served = model.predict(images[:50].astype("float32"), verbose=0).argmax(axis=1)
+    model = mlflow.pyfunc.load_model("models:/synthetic-seed_cnn@champion")
+    served = model.predict(images[:50].astype("float32"))
     rows = ws.predictions.read_text().splitlines()[1:51]
-    evaluated = [names.index(row.split(",")[1]) for row in rows]
-    assert np.array_equal(served, evaluated)
+    assert list(served["label"]) == [row.split(",")[1] for row in rows]
+    probabilities = np.array([list(p.values()) for p in served["probabilities"]])
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-6)
+    assert served["score"].tolist() == pytest.approx(probabilities.max(axis=1).tolist())
 
 
 def test_bad_override_fails_before_any_work(prefect_server, tmp_path):

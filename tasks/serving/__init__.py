@@ -1,0 +1,1 @@
+"""Everything after registration: the served model, exports with parity, prediction."""
