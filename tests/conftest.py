@@ -97,3 +97,33 @@ def stack(tmp_path_factory):
     assert stack.process.returncode == 0, stack.logs()
     assert "stopped" in "".join(stack.output)
     assert not strays, f"processes outlived the launcher: {strays}"
+
+
+@pytest.fixture(scope="session")
+def served_pipeline(tmp_path_factory):
+    """One tiny pipeline through all six stages with every export format, for the serving
+    tests (export parity, `mlflow models serve`, prediction): 28x28 grayscale synthetic
+    data, a real SQLite MLflow store. Yields (config, workspace, registration record)."""
+    import mlflow
+
+    from flows.stage import STAGE_NAMES, stage_functions
+    from tasks.workspace import read_json
+
+    root = tmp_path_factory.mktemp("served")
+    overrides = tiny_overrides(root) | {
+        "data.synthetic.image_size": 28,
+        "data.synthetic.channels": 1,
+        "train.epochs": 2,
+        "export.formats": ["saved_model", "litert", "onnx"],
+        "export.quantize": "int8",
+        "export.parity_samples": 300,
+    }
+    cfg = load_config(PARAMS, overrides)
+    ws = Workspace(root)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        patch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+        for name in STAGE_NAMES:
+            stage_functions()[name](cfg, ws)
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    yield cfg, ws, read_json(ws.registration)
