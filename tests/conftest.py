@@ -103,9 +103,8 @@ def stack(tmp_path_factory):
 def served_pipeline(tmp_path_factory):
     """One tiny pipeline through all six stages with every export format, for the serving
     tests (export parity, `mlflow models serve`, prediction): 28x28 grayscale synthetic
-    data, a real SQLite MLflow store. Yields (config, workspace, registration record)."""
-    import mlflow
-
+    data, a real SQLite MLflow store. Yields (config, workspace, registration record);
+    cfg.mlflow.tracking_uri is the store."""
     from flows.stage import STAGE_NAMES, stage_functions
     from tasks.workspace import read_json
 
@@ -125,5 +124,4 @@ def served_pipeline(tmp_path_factory):
         patch.delenv("MLFLOW_REGISTRY_URI", raising=False)
         for name in STAGE_NAMES:
             stage_functions()[name](cfg, ws)
-    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     yield cfg, ws, read_json(ws.registration)
