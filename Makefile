@@ -9,8 +9,9 @@ STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 MLFLOW_PORT ?= 5000
 PREFECT_PORT ?= 4200
+MODEL_PORT ?= 5002
 
-.PHONY: help venv run smoke test bench lint format ui serve reproduce
+.PHONY: help venv run smoke test bench lint format ui serve serve-model reproduce
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -26,7 +27,7 @@ $(STAMP): pyproject.toml requirements.lock
 		nvidia-dali-tf-plugin-cuda120==2.4.0
 	touch $(STAMP)
 
-run: venv ## run the pipeline with DVC: data -> preprocess -> train -> evaluate -> register
+run: venv ## run the pipeline with DVC: data -> preprocess -> train -> evaluate -> register -> export
 	dvc repro
 
 smoke: venv ## offline run of the whole pipeline as a Prefect flow on synthetic data
@@ -49,6 +50,9 @@ ui: venv ## MLflow UI on http://127.0.0.1:5000 over the mlruns/ store (MLFLOW_PO
 
 serve: venv ## Prefect server + worker + MLflow server on 127.0.0.1 (PREFECT_PORT, MLFLOW_PORT)
 	python -m flows.serve --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT)
+
+serve-model: venv ## serve a model on 127.0.0.1:5002 with the stack's credential (MODEL=models:/... default: champion)
+	python -m flows.serve_model $(MODEL) --port $(MODEL_PORT)
 
 reproduce: venv ## rebuild a registered version, compare its metrics: make reproduce MODEL=models:/cifar10-seed_cnn/3
 	python -m flows.reproduce "$(MODEL)"

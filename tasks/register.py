@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import platform
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,9 @@ def log_model(cfg: PipelineConfig, ws: Workspace) -> str:
     meta = data.load_meta(ws.prepared)
     images, _ = data.load_split(ws.prepared, "test")
     example = images[:2].astype("float32")  # raw pixels, 0..255
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
+        # The signature is given; MLflow would still ask for type hints on predict().
+        warnings.filterwarnings("ignore", message=".*type hint", category=UserWarning)
         keras_file = Path(scratch) / "model.keras"
         raw_model.save(keras_file)
         info = mlflow.pyfunc.log_model(

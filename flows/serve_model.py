@@ -1,0 +1,117 @@
+"""`make serve-model`: a registered model behind MLflow's scoring server, with a credential.
+
+    python -m flows.serve_model [MODEL_URI] [--host 127.0.0.1] [--port 5002]
+
+Runs in this process the same app `mlflow models serve` runs (MLflow's pyfunc scoring
+server: POST /invocations, GET /ping, /health, /version), so requests and answers are
+exactly MLflow's, and adds what `mlflow models serve` lacks: every path but the liveness
+probes (/ping, /health) requires the stack's credential (HTTP basic auth; the one `make
+serve` uses, flows/security.py), and it binds 127.0.0.1 unless told otherwise. MODEL_URI
+defaults to the champion of the model params.yaml registers (models:/<name>@champion);
+the tracking store is params.yaml's, or MLFLOW_TRACKING_URI's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hmac
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from flows import security
+
+OPEN_PATHS = ("/ping", "/health")  # liveness probes: they reveal nothing about the model
+MODEL_URI = re.compile(r"models:/[A-Za-z0-9][A-Za-z0-9._-]{0,127}(/[0-9]+|@[A-Za-z0-9_-]+)")
+
+
+class ServeModelError(ValueError):
+    """A model URI or store that cannot be served; the message says which and why."""
+
+
+def model_uri_and_store(uri: str | None, params: Path) -> tuple[str, str]:
+    """The model URI to serve (default: the champion of params.yaml's model) and the
+    tracking URI to resolve it in."""
+    from tasks import tracking
+    from tasks.config import load_config
+
+    cfg = load_config(params) if uri is None or not os.environ.get(tracking.TRACKING_ENV) else None
+    if uri is None:
+        uri = f"models:/{cfg.register.model_name}@champion"
+    if not MODEL_URI.fullmatch(uri):
+        raise ServeModelError(
+            f"model URI {uri!r} is not models:/<name>/<version> or models:/<name>@<alias>"
+        )
+    store = os.environ.get(tracking.TRACKING_ENV) or tracking.tracking_uri(cfg.mlflow, Path.cwd())
+    return uri, store
+
+
+def load_scoring_app(uri: str, store: str) -> Any:
+    """MLflow's scoring app (the one `mlflow models serve` runs) for the model at ``uri``."""
+    import mlflow
+    from mlflow.pyfunc import scoring_server
+
+    mlflow.set_tracking_uri(store)
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
+    except mlflow.exceptions.MlflowException as error:
+        raise ServeModelError(f"cannot load {uri} from {store}: {error.message}") from None
+    return scoring_server.init(scoring_server.load_model_with_mlflow_config(local))
+
+
+def require_credential(app: Any, credential: str) -> None:
+    """Answer 401 to any request without the credential, except the liveness probes."""
+    from fastapi.responses import JSONResponse
+
+    expected = "Basic " + base64.b64encode(credential.encode()).decode()
+
+    @app.middleware("http")
+    async def check(request: Any, call_next: Any) -> Any:
+        sent = request.headers.get("authorization", "")
+        if request.url.path in OPEN_PATHS or hmac.compare_digest(sent, expected):
+            return await call_next(request)
+        return JSONResponse(
+            {
+                "error_code": "UNAUTHENTICATED",
+                "message": "this model server requires the "
+                "stack's credential (HTTP basic auth, .pipeline/secrets/api-credential)",
+            },
+            status_code=401,
+            headers={"WWW-Authenticate": 'Basic realm="model"'},
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.serve_model", description=__doc__)
+    parser.add_argument("model_uri", nargs="?", help="default: models:/<params' model>@champion")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback)")
+    parser.add_argument("--port", type=int, default=5002)
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    import uvicorn
+
+    from tasks.config import ConfigError
+
+    try:
+        credential_file, credential = security.ensure_credential(Path.cwd(), dict(os.environ))
+        uri, store = model_uri_and_store(args.model_uri, Path(args.params))
+        app = load_scoring_app(uri, store)
+    except (ConfigError, ServeModelError, security.CredentialError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    require_credential(app, credential)
+    user = security.split_credential(credential)[0]
+    print(
+        f"serving {uri} on http://{args.host}:{args.port}/invocations (user {user!r}, "
+        f"password in {credential_file})",
+        flush=True,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""The registered model served for real: `mlflow models serve` (the issue's command) and
+`python -m flows.serve_model` (the same MLflow app behind the stack's credential), on free
+loopback ports, answering with class names and probabilities; bad input gets HTTP 400
+with a JSON message, never a stack trace."""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from tasks.data import load_split
+from tests.conftest import REPO, pipeline_env
+from tests.operate import free_port
+
+pytestmark = pytest.mark.slow
+STARTUP_S = 180  # ~7 s here when idle
+
+
+def post(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        url, data=body, headers={"Content-Type": "application/json", **(headers or {})}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@contextmanager
+def server(command: list[str], port: int, env: dict[str, str], cwd: Path) -> Iterator[str]:
+    """Start ``command``, wait for /ping on ``port``, yield the base URL, stop it."""
+    process = subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while True:
+            assert process.poll() is None, process.stdout.read()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "model server did not start"
+                time.sleep(0.5)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def served(served_pipeline):
+    cfg, ws, registration = served_pipeline
+    images, _ = load_split(ws.prepared, "test")
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    expected = mlflow.pyfunc.load_model(registration["model_uri"]).predict(
+        images[:8].astype("float32")
+    )
+    env = pipeline_env() | {"MLFLOW_TRACKING_URI": cfg.mlflow.tracking_uri}
+    return registration["model_uri"], images, expected, env
+
+
+def bad_requests(shape: tuple[int, ...]) -> dict[str, bytes]:
+    good = np.zeros((1, *shape)).tolist()
+    return {
+        "wrong shape": json.dumps({"inputs": np.zeros((1, 5, 5, 3)).tolist()}).encode(),
+        "NaN": json.dumps({"inputs": np.full((1, *shape), np.nan).tolist()}).encode(),
+        "outside 0..255": json.dumps({"inputs": (np.ones((1, *shape)) * 300).tolist()}).encode(),
+        "empty batch": json.dumps({"inputs": np.zeros((0, *shape)).tolist()}).encode(),
+        "strings": json.dumps({"inputs": [[["a"] * shape[1]] * shape[0]]}).encode(),
+        "not JSON": b"pixels please",
+        "a table": json.dumps({"dataframe_records": [{"x": 1}]}).encode(),
+        "good": json.dumps({"inputs": good}).encode(),  # the control: answered 200
+    }
+
+
+def check_answers(base: str, served, headers: dict[str, str] | None = None) -> None:
+    uri, images, expected, _ = served
+    body = json.dumps({"inputs": images[:8].tolist()}).encode()  # uint8 values as JSON numbers
+    status, answer = post(f"{base}/invocations", body, headers)
+    assert status == 200, answer
+    rows = answer["predictions"]
+    assert [row["label"] for row in rows] == list(expected["label"])
+    assert [row["class_index"] for row in rows] == list(expected["class_index"])
+    for row, probabilities in zip(rows, expected["probabilities"], strict=True):
+        assert list(row["probabilities"]) == [f"class_{i}" for i in range(10)]
+        np.testing.assert_allclose(
+            list(row["probabilities"].values()), list(probabilities.values()), atol=1e-6
+        )
+    for what, request in bad_requests(images.shape[1:]).items():
+        status, answer = post(f"{base}/invocations", request, headers)
+        if what == "good":
+            assert status == 200, answer
+            continue
+        assert status == 400, (what, status, answer)
+        assert answer["message"], what
+        assert "Traceback" not in json.dumps(answer) and "stack_trace" not in answer, what
+
+
+def test_mlflow_models_serve_answers_with_names_and_refuses_bad_input(served):
+    port = free_port()
+    command = [
+        sys.executable, "-m", "mlflow", "models", "serve", "-m", served[0],
+        "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port),
+    ]  # fmt: skip
+    with server(command, port, served[3], REPO) as base:
+        check_answers(base, served)
+        _, answer = post(f"{base}/invocations", bad_requests((28, 28, 1))["outside 0..255"])
+        assert "pixels must be raw values in 0..255" in answer["message"]
+
+
+def test_serve_model_requires_the_credential(served, tmp_path):
+    port = free_port()
+    credential = f"pipeline:{secrets.token_urlsafe(24)}"
+    env = served[3] | {"PREFECT_SERVER_API_AUTH_STRING": credential, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "flows.serve_model", served[0], "--port", str(port)]
+    with server(command, port, env, tmp_path) as base:
+        body = bad_requests((28, 28, 1))["good"]
+        assert post(f"{base}/invocations", body)[0] == 401
+        wrong = {"Authorization": "Basic " + base64.b64encode(b"pipeline:guess").decode()}
+        assert post(f"{base}/invocations", body, wrong)[0] == 401
+        right = {"Authorization": "Basic " + base64.b64encode(credential.encode()).decode()}
+        check_answers(base, served, right)
+    stored = tmp_path / ".pipeline" / "secrets" / "api-credential"
+    assert stored.read_text().strip() == credential and (stored.stat().st_mode & 0o077) == 0
+
+
+def test_serve_model_refuses_a_malformed_uri_before_loading(served, tmp_path):
+    env = served[3] | {"PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.serve_model", "runs:/abc/model"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "is not models:/<name>/<version> or models:/<name>@<alias>" in done.stderr
+    assert "Traceback" not in done.stderr
