@@ -66,7 +66,7 @@ def as_pixel_batch(model_input: Any, image_shape: tuple[int, ...]) -> np.ndarray
 # MLflow asks for type hints on predict() when the class is defined; the schema is the
 # tensor signature logged with the model instead.
 with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message=".*Add type hints", category=UserWarning)
+    warnings.filterwarnings("ignore", message="Add type hints", category=UserWarning)
 
     class ImageClassifier(mlflow.pyfunc.PythonModel):
         """Raw pixels in, class probabilities and names out."""
