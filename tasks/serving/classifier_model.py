@@ -13,7 +13,6 @@ model raises MlflowException(INVALID_PARAMETER_VALUE): the scoring server answer
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import mlflow
@@ -63,41 +62,36 @@ def as_pixel_batch(model_input: Any, image_shape: tuple[int, ...]) -> np.ndarray
     return pixels
 
 
-# MLflow asks for type hints on predict() when the class is defined; the schema is the
-# tensor signature logged with the model instead.
-with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message="Add type hints", category=UserWarning)
+class ImageClassifier(mlflow.pyfunc.PythonModel):
+    """Raw pixels in, class probabilities and names out."""
 
-    class ImageClassifier(mlflow.pyfunc.PythonModel):
-        """Raw pixels in, class probabilities and names out."""
+    def load_context(self, context: Any) -> None:
+        import keras
 
-        def load_context(self, context: Any) -> None:
-            import keras
+        # Safe mode: a tampered model file with a Python function in it is refused.
+        self.model = keras.saving.load_model(
+            context.artifacts[KERAS_ARTIFACT], compile=False, safe_mode=True
+        )
+        self.class_names = [str(name) for name in context.model_config["class_names"]]
+        self.image_shape = tuple(int(d) for d in self.model.input_shape[1:])
 
-            # Safe mode: a tampered model file with a Python function in it is refused.
-            self.model = keras.saving.load_model(
-                context.artifacts[KERAS_ARTIFACT], compile=False, safe_mode=True
-            )
-            self.class_names = [str(name) for name in context.model_config["class_names"]]
-            self.image_shape = tuple(int(d) for d in self.model.input_shape[1:])
-
-        # No type hints here: MLflow would read them as the model's signature.
-        def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
-            pixels = as_pixel_batch(model_input, self.image_shape)
-            logits = self.model.predict(pixels, batch_size=PREDICT_BATCH, verbose=0)
-            probabilities = softmax(np.asarray(logits, dtype="float64"))
-            top = probabilities.argmax(axis=1)
-            return pd.DataFrame(
-                {
-                    "label": [self.class_names[i] for i in top],
-                    "class_index": top.astype("int64"),
-                    "score": probabilities[np.arange(len(top)), top],
-                    "probabilities": [
-                        dict(zip(self.class_names, map(float, row), strict=True))
-                        for row in probabilities
-                    ],
-                }
-            )
+    # No type hints here: MLflow would read them as the model's signature.
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+        pixels = as_pixel_batch(model_input, self.image_shape)
+        logits = self.model.predict(pixels, batch_size=PREDICT_BATCH, verbose=0)
+        probabilities = softmax(np.asarray(logits, dtype="float64"))
+        top = probabilities.argmax(axis=1)
+        return pd.DataFrame(
+            {
+                "label": [self.class_names[i] for i in top],
+                "class_index": top.astype("int64"),
+                "score": probabilities[np.arange(len(top)), top],
+                "probabilities": [
+                    dict(zip(self.class_names, map(float, row), strict=True))
+                    for row in probabilities
+                ],
+            }
+        )
 
 
 mlflow.models.set_model(ImageClassifier())
