@@ -107,10 +107,12 @@ def training_pipeline(
     except Exception as error:
         return failed_without_traceback(error)
     metrics = results.get("evaluate") or (read_json(ws.metrics) if ws.metrics.is_file() else None)
-    reporting.publish_pipeline_summary(ws, run_id, metrics, results.get("register"))
     if "register" not in results:
+        reporting.publish_pipeline_summary(ws, run_id, metrics, None)
         return results[names[-1]]
-    return results["register"] | ({"exports": results["export"]} if "export" in results else {})
+    record = results["register"] | ({"exports": results["export"]} if "export" in results else {})
+    reporting.publish_pipeline_summary(ws, run_id, metrics, record)
+    return record
 
 
 def failed_without_traceback(error: Exception) -> Any:
@@ -196,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", help="file of overrides, e.g. profiles/fast_fashion_mnist.yaml"
     )
     parser.add_argument("--workdir", default=".")
+    parser.add_argument(
+        "--stages", nargs="+", metavar="STAGE", help=f"a subset, in order: {' '.join(STAGE_NAMES)}"
+    )
     args = parser.parse_args(argv)
     # Paths typed on the command line are relative to the shell's directory.
     args.params = str(Path(args.params).resolve())
@@ -210,8 +215,13 @@ def main(argv: list[str] | None = None) -> int:
         overrides = dict(parse_override(item) for item in args.overrides)
         # Validate here too, so a typo fails before a Prefect API is even started.
         resolve_config(Workspace(Path(args.workdir)), args.params, args.profile, overrides)
+        names = select_stages(args.stages)
         record = training_pipeline(
-            overrides=overrides, params_path=args.params, workdir=args.workdir, profile=args.profile
+            overrides=overrides,
+            params_path=args.params,
+            workdir=args.workdir,
+            profile=args.profile,
+            stages=list(names),
         )
     except expected_errors() as error:
         print(f"error: {error}", file=sys.stderr)
@@ -224,7 +234,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"pipeline stopped by {name}", file=sys.stderr)
         return 130
-    print(f"registered {record['model_name']} version {record['version']} {record['aliases']}")
+    if "register" in names:
+        print(f"registered {record['model_name']} version {record['version']} {record['aliases']}")
+    else:
+        print(f"ran {', '.join(names)} in {Path(args.workdir).resolve()}")
     return 0
 
 

@@ -137,6 +137,10 @@ def publish_pipeline_summary(
         ]
     else:
         rows.append(("Registered", "no: the register stage did not run in this flow run"))
+    if exports := (record or {}).get("exports"):
+        for variant, row in exports["formats"].items():
+            parity = f"max diff {row['max_abs_diff']:.2g}, accuracy {row['accuracy']:.4f}"
+            rows.append((f"Export {variant}", parity))
     markdown = "## Training pipeline summary\n\n" + markdown_table(rows)
     create_markdown_artifact(key=SUMMARY_KEY, markdown=markdown, description="Run summary")
     return markdown

@@ -5,7 +5,7 @@
 The data stage does not run: the prepared dataset of the current data version (the
 `data/prepared` hash in the project's dvc.lock) is checked out with DVC, from the local
 cache or else the DVC remote, and copied into the run's own directory. Then preprocess,
-train, evaluate and register run as any pipeline run does (the training_pipeline flow,
+train, evaluate, register and export run as any pipeline run does (the training_pipeline flow,
 as a subflow), so what a retrain picks up is the code, params and data version committed
 since the last one. The new version becomes champion only under the usual rule.
 """

@@ -46,7 +46,7 @@ def test_resolve_config_anchors_only_for_a_run_directory_in_the_project(tmp_path
 
 
 def test_select_stages_keeps_pipeline_order_and_rejects_typos():
-    assert select_stages(None) == ("data", "preprocess", "train", "evaluate", "register")
+    assert select_stages(None) == ("data", "preprocess", "train", "evaluate", "register", "export")
     assert select_stages(["evaluate", "train"]) == ("train", "evaluate")
     with pytest.raises(ConfigError, match="trian"):
         select_stages(["trian"])

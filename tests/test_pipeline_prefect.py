@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.workspace import Workspace
+from tasks.workspace import Workspace, read_json
 from tests.conftest import PARAMS, read_mlflow, tiny_overrides
 from tests.pipeline_checks import check_pipeline_run
 
@@ -37,7 +37,9 @@ def test_flow_runs_all_stages_and_registers_a_champion(prefect_server, tmp_path)
     ws = Workspace(tmp_path)
     name = "synthetic-seed_cnn"  # register.model_name: auto, on synthetic data
     registration = check_pipeline_run(client, runs[0], epochs=1, model_name=name, ws=ws)
+    exports = record.pop("exports")  # the flow returns the registration and the export
     assert registration == record
+    assert exports == read_json(ws.parity) and "saved_model" in exports["formats"]
     assert str(client.get_model_version_by_alias("synthetic-seed_cnn", "champion").version) == "1"
 
     # The registered model takes raw pixels, answers with class names, and agrees with the

@@ -140,8 +140,27 @@ def test_serve_model_requires_the_credential(served, tmp_path):
         assert post(f"{base}/invocations", body, wrong)[0] == 401
         right = {"Authorization": "Basic " + base64.b64encode(credential.encode()).decode()}
         check_answers(base, served, right)
+        readme_request_from_an_image_file(tmp_path, port, served)
     stored = tmp_path / ".pipeline" / "secrets" / "api-credential"
     assert stored.read_text().strip() == credential and (stored.stat().st_mode & 0o077) == 0
+
+
+def readme_request_from_an_image_file(cwd: Path, port: int, served) -> None:
+    """README's "from an image file" commands, verbatim but for the port: a PNG becomes
+    the request JSON, curl sends it with the credential file, the label comes back."""
+    from PIL import Image
+
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("python -c 'import json, sys, numpy as np")
+    commands = readme[start : readme.index("# {", start)].replace("5002", str(port))
+    _, images, expected, env = served
+    Image.fromarray(images[0][:, :, 0]).save(cwd / "shoe.png")
+    done = subprocess.run(
+        ["bash", "-c", "set -eo pipefail\n" + commands],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["predictions"][0]["label"] == expected["label"][0]
 
 
 def test_serve_model_refuses_a_malformed_uri_before_loading(served, tmp_path):
