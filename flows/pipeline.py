@@ -39,7 +39,7 @@ from flows.stage import (
     stage_functions,
 )
 from flows.workdir import run_root, shared_path_overrides
-from tasks import tracking
+from tasks import console, tracking
 from tasks.config import ConfigError, PipelineConfig, load_config, load_profile, parse_override
 from tasks.workspace import Workspace, read_json
 
@@ -205,8 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     # Paths typed on the command line are relative to the shell's directory.
     args.params = str(Path(args.params).resolve())
     args.profile = args.profile and str(Path(args.profile).resolve())
-    # The temporary Prefect server phones home by default (and logs an error offline).
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Before TensorFlow loads: calm logs on CPU; no telemetry (Prefect's temporary server
+    # phones home by default, and logs an error offline).
+    if note := console.prepare_process():
+        print(note, file=sys.stderr)
+    console.import_tensorflow()
     # SIGTERM unwinds like Ctrl-C (also when SIGINT starts ignored, as in a background job
     # of a script): the MLflow run ends KILLED and Prefect's temporary server is stopped.
     signal.signal(signal.SIGTERM, tracking.raise_interrupted)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -49,6 +50,9 @@ class _Tee:
         return getattr(self._stream, name)
 
 
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # colours, cursor moves
+
+
 @dataclass
 class StageReport:
     name: str
@@ -56,7 +60,11 @@ class StageReport:
     started: float = field(default_factory=time.monotonic)
 
     def tail(self) -> str:
-        lines = self.buffer.getvalue().splitlines()[-LOG_TAIL_LINES:]
+        """The last lines, without terminal colour codes and progress-bar redraws."""
+        text = ANSI_ESCAPE.sub("", self.buffer.getvalue())
+        # split("\n"), not splitlines(): a bar's "\r" redraws stay on its line, last one wins
+        lines = [line.rpartition("\r")[2] for line in text.rstrip("\n").split("\n")]
+        lines = lines[-LOG_TAIL_LINES:]
         return "\n".join(line[:LOG_LINE_CHARS] for line in lines)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from flows import security
+from tasks import console
 
 OPEN_PATHS = ("/ping", "/health")  # liveness probes: they reveal nothing about the model
 MODEL_URI = re.compile(r"models:/[A-Za-z0-9][A-Za-z0-9._-]{0,127}(/[0-9]+|@[A-Za-z0-9_-]+)")
@@ -91,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=5002)
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
+    if note := console.prepare_process():
+        print(note, file=sys.stderr)
+    console.import_tensorflow()
     import uvicorn
 
     from tasks.config import ConfigError

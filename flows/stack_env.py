@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flows import security
+from tasks import console
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ def base_env() -> dict[str, str]:
     for secret in (security.USER_CREDENTIAL_ENV, "PREFECT_API_AUTH_STRING"):
         env.pop(secret, None)  # each service gets exactly the credential it needs, below
     env.update(
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",  # no telemetry (and no DNS errors offline)
+        console.NO_TELEMETRY,
         # MLflow's job runner (GenAI scorers) adds six processes the pipeline never uses.
         MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
     )

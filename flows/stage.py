@@ -16,6 +16,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
+from tasks import console
 from tasks.config import ConfigError, PipelineConfig, load_config
 from tasks.errors import DataFileError, ExportError, ModelFileError, RegistryBindingError
 from tasks.tracking import raise_interrupted
@@ -110,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stage", choices=STAGE_NAMES)
     parser.add_argument("--params", default="params.yaml", help="path to params.yaml")
     args = parser.parse_args(argv)
+    if note := console.prepare_process():
+        print(note, file=sys.stderr)
+    if args.stage != "data":  # every other stage runs TensorFlow (the data stage only for TFDS)
+        console.import_tensorflow()
     ws = Workspace(Path.cwd())
     # SIGTERM (dvc's or a scheduler's stop) unwinds like Ctrl-C: the MLflow run ends KILLED.
     signal.signal(signal.SIGTERM, raise_interrupted)

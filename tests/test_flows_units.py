@@ -99,3 +99,48 @@ def test_serve_refuses_a_port_in_use(capsys):
         assert main(["--prefect-port", str(port), "--mlflow-port", str(free_port())]) == 2
     error = capsys.readouterr().err
     assert f"port {port}" in error and "Prefect server" in error and "--prefect-port" in error
+
+
+def test_stage_log_artifacts_carry_no_terminal_codes():
+    from flows.reporting import StageReport
+
+    report = StageReport("register")
+    report.buffer.write("\x1b[33mAdd type hints\x1b[0m\nGet: 10%\rGet: 100%\ndone\n")
+    assert report.tail() == "Add type hints\nGet: 100%\ndone"
+
+
+def test_a_cpu_only_process_gets_one_calm_line_and_no_telemetry(monkeypatch):
+    """In a fresh interpreter: the entry points' setup, then TensorFlow's import, prints
+    the one line and none of TensorFlow's loading banners; a user's setting wins."""
+    import os
+    import subprocess
+    import sys
+
+    from tasks import console
+
+    if console.has_nvidia_gpu():
+        pytest.skip("this machine has a GPU: the CPU-only message does not apply")
+    code = (
+        "import os; from tasks import console; print(console.prepare_process());"
+        "console.import_tensorflow(); import tensorflow as tf; tf.constant(1.0) + 1;"
+        "env = os.environ; print(env['MLFLOW_DISABLE_TELEMETRY'],"
+        "env['PREFECT_SERVER_ANALYTICS_ENABLED'], env['TF_CPP_MIN_LOG_LEVEL'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in console.NO_TELEMETRY}
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "no GPU found: TensorFlow and DALI run on the CPU",
+        "true false 3",
+    ]
+    assert "I0000" not in done.stderr and "E0000" not in done.stderr, done.stderr
+    assert "absl::InitializeLog" not in done.stderr
+    mine = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env | {"MLFLOW_DISABLE_TELEMETRY": "false"},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert mine.stdout.splitlines()[-1].startswith("false false")

@@ -1,0 +1,80 @@
+"""What an entry point sets before heavy imports: calm logs on CPU, no telemetry.
+
+TensorFlow prints CUDA ``cuInit``/cuDNN/TensorRT error lines and banners on every start
+of a machine without a GPU; those are not problems there, so on such machines its C++
+log is limited to fatal messages, the banners its libraries print while loading are
+dropped (any other line printed then is kept), and one line says where work runs
+instead. On a GPU machine only TensorFlow's info lines are hidden, so real warnings and
+errors still show.
+Prefect analytics and MLflow telemetry are off by default. A value the user set in the
+environment always wins (e.g. ``TF_CPP_MIN_LOG_LEVEL=0``, ``MLFLOW_DISABLE_TELEMETRY=false``).
+A leaf module: standard library only, safe to call before TensorFlow is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+# What TensorFlow's libraries print while loading on a machine without CUDA (TF 2.21),
+# before its log level applies.
+LOADING_BANNERS = (
+    "All log messages before absl::InitializeLog() is called",
+    "oneDNN custom operations are on",
+    "Could not find cuda drivers on your machine",
+)
+NO_TELEMETRY = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # also: no DNS errors offline
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+}
+
+
+def has_nvidia_gpu() -> bool:
+    """Whether the NVIDIA driver shows a GPU, without importing CUDA or TensorFlow."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return (gpus.is_dir() and any(gpus.iterdir())) or Path("/dev/nvidia0").exists()
+
+
+def prepare_process() -> str | None:
+    """Set the log level and telemetry defaults; return the one line to print on a
+    CPU-only machine (None with a GPU)."""
+    for key, value in NO_TELEMETRY.items():
+        os.environ.setdefault(key, value)
+    # Progress bars for millisecond downloads of local artifacts only clutter stage logs.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    gpu = has_nvidia_gpu()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1" if gpu else "3")  # 3: fatal only
+    return None if gpu else "no GPU found: TensorFlow and DALI run on the CPU"
+
+
+@contextmanager
+def dropped_stderr_lines(drop: tuple[str, ...]) -> Iterator[None]:
+    """Collect what anything (C++ included) writes to file descriptor 2 inside the block,
+    then write it back without the lines containing one of ``drop``."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            for line in sink.read().decode(errors="replace").splitlines():
+                if not any(text in line for text in drop):
+                    print(line, file=sys.stderr)
+
+
+def import_tensorflow() -> None:
+    """Import TensorFlow now, without its loading banners on a machine with no GPU (call
+    after prepare_process, in processes that will use TensorFlow anyway)."""
+    if "tensorflow" in sys.modules or has_nvidia_gpu():
+        return
+    with dropped_stderr_lines(LOADING_BANNERS):
+        import tensorflow  # noqa: F401
