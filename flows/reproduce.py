@@ -262,11 +262,16 @@ def reproduction_run(client: Any, checkout: Path, record: VersionRecord) -> str 
 
 
 def rebuild_metrics(checkout: Path) -> dict[str, float]:
-    """The reproduction's reports/metrics.json, named as its MLflow metrics are."""
+    """The reproduction's test metrics, named as its MLflow metrics are. Commits before
+    reports/per_class.json kept the per-class numbers inside reports/metrics.json."""
     from tasks.evaluate import mlflow_metrics
     from tasks.workspace import Workspace
 
-    return mlflow_metrics(read_json(Workspace(checkout).metrics))
+    ws = Workspace(checkout)
+    metrics = read_json(ws.metrics)
+    if "per_class" not in metrics:
+        metrics["per_class"] = read_json(ws.per_class)
+    return mlflow_metrics(metrics)
 
 
 def reproduce_version(

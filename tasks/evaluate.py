@@ -135,8 +135,10 @@ def run(cfg: PipelineConfig, ws: Workspace) -> dict:
         predicted = logits.argmax(axis=1)
         save_confusion_matrix(labels, predicted, meta["class_names"], ws.confusion_png)
         write_predictions(labels, predicted, meta["class_names"], ws.predictions)
-        write_json(ws.metrics, metrics)
+        # Headline numbers for `dvc metrics show`; per-class ones in their own file.
+        write_json(ws.metrics, {"test": metrics["test"]})
+        write_json(ws.per_class, metrics["per_class"])
         mlflow.log_metrics(mlflow_metrics(metrics))
-        for path in (ws.metrics, ws.confusion_png, ws.predictions):
+        for path in (ws.metrics, ws.per_class, ws.confusion_png, ws.predictions):
             mlflow.log_artifact(str(path), artifact_path="evaluate")
     return metrics

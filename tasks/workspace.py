@@ -51,6 +51,10 @@ class Workspace:
         return self.reports / "metrics.json"
 
     @property
+    def per_class(self) -> Path:  # per-class precision/recall/F1/support
+        return self.reports / "per_class.json"
+
+    @property
     def predictions(self) -> Path:  # actual/predicted rows, a DVC confusion plot
         return self.reports / "predictions.csv"
 

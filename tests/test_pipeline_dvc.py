@@ -134,3 +134,22 @@ def test_editing_export_params_reruns_export_only_into_the_registering_run(repro
     assert registering.data.tags["pipeline.stage.export"] == "done"
     assert all(run.info.status != "RUNNING" for run in runs)
     assert stages_run(dvc_repro(root)) == []
+
+
+def test_metrics_show_prints_headline_numbers_and_per_class_on_request(repro):
+    root, _ = repro
+    env = pipeline_env()
+
+    def show(*targets: str) -> dict:
+        done = subprocess.run(
+            ["dvc", "metrics", "show", "--json", *targets],
+            cwd=root, env=env, capture_output=True, text=True, timeout=120, check=True,
+        )  # fmt: skip
+        [(_, shown)] = json.loads(done.stdout).items()
+        return shown["data"]
+
+    headline = show()
+    assert list(headline) == ["reports/metrics.json"]
+    assert set(headline["reports/metrics.json"]["data"]["test"]) == {"accuracy", "loss", "macro_f1"}
+    per_class = show("reports/per_class.json")["reports/per_class.json"]["data"]
+    assert len(per_class) == 10 and set(per_class["class_0"]) >= {"precision", "recall", "f1"}
