@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml requirements.lock
 run: venv ## run the pipeline with DVC: data -> preprocess -> train -> evaluate -> register -> export
 	dvc repro
 
-smoke: venv ## offline run of the whole pipeline as a Prefect flow on synthetic data
+smoke: venv ## offline run of the whole pipeline as a Prefect flow on synthetic data (outputs in runs/<id>/)
 	python -m flows.pipeline data.source=synthetic train.epochs=2
 
 test: venv ## run the test suite (CPU; GPU tests skip themselves)

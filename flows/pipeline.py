@@ -38,7 +38,7 @@ from flows.stage import (
     is_expected,
     stage_functions,
 )
-from flows.workdir import run_root, shared_path_overrides
+from flows.workdir import RUN_ID_FIELD, run_root, shared_path_overrides
 from tasks import console, tracking
 from tasks.config import ConfigError, PipelineConfig, load_config, load_profile, parse_override
 from tasks.workspace import Workspace, read_json
@@ -197,7 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", help="file of overrides, e.g. profiles/fast_fashion_mnist.yaml"
     )
-    parser.add_argument("--workdir", default=".")
+    parser.add_argument(
+        "--workdir",
+        default=f"runs/{RUN_ID_FIELD}",
+        help="where outputs go (default runs/<flow-run-id>/, git- and DVC-ignored, so the "
+        "outputs DVC tracks stay as `dvc repro` left them; `--workdir .` writes over them)",
+    )
     parser.add_argument(
         "--stages", nargs="+", metavar="STAGE", help=f"a subset, in order: {' '.join(STAGE_NAMES)}"
     )

@@ -1,8 +1,9 @@
 """Where a flow run writes, and which paths every run shares.
 
-`python -m flows.pipeline` and `dvc repro` write to the project directory. Deployments
-give each flow run its own directory inside it, ``runs/<flow-run-id>/``, so two runs at
-once never overwrite each other's outputs. What such runs must share (the dataset
+`dvc repro` writes to the project directory (DVC owns those outputs). Every flow run,
+from a deployment or from `python -m flows.pipeline`, gets its own directory inside it by
+default, ``runs/<flow-run-id>/``, so two runs at once never overwrite each other's outputs
+and none touches DVC's. What such runs must share (the dataset
 download cache and the MLflow store) is named by relative paths in params.yaml; for a
 run directory inside the project those keep pointing at the project's own, the one
 params.yaml sits in. A directory outside the project (``--workdir /tmp/x``) stays a

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,31 @@ def test_metrics_show_prints_headline_numbers_and_per_class_on_request(repro):
     assert set(headline["reports/metrics.json"]["data"]["test"]) == {"accuracy", "loss", "macro_f1"}
     per_class = show("reports/per_class.json")["reports/per_class.json"]["data"]
     assert len(per_class) == 10 and set(per_class["class_0"]) >= {"precision", "recall", "f1"}
+
+
+def test_a_default_flow_run_leaves_dvc_outputs_and_git_untouched(repro):
+    """`python -m flows.pipeline` (no --workdir) beside a `dvc repro`'d checkout writes to
+    runs/<flow-run-id>/ and registers there; DVC and git see no change."""
+    root, _ = repro
+    env = pipeline_env()
+
+    def git_status() -> str:  # the fixture's own edits (params.yaml, dvc.lock) are there
+        return subprocess.run(
+            ["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout
+
+    before = git_status()
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.pipeline"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stdout + done.stderr
+    [run_dir] = (root / "runs").iterdir()
+    assert (run_dir / "reports" / "registration.json").is_file()
+    assert f"outputs in {run_dir}" in done.stdout + done.stderr
+    status = subprocess.run(
+        ["dvc", "status", "--json"], cwd=root, env=env, capture_output=True, text=True, check=True
+    )
+    assert json.loads(status.stdout) == {}
+    assert git_status() == before
