@@ -112,6 +112,7 @@ def training_pipeline(
         return results[names[-1]]
     record = results["register"] | ({"exports": results["export"]} if "export" in results else {})
     reporting.publish_pipeline_summary(ws, run_id, metrics, record)
+    get_run_logger().info("%s", reporting.outcome_line(record))
     return record
 
 

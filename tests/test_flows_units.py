@@ -144,3 +144,22 @@ def test_a_cpu_only_process_gets_one_calm_line_and_no_telemetry(monkeypatch):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert mine.stdout.splitlines()[-1].startswith("false false")
+
+
+def test_the_last_log_line_of_a_flow_run_says_what_came_out():
+    from flows.reporting import outcome_line
+
+    record = {
+        "test_accuracy": 0.91234,
+        "model_name": "fashion_mnist-seed_cnn",
+        "version": "4",
+        "aliases": ["challenger", "champion"],
+        "run_id": "ab" * 16,
+        "mlflow": {"ui_url": "http://127.0.0.1:5000/#/experiments/1/runs/x", "tracking_uri": "h"},
+    }
+    assert outcome_line(record) == (
+        "test accuracy 0.9123; registered fashion_mnist-seed_cnn version 4 (challenger, "
+        "champion); MLflow: http://127.0.0.1:5000/#/experiments/1/runs/x"
+    )
+    local = record | {"mlflow": {"ui_url": None, "tracking_uri": "sqlite:///m.db"}}
+    assert outcome_line(local).endswith(f"MLflow: run {'ab' * 16} in sqlite:///m.db")
