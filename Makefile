@@ -18,14 +18,17 @@ help: ## list targets
 
 venv: $(STAMP) ## create .venv with pinned dependencies (and the DALI TF plugin)
 
+# One line per step with its time (pip's own output is thousands of lines); a failing
+# step shows pip's full error.
+STEP = @start=$$(date +%s); printf '%s ... ' $(1); $(2) && echo "done in $$(( $$(date +%s) - start )) s"
+
 $(STAMP): pyproject.toml requirements.lock
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet pip==26.3 setuptools==84.2.1 wheel==0.48.0
-	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
-	# Source-only plugin, compiled against the TensorFlow just installed (about 40 s).
-	$(BIN)/python -m pip install --quiet --no-build-isolation --no-cache-dir \
-		nvidia-dali-tf-plugin-cuda120==2.4.0
-	touch $(STAMP)
+	$(call STEP,"[1/4] virtualenv $(VENV)",test -x $(BIN)/python || $(PYTHON) -m venv $(VENV))
+	$(call STEP,"[2/4] pip and build tools",$(BIN)/python -m pip install --quiet pip==26.3 setuptools==84.2.1 wheel==0.48.0)
+	$(call STEP,"[3/4] pinned dependencies (about 1 GB: TensorFlow; DALI; MLflow; Prefect; DVC)",$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]')
+	@# Source-only plugin, compiled against the TensorFlow just installed (about 40 s).
+	$(call STEP,"[4/4] DALI TensorFlow plugin (compiled; about 40 s)",$(BIN)/python -m pip install --quiet --no-build-isolation --no-cache-dir nvidia-dali-tf-plugin-cuda120==2.4.0)
+	@touch $(STAMP)
 
 run: venv ## run the pipeline with DVC: data -> preprocess -> train -> evaluate -> register -> export
 	dvc repro
