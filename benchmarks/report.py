@@ -484,7 +484,9 @@ runs in its own process: `keras` is the registered raw-pixel model with a softma
 registered pyfunc (`tasks/serving/classifier_model.py`) makes per request; the other rows
 are the export stage's files run by `tasks/serving/formats.py`'s runners. Latency: batch 1,
 p50 / p99 over *n* timed calls after warm-up, each call on the next test image. Images/s:
-back-to-back calls at that batch size, median (min-max) over *n* windows. Accuracy and
+back-to-back calls at that batch size, median (min-max) over *n* windows; at batch 1 it
+follows the mean latency, so a heavy tail (contention for the two cores) pulls it below
+1000 / p50. Accuracy and
 top-1 agreement with `keras`: the whole test split. Size: the file or directory on disk
 (`keras`: the registered .keras file). Model load s: loading plus the first answer. Peak RSS: the
 measuring process (runtime, model and the test set as float32).
