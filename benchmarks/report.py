@@ -486,10 +486,9 @@ are the export stage's files run by `tasks/serving/formats.py`'s runners. Latenc
 p50 / p99 over *n* timed calls after warm-up, each call on the next test image. Images/s:
 back-to-back calls at that batch size, median (min-max) over *n* windows; at batch 1 it
 follows the mean latency, so a heavy tail (contention for the two cores) pulls it below
-1000 / p50. Accuracy and
-top-1 agreement with `keras`: the whole test split. Size: the file or directory on disk
-(`keras`: the registered .keras file). Model load s: loading plus the first answer. Peak RSS: the
-measuring process (runtime, model and the test set as float32).
+1000 / p50. Accuracy and top-1 agreement with `keras`: the whole test split. Size: the
+file or directory on disk (`keras`: the registered .keras file). Model load s: loading
+plus the first answer. Peak RSS: the measuring process (runtime, model and the test set as float32).
 """
     if not result:
         return text + missing("inference", quick)
