@@ -1,0 +1,386 @@
+"""Inference on this CPU: one registered model in every export format and behind
+`mlflow models serve`, side by side.
+
+The model comes from the real pipeline (`python -m flows.pipeline`, all six stages on
+Fashion-MNIST, its MLflow store inside the work directory), or from a --workdir that
+already holds one (exports/parity.json present). Then, each in its own process (one
+runtime loaded; its peak RSS measured):
+
+* ``keras``: the registered raw-pixel Keras model with a softmax on top
+  (formats.probabilities_model), called with ``predict_on_batch``;
+* ``keras_predict``: the same model through ``model.predict``, the call the registered
+  pyfunc (tasks/serving/classifier_model.py) makes for every request;
+* each file the export stage wrote (exports/parity.json lists them), run by its runner in
+  tasks/serving/formats.py: SavedModel, LiteRT fp32/dynamic/int8, ONNX Runtime (CPU);
+* ``dali_decode_cpu``: DALI decoding the test images as JPEG uploads
+  (benchmarks/inference_decode.py; its GPU twin, ``mixed``, is `--gpu`);
+* ``http``: `mlflow models serve` round trips at batch 1 and 32
+  (benchmarks/inference_http.py).
+
+Per format: load time, batch-1 latency (p50/p99 over ``latency_calls`` calls after
+warm-up, each on the next test image), images/s at batch 1/32/256 (median and spread over
+``repeats`` windows of back-to-back calls), and accuracy plus top-1 agreement with
+``keras`` on the whole test split. The 1-minute load average is recorded at the start and
+the end of the measurement and around every row.
+
+    python -m benchmarks.inference [--workdir DIR] [--quick]
+    python -m benchmarks.inference --gpu --workdir DIR   # DALI mixed decoding; needs a GPU
+
+Quick mode trains on a tiny synthetic 28x28x1 set for one epoch and makes few calls: it
+checks the code, its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks import inference_decode, inference_http
+from benchmarks.common import (
+    REPO,
+    as_cli_overrides,
+    child_env,
+    command,
+    load_average,
+    log,
+    python_module,
+    run_measured,
+    stamp_row,
+    write_rows,
+)
+from benchmarks.inference_formats import (
+    BATCHES,
+    THREADS,
+    Sizes,
+    Variant,
+    format_worker,
+    percentiles,
+    variants,
+)
+
+TRAIN_OVERRIDES = {"data.source": "idx", "data.name": "fashion_mnist", "train.epochs": 3}
+QUICK_OVERRIDES = {
+    "data.source": "synthetic",
+    "data.synthetic.image_size": 28,
+    "data.synthetic.channels": 1,
+    "data.synthetic.train_size": 1_500,
+    "data.synthetic.test_size": 500,
+    "train.epochs": 1,
+    "preprocess.grid_samples": 16,
+}
+HTTP_BATCHES = (1, 32)
+RUNTIME_PACKAGES = ("onnxruntime", "ai-edge-litert", "tf2onnx", "onnx", "uvicorn", "pillow")
+SIZES = {False: Sizes(20, 200, 5, 1.0, 200), True: Sizes(3, 20, 2, 0.2, 10)}
+
+
+# ---------------------------------------------------------------------------- the model
+
+
+def train_overrides(quick: bool) -> dict[str, Any]:
+    return QUICK_OVERRIDES if quick else TRAIN_OVERRIDES
+
+
+def pipeline_command(quick: bool) -> list[str]:
+    """`python -m flows.pipeline` with the training overrides, except --workdir."""
+    return ["python", "-m", "flows.pipeline", *as_cli_overrides(train_overrides(quick))]
+
+
+def ensure_model(workdir: Path, quick: bool, scratch: Path) -> dict[str, Any]:
+    """Train through the real pipeline into ``workdir`` unless it already has exports."""
+    from tasks.workspace import Workspace, read_json
+
+    ws = Workspace(workdir)
+    trained = None
+    if ws.parity.is_file() and ws.registration.is_file():
+        log(f"reusing the model in {workdir}")
+    else:
+        cmd = [*pipeline_command(quick), "--workdir", str(workdir)]
+        log(f"training: {shlex.join(cmd)}")
+        measured = run_measured(
+            [sys.executable, *cmd[1:]],
+            cwd=REPO,
+            env=child_env(scratch),
+            log=scratch / "pipeline.log",
+        )
+        trained = {"wall_s": measured.wall_s, "peak_rss_mib": measured.peak_rss_mib}
+    registration = read_json(ws.registration)
+    meta = read_json(ws.prepared / "meta.json")
+    return {
+        "uri": registration["model_uri"],
+        "name": registration["model_name"],
+        "version": str(registration["version"]),
+        "store": registration["mlflow"]["tracking_uri"],
+        "test_accuracy_evaluate_stage": registration["test_accuracy"],
+        "dataset": {"source": meta["source"], "name": meta["dataset"], "counts": meta["counts"]},
+        "image_shape": meta["image_shape"],
+        "trained_here": trained,
+        "pipeline_command": shlex.join(pipeline_command(quick)) + ' --workdir "$(mktemp -d)"',
+    }
+
+
+def disk_bytes(path: Path) -> int:
+    if path.is_dir():
+        return sum(item.stat().st_size for item in path.rglob("*") if item.is_file())
+    return path.stat().st_size
+
+
+def registered_sizes(model: dict[str, Any]) -> dict[str, int]:
+    """Bytes of the registered version: its .keras file, and the whole MLflow model
+    directory `mlflow models serve` loads (model code, environment files, the .keras)."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as scratch:
+        mlflow.set_tracking_uri(model["store"])
+        local = Path(mlflow.artifacts.download_artifacts(model["uri"], dst_path=scratch))
+        [keras_file] = local.rglob("*.keras")
+        return {"keras": disk_bytes(keras_file), "mlflow_model": disk_bytes(local)}
+
+
+# ----------------------------------------------------------------------------- parent
+
+
+def run_worker(args: list[str], scratch: Path, name: str) -> tuple[dict[str, Any], float]:
+    """A worker process of this module; its result and its peak RSS (MiB)."""
+    out = scratch / f"{name}.json"
+    measured = run_measured(
+        python_module("benchmarks.inference", *args, "--out", str(out)),
+        cwd=REPO,
+        env=child_env(scratch),
+        log=scratch / f"{name}.log",
+    )
+    return json.loads(out.read_text()), measured.peak_rss_mib
+
+
+def worker_args(workdir: Path, model_file: Path, quick: bool) -> list[str]:
+    return ["--workdir", str(workdir), "--model-file", str(model_file)] + (
+        ["--quick"] if quick else []
+    )
+
+
+def measure_format(
+    variant: Variant,
+    common_args: list[str],
+    sizes: dict[str, int],
+    workdir: Path,
+    quick: bool,
+    scratch: Path,
+) -> dict[str, Any]:
+    load_before = load_average()
+    result, rss = run_worker(["--worker", variant.key, *common_args], scratch, variant.key)
+    on_disk = (
+        sizes["keras"] if variant.file is None else disk_bytes(workdir / "exports" / variant.file)
+    )
+    row = (
+        asdict(variant)
+        | result
+        | {
+            "threads": THREADS[variant.runtime],
+            "bytes": on_disk,
+            "peak_rss_mib": rss,
+            "command": command("benchmarks.inference", quick=quick),
+        }
+    )
+    log(
+        f"{variant.key}: p50 {result['latency_ms_batch1']['p50']:.3f} ms, "
+        f"{result['images_per_s']['256']['median']:,.0f} img/s at 256, "
+        f"accuracy {result['accuracy']:.4f}"
+    )
+    return stamp_row(row, load_before)
+
+
+def measure_decode(device: str, common_args: list[str], quick: bool, scratch: Path) -> dict:
+    load_before = load_average()
+    key = f"dali_decode_{device}"
+    result, rss = run_worker(["--decode-worker", device, *common_args], scratch, key)
+    gpu_flag = ["--gpu"] if device == "mixed" else []
+    row = {"key": key, "runtime": "dali", **result, "peak_rss_mib": rss}
+    row["command"] = command("benchmarks.inference", *gpu_flag, quick=quick)
+    log(f"{key}: {result['images_per_s']['median']:,.0f} img/s")
+    return stamp_row(row, load_before)
+
+
+def measure_http(
+    model: dict[str, Any], keras_top1: np.ndarray, workdir: Path, quick: bool, scratch: Path
+) -> dict[str, Any]:
+    from tasks import data
+
+    load_before = load_average()
+    images, _ = data.load_split(workdir / "data" / "prepared", "test")
+    probe = inference_http.request_body(images[:1])
+    with inference_http.model_server(model["uri"], model["store"], probe, scratch) as server:
+        log(f"http: first answer {server['first_answer_s']:.1f} s after start")
+        batches = {}
+        for batch in HTTP_BATCHES:
+            calls = SIZES[quick].http_calls
+            done = inference_http.round_trips(server["port"], images, keras_top1, batch, calls)
+            batches[str(batch)] = {"latency_ms": percentiles(done.pop("times_ms")), **done}
+        rss = inference_http.tree_rss_mib(server["pid"])
+    row = {
+        "key": "http",
+        "runtime": "http",
+        "threads": inference_http.THREADS,
+        "server_command": inference_http.server_command(model["uri"]),
+        "first_answer_s": server["first_answer_s"],
+        "server_rss_mib": rss,
+        "batches": batches,
+        "command": command("benchmarks.inference", quick=quick),
+    }
+    return stamp_row(row, load_before)
+
+
+def gpu_commands(image_shape: list[int]) -> list[dict[str, str]]:
+    """The GPU rows: commands for a machine with an NVIDIA GPU, run in a work directory
+    ``$WORK`` that holds a trained model (`python -m benchmarks.inference --workdir $WORK`
+    trains into an empty one and keeps it)."""
+    from tasks.serving.formats import INPUT_NAME, SIGNATURE
+
+    hwc = "x".join(map(str, image_shape))
+    shapes = " ".join(
+        f"--{kind}Shapes={INPUT_NAME}:{size}x{hwc}"
+        for kind, size in (("min", 1), ("opt", "${b}"), ("max", max(BATCHES)))
+    )
+    tftrt_dir = "$WORK/exports/saved_model_tftrt"
+    return [
+        {
+            "what": "TensorRT fp16 engine from exports/model.onnx (trtexec: latency "
+            "percentiles and throughput on random inputs; no accuracy)",
+            "command": f"for b in {' '.join(map(str, BATCHES))}; do trtexec "
+            f'--onnx="$WORK/exports/model.onnx" --fp16 {shapes} '
+            f"--shapes={INPUT_NAME}:${{b}}x{hwc} --iterations=200 --percentile=50,99; done",
+        },
+        {
+            "what": "TF-TRT fp16 on exports/saved_model (needs TensorFlow <= 2.17 with "
+            "TensorRT: TensorFlow 2.18+ wheels, including this project's 2.21, are built "
+            "without it, tensorflow/tensorflow#87911)",
+            "command": 'python -c "from tensorflow.python.compiler.tensorrt import '
+            "trt_convert as trt; c = trt.TrtGraphConverterV2(input_saved_model_dir="
+            f"'$WORK/exports/saved_model', precision_mode='FP16'); c.convert(); "
+            f"c.save('{tftrt_dir}')\" && python -m timeit -s \"import numpy as np, "
+            f"tensorflow as tf; f = tf.saved_model.load('{tftrt_dir}').signatures"
+            f"['{SIGNATURE}']; x = tf.constant(np.zeros((32, {', '.join(map(str, image_shape))}"
+            f"), 'float32'))\" \"f({INPUT_NAME}=x)['probabilities'].numpy()\"",
+        },
+        {
+            "what": "DALI `mixed` decoding (nvJPEG) of the test images as JPEG, batch "
+            f"{inference_decode.DECODE_BATCH}: the GPU twin of the dali_decode_cpu row; writes "
+            "benchmarks/results/inference_gpu.json",
+            "command": 'python -m benchmarks.inference --gpu --workdir "$WORK"',
+        },
+    ]
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the inference runtimes (common.machine() lists the training stack)."""
+    from importlib import metadata
+
+    versions = {}
+    for name in RUNTIME_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def measure_all(workdir: Path, quick: bool, scratch: Path) -> dict[str, Any]:
+    """Every row, one after another, for the model in ``workdir`` (trained there if need be)."""
+    model = ensure_model(workdir, quick, scratch)
+    model_file = scratch / "model.json"
+    model_file.write_text(json.dumps(model))
+    common_args = worker_args(workdir, model_file, quick)
+    sizes = registered_sizes(model)
+    load_start, started = load_average(), time.perf_counter()
+    log(f"measuring {model['uri']}; load {load_start}")
+    rows = [
+        measure_format(variant, common_args, sizes, workdir, quick, scratch)
+        for variant in variants(workdir)
+    ]
+    keras_top1 = np.load(scratch / "keras.npy")
+    for row in rows:
+        top1 = np.load(scratch / f"{row['key']}.npy")
+        row["top1_agreement_with_keras"] = float((top1 == keras_top1).mean())
+    rows.append(measure_decode("cpu", common_args, quick, scratch))
+    http_row = measure_http(model, keras_top1, workdir, quick, scratch)
+    rows.append(http_row | {"bytes": sizes["mlflow_model"]})
+    load_end = load_average()
+    log(f"measured in {time.perf_counter() - started:.0f} s; load {load_start} -> {load_end}")
+    return {
+        "rows": rows,
+        "model": model,
+        "load_avg_1min": {"start": load_start, "end": load_end},
+        "measurement_s": time.perf_counter() - started,
+        "sizes": asdict(SIZES[quick]),
+        "runtimes": library_versions(),
+        "gpu_not_measured": gpu_commands(model["image_shape"]),
+    }
+
+
+def measure_gpu(workdir: Path, quick: bool, scratch: Path) -> int:
+    from nvidia.dali.backend import GetCUDADeviceCount
+
+    if GetCUDADeviceCount() == 0:
+        print("error: --gpu needs a CUDA GPU, and DALI sees none here", file=sys.stderr)
+        return 2
+    model = ensure_model(workdir, quick, scratch)
+    model_file = scratch / "model.json"
+    model_file.write_text(json.dumps(model))
+    row = measure_decode("mixed", worker_args(workdir, model_file, quick), quick, scratch)
+    write_rows("inference_gpu", quick, [row], model=model, runtimes=library_versions())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.inference",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--workdir", type=Path, help="reuse (or train into and keep) this dir")
+    parser.add_argument("--quick", action="store_true", help="tiny synthetic run, results/quick/")
+    parser.add_argument("--gpu", action="store_true", help="the GPU rows only (DALI mixed)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--decode-worker", choices=("cpu", "mixed"), help=argparse.SUPPRESS)
+    parser.add_argument("--model-file", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    sizes = SIZES[args.quick]
+    if args.worker:
+        model = json.loads(args.model_file.read_text())
+        [variant] = [v for v in variants(args.workdir) if v.key == args.worker]
+        format_worker(variant, args.workdir, model, sizes, args.out)
+        return 0
+    if args.decode_worker:
+        from tasks import data
+
+        images, _ = data.load_split(args.workdir / "data" / "prepared", "test")
+        inference_decode.decode_worker(
+            args.decode_worker, images, sizes.warmup_calls, sizes.repeats, args.out
+        )
+        return 0
+    with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
+        scratch = Path(tmp)
+        workdir = (args.workdir or scratch / "work").resolve()
+        if args.gpu:
+            return measure_gpu(workdir, args.quick, scratch)
+        record = measure_all(workdir, args.quick, scratch)
+    rows = record.pop("rows")
+    given = sys.argv[1:] if argv is None else argv
+    invoked = shlex.join(["python", "-m", "benchmarks.inference", *given])
+    path = write_rows("inference", args.quick, rows, invoked_as=invoked, **record)
+    log(f"wrote {path.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
