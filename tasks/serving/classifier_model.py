@@ -78,7 +78,10 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     # No type hints here: MLflow would read them as the model's signature.
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
         pixels = as_pixel_batch(model_input, self.image_shape)
-        logits = self.model.predict(pixels, batch_size=PREDICT_BATCH, verbose=0)
+        if len(pixels) <= PREDICT_BATCH:  # one call: Keras' predict() costs ~40 ms per call
+            logits = self.model(pixels, training=False)
+        else:
+            logits = self.model.predict(pixels, batch_size=PREDICT_BATCH, verbose=0)
         probabilities = softmax(np.asarray(logits, dtype="float64"))
         top = probabilities.argmax(axis=1)
         return pd.DataFrame(
