@@ -125,6 +125,15 @@ class Outcome:
     labels: Counter = field(default_factory=Counter)
 
 
+def set_process_defaults() -> None:
+    """Environment defaults, set before TensorFlow and MLflow read them."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TensorFlow takes nearly all GPU memory when it starts on a GPU; DALI's decoder needs
+    # some in the same process.
+    os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 def parse_model_uri(uri: Any) -> ModelRef:
     """The one gate for a caller's model URI: only names and versions or aliases made of
     letters, digits, '.', '_' and '-' get past it."""
@@ -456,6 +465,7 @@ def batch_predict(
     from prefect.states import Failed
 
     project = Path.cwd()
+    set_process_defaults()
     try:
         request = prepare(images, model_uri, top_k, project, within=project)
         outdir = run_root(f"runs/{RUN_ID_FIELD}", flow_run.get_id())
@@ -500,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--errors", default=DEFAULT_ERRORS, help="errors CSV (%(default)s)")
     args = parser.parse_args(argv)
     out, errors = Path(args.out), Path(args.errors)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    set_process_defaults()
     signal.signal(signal.SIGTERM, tracking.raise_interrupted)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     from flows.stage import expected_errors

@@ -92,7 +92,10 @@ def list_files(path: Path) -> list[Path]:
 
 
 def has_image_signature(path: Path) -> bool:
-    """Whether the file starts like a PNG or a JPEG (8 bytes read; False if unreadable)."""
+    """Whether the file starts like a PNG or a JPEG (8 bytes read; False if unreadable or
+    not a regular file: opening a FIFO would wait for a writer)."""
+    if not path.is_file():
+        return False
     try:
         with path.open("rb") as handle:
             head = handle.read(len(PNG_SIGNATURE))
