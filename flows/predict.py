@@ -159,7 +159,10 @@ def find_images(images: str, within: Path | None) -> list[Path]:
     ``within``: a deployment run reads only inside this directory (the project).
     """
     if not images:
-        raise PredictError("no images given: name a PNG or JPEG file or a directory of them")
+        raise PredictError(
+            "no images given: name a PNG or JPEG file or a directory of them "
+            "(make predict IMAGES=...)"
+        )
     path = Path(images)
     quoted = repr(images)[:MAX_QUOTED_CHARS]
     if within is not None and not (within / path).resolve().is_relative_to(within.resolve()):
