@@ -242,7 +242,9 @@ def known_model_code() -> set[str]:
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return known  # not a git checkout: the working tree's code only
-    return known | {line.split()[0] for line in listed.splitlines() if line.endswith(MODEL_CODE)}
+    return known | {
+        line.split()[0] for line in listed.splitlines() if line.endswith(f" {MODEL_CODE}")
+    }
 
 
 def check_model_code(model_dir: Path, uri: str) -> None:
@@ -251,23 +253,29 @@ def check_model_code(model_dir: Path, uri: str) -> None:
     of tasks/serving/classifier_model.py."""
     import yaml
 
-    conf = yaml.safe_load((model_dir / "MLmodel").read_text()) or {}
-    pyfunc = (conf.get("flavors") or {}).get("python_function") or {}
-    code = model_dir / Path(str(pyfunc.get("model_code_path", ""))).name
-    artifacts = [str(a.get("path", "")) for a in (pyfunc.get("artifacts") or {}).values()]
-    ours = (
-        pyfunc.get("loader_module") == CODE_LOADER
-        and not pyfunc.get("code")
-        and code.name == Path(MODEL_CODE).name
-        and code.is_file()
-        and git_blob_id(code.read_bytes()) in known_model_code()
-        and all((model_dir / a).resolve().is_relative_to(model_dir.resolve()) for a in artifacts)
-    )
+    try:
+        ours = is_project_model(yaml.safe_load((model_dir / "MLmodel").read_text()), model_dir)
+    except (KeyError, TypeError, AttributeError, yaml.YAMLError):
+        ours = False  # not the MLmodel file the register stage writes
     if not ours:
         raise PredictError(
             f"{uri} was not registered by this project's register stage: its model code is "
             f"not a version of {MODEL_CODE}, and loading it would run that code; refused"
         )
+
+
+def is_project_model(mlmodel: dict[str, Any], model_dir: Path) -> bool:
+    pyfunc = mlmodel["flavors"]["python_function"]
+    code = model_dir / Path(str(pyfunc["model_code_path"])).name
+    artifacts = [model_dir / str(a["path"]) for a in pyfunc["artifacts"].values()]
+    return (
+        pyfunc["loader_module"] == CODE_LOADER
+        and not pyfunc.get("code")
+        and code.name == Path(MODEL_CODE).name
+        and code.is_file()
+        and git_blob_id(code.read_bytes()) in known_model_code()
+        and all(path.resolve().is_relative_to(model_dir.resolve()) for path in artifacts)
+    )
 
 
 def input_shape(pyfunc: Any, uri: str) -> tuple[int, int, int]:

@@ -294,11 +294,12 @@ def test_batch_predict_writes_predictions_and_logs_them_with_the_version(stack, 
         (folder / f"{i}.png").write_bytes(png_bytes(images[i]))
     (folder / "broken.png").write_bytes(png_bytes(images[0])[:40])
 
-    result, run_id = run_deployment(
-        stack,
-        "batch-predict/local",
-        {"images": "data/predict-operate", "model_uri": f"models:/{name}@champion"},
+    # As the README writes it: plain -p values are strings to the Prefect CLI.
+    result = stack.prefect(
+        *("deployment", "run", "batch-predict/local", "-p", "images=data/predict-operate"),
+        *("-p", f"model_uri=models:/{name}@champion", "--watch"),
     )
+    run_id = flow_run_id(result.stdout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     outdir = stack.root / "runs" / run_id
     rows = read_csv(outdir / "predictions.csv")
