@@ -52,7 +52,7 @@ from flows import reporting
 from flows.pipeline import failed_without_traceback
 from flows.reproduce import mlflow_client
 from flows.workdir import RUN_ID_FIELD, run_root
-from tasks import tracking
+from tasks import console, tracking
 from tasks.config import load_config
 from tasks.registry import CHAMPION
 from tasks.serving import images as image_files
@@ -125,13 +125,12 @@ class Outcome:
     labels: Counter = field(default_factory=Counter)
 
 
-def set_process_defaults() -> None:
-    """Environment defaults, set before TensorFlow and MLflow read them."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    # TensorFlow takes nearly all GPU memory when it starts on a GPU; DALI's decoder needs
-    # some in the same process.
+def prepare_process() -> str | None:
+    """console.prepare_process (calm logs, no telemetry, no progress bars), and TensorFlow
+    growing its GPU memory: it takes nearly all of it when it starts on a GPU, and DALI's
+    decoder needs some in the same process. Returns the CPU-only note to print."""
     os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    return console.prepare_process()
 
 
 def parse_model_uri(uri: Any) -> ModelRef:
@@ -476,7 +475,8 @@ def batch_predict(
     from prefect.states import Failed
 
     project = Path.cwd()
-    set_process_defaults()
+    if note := prepare_process():
+        print(note)
     try:
         request = prepare(images, model_uri, top_k, project, within=project)
         outdir = run_root(f"runs/{RUN_ID_FIELD}", flow_run.get_id())
@@ -521,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--errors", default=DEFAULT_ERRORS, help="errors CSV (%(default)s)")
     args = parser.parse_args(argv)
     out, errors = Path(args.out), Path(args.errors)
-    set_process_defaults()
+    note = prepare_process()  # printed once the request is accepted: a refusal is one line
     signal.signal(signal.SIGTERM, tracking.raise_interrupted)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     from flows.stage import expected_errors
@@ -530,6 +530,9 @@ def main(argv: list[str] | None = None) -> int:
         if out.resolve() == errors.resolve() or out.is_dir() or errors.is_dir():
             raise PredictError(f"--out {out} and --errors {errors} must be two file paths")
         request = prepare(args.images, args.model, args.top_k, Path.cwd())
+        if note:
+            print(note, file=sys.stderr)
+        console.import_tensorflow()  # without its loading banners on a CPU-only machine
         with open_model(request) as model:
             outcome = predict_files(model, request, out, errors)
     except (PredictError, *expected_errors()) as error:

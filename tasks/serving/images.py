@@ -25,8 +25,12 @@ pipeline: the good images of that batch are kept.
 from __future__ import annotations
 
 import os
+import re
 import struct
-from collections.abc import Sequence
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +57,9 @@ JPEG_FRAME_MARKERS = frozenset(
     (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)
 )
 WITHOUT_ALPHA = {"gray+alpha": "gray", "RGBA": "RGB"}
+# How the decoding libraries' messages start (nvImageCodec's, libpng's, libjpeg's).
+DECODER_LOG_PREFIXES = ("[ERROR]", "[WARNING]", "libpng ", "Corrupt JPEG", "Premature end of JPEG")
+ANSI_CODES = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @dataclass(frozen=True)
@@ -204,12 +211,39 @@ def conversions(info: ImageInfo, shape: tuple[int, int, int]) -> str:
     return "; ".join(notes)
 
 
-def decode_failure(error: Exception) -> str:
-    """One line for a DALI decoding error: its cause, without the pipeline traceback."""
+def decode_failure(error: Exception, messages: list[str]) -> str:
+    """One line for a DALI decoding error: the decoder library's own message when it
+    printed one (libpng's "IDAT: incorrect data check"), else DALI's, without the pipeline
+    traceback."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     causes = [line for line in lines if "pipeline" not in line and not line.startswith("File ")]
-    cause = causes[-1] if causes else (lines[-1] if lines else type(error).__name__)
+    cause = (messages or causes or lines or [type(error).__name__])[-1]
     return f"DALI could not decode it (corrupt, truncated or unsupported data: {cause[:200]})"
+
+
+@contextmanager
+def decoder_messages() -> Iterator[list[str]]:
+    """The lines the decoding libraries (nvImageCodec, libpng, libjpeg) print on file
+    descriptor 2 inside the block, instead of on the terminal; anything else printed
+    there meanwhile is written back."""
+    messages: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield messages
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            for line in sink.read().decode(errors="replace").splitlines():
+                plain = ANSI_CODES.sub("", line).strip()
+                if plain.startswith(DECODER_LOG_PREFIXES):
+                    messages.append(plain.removeprefix("[ERROR]").removeprefix("[WARNING]").strip())
+                else:
+                    print(line, file=sys.stderr)
 
 
 class Decoder:
@@ -231,16 +265,19 @@ class Decoder:
         results: list[np.ndarray | str] = []
         for batch in _batches(images):
             try:
-                results += self._run(batch)
+                with decoder_messages():  # reported per image below if the batch fails
+                    results += self._run(batch)
             except RuntimeError:  # some image in it is bad: find which, keep the others
                 results += [self._decode_alone(image) for image in batch]
         return results
 
     def _decode_alone(self, image: EncodedImage) -> np.ndarray | str:
-        try:
-            return self._run([image])[0]
-        except RuntimeError as error:
-            return decode_failure(error)
+        with decoder_messages() as messages:
+            try:
+                return self._run([image])[0]
+            except RuntimeError as error:
+                failure = error
+        return decode_failure(failure, messages)
 
     def _run(self, batch: list[EncodedImage]) -> list[np.ndarray]:
         size = DECODE_BATCH if len(batch) > 1 else 1
