@@ -305,6 +305,14 @@ def top_classes(probabilities: dict[str, float], k: int) -> list[tuple[str, floa
     return sorted(probabilities.items(), key=lambda item: -item[1])[:k]
 
 
+def prediction_row(path: Path, answer: Any, note: str, k: int) -> tuple[list[str], str]:
+    """The CSV row and the printed line for one predicted file."""
+    top = top_classes(answer.probabilities, k)
+    top_k = json.dumps([[label, round(p, 6)] for label, p in top])
+    line = f"{path}: " + ", ".join(f"{label} {p:.3f}" for label, p in top)
+    return [str(path), answer.label, f"{answer.score:.6f}", top_k, note], line
+
+
 def predict_chunk(
     model: LoadedModel,
     decoder: image_files.Decoder,
@@ -366,12 +374,10 @@ def predict_files(
                     line = f"{path}: skipped: {results[path]}"
                 else:
                     answer, note = results[path]
-                    top = top_classes(answer.probabilities, request.top_k)
-                    top_k = json.dumps([[label, round(p, 6)] for label, p in top])
-                    rows.writerow([str(path), answer.label, f"{answer.score:.6f}", top_k, note])
+                    row, line = prediction_row(path, answer, note, request.top_k)
+                    rows.writerow(row)
                     outcome.predicted += 1
                     outcome.labels[answer.label] += 1
-                    line = f"{path}: " + ", ".join(f"{label} {p:.3f}" for label, p in top)
                 if echo:
                     echo(line)
     return outcome
@@ -392,12 +398,11 @@ def summary_line(request: Request, outcome: Outcome, out: Path, errors: Path) ->
 
 def publish_summary(request: Request, outcome: Outcome, outdir: Path, run: Any) -> str:
     """The flow run's markdown artifact: the model, the counts, the files, the first errors."""
+    import mlflow
     from prefect.artifacts import create_markdown_artifact
 
     def cell(text: str) -> str:
         return str(text).replace("|", "\\|").replace("\n", " ")
-
-    import mlflow
 
     links = reporting.ui_links(mlflow.get_tracking_uri(), run, None)
     run_cell = f"[{run.info.run_id}]({links['run']})" if links["run"] else f"`{run.info.run_id}`"
