@@ -11,7 +11,7 @@ MLFLOW_PORT ?= 5000
 PREFECT_PORT ?= 4200
 MODEL_PORT ?= 5002
 
-.PHONY: help venv run smoke test bench lint format ui serve serve-model reproduce
+.PHONY: help venv run smoke test bench lint format ui serve serve-model reproduce predict
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -59,3 +59,6 @@ serve-model: venv ## serve a model on 127.0.0.1:5002 with the stack's credential
 
 reproduce: venv ## rebuild a registered version, compare its metrics: make reproduce MODEL=models:/cifar10-seed_cnn/3
 	python -m flows.reproduce "$(MODEL)"
+
+predict: venv ## predict image files with a registered model: make predict IMAGES=<dir or file> [MODEL=models:/<name>@champion]
+	python -m flows.predict "$(IMAGES)" $(if $(MODEL),--model "$(MODEL)") $(if $(TOP_K),--top-k $(TOP_K))

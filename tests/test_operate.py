@@ -271,3 +271,57 @@ def test_a_killed_flow_run_is_crashed_in_prefect_and_killed_in_mlflow(stack):
     ended = client.get_run(orphan.info.run_id)
     assert ended.info.status == "KILLED"
     assert ended.data.tags["pipeline.end_reason"].startswith("orphaned")
+
+
+def test_batch_predict_writes_predictions_and_logs_them_with_the_version(stack, served_pipeline):
+    """The session's tiny model, registered on the stack's MLflow server by the register
+    stage's own log_model (no second training), predicts a folder inside the project."""
+    from tasks.config import load_config
+    from tasks.data import load_split
+    from tasks.register import log_model
+    from tests.conftest import PARAMS
+    from tests.test_predict import png_bytes, read_csv
+
+    cfg, ws, _ = served_pipeline
+    name = "operate-predict"
+    client = client_for(stack)
+    version = log_model(load_config(PARAMS, cfg.flat() | {"register.model_name": name}), ws)
+    client.set_registered_model_alias(name, "champion", version)
+    images, _ = load_split(ws.prepared, "test")
+    folder = stack.root / "data" / "predict-operate"  # git-ignored, inside the project
+    folder.mkdir(parents=True)
+    for i in range(6):
+        (folder / f"{i}.png").write_bytes(png_bytes(images[i]))
+    (folder / "broken.png").write_bytes(png_bytes(images[0])[:40])
+
+    # As the README writes it: plain -p values are strings to the Prefect CLI.
+    result = stack.prefect(
+        *("deployment", "run", "batch-predict/local", "-p", "images=data/predict-operate"),
+        *("-p", f"model_uri=models:/{name}@champion", "--watch"),
+    )
+    run_id = flow_run_id(result.stdout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    outdir = stack.root / "runs" / run_id
+    rows = read_csv(outdir / "predictions.csv")
+    expected = mlflow.pyfunc.load_model(f"models:/{name}/{version}").predict(
+        images[:6].astype("float32")
+    )
+    assert [row["path"] for row in rows] == [f"data/predict-operate/{i}.png" for i in range(6)]
+    assert [row["label"] for row in rows] == list(expected["label"])
+    [failed] = read_csv(outdir / "errors.csv")
+    assert failed["path"] == "data/predict-operate/broken.png"
+
+    [run] = runs_of(client, "batch-predict")
+    assert run.data.tags["model_name"] == name and run.data.tags["model_version"] == version
+    assert run.data.metrics["predicted"] == 6 and run.data.metrics["failed"] == 1
+    logged = {item.path for item in client.list_artifacts(run.info.run_id, "predict")}
+    assert logged == {"predict/predictions.csv", "predict/errors.csv"}
+    [summary] = [a for a in stack.api_post_artifacts(run_id) if a["key"] == "batch-predict-summary"]
+    assert f"models:/{name}/{version}" in summary["data"] and "broken.png" in summary["data"]
+
+    # Parameters come from anyone with API access: nothing outside the project is read.
+    result, run_id = run_deployment(stack, "batch-predict/local", {"images": "/etc"})
+    state = stack.flow_run(run_id)["state"]
+    assert result.returncode != 0 and state["type"] == "FAILED"
+    assert "only inside the project" in state["message"]
+    assert not (stack.root / "runs" / run_id).exists()
