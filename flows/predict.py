@@ -29,12 +29,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import os
-import re
 import signal
-import subprocess
 import sys
 import tempfile
 from collections import Counter
@@ -54,16 +51,19 @@ from flows.reproduce import mlflow_client
 from flows.workdir import RUN_ID_FIELD, run_root
 from tasks import console, tracking
 from tasks.config import load_config
+from tasks.errors import ModelRequestError
 from tasks.registry import CHAMPION
 from tasks.serving import images as image_files
+from tasks.serving.registered import (
+    MAX_QUOTED_CHARS,
+    ModelRef,
+    check_model_code,
+    input_shape,
+    parse_model_uri,
+    resolve_version,
+)
 from tasks.workspace import Workspace, atomic_path
 
-# Same name rule as params.yaml register.model_name; MLflow's alias rule (word characters
-# and '-'); versions are positive integers.
-MODEL_URI = re.compile(
-    r"models:/(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,127})"
-    r"(?:/(?P<version>[1-9]\d{0,8})|@(?P<alias>[A-Za-z0-9_][A-Za-z0-9_-]{0,254}))"
-)
 DEFAULT_TOP_K = 3
 DEFAULT_OUT = "runs/predict/predictions.csv"  # runs/ is git- and DVC-ignored
 DEFAULT_ERRORS = "runs/predict/errors.csv"
@@ -73,25 +73,6 @@ CHUNK_FILES = 256  # files read, decoded and predicted at a time: memory stays b
 EXPERIMENT = "batch-predict"  # the MLflow experiment of deployment runs
 SUMMARY_KEY = "batch-predict-summary"  # the Prefect artifact's key
 SUMMARY_ERRORS = 10  # bad files listed in the summary artifact
-MAX_QUOTED_CHARS = 200  # of a caller's text quoted back in an error
-REPO = Path(__file__).resolve().parents[1]
-MODEL_CODE = "tasks/serving/classifier_model.py"  # what tasks/register.py logs as model code
-CODE_LOADER = "mlflow.pyfunc.loaders.code_model"  # MLflow's loader for models-from-code
-
-
-class PredictError(ValueError):
-    """Batch prediction cannot start: a bad path, model URI or top-k, a model the registry
-    does not have or did not get from this project; the message says which and why."""
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    name: str
-    version: str | None
-    alias: str | None
-
-    def __str__(self) -> str:
-        return f"models:/{self.name}" + (f"/{self.version}" if self.version else f"@{self.alias}")
 
 
 @dataclass(frozen=True)
@@ -133,78 +114,39 @@ def prepare_process() -> str | None:
     return console.prepare_process()
 
 
-def parse_model_uri(uri: Any) -> ModelRef:
-    """The one gate for a caller's model URI: only names and versions or aliases made of
-    letters, digits, '.', '_' and '-' get past it."""
-    match = MODEL_URI.fullmatch(uri) if isinstance(uri, str) else None
-    if match is None:
-        raise PredictError(
-            f"{repr(uri)[:MAX_QUOTED_CHARS]} is not a model URI: expected "
-            "models:/<name>/<version> or models:/<name>@<alias>, e.g. "
-            "models:/cifar10-seed_cnn/3 or models:/cifar10-seed_cnn@champion"
-        )
-    return ModelRef(match["name"], match["version"], match["alias"])
-
-
 def check_top_k(top_k: Any) -> int:
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise PredictError(f"top-k {top_k!r} must be a whole number >= 1")
+        raise ModelRequestError(f"top-k {top_k!r} must be a whole number >= 1")
     return top_k
 
 
 def find_images(images: str, within: Path | None) -> list[Path]:
-    """The files to predict, or PredictError when there is nothing to predict.
+    """The files to predict, or ModelRequestError when there is nothing to predict.
 
     ``within``: a deployment run reads only inside this directory (the project).
     """
     if not images:
-        raise PredictError(
+        raise ModelRequestError(
             "no images given: name a PNG or JPEG file or a directory of them "
             "(make predict IMAGES=...)"
         )
     path = Path(images)
     quoted = repr(images)[:MAX_QUOTED_CHARS]
     if within is not None and not (within / path).resolve().is_relative_to(within.resolve()):
-        raise PredictError(
+        raise ModelRequestError(
             f"images {quoted}: a deployment run reads images only inside the project "
             f"({within}); put them there (e.g. a DVC-tracked folder) and pass that path"
         )
     if not path.exists():
-        raise PredictError(f"images {quoted}: no such file or directory")
+        raise ModelRequestError(f"images {quoted}: no such file or directory")
     files = image_files.list_files(path)
     readable = [f for f in files if within is None or f.resolve().is_relative_to(within.resolve())]
     if not any(image_files.has_image_signature(f) for f in readable):
         what = f"{len(files)} files, none of them" if path.is_dir() else "it is not"
-        raise PredictError(f"images {quoted}: no PNG or JPEG file ({what} a PNG or JPEG image)")
+        raise ModelRequestError(
+            f"images {quoted}: no PNG or JPEG file ({what} a PNG or JPEG image)"
+        )
     return files
-
-
-def resolve_version(client: Any, ref: ModelRef, uri: str) -> str:
-    """The version number ``ref`` names (an alias resolved), or PredictError saying what the
-    registry has instead."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        model = client.get_registered_model(ref.name)
-    except MlflowException as error:
-        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        raise PredictError(f"{ref}: no registered model {ref.name!r} in {uri}") from None
-    if ref.alias:
-        if ref.alias not in model.aliases:
-            known = ", ".join(f"{a} -> v{v}" for a, v in sorted(model.aliases.items()))
-            raise PredictError(
-                f"{ref}: {ref.name!r} has no alias {ref.alias!r} (its aliases: {known or 'none'})"
-            )
-        return str(model.aliases[ref.alias])
-    try:
-        return str(client.get_model_version(ref.name, ref.version).version)
-    except MlflowException as error:
-        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-    versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{ref.name}'"))
-    have = f"versions {versions[0]} to {versions[-1]}" if versions else "no versions"
-    raise PredictError(f"{ref} does not exist: {ref.name!r} has {have} in {uri}")
 
 
 def prepare(
@@ -221,69 +163,6 @@ def prepare(
     uri = tracking.tracking_uri(cfg.mlflow, project)
     version = resolve_version(mlflow_client(uri), ref, uri)
     return Request(files, ref, version, top_k, uri, resolve_device(cfg.preprocess.device))
-
-
-def git_blob_id(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def known_model_code() -> set[str]:
-    """Git blob ids of classifier_model.py: the working tree's and every committed one."""
-    known = {git_blob_id((REPO / MODEL_CODE).read_bytes())}
-    try:
-        listed = subprocess.run(
-            ["git", "rev-list", "--objects", "--all", "--", MODEL_CODE],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=60,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return known  # not a git checkout: the working tree's code only
-    return known | {
-        line.split()[0] for line in listed.splitlines() if line.endswith(f" {MODEL_CODE}")
-    }
-
-
-def check_model_code(model_dir: Path, uri: str) -> None:
-    """Refuse a downloaded version that would run code other than this project's when
-    loaded: another loader module, extra code paths, or model code that is not a version
-    of tasks/serving/classifier_model.py."""
-    import yaml
-
-    try:
-        ours = is_project_model(yaml.safe_load((model_dir / "MLmodel").read_text()), model_dir)
-    except (KeyError, TypeError, AttributeError, yaml.YAMLError):
-        ours = False  # not the MLmodel file the register stage writes
-    if not ours:
-        raise PredictError(
-            f"{uri} was not registered by this project's register stage: its model code is "
-            f"not a version of {MODEL_CODE}, and loading it would run that code; refused"
-        )
-
-
-def is_project_model(mlmodel: dict[str, Any], model_dir: Path) -> bool:
-    pyfunc = mlmodel["flavors"]["python_function"]
-    code = model_dir / Path(str(pyfunc["model_code_path"])).name
-    artifacts = [model_dir / str(a["path"]) for a in pyfunc["artifacts"].values()]
-    return (
-        pyfunc["loader_module"] == CODE_LOADER
-        and not pyfunc.get("code")
-        and code.name == Path(MODEL_CODE).name
-        and code.is_file()
-        and git_blob_id(code.read_bytes()) in known_model_code()
-        and all(path.resolve().is_relative_to(model_dir.resolve()) for path in artifacts)
-    )
-
-
-def input_shape(pyfunc: Any, uri: str) -> tuple[int, int, int]:
-    """(H, W, C) of one image, from the version's input schema."""
-    schema = pyfunc.metadata.get_input_schema()
-    shape = tuple(schema.inputs[0].shape) if schema and schema.is_tensor_spec() else ()
-    if len(shape) != 4 or shape[3] not in (1, 3) or min(shape[1:3]) < 1:
-        raise PredictError(f"{uri} takes input of shape {shape}, not images (N, H, W, 1 or 3)")
-    return int(shape[1]), int(shape[2]), int(shape[3])
 
 
 @contextmanager
@@ -486,7 +365,7 @@ def batch_predict(
         request = prepare(images, model_uri, top_k, project, within=project)
         outdir = run_root(f"runs/{RUN_ID_FIELD}", flow_run.get_id())
         outcome, run = predict_and_log(request, images, project, outdir)
-    except PredictError as error:
+    except ModelRequestError as error:
         return Failed(message=str(error))
     except Exception as error:
         return failed_without_traceback(error)
@@ -533,14 +412,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if out.resolve() == errors.resolve() or out.is_dir() or errors.is_dir():
-            raise PredictError(f"--out {out} and --errors {errors} must be two file paths")
+            raise ModelRequestError(f"--out {out} and --errors {errors} must be two file paths")
         request = prepare(args.images, args.model, args.top_k, Path.cwd())
         if note:
             print(note, file=sys.stderr)
         console.import_tensorflow()  # without its loading banners on a CPU-only machine
         with open_model(request) as model:
             outcome = predict_files(model, request, out, errors)
-    except (PredictError, *expected_errors()) as error:
+    except (ModelRequestError, *expected_errors()) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as error:

@@ -8,7 +8,8 @@ exactly MLflow's, and adds what `mlflow models serve` lacks: every path but the 
 probes (/ping, /health) requires the stack's credential (HTTP basic auth; the one `make
 serve` uses, flows/security.py), and it binds 127.0.0.1 unless told otherwise. MODEL_URI
 defaults to the champion of the model params.yaml registers (models:/<name>@champion);
-the tracking store is params.yaml's, or MLFLOW_TRACKING_URI's.
+the tracking store is params.yaml's, or MLFLOW_TRACKING_URI's. Only versions this
+project's register stage made are loaded (loading a pyfunc runs its code).
 """
 
 from __future__ import annotations
@@ -17,20 +18,17 @@ import argparse
 import base64
 import hmac
 import os
-import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from flows import security
 from tasks import console
+from tasks.errors import ModelRequestError
+from tasks.serving.registered import check_model_code, parse_model_uri, resolve_version
 
 OPEN_PATHS = ("/ping", "/health")  # liveness probes: they reveal nothing about the model
-MODEL_URI = re.compile(r"models:/[A-Za-z0-9][A-Za-z0-9._-]{0,127}(/[0-9]+|@[A-Za-z0-9_-]+)")
-
-
-class ServeModelError(ValueError):
-    """A model URI or store that cannot be served; the message says which and why."""
 
 
 def model_uri_and_store(uri: str | None, params: Path) -> tuple[str, str]:
@@ -42,25 +40,27 @@ def model_uri_and_store(uri: str | None, params: Path) -> tuple[str, str]:
     cfg = load_config(params) if uri is None or not os.environ.get(tracking.TRACKING_ENV) else None
     if uri is None:
         uri = f"models:/{cfg.register.model_name}@champion"
-    if not MODEL_URI.fullmatch(uri):
-        raise ServeModelError(
-            f"model URI {uri!r} is not models:/<name>/<version> or models:/<name>@<alias>"
-        )
+    parse_model_uri(uri)  # the plain form only, before anything is contacted
     store = os.environ.get(tracking.TRACKING_ENV) or tracking.tracking_uri(cfg.mlflow, Path.cwd())
     return uri, store
 
 
-def load_scoring_app(uri: str, store: str) -> Any:
-    """MLflow's scoring app (the one `mlflow models serve` runs) for the model at ``uri``."""
+def load_scoring_app(uri: str, store: str, scratch: Path) -> tuple[Any, str]:
+    """MLflow's scoring app (the one `mlflow models serve` runs) for the version ``uri``
+    names, downloaded into ``scratch`` and loaded only if its code is this project's
+    (tasks/serving/registered.py); with that version's exact URI."""
     import mlflow
     from mlflow.pyfunc import scoring_server
 
-    mlflow.set_tracking_uri(store)
-    try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
-    except mlflow.exceptions.MlflowException as error:
-        raise ServeModelError(f"cannot load {uri} from {store}: {error.message}") from None
-    return scoring_server.init(scoring_server.load_model_with_mlflow_config(local))
+    version = resolve_version(mlflow.MlflowClient(tracking_uri=store), parse_model_uri(uri), store)
+    exact = f"models:/{parse_model_uri(uri).name}/{version}"
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=exact, dst_path=str(scratch), tracking_uri=store
+        )
+    )
+    check_model_code(local, exact)
+    return scoring_server.init(scoring_server.load_model_with_mlflow_config(str(local))), exact
 
 
 def require_credential(app: Any, credential: str) -> None:
@@ -99,21 +99,22 @@ def main(argv: list[str] | None = None) -> int:
 
     from tasks.config import ConfigError
 
-    try:
-        credential_file, credential = security.ensure_credential(Path.cwd(), dict(os.environ))
-        uri, store = model_uri_and_store(args.model_uri, Path(args.params))
-        app = load_scoring_app(uri, store)
-    except (ConfigError, ServeModelError, security.CredentialError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    require_credential(app, credential)
-    user = security.split_credential(credential)[0]
-    print(
-        f"serving {uri} on http://{args.host}:{args.port}/invocations (user {user!r}, "
-        f"password in {credential_file})",
-        flush=True,
-    )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    with tempfile.TemporaryDirectory(prefix="serve-model-") as scratch:
+        try:
+            credential_file, credential = security.ensure_credential(Path.cwd(), dict(os.environ))
+            uri, store = model_uri_and_store(args.model_uri, Path(args.params))
+            app, exact = load_scoring_app(uri, store, Path(scratch))
+        except (ConfigError, ModelRequestError, security.CredentialError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        require_credential(app, credential)
+        user = security.split_credential(credential)[0]
+        print(
+            f"serving {uri} ({exact}) on http://{args.host}:{args.port}/invocations "
+            f"(user {user!r}, password in {credential_file})",
+            flush=True,
+        )
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 

@@ -32,3 +32,9 @@ class ExportError(ValueError):
     package is missing (the message names it), there is no registered version to export,
     or a float format's probabilities or labels differ beyond the parity bound (the
     message names the format and the numbers)."""
+
+
+class ModelRequestError(ValueError):
+    """A request to predict or serve cannot start: a bad path, model URI or top-k, a model
+    the registry does not have or that this project did not register; the message says
+    which and why."""

@@ -23,15 +23,11 @@ import pytest
 from nvidia.dali import backend
 from PIL import Image
 
-from flows.predict import (
-    PredictError,
-    check_model_code,
-    find_images,
-    main,
-    parse_model_uri,
-)
+from flows.predict import find_images, main
 from tasks import data
+from tasks.errors import ModelRequestError
 from tasks.serving.images import Decoder, read_image
+from tasks.serving.registered import check_model_code, parse_model_uri
 
 MODEL = "synthetic-seed_cnn"
 
@@ -251,12 +247,12 @@ def test_a_version_whose_model_code_is_not_the_projects_is_never_loaded(tmp_path
     code, mlmodel = local / "classifier_model.py", local / "MLmodel"
     original = code.read_text()
     code.write_text(original + "\nimport os  # anything at all\n")
-    with pytest.raises(PredictError, match="loading it would run that code"):
+    with pytest.raises(ModelRequestError, match="loading it would run that code"):
         check_model_code(local, registration["model_uri"])
     code.write_text(original)
     for text in (mlmodel.read_text().replace("mlflow.pyfunc.loaders.code_model", "os"), "[1]"):
         mlmodel.write_text(text)
-        with pytest.raises(PredictError, match="loading it would run that code"):
+        with pytest.raises(ModelRequestError, match="loading it would run that code"):
             check_model_code(local, registration["model_uri"])
 
 
@@ -269,7 +265,7 @@ def test_a_deployment_reads_images_only_inside_the_project(tmp_path):
     (project / "images" / "ok.png").write_bytes(secret.read_bytes())
     (project / "images" / "link.png").symlink_to(secret)
     for images in (str(outside), "../outside", str(secret)):
-        with pytest.raises(PredictError, match="only inside the project"):
+        with pytest.raises(ModelRequestError, match="only inside the project"):
             find_images(images, within=project)
     files = find_images(str(project / "images"), within=project)
     assert [f.name for f in files] == ["link.png", "ok.png"]

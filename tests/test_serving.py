@@ -170,5 +170,5 @@ def test_serve_model_refuses_a_malformed_uri_before_loading(served, tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 2
-    assert "is not models:/<name>/<version> or models:/<name>@<alias>" in done.stderr
+    assert "is not a model URI: expected models:/<name>/<version>" in done.stderr
     assert "Traceback" not in done.stderr
