@@ -22,8 +22,7 @@ from typing import Any
 import yaml
 
 from flows.retrain import DATA_OUT, locked_data_version
-from tasks.data import DataUnavailableError
-from tasks.errors import ReproduceError
+from tasks.errors import DataUnavailableError, ReproduceError
 
 GIT_TIMEOUT_S = 120
 MISSING_FROM_REMOTE = "Missing cache files"  # dvc pull's warning when no storage has it

@@ -33,7 +33,7 @@ from flows.pipeline import (
 )
 from flows.stage import STAGE_NAMES
 from flows.workdir import run_root
-from tasks.data import DataUnavailableError
+from tasks.errors import DataUnavailableError
 from tasks.register import dvc_hash
 from tasks.workspace import Workspace
 

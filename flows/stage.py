@@ -18,7 +18,13 @@ from typing import Any
 
 from tasks import console
 from tasks.config import ConfigError, PipelineConfig, load_config
-from tasks.errors import DataFileError, ExportError, ModelFileError, RegistryBindingError
+from tasks.errors import (
+    DataFileError,
+    DataUnavailableError,
+    ExportError,
+    ModelFileError,
+    RegistryBindingError,
+)
 from tasks.tracking import raise_interrupted
 from tasks.workspace import Workspace
 
@@ -74,7 +80,6 @@ def expected_errors() -> tuple[type[BaseException], ...]:
 
     Anything else is a bug and keeps its traceback.
     """
-    from tasks.data import DataUnavailableError
     from tasks.store import TrackingUnreachable
 
     return (

@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from tasks import idx
+from tasks import idx, tracking
 from tasks.config import DataConfig, PipelineConfig, SyntheticConfig
-from tasks.errors import DataFileError
+from tasks.errors import DataFileError, DataUnavailableError
 from tasks.workspace import Workspace, atomic_dir, read_json
 
 SPLITS = ("train", "val", "test")
@@ -39,10 +39,6 @@ MISSING_DATA_HINT = "run the data stage first: dvc repro data"
 # DVC reruns a stage whose outputs changed, so the same command rebuilds a damaged file.
 DAMAGED_DATA_HINT = "rebuild it with the data stage: dvc repro data"
 _READ_BATCH = 8192  # images per TFDS read; 8192 CIFAR images are 25 MB
-
-
-class DataUnavailableError(RuntimeError):
-    """The dataset is neither prepared nor downloadable (offline) nor in the manual dir."""
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: == on arrays is elementwise, not a bool
@@ -445,8 +441,6 @@ def _prepared_file(prepared_dir: Path, name: str) -> Path:
 def run(cfg: PipelineConfig, ws: Workspace) -> dict[str, Any]:
     """The stage as `dvc repro` and the Prefect flow call it; returns meta.json's content."""
     import mlflow
-
-    from tasks import tracking
 
     with tracking.stage_run(cfg, ws, "data"):
         dataset = prepare_dataset(cfg.data, ws.root)

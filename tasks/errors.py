@@ -16,6 +16,11 @@ class DataFileError(ValueError):
     """
 
 
+class DataUnavailableError(RuntimeError):
+    """The dataset is neither prepared nor downloadable (offline) nor in the manual dir.
+    Transient for retries: the network may come back (tasks/tracking.py is_transient)."""
+
+
 class RegistryBindingError(ValueError):
     """A version for another task (dataset, input signature, classes) than the registered
     model name serves; the message names the model, both values and the fix."""

@@ -26,6 +26,7 @@ from typing import Any
 
 from tasks import store
 from tasks.config import MlflowConfig, PipelineConfig
+from tasks.errors import DataUnavailableError
 from tasks.workspace import Workspace, read_json, write_json
 
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
@@ -338,8 +339,6 @@ def is_transient(error: BaseException | None) -> bool:
     Wrong configs, missing files and bugs are not transient and fail at once.
     """
     import mlflow
-
-    from tasks.data import DataUnavailableError
 
     seen: set[int] = set()
     while error is not None and id(error) not in seen:

@@ -14,6 +14,7 @@ import yaml
 
 from tasks import data
 from tasks.config import DataConfig, SyntheticConfig
+from tasks.errors import DataUnavailableError
 from tasks.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,7 +203,7 @@ def test_load_tfds_prepares_from_manual_archive_then_reuses_it_offline(tfds, tmp
 def test_load_tfds_offline_fails_fast_with_instructions(tmp_path):
     manual = tmp_path / "manual"
     manual.mkdir()
-    with pytest.raises(data.DataUnavailableError) as caught:
+    with pytest.raises(DataUnavailableError) as caught:
         data.load_tfds("cifar10", tmp_path / "tfds", manual)  # this machine has no network
     message = str(caught.value)
     assert "'cifar10'" in message and CIFAR10_URL in message
@@ -219,7 +220,7 @@ def test_load_tfds_wraps_a_failed_download(tmp_path, monkeypatch):
 
     monkeypatch.setattr(data, "_resolve_error", lambda url: None)  # skip the DNS probe
     monkeypatch.setattr(downloader, "MAX_RETRIES", 0)  # TFDS would retry for ~3.5 minutes
-    with pytest.raises(data.DataUnavailableError, match="cifar-10-binary.tar.gz") as caught:
+    with pytest.raises(DataUnavailableError, match="cifar-10-binary.tar.gz") as caught:
         data.load_tfds("cifar10", tmp_path / "tfds", tmp_path)
     assert isinstance(caught.value.__cause__, requests.ConnectionError)
 

@@ -12,7 +12,7 @@ from flows.retrain import locked_data_version
 from flows.sweep import expand_points, validate_points
 from flows.workdir import run_root, shared_path_overrides
 from tasks.config import ConfigError, load_config
-from tasks.data import DataUnavailableError
+from tasks.errors import DataUnavailableError
 from tasks.workspace import Workspace
 from tests.conftest import PARAMS, TINY
 

@@ -268,7 +268,7 @@ def test_the_stage_cli_keeps_a_run_open_only_for_a_transient_failure(tmp_path):
     from flows.stage import close_failed_pipeline_run
     from tasks import tracking
     from tasks.config import ConfigError
-    from tasks.data import DataUnavailableError
+    from tasks.errors import DataUnavailableError
 
     root = make_project(tmp_path / "project")
     ws = Workspace(root)

@@ -13,7 +13,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UN
 
 from tasks import register, registry, tracking
 from tasks.config import ConfigError
-from tasks.data import DataUnavailableError
+from tasks.errors import DataUnavailableError
 
 
 @pytest.fixture
