@@ -161,7 +161,8 @@ def test_a_default_flow_run_leaves_dvc_outputs_and_git_untouched(repro):
     """`python -m flows.pipeline` (no --workdir) beside a `dvc repro`'d checkout writes to
     runs/<flow-run-id>/ and registers there; DVC and git see no change."""
     root, _ = repro
-    env = pipeline_env()
+    # As a user's shell has it: no TF_CPP_MIN_LOG_LEVEL (the test session sets one).
+    env = {k: v for k, v in pipeline_env().items() if k != "TF_CPP_MIN_LOG_LEVEL"}
 
     def git_status() -> str:  # the fixture's own edits (params.yaml, dvc.lock) are there
         return subprocess.run(
