@@ -130,3 +130,19 @@ def test_the_readme_loading_snippet_runs_on_the_exports(served_pipeline):
         cwd=ws.root, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_fast_cnn_with_exact_gelu_converts_to_onnx(tmp_path):
+    """TensorFlow writes exact GELU with Erfc, an op ONNX lacks; the converter's handler
+    rewrites it (1 - Erf) and ONNX Runtime answers like the SavedModel."""
+    from tasks.models import fast_cnn, with_normalization
+
+    model = formats.probabilities_model(
+        with_normalization(fast_cnn((28, 28, 1), 10, (8, 16, 16)), [33.0], [70.0])
+    )
+    formats.write_saved_model(model, tmp_path / "saved_model")
+    formats.convert_onnx(tmp_path / "saved_model", tmp_path / "model.onnx")
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 28, 28, 1)).astype("float32")
+    expected = formats.RUNNERS["saved_model"](tmp_path / "saved_model")(pixels)
+    answers = formats.RUNNERS["onnx"](tmp_path / "model.onnx")(pixels)
+    assert np.abs(answers - expected).max() <= export.PARITY_BOUND

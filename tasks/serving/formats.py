@@ -8,8 +8,7 @@ serve. A runner loads an exported file with the runtime users deploy it with
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.util import find_spec
@@ -113,25 +112,51 @@ def convert_litert(saved_model: Path, variant: str, representative: np.ndarray) 
 
 
 def convert_onnx(saved_model: Path, target: Path) -> None:
-    """ONNX through tf2onnx's documented command line, from the SavedModel's signature
-    (Keras' own ONNX export turns the normalization constants into extra inputs)."""
-    command = [
-        sys.executable,
-        "-m",
-        "tf2onnx.convert",
-        "--saved-model",
-        str(saved_model),
-        "--signature_def",
-        SIGNATURE,
-        "--opset",
-        str(ONNX_OPSET),
-        "--output",
-        str(target),
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0 or not target.is_file():
-        tail = "\n".join(done.stderr.strip().splitlines()[-5:])
-        raise ExportError(f"tf2onnx could not convert {saved_model}: {tail}")
+    """ONNX through tf2onnx, from the SavedModel's signature (Keras' own ONNX export turns
+    the normalization constants into extra inputs). TensorFlow's exact GELU (fast_cnn)
+    becomes Erfc, which ONNX lacks: it is written as 1 - Erf."""
+    from tf2onnx import convert, tf_loader
+
+    quiet = [logging.getLogger(name) for name in ("tensorflow", "tf2onnx")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:  # TF1-API deprecation notices and per-step INFO lines
+        logger.setLevel(logging.ERROR)
+    try:
+        graph_def, inputs, outputs, _, renames = tf_loader.from_saved_model(
+            str(saved_model),
+            None,
+            None,
+            signatures=[SIGNATURE],
+            return_initialized_tables=True,
+            return_tensors_to_rename=True,
+        )
+        convert.from_graph_def(
+            graph_def,
+            input_names=inputs,
+            output_names=outputs,
+            opset=ONNX_OPSET,
+            custom_op_handlers={"Erfc": (erfc_as_one_minus_erf, [])},
+            tensors_to_rename=renames,
+            output_path=str(target),
+        )
+    except Exception as error:  # the converter's own errors have no common type
+        raise ExportError(f"tf2onnx could not convert {saved_model}: {error}") from error
+    finally:
+        for logger, level in zip(quiet, levels, strict=True):
+            logger.setLevel(level)
+
+
+def erfc_as_one_minus_erf(ctx: Any, node: Any, name: str, args: list[Any]) -> Any:
+    """A tf2onnx op handler: TensorFlow's Erfc as ONNX Sub(1, Erf(x))."""
+    from tf2onnx import utils
+
+    node.type = "Erf"
+    one = ctx.make_const(utils.make_name(f"{node.name}_one"), np.array(1.0, np.float32))
+    complement = ctx.insert_new_node_on_output(
+        "Sub", node.output[0], name=utils.make_name(f"{node.name}_erfc")
+    )
+    ctx.replace_inputs(complement, [one.output[0], node.output[0]])
+    return node
 
 
 def write_formats(
