@@ -8,8 +8,8 @@ runtime loaded; its peak RSS measured):
 
 * ``keras``: the registered raw-pixel Keras model with a softmax on top
   (formats.probabilities_model), called with ``predict_on_batch``;
-* ``keras_predict``: the same model through ``model.predict``, the call the registered
-  pyfunc (tasks/serving/classifier_model.py) makes for every request;
+* ``keras_predict``: the same model through ``model.predict``, what the registered pyfunc
+  (tasks/serving/classifier_model.py) calls for batches over 256 (one direct call below);
 * each file the export stage wrote (exports/parity.json lists them), run by its runner in
   tasks/serving/formats.py: SavedModel, LiteRT fp32/dynamic/int8, ONNX Runtime (CPU);
 * ``dali_decode_cpu``: DALI decoding the test images as JPEG uploads

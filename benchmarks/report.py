@@ -480,8 +480,9 @@ def inference_section(
 One registered model, trained by the real pipeline (all six stages, so the export stage
 wrote every format), run every way the project ships it, one after another. Each format
 runs in its own process: `keras` is the registered raw-pixel model with a softmax
-(`predict_on_batch`), `keras_predict` the same model through `model.predict`, the call the
-registered pyfunc (`tasks/serving/classifier_model.py`) makes per request; the other rows
+(`predict_on_batch`), `keras_predict` the same model through `model.predict`, which the
+registered pyfunc (`tasks/serving/classifier_model.py`) now calls only for batches over 256
+(one direct call below that: the HTTP batch-1 row); the other rows
 are the export stage's files run by `tasks/serving/formats.py`'s runners. Latency: batch 1,
 p50 / p99 over *n* timed calls after warm-up, each call on the next test image. Images/s:
 back-to-back calls at that batch size, median (min-max) over *n* windows; at batch 1 it
