@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -130,7 +131,31 @@ def run(cfg: PipelineConfig, ws: Workspace) -> dict[str, list[float]]:
         with atomic_path(ws.model_file) as model_tmp:
             model.save(model_tmp)
         history = ckpt.read_history()
+        save_training_curves(history, ws.training_curves)
         metrics.flush()  # a dead tracking server fails here; the checkpoint stays for the rerun
         ckpt.remove()
         tracking.log_artifact_if_exists(ws.history, "train")
+        tracking.log_artifact_if_exists(ws.training_curves, "train")
     return history
+
+
+def save_training_curves(history: dict[str, list[float]], path: Path) -> None:
+    """Loss and accuracy per epoch, train and validation, as a static PNG: `dvc plots show`
+    embeds it as is, so the curves show offline (its Vega plots load JavaScript from a CDN)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = range(1, len(history["loss"]) + 1)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
+        ax.plot(epochs, history[metric], marker="o", label="train")
+        ax.plot(epochs, history[f"val_{metric}"], marker="o", label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

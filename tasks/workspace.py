@@ -47,6 +47,10 @@ class Workspace:
         return self.reports / "history.csv"
 
     @property
+    def training_curves(self) -> Path:  # the same curves as a static PNG (offline plots)
+        return self.reports / "training_curves.png"
+
+    @property
     def metrics(self) -> Path:  # DVC metrics
         return self.reports / "metrics.json"
 

@@ -50,12 +50,13 @@ def check_pipeline_run(client, run, *, epochs: int, model_name: str, ws: Workspa
         "evaluate/metrics.json",
         "evaluate/per_class.json",
         "train/history.csv",
+        "train/training_curves.png",
         "register/registration.json",
         "exports/parity.json",
         "exports/saved_model/saved_model.pb",
     ):
         assert expected in artifacts, f"{expected} not among {sorted(artifacts)}"
-    for png in (ws.augmented_grid, ws.confusion_png):
+    for png in (ws.augmented_grid, ws.confusion_png, ws.training_curves):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     registration = json.loads(ws.registration.read_text())

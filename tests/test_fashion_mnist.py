@@ -37,6 +37,9 @@ def test_fast_profile_reaches_80_percent_in_one_epoch(tmp_path):
         # also disagree with batch norm's running statistics; it pays off over the full run.
         "train.weight_averaging": False,
         "preprocess.grid_samples": 16,
+        # fast_cnn's exact GELU through ONNX on real data; LiteRT is tested in test_export.
+        "export.formats": ["saved_model", "onnx"],
+        "export.quantize": "none",
         "mlflow.tracking_uri": store["mlflow.tracking_uri"],
         "mlflow.artifact_root": store["mlflow.artifact_root"],
     }

@@ -188,3 +188,21 @@ def test_a_default_flow_run_leaves_dvc_outputs_and_git_untouched(repro):
     )
     assert json.loads(status.stdout) == {}
     assert git_status() == before
+
+
+def test_plots_show_embeds_the_static_curves_and_leaves_git_clean(repro):
+    root, _ = repro
+    before = subprocess.run(
+        ["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout
+    done = subprocess.run(
+        ["dvc", "plots", "show"],
+        cwd=root, env=pipeline_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    page = (root / "dvc_plots" / "index.html").read_text()
+    assert "training_curves.png" in page and "confusion_matrix.png" in page
+    after = subprocess.run(
+        ["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout
+    assert after == before
