@@ -105,8 +105,10 @@ def _publish_stage_log(report: StageReport, outcome: str) -> None:
         f"Last {LOG_TAIL_LINES} lines of its output:\n\n{fence}text\n{report.tail()}\n{fence}\n"
     )
     try:
-        create_markdown_artifact(
-            markdown=markdown, description=f"{report.name} stage log ({outcome})"
+        create_markdown_artifact(  # keyed: a title in the UI, and a history per stage
+            key=f"stage-log-{report.name}",
+            markdown=markdown,
+            description=f"{report.name} stage log ({outcome})",
         )
     except Exception as error:  # reporting must never fail the stage
         print(f"could not publish the {report.name} stage log: {error}", file=sys.stderr)

@@ -330,7 +330,11 @@ def reproduce(model_uri: str, tolerance: float = DEFAULT_TOLERANCE) -> dict[str,
         return Failed(message=str(error))
     except Exception as error:
         return failed_without_traceback(error)
-    create_markdown_artifact(key=SUMMARY_KEY, markdown=f"```\n{outcome.report()}\n```")
+    create_markdown_artifact(
+        key=SUMMARY_KEY,
+        markdown=f"```\n{outcome.report()}\n```",
+        description="Reproduction: rebuilt metrics against the original's",
+    )
     if not outcome.matched:
         return Failed(message=f"{outcome.record.uri}: {verdict(outcome.rows, outcome.rule)}")
     return outcome.as_dict()

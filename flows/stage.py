@@ -46,6 +46,8 @@ def stage_functions() -> dict[str, Callable[[PipelineConfig, Workspace], Any]]:
 
 STAGE_NAMES = ("data", "preprocess", "train", "evaluate", "register", "export")
 CLOSING_STAGE = STAGE_NAMES[-1]  # ends the pipeline's MLflow run
+# Stages that run Keras; data (synthetic, idx) and preprocess (DALI) need no TensorFlow.
+TENSORFLOW_STAGES = ("train", "evaluate", "register", "export")
 
 
 class StageFailed(RuntimeError):
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if note := console.prepare_process():
         print(note, file=sys.stderr)
-    if args.stage != "data":  # every other stage runs TensorFlow (the data stage only for TFDS)
+    if args.stage in TENSORFLOW_STAGES:  # quietly now: they load it anyway
         console.import_tensorflow()
     ws = Workspace(Path.cwd())
     # SIGTERM (dvc's or a scheduler's stop) unwinds like Ctrl-C: the MLflow run ends KILLED.

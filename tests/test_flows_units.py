@@ -163,3 +163,32 @@ def test_the_last_log_line_of_a_flow_run_says_what_came_out():
     )
     local = record | {"mlflow": {"ui_url": None, "tracking_uri": "sqlite:///m.db"}}
     assert outcome_line(local).endswith(f"MLflow: run {'ab' * 16} in sqlite:///m.db")
+
+
+def test_data_and_preprocess_stages_never_load_tensorflow_or_prefect(tmp_path):
+    """`dvc repro`'s data (synthetic) and preprocess processes: what they import decides
+    their start-up time and memory; TensorFlow, Keras and Prefect are not among it."""
+    import json
+    import subprocess
+    import sys
+
+    from benchmarks.common import set_params
+    from tests.conftest import PARAMS, REPO, pipeline_env, tiny_overrides
+
+    (tmp_path / "params.yaml").write_text(PARAMS.read_text())
+    set_params(tmp_path, tiny_overrides(tmp_path))
+    probe = (
+        "import atexit, json, runpy, sys\n"
+        "heavy = ('tensorflow', 'keras', 'prefect')\n"
+        "atexit.register(lambda: print(json.dumps([m for m in heavy if m in sys.modules])))\n"
+        "sys.argv = ['flows.stage', sys.argv[1]]\n"
+        "runpy.run_module('flows.stage', run_name='__main__')\n"
+    )
+    for stage in ("data", "preprocess"):
+        done = subprocess.run(
+            [sys.executable, "-c", probe, stage],
+            cwd=tmp_path, env=pipeline_env() | {"PYTHONPATH": str(REPO)},
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert json.loads(done.stdout.strip().splitlines()[-1]) == [], stage

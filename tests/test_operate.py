@@ -103,6 +103,7 @@ def test_a_deployment_run_with_overrides_is_tracked_and_registered(stack):
     # Per-stage logs and the run summary are artifacts of the flow run.
     artifacts = stack.api_post_artifacts(run_id)
     descriptions = {a["description"] for a in artifacts}
+    assert all(a["key"] and a["description"] for a in artifacts), "every artifact titled"
     for stage in ("data", "preprocess", "train", "evaluate", "register"):
         assert f"{stage} stage log (completed)" in descriptions
     train_log = next(a for a in artifacts if a["description"].startswith("train"))["data"]
