@@ -113,6 +113,9 @@ def _upsample_matrix(grid: int, size: int) -> np.ndarray:
     return weights
 
 
+_SYNTHETIC_CHUNK = 2048  # examples generated at a time (~50 MB of float64 at 32x32x3)
+
+
 def _smooth_fields(rng: np.random.Generator, count: int, size: int, channels: int) -> np.ndarray:
     """``count`` random smooth colour fields, (count, size, size, channels), values in [0, 1]."""
     grid = rng.random((count, channels, _PATTERN_GRID, _PATTERN_GRID))
@@ -145,16 +148,24 @@ def make_synthetic(cfg: SyntheticConfig, seed: int) -> tuple[Split, Split, list[
 def _synthetic_examples(
     rng: np.random.Generator, patterns: np.ndarray, cfg: SyntheticConfig, count: int
 ) -> Split:
+    """``count`` examples, built _SYNTHETIC_CHUNK at a time into one uint8 array: the
+    float64 intermediates (several times the images' size) never exist for all at once,
+    so peak memory stays near the uint8 result. Each chunk draws from its own child
+    generator, so the result depends on the seed and the chunk size only."""
     size = cfg.image_size
     labels = rng.permutation(np.arange(count, dtype=np.int64) % cfg.num_classes)
     offsets = rng.integers(0, 2 * _MAX_SHIFT + 1, size=(count, 2))
-    rows = offsets[:, 0, None] + np.arange(size)  # (count, size) row indices into the pattern
-    cols = offsets[:, 1, None] + np.arange(size)
-    shifted = patterns[labels[:, None, None], rows[:, :, None], cols[:, None, :]]
-    clutter = _smooth_fields(rng, count, size, cfg.channels)
-    pixels = (1.0 - _CLUTTER_WEIGHT) * shifted + _CLUTTER_WEIGHT * clutter
-    pixels += rng.normal(0.0, cfg.noise, size=pixels.shape)
-    images = np.rint(np.clip(pixels, 0.0, 1.0) * 255.0).astype(np.uint8)
+    images = np.empty((count, size, size, cfg.channels), dtype=np.uint8)
+    starts = range(0, count, _SYNTHETIC_CHUNK)
+    for start, chunk_rng in zip(starts, rng.spawn(len(starts)), strict=True):
+        part = slice(start, start + _SYNTHETIC_CHUNK)
+        rows = offsets[part, 0, None] + np.arange(size)  # row indices into the pattern
+        cols = offsets[part, 1, None] + np.arange(size)
+        shifted = patterns[labels[part, None, None], rows[:, :, None], cols[:, None, :]]
+        clutter = _smooth_fields(chunk_rng, len(shifted), size, cfg.channels)
+        pixels = (1.0 - _CLUTTER_WEIGHT) * shifted + _CLUTTER_WEIGHT * clutter
+        pixels += chunk_rng.normal(0.0, cfg.noise, size=pixels.shape)
+        images[part] = np.rint(np.clip(pixels, 0.0, 1.0) * 255.0)
     return images, labels
 
 
