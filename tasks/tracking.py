@@ -62,6 +62,10 @@ def raise_interrupted(signum: int, frame: Any) -> None:
     raise Interrupted(signal.Signals(signum).name)
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by the MLflow 3 UI
+EXPERIMENT_KIND = "custom_model_development"  # its "Machine learning" kind
+
+
 def tracking_uri(cfg: MlflowConfig, root: Path) -> str:
     """MLFLOW_TRACKING_URI wins; a relative sqlite path in params.yaml is taken from ``root``."""
     uri = os.environ.get(TRACKING_ENV) or cfg.tracking_uri
@@ -98,7 +102,13 @@ def configure(cfg: PipelineConfig, ws: Workspace) -> str:
             if not is_server(uri):
                 location = ws.resolve(cfg.mlflow.artifact_root).resolve().as_uri()
             try:
-                client.create_experiment(cfg.mlflow.experiment, artifact_location=location)
+                # The MLflow 3 UI shows an experiment of this kind with the classic runs
+                # table, charts and model views instead of its GenAI (traces) layout.
+                client.create_experiment(
+                    cfg.mlflow.experiment,
+                    artifact_location=location,
+                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+                )
             except mlflow.exceptions.MlflowException:
                 # Another process created it between our lookup and create; theirs is fine.
                 if client.get_experiment_by_name(cfg.mlflow.experiment) is None:

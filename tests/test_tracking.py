@@ -118,3 +118,11 @@ def test_an_unreachable_tracking_server_fails_in_bounded_time(tiny_cfg, workspac
     with pytest.raises(store.TrackingUnreachable, match=url):
         tracking.configure(tiny_cfg, workspace)
     assert time.monotonic() - started < 10
+
+
+def test_the_experiment_opens_in_the_ui_as_machine_learning(tiny_cfg, workspace):
+    """MLflow 3's UI picks its layout from the experiment's kind: ours is the classic one
+    (runs table, metric charts, models), not the GenAI traces view."""
+    tracking.configure(tiny_cfg, workspace)
+    experiment = mlflow.MlflowClient().get_experiment_by_name(tiny_cfg.mlflow.experiment)
+    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
