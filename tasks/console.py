@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -52,9 +52,9 @@ def prepare_process() -> str | None:
 
 
 @contextmanager
-def dropped_stderr_lines(drop: tuple[str, ...]) -> Iterator[None]:
+def routed_stderr_lines(consume: Callable[[str], bool]) -> Iterator[None]:
     """Collect what anything (C++ included) writes to file descriptor 2 inside the block,
-    then write it back without the lines containing one of ``drop``."""
+    then write each line back unless ``consume(line)`` takes it (returns True)."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as sink:
@@ -67,7 +67,7 @@ def dropped_stderr_lines(drop: tuple[str, ...]) -> Iterator[None]:
             os.close(saved)
             sink.seek(0)
             for line in sink.read().decode(errors="replace").splitlines():
-                if not any(text in line for text in drop):
+                if not consume(line):
                     print(line, file=sys.stderr)
 
 
@@ -76,5 +76,5 @@ def import_tensorflow() -> None:
     after prepare_process, in processes that will use TensorFlow anyway)."""
     if "tensorflow" in sys.modules or has_nvidia_gpu():
         return
-    with dropped_stderr_lines(LOADING_BANNERS):
+    with routed_stderr_lines(lambda line: any(text in line for text in LOADING_BANNERS)):
         import tensorflow  # noqa: F401

@@ -27,8 +27,6 @@ from __future__ import annotations
 import os
 import re
 import struct
-import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from tasks.console import routed_stderr_lines
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
@@ -227,23 +227,16 @@ def decoder_messages() -> Iterator[list[str]]:
     descriptor 2 inside the block, instead of on the terminal; anything else printed
     there meanwhile is written back."""
     messages: list[str] = []
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield messages
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            for line in sink.read().decode(errors="replace").splitlines():
-                plain = ANSI_CODES.sub("", line).strip()
-                if plain.startswith(DECODER_LOG_PREFIXES):
-                    messages.append(plain.removeprefix("[ERROR]").removeprefix("[WARNING]").strip())
-                else:
-                    print(line, file=sys.stderr)
+
+    def take(line: str) -> bool:
+        plain = ANSI_CODES.sub("", line).strip()
+        if not plain.startswith(DECODER_LOG_PREFIXES):
+            return False
+        messages.append(plain.removeprefix("[ERROR]").removeprefix("[WARNING]").strip())
+        return True
+
+    with routed_stderr_lines(take):
+        yield messages
 
 
 class Decoder:
