@@ -139,7 +139,7 @@ def load_model_file(path: Path) -> Any:
             raise ModelFileError(
                 f"{path} holds executable code (a Lambda layer with a Python function), "
                 "which the pipeline never loads (Keras safe_mode): rebuild it with the train "
-                "stage (`dvc repro train`) from the models in tasks/models.py"
+                "stage (`dvc repro train`) from the models in tasks/models/"
             ) from None
         raise ModelFileError(
             f"{path} is not a loadable .keras model (truncated or corrupt?): rebuild it with "
