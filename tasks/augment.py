@@ -293,7 +293,7 @@ def _as_numpy(tensor_list) -> np.ndarray:
 # ------------------------------------------------------------------ tf.data for Keras
 
 
-def _index_batches(n: int, batch_size: int, shuffle_seed: int | None, epoch: Any = None):
+def index_batches(n: int, batch_size: int, shuffle_seed: int | None, epoch: Any = None):
     import tensorflow as tf
 
     indices = tf.data.Dataset.range(n)
@@ -351,8 +351,8 @@ def dali_dataset(
         labels_t = tf.constant(np.asarray(labels, dtype=np.int64))
         shuffle_seed = seed if train else None
         # One index dataset per input, identically seeded: see the module docstring.
-        image_ds = _index_batches(n, batch_size, shuffle_seed, epoch)
-        label_ds = _index_batches(n, batch_size, shuffle_seed, epoch)
+        image_ds = index_batches(n, batch_size, shuffle_seed, epoch)
+        label_ds = index_batches(n, batch_size, shuffle_seed, epoch)
         image_ds = image_ds.map(lambda i: tf.gather(images_t, i))
         label_ds = label_ds.map(lambda i: tf.gather(labels_t, i))
         if device == "gpu":

@@ -45,13 +45,15 @@ def training_key(cfg: PipelineConfig, ws: Workspace) -> str:
     digest = hashlib.sha256()
     shaping = {"model": cfg.model.model_dump(), "train": cfg.train.model_dump()}
     shaping["preprocess"] = cfg.preprocess.model_dump()
+    shaping["text"] = cfg.data.text.sequence_length
     digest.update(json.dumps(shaping, sort_keys=True).encode())
     for path in sorted(p for p in ws.prepared.iterdir() if p.is_file()):
         digest.update(path.name.encode())
         with path.open("rb") as handle:
             while chunk := handle.read(1 << 20):
                 digest.update(chunk)
-    digest.update(ws.norm_stats.read_bytes())
+    for path in sorted(p for p in ws.preprocessed.iterdir() if p.is_file()):
+        digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -71,18 +73,26 @@ class TrainCheckpoint:
                     shutil.rmtree(stale, ignore_errors=True)
         return cls(parent / f"train-{key}")
 
-    @property
-    def backup_dir(self) -> Path:
-        return self.root / "backup"
+    def backup_dir(self, phase: str) -> Path:
+        """One per training phase: a phase's optimizer differs (transfer fine-tuning trains
+        more variables), so its state never loads into another phase's."""
+        return self.root / f"backup-{phase}"
 
     @property
     def history(self) -> Path:
         return self.root / "history.csv"
 
     def completed_epochs(self) -> int:
-        """Epochs the saved checkpoint holds (0 when there is none)."""
-        metadata = self.backup_dir / "training_metadata.json"
-        return int(json.loads(metadata.read_text())["epoch"]) if metadata.is_file() else 0
+        """Epochs the latest saved checkpoint holds (0 when there is none); epochs count on
+        across phases."""
+        done = [
+            int(json.loads(metadata.read_text())["epoch"])
+            for metadata in self.root.glob("backup-*/training_metadata.json")
+        ]
+        return max(done, default=0)
+
+    def has_checkpoint(self, phase: str) -> bool:
+        return (self.backup_dir(phase) / "training_metadata.json").is_file()
 
     def prepare_history(self, epochs_done: int) -> None:
         """Keep the history rows of the epochs the checkpoint holds, drop later ones.
@@ -97,8 +107,8 @@ class TrainCheckpoint:
         with self.history.open("w", newline="") as handle:
             csv.writer(handle).writerows(rows[: 1 + epochs_done])
 
-    def callbacks(self) -> list[Any]:
-        """CSV history (appending across attempts), then the epoch checkpoint."""
+    def callbacks(self, phase: str) -> list[Any]:
+        """CSV history (appending across attempts and phases), then the epoch checkpoint."""
         import keras
 
         self.root.mkdir(parents=True, exist_ok=True)
@@ -106,7 +116,7 @@ class TrainCheckpoint:
             keras.callbacks.CSVLogger(str(self.history), append=True),
             # Last, so the metrics of an epoch are recorded before its checkpoint exists.
             keras.callbacks.BackupAndRestore(
-                str(self.backup_dir), save_freq="epoch", delete_checkpoint=False
+                str(self.backup_dir(phase)), save_freq="epoch", delete_checkpoint=False
             ),
         ]
 

@@ -44,15 +44,37 @@ class SyntheticConfig(_Section):
     noise: float = Field(ge=0.0)
 
 
+class TextConfig(_Section):
+    path: str = Field(min_length=1)
+    test_fraction: float = Field(gt=0.0, lt=1.0)
+    level: Literal["word", "character"]
+    vocab_size: int = Field(ge=3)
+    sequence_length: int = Field(ge=1)
+
+
 class DataConfig(_Section):
-    source: Literal["tfds", "idx", "synthetic"]
+    source: Literal["tfds", "idx", "synthetic", "text"]
     name: str = Field(min_length=1)
     tfds_dir: str
     manual_dir: str
     idx_dir: str
     val_fraction: float = Field(gt=0.0, lt=1.0)
     seed: int
+    # Fine-tuning on a few labels: keep these classes (relabelled 0..k-1 in this order;
+    # empty = all) and at most this many training labels per class (0 = all).
+    classes: list[int]
+    labels_per_class: int = Field(ge=0)
     synthetic: SyntheticConfig
+    text: TextConfig
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct_classes(cls, classes: list[int]) -> list[int]:
+        if len(set(classes)) != len(classes) or any(c < 0 for c in classes):
+            raise ValueError(f"class indices must be distinct and >= 0, got {classes}")
+        if len(classes) == 1:
+            raise ValueError("keep at least two classes (or [] for all)")
+        return classes
 
     @field_validator("name")
     @classmethod
@@ -102,6 +124,18 @@ class PreprocessConfig(_Section):
 class ModelConfig(_Section):
     name: str
     widths: list[int] = Field(min_length=1)  # fast_cnn's conv-group widths
+    # transfer only
+    base: Literal["vgg16", "resnet50", "mobilenet_v2", "efficientnet_b0"]
+    head: Literal["seed", "pool"]
+    # imagenet | none | <file>.weights.h5 | models:/<name>@<alias>
+    weights: str = Field(min_length=1)
+    input_size: int = Field(ge=32)
+    unfreeze: int = Field(ge=0)
+    # lstm_lm only (dropout also for transfer's pool head)
+    embedding_dim: int = Field(ge=1)
+    units: int = Field(ge=1)
+    layers: int = Field(ge=1)
+    dropout: float = Field(ge=0.0, lt=1.0)
 
     @field_validator("widths")
     @classmethod
@@ -134,20 +168,36 @@ class TrainConfig(_Section):
     batch_size: int = Field(ge=1)
     epochs: int = Field(ge=1)
     seed: int
+    # transfer only: train.epochs is not used; these two phases are (either may be 0)
+    frozen_epochs: int = Field(ge=0)
+    finetune_epochs: int = Field(ge=0)
+    finetune_learning_rate: float = Field(gt=0.0)
 
 
 class EvaluateConfig(_Section):
     batch_size: int = Field(ge=1)
     tta_flip: bool
+    # lstm_lm only: text generated from each prompt at each temperature, seeded
+    prompts: list[str] = Field(min_length=1)
+    temperatures: list[float] = Field(min_length=1)
+    generate_tokens: int = Field(ge=1)
+    seed: int
 
 
 AUTO_MODEL_NAME = "auto"
 
 
-def dataset_identity(source: str, name: str) -> str:
+def modality(source: str) -> str:
+    """What a data source gives: "text" (token streams) or "image" (uint8 NHWC arrays)."""
+    return "text" if source == "text" else "image"
+
+
+def dataset_identity(source: str, name: str, classes: list[int] | tuple[int, ...] = ()) -> str:
     """What a registered model is bound to: the dataset's name (TFDS and IDX files of the
-    same name are the same official data), or "synthetic" for the generated set."""
-    return "synthetic" if source == "synthetic" else name
+    same name are the same official data), or "synthetic" for the generated set; a class
+    subset (data.classes) is another task: ``fashion_mnist-classes-5-6-7-8-9``."""
+    dataset = "synthetic" if source == "synthetic" else name
+    return dataset + "".join(f"-{c}" if i else f"-classes-{c}" for i, c in enumerate(classes))
 
 
 class RegisterConfig(_Section):
@@ -204,12 +254,34 @@ with warnings.catch_warnings():
                 register, data, model = tree["register"], tree["data"], tree["model"]
                 if register.get("model_name") != AUTO_MODEL_NAME:
                     return tree
-                dataset = dataset_identity(data["source"], data["name"])
+                dataset = dataset_identity(data["source"], data["name"], data.get("classes", ()))
                 # A TFDS version or namespace (cifar10:3.0.2) is not allowed in a model name.
                 name = re.sub(r"[^A-Za-z0-9._-]", "_", f"{dataset}-{model['name']}")
             except (TypeError, KeyError, AttributeError):
                 return tree  # field validation reports what is missing or malformed
             return {**tree, "register": {**register, "model_name": name}}
+
+        @model_validator(mode="after")
+        def _model_fits_data(self) -> PipelineConfig:
+            """A language model needs text and an image model images: checked here, before
+            the data stage spends minutes preparing data the model cannot read."""
+            from tasks.models import MODEL_MODALITIES
+
+            wanted, given = MODEL_MODALITIES[self.model.name], modality(self.data.source)
+            if wanted != given:
+                fix = "text" if wanted == "text" else "tfds, idx or synthetic"
+                raise ValueError(
+                    f"model.name {self.model.name!r} reads {wanted} but data.source "
+                    f"{self.data.source!r} gives {given}: set data.source to {fix}"
+                )
+            if self.model.name == "transfer" and not (
+                self.train.frozen_epochs + self.train.finetune_epochs
+            ):
+                raise ValueError(
+                    "model.name 'transfer' trains train.frozen_epochs then "
+                    "train.finetune_epochs: set at least one of them above 0"
+                )
+            return self
 
         def flat(self) -> dict[str, Any]:
             """Dotted-key view (``train.epochs``), the form MLflow params and overrides use."""

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from tasks import idx, tracking
-from tasks.config import DataConfig, PipelineConfig, SyntheticConfig
+from tasks.config import DataConfig, PipelineConfig, SyntheticConfig, dataset_identity
 from tasks.errors import DataFileError, DataUnavailableError
 from tasks.workspace import Workspace, atomic_dir, read_json
 
@@ -356,6 +356,32 @@ def split_train_val(
     return (images[~is_val], labels[~is_val]), (images[is_val], labels[is_val])
 
 
+def select_classes(split: Split, classes: list[int]) -> Split:
+    """The examples of ``classes`` only, relabelled 0..k-1 in the order given (data.classes),
+    e.g. Fashion-MNIST's classes 5-9 as a 5-class task."""
+    images, labels = split
+    if max(classes) >= (known := int(labels.max()) + 1):
+        raise DataFileError(
+            f"data.classes {classes} names class {max(classes)}, but the dataset has classes "
+            f"0..{known - 1}: fix data.classes"
+        )
+    relabel = np.full(known, -1, dtype=np.int64)
+    relabel[classes] = np.arange(len(classes))
+    keep = relabel[labels] >= 0
+    return images[keep], relabel[labels[keep]]
+
+
+def limit_labels(images: np.ndarray, labels: np.ndarray, per_class: int, seed: int) -> Split:
+    """At most ``per_class`` training examples of each class (data.labels_per_class), drawn
+    with ``seed`` and kept in their original order: learning from a few labels."""
+    rng = np.random.default_rng([seed, per_class])
+    keep = np.zeros(len(labels), dtype=bool)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        keep[rng.permutation(members)[:per_class]] = True
+    return images[keep], labels[keep]
+
+
 def prepare_dataset(cfg: DataConfig, workspace_root: Path) -> Dataset:
     """Load the configured source (synthetic or TFDS) and carve validation out of train."""
     workspace = Workspace(Path(workspace_root))
@@ -369,9 +395,16 @@ def prepare_dataset(cfg: DataConfig, workspace_root: Path) -> Dataset:
         train, test, class_names = load_tfds(
             cfg.name, workspace.resolve(cfg.tfds_dir), workspace.resolve(cfg.manual_dir)
         )
+    if cfg.classes:
+        train, test = select_classes(train, cfg.classes), select_classes(test, cfg.classes)
+        class_names = [class_names[c] for c in cfg.classes]
     (train_images, train_labels), (val_images, val_labels) = split_train_val(
         *train, cfg.val_fraction, cfg.seed
     )
+    if cfg.labels_per_class:
+        train_images, train_labels = limit_labels(
+            train_images, train_labels, cfg.labels_per_class, cfg.seed
+        )
     return Dataset(
         train_images=train_images,
         train_labels=train_labels,
@@ -389,8 +422,9 @@ def prepare_dataset(cfg: DataConfig, workspace_root: Path) -> Dataset:
 def build_meta(ds: Dataset, cfg: DataConfig) -> dict[str, Any]:
     """meta.json's content; later stages read class names and shapes from it, not params."""
     return {
+        "modality": "image",
         # Synthetic data is not the configured TFDS dataset; do not label it as one.
-        "dataset": "synthetic" if cfg.source == "synthetic" else cfg.name,
+        "dataset": dataset_identity(cfg.source, cfg.name, cfg.classes),
         "source": cfg.source,
         "class_names": list(ds.class_names),
         "num_classes": ds.num_classes,
@@ -450,12 +484,17 @@ def _prepared_file(prepared_dir: Path, name: str) -> Path:
 
 
 def run(cfg: PipelineConfig, ws: Workspace) -> dict[str, Any]:
-    """The stage as `dvc repro` and the Prefect flow call it; returns meta.json's content."""
+    """The stage as `dvc repro` and the Prefect flow call it; returns meta.json's content.
+
+    Images come from the sources above; text from tasks/text/corpus.py (the modality
+    seam, tasks/modality.py, picks by data.source).
+    """
     import mlflow
 
+    from tasks import modality
+
     with tracking.stage_run(cfg, ws, "data"):
-        dataset = prepare_dataset(cfg.data, ws.root)
-        meta = write_prepared(dataset, ws.prepared, cfg.data)
+        meta = modality.for_config(cfg).prepare(cfg, ws)
         mlflow.log_artifact(str(ws.prepared / "meta.json"), artifact_path="data")
         mlflow.log_metrics({f"data_{split}_examples": n for split, n in meta["counts"].items()})
     return meta

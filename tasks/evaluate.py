@@ -1,8 +1,9 @@
 """Evaluate stage: test-set metrics for the trained model.
 
-Writes reports/metrics.json (DVC metrics), reports/predictions.csv (actual/predicted
-rows, a DVC confusion plot) and reports/confusion_matrix.png, and logs the same
-numbers and image to the pipeline's MLflow run.
+Writes reports/metrics.json (the headline numbers, DVC metrics) and reports/evaluate/
+(what the data's modality adds: for images per_class.json, predictions.csv (a DVC
+confusion plot) and confusion_matrix.png, made by the functions below; for text
+generated samples, tasks/text/modality.py), and logs them to the pipeline's MLflow run.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from tasks import augment, data, models, tracking
+from tasks import augment, models, tracking
 from tasks.config import PipelineConfig
-from tasks.workspace import Workspace, atomic_path, read_json, write_json
+from tasks.workspace import Workspace, atomic_dir, atomic_path, write_json
 
 
 def predict_logits(
@@ -23,6 +24,7 @@ def predict_logits(
     labels: np.ndarray,
     stats: augment.NormStats,
     cfg: PipelineConfig,
+    **resize: Any,
 ) -> np.ndarray:
     """Logits for every test image, in order, through the DALI evaluation pipeline.
 
@@ -35,6 +37,7 @@ def predict_logits(
         batch_size=cfg.evaluate.batch_size,
         train=False,
         preprocess=cfg.preprocess,
+        **resize,  # input_shape: the model's, when it differs from the images'
     )
     logits = model.predict(dataset, verbose=0)
     if cfg.evaluate.tta_flip:  # same averaging as models.with_normalization(tta_flip=True)
@@ -125,20 +128,13 @@ def run(cfg: PipelineConfig, ws: Workspace) -> dict:
     """The stage as `dvc repro` and the Prefect flow call it."""
     import mlflow
 
-    meta = data.load_meta(ws.prepared)
-    images, labels = data.load_split(ws.prepared, "test")
-    stats = augment.NormStats(**read_json(ws.norm_stats))
+    from tasks import modality
+
     model = models.load_model_file(ws.model_file)  # inference only, safe mode
-    with tracking.stage_run(cfg, ws, "evaluate"):
-        logits = predict_logits(model, images, labels, stats, cfg)
-        metrics = compute_metrics(logits, labels, meta["class_names"])
-        predicted = logits.argmax(axis=1)
-        save_confusion_matrix(labels, predicted, meta["class_names"], ws.confusion_png)
-        write_predictions(labels, predicted, meta["class_names"], ws.predictions)
-        # Headline numbers for `dvc metrics show`; per-class ones in their own file.
-        write_json(ws.metrics, {"test": metrics["test"]})
-        write_json(ws.per_class, metrics["per_class"])
-        mlflow.log_metrics(mlflow_metrics(metrics))
-        for path in (ws.metrics, ws.per_class, ws.confusion_png, ws.predictions):
-            mlflow.log_artifact(str(path), artifact_path="evaluate")
-    return metrics
+    with tracking.stage_run(cfg, ws, "evaluate"), atomic_dir(ws.evaluation) as details:
+        headline, logged = modality.for_config(cfg).evaluate(cfg, ws, model, details)
+        write_json(ws.metrics, {"test": headline})  # `dvc metrics show`: headline only
+        mlflow.log_metrics(logged)
+        mlflow.log_artifact(str(ws.metrics), artifact_path="evaluate")
+        mlflow.log_artifacts(str(details), artifact_path="evaluate")
+    return {"test": headline}

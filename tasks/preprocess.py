@@ -1,34 +1,36 @@
-"""Preprocess stage: normalization stats and a look at the DALI augmentation.
+"""Preprocess stage: what training derives from the training split, and a look at what the
+model is fed.
 
-Augmentation itself runs online in the train stage (every epoch sees fresh crops and
-flips, and no augmented image is ever stored). This stage computes what that needs,
-the per-channel mean/std of the training images in pixel units, and draws a grid of
-augmented training samples through the very pipeline training uses.
+For images (tasks/images.py): the per-channel mean/std in pixel units
+(data/preprocess/norm_stats.json) and a grid of training samples drawn through the very
+DALI pipeline training uses (reports/preprocess/augmented_samples.png); augmentation
+itself runs online in the train stage, and no augmented image is ever stored. For text
+(tasks/text/modality.py): the training tokens' frequencies, the unigram baseline the
+language model must beat (data/preprocess/unigram.json), and training examples decoded
+back to text (reports/preprocess/sample_windows.txt). DALI has no text operators; text
+is tokenized by Keras' TextVectorization in the data stage.
 """
 
 from __future__ import annotations
 
-from tasks import augment, data, tracking
+from typing import Any
+
+from tasks import modality, tracking
 from tasks.config import PipelineConfig
-from tasks.workspace import Workspace, write_json
+from tasks.workspace import Workspace, atomic_dir
 
 
-def run(cfg: PipelineConfig, ws: Workspace) -> augment.NormStats:
+def run(cfg: PipelineConfig, ws: Workspace) -> dict[str, Any]:
     """The stage as `dvc repro` and the Prefect flow call it."""
     import mlflow
 
-    meta = data.load_meta(ws.prepared)
-    images, labels = data.load_split(ws.prepared, "train")
-    with tracking.stage_run(cfg, ws, "preprocess"):
-        stats = augment.channel_stats(images)
-        count = min(cfg.preprocess.grid_samples, len(images))
-        # The grid only illustrates; a fixed seed keeps it comparable across runs.
-        samples = augment.sample_augmented(images, stats, cfg.preprocess, count, seed=0)
-        augment.save_image_grid(
-            samples, stats.mean, stats.std, ws.augmented_grid, meta["class_names"], labels[:count]
-        )
-        write_json(ws.norm_stats, stats._asdict())
-        mlflow.set_tag("preprocess.device", augment.resolve_device(cfg.preprocess.device))
-        mlflow.log_artifact(str(ws.norm_stats), artifact_path="preprocess")
-        mlflow.log_artifact(str(ws.augmented_grid), artifact_path="preprocess")
-    return stats
+    with (
+        tracking.stage_run(cfg, ws, "preprocess"),
+        atomic_dir(ws.preprocessed) as data_dir,
+        atomic_dir(ws.preprocess_reports) as report_dir,
+    ):
+        tags = modality.for_config(cfg).preprocess(cfg, ws, data_dir, report_dir)
+        mlflow.set_tags(tags)
+        mlflow.log_artifacts(str(data_dir), artifact_path="preprocess")
+        mlflow.log_artifacts(str(report_dir), artifact_path="preprocess")
+    return tags

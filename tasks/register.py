@@ -1,7 +1,9 @@
 """Register stage: log the model to MLflow, register a version, move the aliases.
 
-The registered model takes raw pixels (its first layer holds the normalization
-stats), so a registry consumer needs nothing from this repository. Every version is
+What a version serves comes from the data's modality (tasks/modality.py): an image
+model takes raw pixels (its first layers hold the normalization stats and any resize),
+a language model takes prompts (its vocabulary travels with it), so a registry consumer
+needs nothing from this repository. Every version is
 tagged with what made it (git commit, DVC hash of the dataset, resolved params, run id,
 seed, determinism, library versions, device), so `python -m flows.reproduce` can rebuild
 it. The registry's rules (a name bound to one task, fair promotion, aliases) live in
@@ -17,12 +19,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from tasks import data, registry, tracking
-from tasks.config import PipelineConfig, dataset_identity
-from tasks.models import load_model_file, with_normalization
+from tasks import registry, tracking
+from tasks.config import PipelineConfig
+from tasks.modality import ServedModel
 from tasks.workspace import Workspace, read_json, write_json
-
-CLASSIFIER_KERAS_ARTIFACT = "keras_model"  # the name classifier_model.py loads it by
 
 
 def dvc_hash(path: Path) -> str:
@@ -37,51 +37,34 @@ def dvc_hash(path: Path) -> str:
     return obj.hash_info.value
 
 
-def log_model(cfg: PipelineConfig, ws: Workspace) -> str:
-    """Log the raw-pixel model to the active run as an MLflow pyfunc, register it; return the
-    new version.
+def log_model(served: ServedModel, cfg: PipelineConfig) -> str:
+    """Log the version's model to the active run as an MLflow pyfunc, register it; return
+    the new version.
 
-    The version is MLflow model code (tasks/serving/classifier_model.py, copied into the
-    model) around the raw-pixel Keras file: `mlflow models serve` and
-    `mlflow.pyfunc.load_model` answer with class names and probabilities, and loading it
-    needs nothing from this repository.
+    The version is MLflow model code (tasks/serving/classifier_model.py for images,
+    text_model.py for text, copied into the model) around the Keras file: `mlflow models
+    serve` and `mlflow.pyfunc.load_model` answer with labels and probabilities (or
+    generated text), and loading it needs nothing from this repository.
     """
     import mlflow
     from mlflow.models import infer_signature
 
-    stats = read_json(ws.norm_stats)
-    raw_model = with_normalization(
-        load_model_file(ws.model_file),
-        stats["mean"],
-        stats["std"],
-        tta_flip=cfg.evaluate.tta_flip,
-    )
-    meta = data.load_meta(ws.prepared)
-    images, _ = data.load_split(ws.prepared, "test")
-    example = images[:2].astype("float32")  # raw pixels, 0..255
-    with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
+    example = served.input_example
+    with warnings.catch_warnings():
         # The signature is given; MLflow would still ask for type hints on predict().
         warnings.filterwarnings("ignore", message=".*type hint", category=UserWarning)
-        keras_file = Path(scratch) / "model.keras"
-        raw_model.save(keras_file)
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=classifier_code(),
-            artifacts={CLASSIFIER_KERAS_ARTIFACT: str(keras_file)},
-            model_config={"class_names": list(meta["class_names"])},
-            signature=infer_signature(example),
-            input_example=example,
+            python_model=str(served.code),
+            artifacts={key: str(path) for key, path in served.artifacts.items()},
+            model_config=served.model_config,
+            signature=infer_signature(example, params=served.params),
+            input_example=(example, served.params) if served.params else example,
             registered_model_name=cfg.register.model_name,
             # Stated, not inferred: inference reloads the model in a subprocess (~6 s of ~7).
             pip_requirements=serving_requirements(),
         )
     return str(info.registered_model_version)
-
-
-def classifier_code() -> str:
-    """The path of the model code logged with every version (not imported here: it is the
-    served model's module, which MLflow loads on its own)."""
-    return str(Path(__file__).resolve().parent / "serving" / "classifier_model.py")
 
 
 def serving_requirements() -> list[str]:
@@ -114,20 +97,6 @@ def lineage_tags(cfg: PipelineConfig, ws: Workspace, run_id: str) -> dict[str, s
     }
 
 
-def reevaluation(cfg: PipelineConfig, ws: Workspace) -> Any:
-    """``accuracy(version)``: a registered version of this model on this run's test set
-    (used only when the champion was evaluated on other data)."""
-
-    def accuracy(version: str) -> float:
-        images, labels = data.load_split(ws.prepared, "test")
-        model = registry.load_version(cfg.register.model_name, version)
-        raw = images.astype("float32")  # the registered model takes raw pixels
-        logits = model.predict(raw, batch_size=cfg.evaluate.batch_size, verbose=0)
-        return float((logits.argmax(axis=1) == labels).mean())
-
-    return accuracy
-
-
 def log_and_register(
     cfg: PipelineConfig, ws: Workspace, run_id: str, test_accuracy: float
 ) -> dict[str, Any]:
@@ -135,15 +104,15 @@ def log_and_register(
     version), tag it, move aliases comparing like with like."""
     import mlflow
 
+    from tasks import modality
+
     client = mlflow.MlflowClient()
     name = cfg.register.model_name
-    meta = data.load_meta(ws.prepared)
-    wanted = registry.binding_of(
-        dataset_identity(cfg.data.source, cfg.data.name), meta["image_shape"], meta["class_names"]
-    )
-    with registry.registry_lock(name):
-        registry.bind_or_check(client, name, wanted)  # before anything is logged
-    version = registry.version_of_run(client, name, run_id) or log_model(cfg, ws)
+    with tempfile.TemporaryDirectory() as scratch:
+        served = modality.for_config(cfg).served_model(cfg, ws, Path(scratch))
+        with registry.registry_lock(name):
+            registry.bind_or_check(client, name, served.binding)  # before anything is logged
+        version = registry.version_of_run(client, name, run_id) or log_model(served, cfg)
     tags = lineage_tags(cfg, ws, run_id) | {"test_accuracy": repr(test_accuracy)}
     if tags["git_commit"].endswith("-dirty"):  # what git lacks to rebuild this version
         mlflow.log_text(tracking.tracked_changes(ws.root), tracking.CHANGES_ARTIFACT)
@@ -156,7 +125,7 @@ def log_and_register(
         test_accuracy,
         cfg.register.promote_margin,
         data_version=tags["data_version"],
-        reevaluate=reevaluation(cfg, ws),
+        reevaluate=served.reevaluate,
     )
     previous = aliases["previous_champion"]
     if previous.get("reevaluated"):

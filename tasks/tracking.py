@@ -382,13 +382,11 @@ def log_upstream_outputs(ws: Workspace, run_id: str) -> None:
     import mlflow
 
     client = mlflow.MlflowClient()
-    for path, artifact_path in (
-        (ws.prepared / "meta.json", "data"),
-        (ws.norm_stats, "preprocess"),
-        (ws.augmented_grid, "preprocess"),
-    ):
-        if path.is_file():
-            client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+    if (meta := ws.prepared / "meta.json").is_file():
+        client.log_artifact(run_id, str(meta), artifact_path="data")
+    for folder in (ws.preprocessed, ws.preprocess_reports):
+        if folder.is_dir():
+            client.log_artifacts(run_id, str(folder), artifact_path="preprocess")
 
 
 def handle_run_id(ws: Workspace) -> str | None:

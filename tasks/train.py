@@ -8,18 +8,18 @@ epoch lets a rerun after a crash resume where it stopped (tasks/checkpoint.py).
 
 from __future__ import annotations
 
-import math
 import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tasks import augment, data, recipe, tracking
+from tasks import augment, modality, recipe, tracking
 from tasks.checkpoint import TrainCheckpoint, epoch_metrics_logger
 from tasks.config import PipelineConfig
-from tasks.models import build_model
-from tasks.workspace import Workspace, atomic_path, read_json
+from tasks.modality import TrainingData
+from tasks.models import Phase, build_model, check_weights, enter_phase, training_phases
+from tasks.workspace import Workspace, atomic_path
 
 
 def seed_everything(seed: int, deterministic_ops: bool = True) -> None:
@@ -40,7 +40,7 @@ def seed_everything(seed: int, deterministic_ops: bool = True) -> None:
 
 
 def build_for_training(
-    cfg: PipelineConfig, input_shape: tuple[int, int, int], num_classes: int, steps: int
+    cfg: PipelineConfig, input_shape: tuple[int, ...], outputs: int, steps: int
 ) -> Any:
     """Build and compile the model under the resolved precision policy and XLA setting.
 
@@ -55,10 +55,75 @@ def build_for_training(
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(recipe.resolve_precision(cfg.train.precision, device))
     try:
-        model = build_model(cfg.model.name, input_shape, num_classes, tuple(cfg.model.widths))
+        model = build_model(cfg.model, input_shape, outputs)
     finally:
         keras.config.set_dtype_policy(previous)
     return recipe.compile_model(model, cfg.train, steps, xla=xla)
+
+
+def fit(
+    cfg: PipelineConfig,
+    data: TrainingData,
+    epoch: Any,
+    callbacks: list[Any] | None = None,
+    checkpoint: TrainCheckpoint | None = None,
+) -> tuple[Any, dict[str, list[float]]]:
+    """Build the model and fit it phase by phase; return it with its per-epoch history.
+
+    ``epoch`` is the int64 variable the data pipeline reads the epoch from (see
+    `TrainingData`); a callback sets it at each epoch's start, so the order of epoch k is
+    the same after a resume at k. A phase is skipped when a later one has a checkpoint:
+    that checkpoint holds every weight.
+    """
+    import keras
+
+    phases = training_phases(cfg)
+    model = build_for_training(cfg, data.input_shape, data.outputs, data.steps_per_epoch)
+    device = augment.resolve_device(cfg.preprocess.device)
+    clock = keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: epoch.assign(e))
+    history: dict[str, list[float]] = {}
+    for phase in phases:
+        later = [p for p in phases if p.index > phase.index]
+        if checkpoint and any(checkpoint.has_checkpoint(p.name) for p in later):
+            continue
+        enter_phase(model, phase, cfg.model)
+        settings = cfg.train.model_copy(
+            update={
+                "learning_rate": phase.learning_rate,
+                "epochs": phase.end_epoch - phase.first_epoch,
+            }
+        )
+        recipe.compile_model(
+            model, settings, data.steps_per_epoch, xla=recipe.resolve_xla(cfg.train.xla, device)
+        )
+        marker = [phase_marker(phase)] if len(phases) > 1 else []
+        result = model.fit(
+            data.train,
+            validation_data=data.val,
+            initial_epoch=phase.first_epoch,
+            epochs=phase.end_epoch,
+            callbacks=[
+                clock,
+                *marker,
+                *(callbacks or []),
+                *(checkpoint.callbacks(phase.name) if checkpoint else []),
+            ],
+            shuffle=False,  # the data pipeline reshuffles every epoch itself
+            verbose=2,
+        )
+        for key, values in result.history.items():
+            history.setdefault(key, []).extend(float(v) for v in values)
+    return model, history
+
+
+def phase_marker(phase: Phase) -> Any:
+    """Adds ``phase`` (0 frozen, 1 fine-tuning) to each epoch's logs, so history.csv and
+    the MLflow run say which phase an epoch belongs to; it runs before the loggers."""
+    import keras
+
+    return keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda e, logs: logs.__setitem__("phase", float(phase.index))
+    )
 
 
 def train_model(
@@ -69,43 +134,28 @@ def train_model(
     stats: augment.NormStats,
     callbacks: list[Any] | None = None,
 ) -> tuple[Any, dict[str, list[float]]]:
-    """Build, compile and fit the model; return it with its per-epoch history.
+    """Fit an image model on in-memory splits (tests and benchmarks; the stage reads the
+    workspace through `run`)."""
+    from tasks.images import image_training_data
 
-    The training order of each epoch is a function of (seed, epoch), told to the data
-    pipeline at each epoch's start: a run resumed from a checkpoint (BackupAndRestore in
-    ``callbacks``) sees the same batches from there on as an unbroken run.
-    """
-    import keras
+    epoch = _epoch_variable()
+    data = image_training_data(cfg, train_split, val_split, num_classes, stats, epoch)
+    return fit(cfg, data, epoch, callbacks)
+
+
+def _epoch_variable() -> Any:
     import tensorflow as tf
 
-    images, labels = train_split
-    steps = math.ceil(len(images) / cfg.train.batch_size)
-    model = build_for_training(cfg, tuple(images.shape[1:]), num_classes, steps)
-    batches = {"stats": stats, "batch_size": cfg.train.batch_size, "preprocess": cfg.preprocess}
     with tf.device("/cpu:0"):
-        epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
-    train_ds = augment.dali_dataset(
-        images, labels, train=True, seed=cfg.train.seed, epoch=epoch, **batches
-    )
-    clock = keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: epoch.assign(e))
-    val_ds = augment.dali_dataset(*val_split, train=False, **batches)
-    history = model.fit(
-        train_ds,
-        validation_data=val_ds,
-        epochs=cfg.train.epochs,
-        callbacks=[clock, *(callbacks or [])],
-        shuffle=False,  # dali_dataset reshuffles every epoch itself
-        verbose=2,
-    )
-    return model, {key: [float(v) for v in values] for key, values in history.history.items()}
+        return tf.Variable(0, dtype=tf.int64, trainable=False)
 
 
 def run(cfg: PipelineConfig, ws: Workspace) -> dict[str, list[float]]:
     """The stage as `dvc repro` and the Prefect flow call it."""
-    meta = data.load_meta(ws.prepared)
-    stats = augment.NormStats(**read_json(ws.norm_stats))
-    train_split = data.load_split(ws.prepared, "train")
-    val_split = data.load_split(ws.prepared, "val")
+    check_weights(cfg.model)  # pretrained weights reachable? before any work
+    epoch = _epoch_variable()
+    data = modality.for_config(cfg).training_data(cfg, ws, epoch)
+    total = training_phases(cfg)[-1].end_epoch
     with tracking.stage_run(cfg, ws, "train") as run_id:
         ckpt = TrainCheckpoint.for_run(cfg, ws)
         done = ckpt.completed_epochs()
@@ -113,19 +163,12 @@ def run(cfg: PipelineConfig, ws: Workspace) -> dict[str, list[float]]:
         metrics = epoch_metrics_logger(run_id)
         if done:
             where = f"checkpoint {ckpt.root}"
-            if done < cfg.train.epochs:
-                print(f"resuming from epoch {done + 1} of {cfg.train.epochs}: {where}")
+            if done < total:
+                print(f"resuming from epoch {done + 1} of {total}: {where}")
             else:  # trained, then stopped before the end (a tracking server lost)
                 print(f"all {done} epochs are in the {where}: finishing the stage")
             metrics.backfill(ckpt.read_history())
-        model, _ = train_model(
-            cfg,
-            train_split,
-            val_split,
-            meta["num_classes"],
-            stats,
-            [metrics, *ckpt.callbacks()],
-        )
+        model, _ = fit(cfg, data, epoch, [metrics], ckpt)
         with atomic_path(ws.history) as history_tmp:
             shutil.copyfile(ckpt.history, history_tmp)
         with atomic_path(ws.model_file) as model_tmp:

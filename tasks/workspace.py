@@ -27,8 +27,16 @@ class Workspace:
         return self.root / "data" / "prepared"
 
     @property
-    def norm_stats(self) -> Path:  # preprocess stage: per-channel mean/std
-        return self.root / "data" / "preprocess" / "norm_stats.json"
+    def preprocessed(self) -> Path:  # preprocess stage: what training derives from train
+        return self.root / "data" / "preprocess"
+
+    @property
+    def norm_stats(self) -> Path:  # images: per-channel mean/std
+        return self.preprocessed / "norm_stats.json"
+
+    @property
+    def unigram(self) -> Path:  # text: training-token frequencies (the baseline)
+        return self.preprocessed / "unigram.json"
 
     @property
     def model_file(self) -> Path:  # train stage
@@ -39,8 +47,16 @@ class Workspace:
         return self.root / "reports"
 
     @property
-    def augmented_grid(self) -> Path:
-        return self.reports / "augmented_samples.png"
+    def preprocess_reports(self) -> Path:  # preprocess stage: what the model is fed
+        return self.reports / "preprocess"
+
+    @property
+    def augmented_grid(self) -> Path:  # images: augmented training samples
+        return self.preprocess_reports / "augmented_samples.png"
+
+    @property
+    def sample_windows(self) -> Path:  # text: training examples, decoded
+        return self.preprocess_reports / "sample_windows.txt"
 
     @property
     def history(self) -> Path:  # per-epoch metrics, a DVC plot
@@ -55,16 +71,24 @@ class Workspace:
         return self.reports / "metrics.json"
 
     @property
-    def per_class(self) -> Path:  # per-class precision/recall/F1/support
-        return self.reports / "per_class.json"
+    def evaluation(self) -> Path:  # evaluate stage: everything beyond the headline metrics
+        return self.reports / "evaluate"
 
     @property
-    def predictions(self) -> Path:  # actual/predicted rows, a DVC confusion plot
-        return self.reports / "predictions.csv"
+    def per_class(self) -> Path:  # images: per-class precision/recall/F1/support
+        return self.evaluation / "per_class.json"
+
+    @property
+    def predictions(self) -> Path:  # images: actual/predicted rows, a DVC confusion plot
+        return self.evaluation / "predictions.csv"
 
     @property
     def confusion_png(self) -> Path:
-        return self.reports / "confusion_matrix.png"
+        return self.evaluation / "confusion_matrix.png"
+
+    @property
+    def samples(self) -> Path:  # text: generated from fixed prompts, seeded
+        return self.evaluation / "samples.txt"
 
     @property
     def registration(self) -> Path:

@@ -1,7 +1,9 @@
-"""Model builders, looked up by `model.name` in params.yaml.
+"""Model builders, looked up by `model.name` in params.yaml: the one place a model family
+plugs in (the CNNs here, transfer learning in transfer.py, the language model in
+language.py).
 
-Builders take the input shape and class count from the dataset's metadata, so the
-same model name works for CIFAR-10 (32x32x3) and MNIST-family data (28x28x1).
+Builders take the input shape and output count from the prepared data's metadata, so
+the same model name works for CIFAR-10 (32x32x3) and MNIST-family data (28x28x1).
 They use only keras.layers, so the models run on any Keras 3 backend.
 """
 
@@ -9,10 +11,14 @@ from __future__ import annotations
 
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tasks.errors import ModelFileError
+
+if TYPE_CHECKING:
+    from tasks.config import ModelConfig, PipelineConfig
 
 
 def seed_cnn(input_shape: tuple[int, int, int], num_classes: int) -> Any:
@@ -67,19 +73,104 @@ def fast_cnn(
     return keras.Model(inputs, outputs, name="fast_cnn")
 
 
+def transfer(input_shape: tuple[int, int, int], num_classes: int, cfg: ModelConfig) -> Any:
+    """A keras.applications base (model.base) with a new head, for raw pixels at
+    model.input_size (tasks/models/transfer.py), its weights from model.weights (checked
+    before any work by `check_weights`)."""
+    from tasks.models import transfer as transfer_models
+
+    return transfer_models.transfer_model(
+        (cfg.input_size, cfg.input_size, 3),
+        num_classes,
+        base=cfg.base,
+        head=cfg.head,
+        dropout=cfg.dropout,
+        weights=transfer_models.resolve_weights(cfg.weights, cfg.base),
+    )
+
+
+def lstm_lm(input_shape: tuple[int], vocab_size: int, cfg: ModelConfig) -> Any:
+    """The seed's LSTM language model (tasks/models/language.py)."""
+    from tasks.models.language import lstm_language_model
+
+    return lstm_language_model(
+        input_shape[0],
+        vocab_size,
+        embedding_dim=cfg.embedding_dim,
+        units=cfg.units,
+        layers=cfg.layers,
+        dropout=cfg.dropout,
+    )
+
+
 MODEL_BUILDERS: dict[str, Callable[..., Any]] = {
-    "seed_cnn": seed_cnn,
-    "fast_cnn": fast_cnn,
+    "seed_cnn": lambda shape, outputs, cfg: seed_cnn(shape, outputs),
+    "fast_cnn": lambda shape, outputs, cfg: fast_cnn(shape, outputs, tuple(cfg.widths)),
+    "transfer": transfer,
+    "lstm_lm": lstm_lm,
+}
+# What each model reads: the data stage's modality (tasks.config.modality).
+MODEL_MODALITIES = {
+    "seed_cnn": "image",
+    "fast_cnn": "image",
+    "transfer": "image",
+    "lstm_lm": "text",
 }
 
 
-def build_model(
-    name: str, input_shape: tuple[int, int, int], num_classes: int, widths: tuple[int, ...] = ()
-) -> Any:
-    """``widths`` (model.widths) shapes fast_cnn; seed_cnn is fixed and ignores it."""
-    if name == "fast_cnn" and widths:
-        return fast_cnn(input_shape, num_classes, widths)
-    return MODEL_BUILDERS[name](input_shape, num_classes)
+def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], outputs: int) -> Any:
+    """``outputs``: the number of classes (images) or the vocabulary size (text)."""
+    return MODEL_BUILDERS[cfg.name](tuple(input_shape), outputs, cfg)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of training with one set of trainable layers and one learning rate.
+
+    Epochs are numbered on across phases (``first_epoch`` to ``end_epoch``, exclusive),
+    so MLflow and history.csv show one continuous curve.
+    """
+
+    name: str
+    index: int
+    first_epoch: int
+    end_epoch: int
+    learning_rate: float
+
+
+def training_phases(cfg: PipelineConfig) -> list[Phase]:
+    """One phase for every model but transfer, which trains as Keras's transfer-learning
+    guide does: the head on a frozen base, then the top model.unfreeze base layers too at
+    train.finetune_learning_rate. A phase of 0 epochs is left out."""
+    train = cfg.train
+    if cfg.model.name != "transfer":
+        return [Phase("train", 0, 0, train.epochs, train.learning_rate)]
+    plan = [
+        ("frozen", train.frozen_epochs, train.learning_rate),
+        ("finetune", train.finetune_epochs, train.finetune_learning_rate),
+    ]
+    phases, epoch = [], 0
+    for index, (name, epochs, rate) in enumerate(plan):
+        if epochs:
+            phases.append(Phase(name, index, epoch, epoch + epochs, rate))
+            epoch += epochs
+    return phases
+
+
+def enter_phase(model: Any, phase: Phase, cfg: ModelConfig) -> None:
+    """Set which layers train in ``phase`` (the caller compiles afterwards, as Keras needs)."""
+    if cfg.name == "transfer":
+        from tasks.models.transfer import set_phase
+
+        set_phase(model, phase.name, cfg.unfreeze)
+
+
+def check_weights(cfg: ModelConfig) -> None:
+    """Fail before any work when the configured pretrained weights cannot be had."""
+    if cfg.name == "transfer":
+        from tasks.models.transfer import check_weights as check_transfer_weights
+
+        check_transfer_weights(cfg.weights, cfg.base)
 
 
 def with_normalization(

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks import data, registry, tracking
+from tasks import registry, tracking
 from tasks.config import PipelineConfig
 from tasks.errors import ExportError
 from tasks.serving import formats
@@ -94,13 +94,12 @@ def registered_version(ws: Workspace) -> tuple[str, str, str]:
 
 def export(cfg: PipelineConfig, ws: Workspace, name: str, version: str) -> dict[str, Any]:
     """Write exports/ for ``name`` version ``version``, parity-checked; return parity.json."""
+    from tasks import modality
+
     settings = cfg.export
     model = formats.probabilities_model(registry.load_version(name, version))
-    test_images, test_labels = data.load_split(ws.prepared, "test")
-    train_images, _ = data.load_split(ws.prepared, "train")
-    pixels = test_images[: settings.parity_samples].astype("float32")
-    labels = test_labels[: settings.parity_samples]
-    representative = train_images[: formats.REPRESENTATIVE_IMAGES]
+    # Raw pixels (images) or token-id contexts (text), as the registered Keras model takes.
+    pixels, labels, representative = modality.for_config(cfg).export_samples(cfg, ws)
     with atomic_dir(ws.exports) as staging, tempfile.TemporaryDirectory() as scratch:
         started = time.perf_counter()
         exported, unsupported = formats.write_formats(

@@ -19,8 +19,8 @@ import numpy as np
 
 from tasks.errors import ExportError
 
-SIGNATURE = "serving_default"  # float32 pixels; "serve_uint8" takes uint8
-INPUT_NAME = "pixels"
+SIGNATURE = "serving_default"  # float32 pixels (token ids: int32); "serve_uint8" takes uint8
+INPUT_NAME = "pixels"  # an image model's input; a language model's is "tokens"
 OUTPUT_NAME = "probabilities"
 ONNX_OPSET = 17  # ONNX Runtime 1.32 and TensorRT 10's parser both read it
 REPRESENTATIVE_IMAGES = 200  # training images that calibrate the int8 ranges
@@ -64,25 +64,34 @@ def probabilities_model(raw_model: Any) -> Any:
 
 
 def write_saved_model(model: Any, out_dir: Path) -> None:
-    """A SavedModel for TF Serving / tf.saved_model.load: ``serving_default`` takes float32
-    pixels (0..255, NHWC, any batch), ``serve_uint8`` the same as uint8."""
+    """A SavedModel for TF Serving / tf.saved_model.load: ``serving_default`` takes the
+    model's input, any batch: float32 pixels (0..255, NHWC) and, as ``serve_uint8``, the
+    same as uint8; or int32 token ids (a language model's context)."""
     import keras
     import tensorflow as tf
 
     shape = (None, *model.input_shape[1:])
+    dtype = tf.as_dtype(model.inputs[0].dtype)
+    name = input_name(model)
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint(  # the first endpoint is also serving_default
         name="serve",
-        fn=lambda pixels: {OUTPUT_NAME: model(pixels, training=False)},
-        input_signature=[tf.TensorSpec(shape, tf.float32, name=INPUT_NAME)],
+        fn=lambda x: {OUTPUT_NAME: model(x, training=False)},
+        input_signature=[tf.TensorSpec(shape, dtype, name=name)],
     )
-    archive.add_endpoint(
-        name="serve_uint8",
-        fn=lambda pixels: {OUTPUT_NAME: model(tf.cast(pixels, tf.float32), training=False)},
-        input_signature=[tf.TensorSpec(shape, tf.uint8, name=INPUT_NAME)],
-    )
+    if dtype.is_floating:
+        archive.add_endpoint(
+            name="serve_uint8",
+            fn=lambda x: {OUTPUT_NAME: model(tf.cast(x, dtype), training=False)},
+            input_signature=[tf.TensorSpec(shape, tf.uint8, name=name)],
+        )
     archive.write_out(str(out_dir), verbose=False)
+
+
+def input_name(model: Any) -> str:
+    """The exported input's name: "pixels" for an image model, "tokens" for text."""
+    return "tokens" if "int" in str(model.inputs[0].dtype) else INPUT_NAME
 
 
 def litert_variants(quantize: str) -> list[str]:
@@ -102,12 +111,14 @@ def convert_litert(saved_model: Path, variant: str, representative: np.ndarray) 
     if variant == "int8":
 
         def calibration() -> Iterator[list[np.ndarray]]:
-            for image in representative:
-                yield [image[None].astype("float32")]
+            for example in representative:  # images as float32, token ids as they are
+                batch = example[None]
+                yield [batch.astype("float32") if batch.dtype == np.uint8 else batch]
 
         converter.representative_dataset = calibration
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = tf.uint8  # raw pixels: scale 1, zero point 0
+        if representative.dtype == np.uint8:
+            converter.inference_input_type = tf.uint8  # raw pixels: scale 1, zero point 0
     return converter.convert()
 
 
@@ -181,7 +192,10 @@ def write_formats(
             try:
                 (out_dir / name).write_bytes(convert_litert(source, variant, representative))
             except Exception as error:  # the converter's own errors have no common type
-                if variant != "int8":
+                # An image model's float LiteRT file must exist; a quantized one, or any for
+                # a language model (TFLite cannot lower a variable-batch LSTM's tensor
+                # lists without TF ops), is reported as unsupported instead.
+                if variant != "int8" and representative.dtype == np.uint8:
                     raise
                 unsupported[f"litert_{variant}"] = f"{type(error).__name__}: {error}"[:500]
                 continue
@@ -196,9 +210,8 @@ def run_saved_model(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     import tensorflow as tf
 
     serve = tf.saved_model.load(str(path)).signatures[SIGNATURE]
-    return lambda pixels: serve(**{INPUT_NAME: tf.constant(pixels, tf.float32)})[
-        OUTPUT_NAME
-    ].numpy()
+    [(name, spec)] = serve.structured_input_signature[1].items()
+    return lambda x: serve(**{name: tf.constant(x, spec.dtype)})[OUTPUT_NAME].numpy()
 
 
 def run_litert(path: Path) -> Callable[[np.ndarray], np.ndarray]:
@@ -225,7 +238,8 @@ def run_onnx(path: Path) -> Callable[[np.ndarray], np.ndarray]:
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     [source] = session.get_inputs()
-    return lambda pixels: session.run(None, {source.name: pixels.astype("float32")})[0]
+    dtype = "int32" if source.type == "tensor(int32)" else "float32"
+    return lambda x: session.run(None, {source.name: x.astype(dtype)})[0]
 
 
 RUNNERS: dict[str, Callable[[Path], Callable[[np.ndarray], np.ndarray]]] = {
