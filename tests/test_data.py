@@ -259,6 +259,7 @@ def test_write_and_load_round_trip(data_cfg, tmp_path):
     out = Workspace(tmp_path).prepared
     meta = data.write_prepared(ds, out, data_cfg)
     assert meta == {
+        "modality": "image",
         "dataset": "synthetic",
         "source": "synthetic",
         "class_names": [f"class_{k}" for k in range(10)],
