@@ -327,3 +327,53 @@ def test_a_registered_transfer_models_base_becomes_a_weights_file(registry, tmp_
         check_weights("models:/cifar-transfer/7", "mobilenet_v2")
     with pytest.raises(TransferWeightsError, match=r"is not models:/<name>@<alias>"):
         check_weights("models:/cifar-transfer", "mobilenet_v2")
+
+
+# ------------------------------------------------------- the registered raw-pixel wrapper
+
+
+@pytest.mark.parametrize(
+    ("data_shape", "model_shape"),
+    [((28, 28, 1), (32, 32, 3)), ((32, 32, 3), (48, 48, 3))],
+    ids=["fashion-to-32rgb", "cifar-to-48"],
+)
+@pytest.mark.parametrize("tta_flip", [False, True], ids=["plain", "tta"])
+def test_wrapper_takes_data_pixels_like_the_dali_pipeline(
+    tmp_path, data_shape, model_shape, tta_flip
+):
+    from tasks.augment import build_eval_pipeline, iterate_numpy
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input(model_shape),
+            keras.layers.Conv2D(4, 3, activation="relu"),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(CLASSES),
+        ]
+    )
+    mean, std = [120.0, 110.0, 100.0], [60.0, 55.0, 50.0]  # per model channel, as DALI's
+    raw = np.random.default_rng(0).integers(0, 256, (16, *data_shape), dtype=np.uint8)
+    pipe = build_eval_pipeline(
+        raw,
+        np.zeros(16),
+        mean=mean,
+        std=std,
+        batch_size=16,
+        device="cpu",
+        num_threads=2,
+        input_shape=model_shape,
+    )
+    [(normalized, _)] = list(iterate_numpy(pipe))
+    expected = model.predict(normalized, verbose=0)
+    if tta_flip:
+        expected = (expected + model.predict(normalized[:, :, ::-1], verbose=0)) / 2
+
+    wrapper = with_normalization(model, mean, std, tta_flip=tta_flip, data_shape=data_shape)
+    assert wrapper.input_shape == (None, *data_shape)
+    path = tmp_path / "raw.keras"
+    wrapper.save(path)
+    reloaded = keras.models.load_model(path, safe_mode=True)
+    got = reloaded.predict(raw.astype("float32"), verbose=0)
+    assert np.array_equal(got, wrapper.predict(raw.astype("float32"), verbose=0))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
