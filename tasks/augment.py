@@ -3,7 +3,10 @@
 Train: random translate (zero-pad ``pad`` px, crop back to HxW at an integer offset drawn
 uniformly from [-pad, pad] per axis), random horizontal flip, per-channel normalize.
 Eval: normalize only. The data stays uint8 until DALI (airbench's data path): we never
-store or cache augmented images.
+store or cache augmented images. A model whose input differs from the data (a transfer
+base wants e.g. 96x96 RGB, the data is 28x28 gray) gets ``input_shape``: after the
+translate, which stays at the data's resolution, DALI resizes to the model's HxW and
+repeats a gray channel three times; mean/std then have one value per model channel.
 
 Keras consumes `dali_dataset`, a `tf.data.Dataset` built with the DALI TensorFlow plugin
 (`DALIDatasetWithInputs`); on a GPU its batches are produced on, and stay on, the GPU.
@@ -93,6 +96,36 @@ def channel_stats(images: np.ndarray) -> NormStats:
 # --------------------------------------------------------------------------- DALI graphs
 
 
+class _Reshape(NamedTuple):
+    """How the data becomes the model's input: resize to ``size`` (H, W; None: keep), and
+    repeat a single gray channel as RGB."""
+
+    size: tuple[int, int] | None
+    gray_to_rgb: bool
+
+
+def _reshape_for(data_shape: tuple[int, ...], input_shape: tuple[int, int, int] | None) -> _Reshape:
+    """The reshape from ``data_shape`` (H, W, C) to the model's ``input_shape`` (None: same)."""
+    if input_shape is None:
+        return _Reshape(None, False)
+    if len(data_shape) != 3:
+        raise ValueError(f"expected HWC images, got image shape {tuple(data_shape)}")
+    height, width, channels = input_shape
+    data_channels = data_shape[2]
+    if channels != data_channels and (data_channels, channels) != (1, 3):
+        raise ValueError(
+            f"the model takes {channels} channels, the data has {data_channels}: only "
+            "1 (gray) -> 3 (RGB) is converted; build the model for the data's channels"
+        )
+    size = None if (height, width) == tuple(data_shape[:2]) else (height, width)
+    return _Reshape(size, channels != data_channels)
+
+
+def _output_shape(data_shape: tuple[int, ...], input_shape: tuple[int, int, int] | None):
+    """(H, W, C) of what the pipeline yields: the model's input shape, or the data's."""
+    return tuple(input_shape) if input_shape is not None else tuple(data_shape)
+
+
 def _check_stats(mean: Sequence[float], std: Sequence[float], channels: int) -> None:
     if len(mean) != channels or len(std) != channels:
         raise ValueError(
@@ -119,6 +152,35 @@ def _inputs(device: str, sources: tuple[object, object] | None):
     return images, fn.cast(labels, dtype=types.INT32)
 
 
+def _to_model_input(images, reshape: _Reshape | None):
+    """Resize and/or expand gray to RGB (unchanged graph when neither is needed)."""
+    from nvidia.dali import fn, types
+
+    if reshape is None:
+        return images
+    if reshape.size is not None:
+        # DALI's linear resize samples at pixel centers, (i + 0.5) * in / out - 0.5, like
+        # keras.layers.Resizing / tf.image.resize "bilinear": on 64 random images they agree
+        # to 7.6e-4 px at most (28->32 and 28->224 exactly, 32->96 6.3e-4; float rounding).
+        # Downscaling: DALI's default antialias widens the filter to the scale factor, which
+        # no Keras layer reproduces (7.7 px apart from tf.image.resize(antialias=True) at
+        # 32->24); without it DALI interpolates the 2x2 nearest pixels like Keras' bilinear
+        # Resizing (antialias=False; 7.1e-4 px at 32->24, exact at 96->32), so the
+        # registered model (models.with_normalization) resizes as training did, at the
+        # price of aliasing when shrinking by 2x or more. Upscaling ignores antialias.
+        # Output float: uint8 would round every pixel before normalization.
+        images = fn.resize(
+            images,
+            size=list(reshape.size),
+            interp_type=types.INTERP_LINEAR,
+            antialias=False,
+            dtype=types.FLOAT,
+        )
+    if reshape.gray_to_rgb:
+        images = fn.cat(images, images, images, axis=2)  # HWC: C is axis 2
+    return images
+
+
 def _normalize(images, mirror, mean: Sequence[float], std: Sequence[float]):
     from nvidia.dali import fn, types
 
@@ -140,8 +202,10 @@ def _train_graph(
     std: Sequence[float],
     pad: int,
     flip_prob: float,
+    reshape: _Reshape | None = None,
 ):
-    """Random translate by zero-pad + crop, random horizontal flip, normalize."""
+    """Random translate by zero-pad + crop (at the data's size), resize / gray to RGB for
+    the model, random horizontal flip, normalize."""
     from nvidia.dali import fn, types
 
     height, width = shape
@@ -159,6 +223,7 @@ def _train_graph(
             out_of_bounds_policy="pad",
             fill_values=0,
         )
+    images = _to_model_input(images, reshape)
     flip = fn.random.coin_flip(probability=flip_prob)
     return _normalize(images, flip, mean, std), labels
 
@@ -169,10 +234,12 @@ def _eval_graph(
     shape: tuple[int, int],
     mean: Sequence[float],
     std: Sequence[float],
+    reshape: _Reshape | None = None,
 ):
-    """Normalize only; ``shape`` is unused but keeps both graphs' signatures alike."""
+    """Resize / gray to RGB for the model, normalize; ``shape`` is unused but keeps both
+    graphs' signatures alike."""
     images, labels = _inputs(device, sources)
-    return _normalize(images, 0, mean, std), labels
+    return _normalize(_to_model_input(images, reshape), 0, mean, std), labels
 
 
 def _pipeline(graph, *, batch_size: int, num_threads: int, device: str, seed: int, **kwargs):
@@ -222,14 +289,17 @@ def build_train_pipeline(
     seed: int,
     device: str,
     num_threads: int,
+    input_shape: tuple[int, int, int] | None = None,
 ) -> Pipeline:
     """DALI train pipeline over ``images``/``labels`` in the given order, for `pipe.run()`.
 
     One epoch = ceil(N / batch_size) runs; then run() raises StopIteration and the pipeline
-    needs reset(). Outputs: float32 NHWC normalized images, int32 labels. Augmentation is a
-    function of ``seed``. (Keras uses `dali_dataset`, which shuffles; this one does not.)
+    needs reset(). Outputs: float32 NHWC normalized images (of ``input_shape``, the model's
+    (H, W, C), when given), int32 labels. Augmentation is a function of ``seed``. (Keras
+    uses `dali_dataset`, which shuffles; this one does not.)
     """
-    _check_stats(mean, std, images.shape[-1])
+    reshape = _reshape_for(images.shape[1:], input_shape)
+    _check_stats(mean, std, _output_shape(images.shape[1:], input_shape)[2])
     return _pipeline(
         _train_graph,
         batch_size=batch_size,
@@ -242,6 +312,7 @@ def build_train_pipeline(
         std=std,
         pad=pad,
         flip_prob=flip_prob,
+        reshape=reshape,
     )
 
 
@@ -254,9 +325,12 @@ def build_eval_pipeline(
     batch_size: int,
     device: str,
     num_threads: int,
+    input_shape: tuple[int, int, int] | None = None,
 ) -> Pipeline:
-    """DALI eval pipeline: normalize only, data order kept, last partial batch kept."""
-    _check_stats(mean, std, images.shape[-1])
+    """DALI eval pipeline: normalize only (after resizing to ``input_shape``, the model's
+    (H, W, C), when given), data order kept, last partial batch kept."""
+    reshape = _reshape_for(images.shape[1:], input_shape)
+    _check_stats(mean, std, _output_shape(images.shape[1:], input_shape)[2])
     return _pipeline(
         _eval_graph,
         batch_size=batch_size,
@@ -267,6 +341,7 @@ def build_eval_pipeline(
         shape=images.shape[1:3],
         mean=mean,
         std=std,
+        reshape=reshape,
     )
 
 
@@ -323,6 +398,7 @@ def dali_dataset(
     preprocess: PreprocessConfig,
     seed: int = 0,
     epoch: Any = None,
+    input_shape: tuple[int, int, int] | None = None,
 ) -> tf.data.Dataset:
     """Batches of (float32 NHWC normalized images, int32 labels) for Keras fit/evaluate/predict.
 
@@ -334,17 +410,20 @@ def dali_dataset(
     ``epoch``: for Keras training, an int64 `tf.Variable` a callback sets to the current
     epoch (see train.train_model): the order is then a function of (seed, epoch), so a
     run resumed at epoch k sees the batches an unbroken one would. Without it each pass
-    over the dataset is the next epoch.
+    over the dataset is the next epoch. ``input_shape``: the model's (H, W, C) when it
+    differs from the data's (resized, gray repeated as RGB; ``stats`` per model channel).
     """
     import tensorflow as tf
     from nvidia.dali.plugin import tf as dali_tf
 
     mean, std = stats
-    _check_stats(mean, std, images.shape[-1])
     if images.ndim != 4 or images.dtype != np.uint8 or len(images) != len(labels):
         raise ValueError(f"expected uint8 NHWC images and one label each, got {images.shape}")
+    reshape = _reshape_for(images.shape[1:], input_shape)
+    out_height, out_width, out_channels = _output_shape(images.shape[1:], input_shape)
+    _check_stats(mean, std, out_channels)
     device = resolve_device(preprocess.device)
-    n, height, width, channels = images.shape
+    n, height, width, _ = images.shape
 
     with tf.device("/cpu:0"):
         images_t = tf.constant(images)
@@ -360,7 +439,13 @@ def dali_dataset(
             image_ds = image_ds.apply(tf.data.experimental.copy_to_device("/gpu:0"))
             label_ds = label_ds.apply(tf.data.experimental.copy_to_device("/gpu:0"))
 
-    graph_args = {"sources": None, "shape": (height, width), "mean": mean, "std": std}
+    graph_args = {
+        "sources": None,
+        "shape": (height, width),
+        "mean": mean,
+        "std": std,
+        "reshape": reshape,
+    }
     if train:
         graph_args |= {"pad": preprocess.pad, "flip_prob": preprocess.flip_prob}
     pipe = _pipeline(
@@ -380,7 +465,7 @@ def dali_dataset(
             },
             batch_size=batch_size,
             output_dtypes=(tf.float32, tf.int32),
-            output_shapes=((None, height, width, channels), (None,)),
+            output_shapes=((None, out_height, out_width, out_channels), (None,)),
             num_threads=preprocess.num_threads,
             device_id=0 if device == "gpu" else None,
         )
@@ -399,12 +484,15 @@ def augment_reference(
     flips: np.ndarray,
     mean: Sequence[float],
     std: Sequence[float],
+    input_shape: tuple[int, int, int] | None = None,
 ) -> np.ndarray:
     """NumPy version of the train transform with explicit randomness.
 
     ``offsets[i] = (dy, dx)`` is the crop anchor: output[y, x] = image[y + dy, x + dx],
-    0 outside the image; then the crop is mirrored left-right where ``flips[i]``, then
-    normalized to float32 (pixel - mean) / std.
+    0 outside the image; then the crop is mirrored left-right where ``flips[i]``, resized
+    to ``input_shape`` with `resize_reference` and gray repeated as RGB when the model
+    wants that (DALI mirrors after resizing; the two commute), then normalized to float32
+    (pixel - mean) / std.
     """
     n, height, width, _ = images.shape
     offsets = np.asarray(offsets, dtype=np.int64).reshape(n, 2)
@@ -415,9 +503,30 @@ def augment_reference(
     flips = np.asarray(flips, dtype=bool).reshape(n)
     cols = np.where(flips[:, None], cols[:, ::-1], cols)
     out = padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    reshape = _reshape_for(images.shape[1:], input_shape)
+    if reshape.size is not None:
+        out = resize_reference(out, reshape.size)
+    if reshape.gray_to_rgb:
+        out = np.repeat(out, 3, axis=-1)
     mean_arr = np.asarray(mean, dtype=np.float64)
     std_arr = np.asarray(std, dtype=np.float64)
     return ((out - mean_arr) / std_arr).astype(np.float32)
+
+
+def resize_reference(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of NHWC images to ``size`` (H, W), float64: sample points at pixel
+    centers, (i + 0.5) * in / out - 0.5, clamped to the edge pixels. This is
+    keras.layers.Resizing(interpolation="bilinear") / tf.image.resize, and DALI's linear
+    resize without antialiasing (tests/test_augment.py measures both)."""
+    out = images.astype(np.float64)
+    for axis, new in ((1, size[0]), (2, size[1])):
+        old = out.shape[axis]
+        source = np.clip((np.arange(new) + 0.5) * old / new - 0.5, 0, old - 1)
+        low = np.floor(source).astype(np.int64)
+        high = np.minimum(low + 1, old - 1)
+        weight = (source - low).reshape([-1 if a == axis else 1 for a in range(out.ndim)])
+        out = np.take(out, low, axis) * (1 - weight) + np.take(out, high, axis) * weight
+    return out
 
 
 def sample_augmented(
@@ -426,10 +535,11 @@ def sample_augmented(
     preprocess: PreprocessConfig,
     n: int,
     seed: int,
+    input_shape: tuple[int, int, int] | None = None,
 ) -> np.ndarray:
     """Augment ``images[:n]`` (in order, so ``labels[:n]`` match) with the DALI train pipeline.
 
-    Returns float32 NHWC normalized images, as the model sees them.
+    Returns float32 NHWC normalized images, as the model (of ``input_shape``) sees them.
     """
     mean, std = stats
     subset = images[:n]
@@ -444,6 +554,7 @@ def sample_augmented(
         seed=seed,
         device=resolve_device(preprocess.device),
         num_threads=preprocess.num_threads,
+        input_shape=input_shape,
     )
     batch, _ = next(iterate_numpy(pipe))
     return batch

@@ -43,3 +43,10 @@ class ModelRequestError(ValueError):
     """A request to predict or serve cannot start: a bad path, model URI or top-k, a model
     the registry does not have or that this project did not register; the message says
     which and why."""
+
+
+class TransferWeightsError(ValueError):
+    """The starting weights of a transfer model (``model.weights``) cannot be had: ImageNet
+    weights neither cached nor downloadable, a missing or misnamed weights file, or a
+    registered model without a matching base; the message names the file, directory or URI
+    and the alternatives."""

@@ -23,6 +23,7 @@ from tasks.augment import (
     channel_stats,
     dali_dataset,
     iterate_numpy,
+    resize_reference,
     resolve_device,
     sample_augmented,
     save_image_grid,
@@ -397,6 +398,145 @@ def test_sample_augmented_and_grid_png(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["grid.png"]  # no temp file left
 
 
+# ------------------------------------------------- resize and gray to RGB for a model
+
+# (data shape, model input shape): Fashion-MNIST into a 32x32 base, CIFAR into a 96x96 one,
+# a downscale, channels only, and a non-square size (DALI's size is (H, W)).
+RESHAPES = [
+    ((28, 28, 1), (32, 32, 3)),
+    ((32, 32, 3), (96, 96, 3)),
+    ((32, 32, 3), (24, 24, 3)),
+    ((28, 28, 1), (28, 28, 3)),
+    ((28, 28, 1), (40, 48, 1)),
+]
+RESIZE_TOLERANCE = 1e-3  # px: DALI's linear resize vs NumPy/Keras bilinear: max 7.6e-4 seen
+
+
+def _ids(reshapes):
+    return ["x".join(map(str, a)) + "-" + "x".join(map(str, b)) for a, b in reshapes]
+
+
+@pytest.mark.parametrize(("data", "model"), RESHAPES, ids=_ids(RESHAPES))
+def test_resize_reference_is_keras_bilinear(data, model):
+    import keras
+
+    images = _random_images((4, *data)).astype(np.float32)
+    expected = keras.layers.Resizing(*model[:2], interpolation="bilinear")(images).numpy()
+    assert np.abs(resize_reference(images, model[:2]) - expected).max() < 1e-3
+
+
+@pytest.mark.parametrize(("data", "model"), RESHAPES, ids=_ids(RESHAPES))
+def test_eval_pipeline_resizes_and_expands_like_the_reference(data, model):
+    images = _random_images((10, *data))
+    mean, std = [100.0] * model[2], [50.0] * model[2]
+    pipe = build_eval_pipeline(
+        images,
+        np.arange(10),
+        mean=mean,
+        std=std,
+        batch_size=4,
+        device="cpu",
+        num_threads=2,
+        input_shape=model,
+    )
+    out, labels = _run(pipe)
+    assert out.shape == (10, *model) and out.dtype == np.float32
+    assert labels.tolist() == list(range(10))
+    expected = augment_reference(images, np.zeros((10, 2)), np.zeros(10), mean, std, model)
+    assert np.abs(out - expected).max() * std[0] < RESIZE_TOLERANCE
+    if data[2] == 1 and model[2] == 3:  # gray -> RGB: three equal channels
+        assert np.array_equal(out[..., 0], out[..., 1]) and np.array_equal(out[..., 0], out[..., 2])
+
+
+def test_train_pipeline_translates_at_data_size_then_resizes():
+    images = _random_images((6, 28, 28, 1))
+    model = (32, 32, 3)
+    mean, std = MEAN, STD  # one value per model channel
+    pipe = build_train_pipeline(
+        images,
+        np.arange(6),
+        mean=mean,
+        std=std,
+        batch_size=6,
+        pad=PAD,
+        flip_prob=0.5,
+        seed=0,
+        device="cpu",
+        num_threads=2,
+        input_shape=model,
+    )
+    out, _ = _run(pipe)
+    assert out.shape == (6, *model)
+    candidates = list(itertools.product(range(-PAD, PAD + 1), range(-PAD, PAD + 1), (False, True)))
+    tolerance = RESIZE_TOLERANCE / min(STD)
+    for image, result in zip(images, out, strict=True):
+        errors = [
+            np.abs(
+                augment_reference(image[None], [[dy, dx]], [flip], mean, std, model)[0] - result
+            ).max()
+            for dy, dx, flip in candidates
+        ]
+        assert sum(error < tolerance for error in errors) == 1, sorted(errors)[:3]
+
+
+def test_dali_dataset_and_samples_have_the_models_shape():
+    images, labels = _random_images((10, 28, 28, 1)), np.arange(10)
+    stats = NormStats([100.0] * 3, [50.0] * 3)
+    model = (32, 32, 3)
+    evaluate = dali_dataset(
+        images,
+        labels,
+        stats=stats,
+        batch_size=4,
+        train=False,
+        preprocess=_preprocess(),
+        input_shape=model,
+    )
+    assert evaluate.element_spec[0].shape.as_list() == [None, *model]
+    x = np.concatenate([b[0] for b in _passes(evaluate, 1)[0]])
+    pipe = build_eval_pipeline(
+        images,
+        labels,
+        mean=stats.mean,
+        std=stats.std,
+        batch_size=4,
+        device="cpu",
+        num_threads=2,
+        input_shape=model,
+    )
+    assert np.array_equal(x, _run(pipe)[0])
+    train = dali_dataset(
+        images,
+        labels,
+        stats=stats,
+        batch_size=4,
+        train=True,
+        preprocess=_preprocess(),
+        input_shape=model,
+    )
+    assert [b[0].shape for b in _passes(train, 1)[0]] == [(4, *model), (4, *model), (2, *model)]
+    batch = sample_augmented(images, stats, _preprocess(), n=3, seed=0, input_shape=model)
+    assert batch.shape == (3, *model)
+
+
+def test_unsupported_reshapes_are_rejected():
+    images = _random_images((4, 28, 28, 1))
+    kwargs = {"batch_size": 2, "device": "cpu", "num_threads": 1}
+    with pytest.raises(ValueError, match="one value per channel \\(3\\)"):
+        build_eval_pipeline(
+            images, np.zeros(4), mean=[0.0], std=[1.0], input_shape=(32, 32, 3), **kwargs
+        )
+    with pytest.raises(ValueError, match="only 1 \\(gray\\) -> 3 \\(RGB\\)"):
+        build_eval_pipeline(
+            _random_images((4, 8, 8, 3)),
+            np.zeros(4),
+            mean=MEAN[:1],
+            std=STD[:1],
+            input_shape=(8, 8, 1),
+            **kwargs,
+        )
+
+
 # --------------------------------------------------------------------------- GPU
 
 
@@ -438,3 +578,25 @@ def test_gpu_pipeline_matches_reference():
     batches = [(x, y) for x, y in dataset]
     assert [len(y) for _, y in batches] == [100, 100, 56]
     assert "GPU" in batches[0][0].device
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(backend.GetCUDADeviceCount() == 0, reason="needs a CUDA GPU visible to DALI")
+@pytest.mark.parametrize(("data", "model"), RESHAPES[:2], ids=_ids(RESHAPES[:2]))
+def test_gpu_resize_matches_reference(data, model):
+    images = _random_images((32, *data))
+    mean, std = [100.0] * model[2], [50.0] * model[2]
+    pipe = build_eval_pipeline(
+        images,
+        np.arange(32),
+        mean=mean,
+        std=std,
+        batch_size=16,
+        device="gpu",
+        num_threads=2,
+        input_shape=model,
+    )
+    out, _ = _run(pipe)
+    expected = augment_reference(images, np.zeros((32, 2)), np.zeros(32), mean, std, model)
+    # Not yet run on a GPU: a looser bound than the CPU's until measured there.
+    assert np.abs(out - expected).max() * std[0] < 10 * RESIZE_TOLERANCE
