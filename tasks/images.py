@@ -41,8 +41,8 @@ def model_stats(cfg: PipelineConfig, stats: augment.NormStats) -> augment.NormSt
 
 
 def _resize_args(cfg: PipelineConfig, data_shape: tuple[int, ...]) -> dict[str, Any]:
-    shape = model_input_shape(cfg, data_shape)
-    return {} if shape == tuple(data_shape) else {"input_shape": shape}
+    """DALI resizes (and expands gray to RGB) to the model's input inside the pipeline."""
+    return {"input_shape": model_input_shape(cfg, data_shape)}
 
 
 def image_training_data(
@@ -151,7 +151,7 @@ class ImageModality:
             stats.mean,
             stats.std,
             tta_flip=cfg.evaluate.tta_flip,
-            **({"data_shape": tuple(meta["image_shape"])} if cfg.model.name == "transfer" else {}),
+            data_shape=tuple(meta["image_shape"]),
         )
         keras_file = scratch / "model.keras"
         raw_model.save(keras_file)

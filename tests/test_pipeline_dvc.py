@@ -153,7 +153,7 @@ def test_metrics_show_prints_headline_numbers_and_per_class_on_request(repro):
     headline = show()
     assert list(headline) == ["reports/metrics.json"]
     assert set(headline["reports/metrics.json"]["data"]["test"]) == {"accuracy", "loss", "macro_f1"}
-    per_class = show("reports/per_class.json")["reports/per_class.json"]["data"]
+    per_class = show("reports/evaluate/per_class.json")["reports/evaluate/per_class.json"]["data"]
     assert len(per_class) == 10 and set(per_class["class_0"]) >= {"precision", "recall", "f1"}
 
 

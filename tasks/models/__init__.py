@@ -85,7 +85,7 @@ def transfer(input_shape: tuple[int, int, int], num_classes: int, cfg: ModelConf
         base=cfg.base,
         head=cfg.head,
         dropout=cfg.dropout,
-        weights=transfer_models.resolve_weights(cfg.weights, cfg.base),
+        weights=transfer_models.resolve_weights(cfg.weights, cfg.base, image_size=cfg.input_size),
     )
 
 
@@ -141,10 +141,15 @@ class Phase:
 def training_phases(cfg: PipelineConfig) -> list[Phase]:
     """One phase for every model but transfer, which trains as Keras's transfer-learning
     guide does: the head on a frozen base, then the top model.unfreeze base layers too at
-    train.finetune_learning_rate. A phase of 0 epochs is left out."""
+    train.finetune_learning_rate. A phase of 0 epochs is left out. A transfer model with
+    model.weights none (the from-scratch baseline) trains every layer in one phase of
+    train.frozen_epochs + train.finetune_epochs epochs at train.learning_rate."""
     train = cfg.train
     if cfg.model.name != "transfer":
         return [Phase("train", 0, 0, train.epochs, train.learning_rate)]
+    if cfg.model.weights == "none":  # the same architecture from scratch: nothing to freeze
+        epochs = train.frozen_epochs + train.finetune_epochs
+        return [Phase("scratch", 0, 0, epochs, train.learning_rate)]
     plan = [
         ("frozen", train.frozen_epochs, train.learning_rate),
         ("finetune", train.finetune_epochs, train.finetune_learning_rate),
@@ -170,7 +175,7 @@ def check_weights(cfg: ModelConfig) -> None:
     if cfg.name == "transfer":
         from tasks.models.transfer import check_weights as check_transfer_weights
 
-        check_transfer_weights(cfg.weights, cfg.base)
+        check_transfer_weights(cfg.weights, cfg.base, image_size=cfg.input_size)
 
 
 def with_normalization(

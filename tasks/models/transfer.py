@@ -35,7 +35,7 @@ from tasks.errors import ModelFileError, TransferWeightsError
 
 MIN_SIZE = 32  # px: the smallest input every keras.applications base here accepts
 HEADS = ("seed", "pool")
-PHASES = ("frozen", "finetune")
+PHASES = ("frozen", "finetune", "scratch")  # scratch: weights none, every layer trains
 _KERAS_URL = "https://storage.googleapis.com/tensorflow/keras-applications"
 # MobileNetV2's ImageNet weights exist for these square input sizes; Keras loads the 224
 # ones for any other size (keras/src/applications/mobilenet_v2.py).
@@ -132,7 +132,9 @@ def transfer_model(
     backbone = _application(base, tuple(input_shape))
     if weights is not None:
         load_base_weights(backbone, base, weights)
-    x = backbone(x, training=False)  # BN in inference mode in both phases
+        x = backbone(x, training=False)  # BN in inference mode in both phases
+    else:  # from scratch: nothing to preserve, BN learns its statistics as usual
+        x = backbone(x)
     if head == "seed":
         x = keras.layers.Flatten(name="head_flatten")(x)
         x = keras.layers.Dense(256, activation="relu", name="head_dense")(x)
@@ -177,6 +179,7 @@ def tunable_layers(backbone: Any) -> list[Any]:
 def set_phase(model: Any, phase: str, unfreeze: int) -> None:
     """``frozen``: the base is not trainable. ``finetune``: the top ``unfreeze`` of
     `tunable_layers` are (0: all of them); BatchNormalization layers never are.
+    ``scratch`` (model.weights none): every layer is, BatchNormalization included.
 
     Keras reads trainability when a model is compiled: recompile after this call.
     """
@@ -185,6 +188,11 @@ def set_phase(model: Any, phase: str, unfreeze: int) -> None:
         raise ValueError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
     if phase == "frozen":
         backbone.trainable = False
+        return
+    if phase == "scratch":
+        backbone.trainable = True
+        for layer in backbone.layers:
+            layer.trainable = True
         return
     tunable = tunable_layers(backbone)
     if not 0 <= unfreeze <= len(tunable):
