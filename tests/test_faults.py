@@ -34,7 +34,7 @@ def run(root: Path, *command: str, timeout: float = 600) -> subprocess.Completed
 
 
 def checkpointed_epochs(root: Path) -> int:
-    found = list((root / CHECKPOINTS).glob("train-*/backup/training_metadata.json"))
+    found = list((root / CHECKPOINTS).glob("train-*/backup-*/training_metadata.json"))
     return json.loads(found[0].read_text())["epoch"] if found else 0
 
 

@@ -254,7 +254,7 @@ def test_a_killed_flow_run_is_crashed_in_prefect_and_killed_in_mlflow(stack):
     run_id = flow_run_id(started.stdout)
     checkpoints = stack.root / "runs" / run_id / ".pipeline" / "checkpoints"
     deadline = time.monotonic() + RUN_TIMEOUT_S
-    while not list(checkpoints.glob("train-*/backup/training_metadata.json")):
+    while not list(checkpoints.glob("train-*/backup-*/training_metadata.json")):
         assert time.monotonic() < deadline, "no checkpoint"
         time.sleep(0.2)
     process = flow_run_process(stack, run_id)
