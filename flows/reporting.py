@@ -130,12 +130,10 @@ def publish_pipeline_summary(
         ("MLflow run", _link(run_id, links["run"])),
         ("Tracking URI", f"`{uri}`"),
     ]
-    if metrics:
-        test = metrics["test"]
+    if metrics:  # the headline: images' accuracy, loss, macro F1; text's perplexity, ...
         rows += [
-            ("Test accuracy", f"{test['accuracy']:.4f}"),
-            ("Test loss", f"{test['loss']:.4f}"),
-            ("Test macro F1", f"{test['macro_f1']:.4f}"),
+            (f"Test {key.replace('_', ' ')}", f"{value:.4f}")
+            for key, value in metrics["test"].items()
         ]
     if record:
         rows += [
@@ -152,6 +150,8 @@ def publish_pipeline_summary(
             parity = f"max diff {row['max_abs_diff']:.2g}, accuracy {row['accuracy']:.4f}"
             rows.append((f"Export {variant}", parity))
     markdown = "## Training pipeline summary\n\n" + markdown_table(rows)
+    if ws.samples.is_file():  # a language model's generated text
+        markdown += "\n\n## Generated samples\n\n```text\n" + ws.samples.read_text() + "```\n"
     create_markdown_artifact(key=SUMMARY_KEY, markdown=markdown, description="Run summary")
     return markdown
 

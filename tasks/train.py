@@ -152,6 +152,7 @@ def _epoch_variable() -> Any:
 
 def run(cfg: PipelineConfig, ws: Workspace) -> dict[str, list[float]]:
     """The stage as `dvc repro` and the Prefect flow call it."""
+    tracking.configure(cfg, ws)  # the registry a models:/ base is read from
     check_weights(cfg.model)  # pretrained weights reachable? before any work
     epoch = _epoch_variable()
     data = modality.for_config(cfg).training_data(cfg, ws, epoch)
