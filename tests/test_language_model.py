@@ -136,6 +136,7 @@ def text_repro(tmp_path_factory):
 @pytest.mark.skipif(not LICENSES.is_dir(), reason="needs the OS's /usr/share/common-licenses")
 def test_the_language_model_pipeline_beats_the_unigram_baseline_and_serves_prompts(text_repro):
     import mlflow
+    import pandas as pd
 
     root, output = text_repro
     assert stages_run(output) == ["data", "preprocess", "train", "evaluate", "register", "export"]
@@ -158,12 +159,13 @@ def test_the_language_model_pipeline_beats_the_unigram_baseline_and_serves_promp
     mlflow.set_tracking_uri(uri)
     try:
         model = mlflow.pyfunc.load_model("models:/licenses-lstm_lm@champion")
-        answer = model.predict({"prompt": ["the program", "you may"]})
+        answer = model.predict(pd.DataFrame({"prompt": ["the program", "you may"]}))
         assert len(answer) == 2 and set(answer.columns) == {"prompt", "next_token", "probabilities"}
         assert 0.0 < sum(answer["probabilities"][0].values()) <= 1.0
         settings = {"max_tokens": 5, "temperature": 1.0, "seed": 7}
-        first = model.predict({"prompt": ["the program"]}, params=settings)["text"][0]
-        again = model.predict({"prompt": ["the program"]}, params=settings)["text"][0]
+        prompt = pd.DataFrame({"prompt": ["the program"]})
+        first = model.predict(prompt, params=settings)["text"][0]
+        again = model.predict(prompt, params=settings)["text"][0]
         assert first == again and len(first.split()) == 5
         with pytest.raises(mlflow.exceptions.MlflowException, match="prompt"):
             model.predict([1, 2])

@@ -277,6 +277,7 @@ def test_a_killed_flow_run_is_crashed_in_prefect_and_killed_in_mlflow(stack):
 def test_batch_predict_writes_predictions_and_logs_them_with_the_version(stack, served_pipeline):
     """The session's tiny model, registered on the stack's MLflow server by the register
     stage's own log_model (no second training), predicts a folder inside the project."""
+    from tasks import modality
     from tasks.config import load_config
     from tasks.data import load_split
     from tasks.register import log_model
@@ -286,7 +287,10 @@ def test_batch_predict_writes_predictions_and_logs_them_with_the_version(stack, 
     cfg, ws, _ = served_pipeline
     name = "operate-predict"
     client = client_for(stack)
-    version = log_model(load_config(PARAMS, cfg.flat() | {"register.model_name": name}), ws)
+    named = load_config(PARAMS, cfg.flat() | {"register.model_name": name})
+    scratch = stack.root / "data" / "operate-scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+    version = log_model(modality.for_config(named).served_model(named, ws, scratch), named)
     client.set_registered_model_alias(name, "champion", version)
     images, _ = load_split(ws.prepared, "test")
     folder = stack.root / "data" / "predict-operate"  # git-ignored, inside the project

@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 import os
 import threading
+from pathlib import Path
 
 import mlflow
 import pytest
 import requests
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 
-from tasks import register, registry, tracking
+from tasks import modality, register, registry, tracking
 from tasks.config import ConfigError
 from tasks.errors import DataUnavailableError
+from tasks.modality import ServedModel
 
 
 @pytest.fixture
@@ -74,7 +76,17 @@ def test_a_retried_registration_reuses_the_runs_version(client, tmp_path, monkey
     run_id = client.create_run(experiment).info.run_id
     calls = []
 
-    def fake_log_model(cfg, ws):
+    class Images:  # what the registry binds the name to; the model itself is faked below
+        def served_model(self, cfg, ws, scratch):
+            return ServedModel(
+                code=Path("unused"),
+                artifacts={},
+                model_config={},
+                input_example=None,
+                binding=registry.binding_of("synthetic", meta["image_shape"], meta["class_names"]),
+            )
+
+    def fake_log_model(served, cfg):
         calls.append(1)
         if not client.search_registered_models(f"name = '{cfg.register.model_name}'"):
             client.create_registered_model(cfg.register.model_name)
@@ -82,6 +94,7 @@ def test_a_retried_registration_reuses_the_runs_version(client, tmp_path, monkey
         return str(client.create_model_version(name, "file:///dev/null", run_id=run_id).version)
 
     monkeypatch.setattr(register, "log_model", fake_log_model)
+    monkeypatch.setattr(modality, "for_config", lambda cfg: Images())
     first = register.log_and_register(tiny_cfg, ws, run_id, 0.5)
     again = register.log_and_register(tiny_cfg, ws, run_id, 0.5)
     assert len(calls) == 1
