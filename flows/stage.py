@@ -24,6 +24,7 @@ from tasks.errors import (
     ExportError,
     ModelFileError,
     RegistryBindingError,
+    TransferWeightsError,
 )
 from tasks.tracking import raise_interrupted
 from tasks.workspace import Workspace
@@ -93,6 +94,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
         ModelFileError,
         RegistryBindingError,
         StageFailed,
+        TransferWeightsError,
         TrackingUnreachable,
     )
 
