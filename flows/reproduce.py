@@ -262,15 +262,18 @@ def reproduction_run(client: Any, checkout: Path, record: VersionRecord) -> str 
 
 
 def rebuild_metrics(checkout: Path) -> dict[str, float]:
-    """The reproduction's test metrics, named as its MLflow metrics are. Commits before
-    reports/per_class.json kept the per-class numbers inside reports/metrics.json."""
+    """The reproduction's test metrics, named as its MLflow metrics are. Older commits kept
+    the per-class numbers inside reports/metrics.json, then in reports/per_class.json; a
+    language model has none."""
     from tasks.evaluate import mlflow_metrics
     from tasks.workspace import Workspace
 
     ws = Workspace(checkout)
     metrics = read_json(ws.metrics)
     if "per_class" not in metrics:
-        metrics["per_class"] = read_json(ws.per_class)
+        places = (ws.per_class, ws.reports / "per_class.json")
+        found = next((path for path in places if path.is_file()), None)
+        metrics["per_class"] = read_json(found) if found else {}
     return mlflow_metrics(metrics)
 
 
