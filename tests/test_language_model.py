@@ -169,6 +169,13 @@ def test_the_language_model_pipeline_beats_the_unigram_baseline_and_serves_promp
         assert first == again and len(first.split()) == 5
         with pytest.raises(mlflow.exceptions.MlflowException, match="prompt"):
             model.predict([1, 2])
+        # `make serve-model` and batch jobs accept it as this project's model code.
+        from tasks.serving.registered import check_model_code
+
+        local = mlflow.artifacts.download_artifacts(
+            "models:/licenses-lstm_lm/1", dst_path=str(root)
+        )
+        check_model_code(Path(local), "models:/licenses-lstm_lm/1")
     finally:
         mlflow.set_tracking_uri(None)
     binding = client.get_registered_model("licenses-lstm_lm").tags

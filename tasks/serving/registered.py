@@ -3,8 +3,9 @@
 Loading an MLflow pyfunc runs the model code stored with it, so whoever serves or predicts
 with a caller's model URI (flows/predict.py, flows/serve_model.py) goes through here: the
 URI must name a version or alias in the plain form, the version must exist, and its code
-must be a version of this repository's tasks/serving/classifier_model.py (as it is now or
-in any commit), loaded by MLflow's models-from-code loader with no extra code paths.
+must be a version of this repository's tasks/serving/classifier_model.py or text_model.py
+(as it is now or in any commit), loaded by MLflow's models-from-code loader with no extra
+code paths.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ MODEL_URI = re.compile(
 MAX_QUOTED_CHARS = 200  # of a caller's text quoted back in an error
 REPO = Path(__file__).resolve().parents[2]
 MODEL_CODE = "tasks/serving/classifier_model.py"  # what tasks/register.py logs as model code
+TEXT_MODEL_CODE = "tasks/serving/text_model.py"  # ... for a language model
 CODE_LOADER = "mlflow.pyfunc.loaders.code_model"  # MLflow's loader for models-from-code
 
 
@@ -85,12 +87,12 @@ def git_blob_id(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def known_model_code() -> set[str]:
-    """Git blob ids of classifier_model.py: the working tree's and every committed one."""
-    known = {git_blob_id((REPO / MODEL_CODE).read_bytes())}
+def known_model_code(model_code: str = MODEL_CODE) -> set[str]:
+    """Git blob ids of ``model_code``: the working tree's and every committed one."""
+    known = {git_blob_id((REPO / model_code).read_bytes())}
     try:
         listed = subprocess.run(
-            ["git", "rev-list", "--objects", "--all", "--", MODEL_CODE],
+            ["git", "rev-list", "--objects", "--all", "--", model_code],
             cwd=REPO,
             capture_output=True,
             text=True,
@@ -100,14 +102,14 @@ def known_model_code() -> set[str]:
     except (OSError, subprocess.SubprocessError):
         return known  # not a git checkout: the working tree's code only
     return known | {
-        line.split()[0] for line in listed.splitlines() if line.endswith(f" {MODEL_CODE}")
+        line.split()[0] for line in listed.splitlines() if line.endswith(f" {model_code}")
     }
 
 
 def check_model_code(model_dir: Path, uri: str) -> None:
     """Refuse a downloaded version that would run code other than this project's when
     loaded: another loader module, extra code paths, or model code that is not a version
-    of tasks/serving/classifier_model.py."""
+    of tasks/serving/classifier_model.py or text_model.py."""
     import yaml
 
     try:
@@ -117,7 +119,8 @@ def check_model_code(model_dir: Path, uri: str) -> None:
     if not ours:
         raise ModelRequestError(
             f"{uri} was not registered by this project's register stage: its model code is "
-            f"not a version of {MODEL_CODE}, and loading it would run that code; refused"
+            f"not a version of {MODEL_CODE} or {TEXT_MODEL_CODE}, and loading it would run "
+            "that code; refused"
         )
 
 
@@ -125,12 +128,13 @@ def is_project_model(mlmodel: dict[str, Any], model_dir: Path) -> bool:
     pyfunc = mlmodel["flavors"]["python_function"]
     code = model_dir / Path(str(pyfunc["model_code_path"])).name
     artifacts = [model_dir / str(a["path"]) for a in pyfunc["artifacts"].values()]
+    ours = {Path(path).name: path for path in (MODEL_CODE, TEXT_MODEL_CODE)}
     return (
         pyfunc["loader_module"] == CODE_LOADER
         and not pyfunc.get("code")
-        and code.name == Path(MODEL_CODE).name
+        and code.name in ours
         and code.is_file()
-        and git_blob_id(code.read_bytes()) in known_model_code()
+        and git_blob_id(code.read_bytes()) in known_model_code(ours[code.name])
         and all(path.resolve().is_relative_to(model_dir.resolve()) for path in artifacts)
     )
 
