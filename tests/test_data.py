@@ -345,3 +345,43 @@ def test_loading_before_the_data_stage_says_what_to_run(tmp_path):
         data.load_split(tmp_path / "prepared", "train")
     with pytest.raises(ValueError, match="unknown split 'dev'"):
         data.load_split(tmp_path, "dev")
+
+
+# ------------------------------------------------------------- class subsets, few labels
+
+
+def test_a_class_subset_is_relabelled_in_the_order_given(data_cfg, tmp_path):
+    """data.classes [7, 2, 5]: only those classes, as labels 0, 1, 2 with their names."""
+    cfg = data_cfg.model_copy(update={"classes": [7, 2, 5]})
+    full = data.prepare_dataset(data_cfg, tmp_path)
+    ds = data.prepare_dataset(cfg, tmp_path)
+    assert ds.class_names == ("class_7", "class_2", "class_5")
+    for split in ("train", "val", "test"):
+        assert set(ds.split(split)[1].tolist()) == {0, 1, 2}
+    test_images, test_labels = full.split("test")
+    kept = np.isin(test_labels, [7, 2, 5])
+    np.testing.assert_array_equal(ds.test_images, test_images[kept])
+    relabelled = [{7: 0, 2: 1, 5: 2}[int(label)] for label in test_labels[kept]]
+    np.testing.assert_array_equal(ds.test_labels, relabelled)
+    meta = data.build_meta(ds, cfg)
+    assert meta["dataset"] == "synthetic-classes-7-2-5"
+
+
+def test_a_label_budget_keeps_a_seeded_few_per_class_in_order():
+    labels = np.repeat(np.arange(3), 40)
+    images = np.arange(len(labels), dtype=np.uint8).reshape(-1, 1, 1, 1)
+    kept_images, kept_labels = data.limit_labels(images, labels, 5, seed=1)
+    assert np.bincount(kept_labels).tolist() == [5, 5, 5]
+    assert np.all(np.diff(kept_images.ravel().astype(int)) > 0), "original order kept"
+    again, _ = data.limit_labels(images, labels, 5, seed=1)
+    other, _ = data.limit_labels(images, labels, 5, seed=2)
+    np.testing.assert_array_equal(kept_images, again)
+    assert not np.array_equal(kept_images, other)
+
+
+def test_a_class_the_data_lacks_is_named():
+    from tasks.errors import DataFileError
+
+    labels = np.arange(5).repeat(2)
+    with pytest.raises(DataFileError, match=r"data.classes \[3, 9\] names class 9"):
+        data.select_classes((np.zeros((10, 1, 1, 1), np.uint8), labels), [3, 9])
