@@ -9,6 +9,9 @@ from __future__ import annotations
 import inspect
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import keras
 import mlflow
@@ -152,6 +155,25 @@ def test_logits_are_float32_under_mixed_precision():
         keras.mixed_precision.set_global_policy("float32")
     assert model.get_layer("base").compute_dtype == "float16"
     assert model.output.dtype == "float32"
+
+
+def test_build_model_works_before_anything_imports_the_transfer_module():
+    """tasks.models' builder named `transfer` must not shadow the module tasks.models.transfer
+    in a fresh process (train_model, as benchmarks call it, imports nothing else first)."""
+    code = (
+        "import sys; from tasks.config import load_config; from tasks.models import build_model; "
+        "assert 'tasks.models.transfer' not in sys.modules; "
+        "cfg = load_config('params.yaml', {'model.name': 'transfer', "
+        "'model.base': 'mobilenet_v2', 'model.weights': 'none'}); "
+        "print(build_model(cfg.model, (32, 32, 3), 5).name)"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = os.environ | {"TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "transfer_mobilenet_v2"
 
 
 def test_bad_shapes_and_names_are_refused():
