@@ -22,6 +22,7 @@ from tasks.errors import TransferWeightsError
 from tasks.models import seed_cnn, with_normalization
 from tasks.models.transfer import (
     BASES,
+    SCRATCH_BN_MOMENTUM,
     check_weights,
     imagenet_file,
     resolve_weights,
@@ -127,6 +128,24 @@ def test_finetune_all_leaves_batch_norm_frozen():
         set_phase(model, "finetune", unfreeze=len(tunable) + 1)
     with pytest.raises(ValueError, match="frozen, finetune"):
         set_phase(model, "thaw", unfreeze=0)
+
+
+def test_from_scratch_batch_norm_statistics_keep_up_with_short_runs(tmp_path):
+    """weights none: BN momentum SCRATCH_BN_MOMENTUM (Keras' 0.999 left MobileNetV2's
+    inference outputs constant after 80 steps); a pretrained base keeps Keras' own."""
+
+    def momenta(model) -> set[float]:
+        layers = model.get_layer("base").layers
+        return {lyr.momentum for lyr in layers if isinstance(lyr, keras.layers.BatchNormalization)}
+
+    scratch = _model()
+    assert momenta(scratch) == {SCRATCH_BN_MOMENTUM}
+    path = tmp_path / "scratch.keras"
+    scratch.save(path)
+    assert momenta(keras.models.load_model(path, safe_mode=True)) == {SCRATCH_BN_MOMENTUM}
+    weights = tmp_path / "base.weights.h5"
+    scratch.get_layer("base").save_weights(weights)
+    assert momenta(_model(weights=str(weights))) == {0.999}
 
 
 @pytest.mark.parametrize("base", sorted(BASES))
