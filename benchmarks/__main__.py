@@ -16,7 +16,14 @@ import time
 from benchmarks.common import REPO, log, python_module
 from benchmarks.report import write_report
 
-SECTIONS = ("input_pipeline", "train_throughput", "stages", "time_to_accuracy", "inference")
+SECTIONS = (
+    "input_pipeline",
+    "train_throughput",
+    "stages",
+    "time_to_accuracy",
+    "inference",
+    "transfer",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
