@@ -71,24 +71,31 @@ CHEAP_EXPORT = {  # the pretrain's export stage: one format, a small parity chec
 }
 PRETRAIN_CLASSES = [0, 1, 2, 3, 4]  # T-shirt/top, Trouser, Pullover, Dress, Coat
 TARGET_CLASSES = [5, 6, 7, 8, 9]  # Sandal, Shirt, Sneaker, Bag, Ankle boot
-LABELS_PER_CLASS = 50  # 250 training labels in all, 4 steps of 64 per epoch
+LABELS_PER_CLASS = 50  # 250 training labels in all
 # model.weights none trains every layer in one phase of frozen + finetune epochs.
-PRETRAIN_EPOCHS = 3  # 27,000 images, ~2 min per epoch on 2 cores: ~1,270 steps in all
-# Both arms train frozen + finetune epochs; only transfer has two phases.
+PRETRAIN_EPOCHS = 3  # 27,000 images, ~1.7 min per epoch on 2 cores: ~1,270 steps in all
+# Both arms train frozen + finetune epochs on the same labels; only transfer has two
+# phases. Chosen on seed 0's validation split, never on test (numbers below: validation
+# accuracy after the 30 epochs).
 SCHEDULE = {
-    "train.batch_size": 64,  # params.yaml's, stated so the commands do not depend on it
+    # 16 steps per epoch: 250 images in batches of 64 gave each run only 120 Adam steps.
+    "train.batch_size": 16,
     "train.learning_rate": 1e-3,  # Adam; the frozen phase, and every epoch of scratch
-    # 40 Adam steps at train.learning_rate (1e-3) on the head alone: a linear layer on
-    # fixed features, enough for it to settle before the base may move.
+    # 160 steps on the head alone (a linear layer on fixed features), so that the
+    # fine-tuning phase starts from a head that is no longer random (Keras' guide).
     "train.frozen_epochs": 10,
-    # then 80 steps with the top of the base trainable too, at a tenth of the rate
-    # (Keras' transfer-learning guide: fine-tune slowly, or the pretrained features are
-    # overwritten by 250 images' worth of gradients).
+    # then 320 steps with the base trainable too, at a tenth of the rate (Keras' guide:
+    # fine-tune slowly, so 250 images adjust the pretrained features, not overwrite them).
     "train.finetune_epochs": 20,
     "train.finetune_learning_rate": 1e-4,
-    # Conv_1 (320 -> 1,280) and block 16's expand/depthwise/project convs, ~0.9 M of the
-    # base's 2.2 M weights: the most class-specific features adapt, the rest are kept.
-    "model.unfreeze": 4,
+    # Every weighted layer of the base (BatchNormalization stays frozen). The base's top
+    # features fit the pretraining classes (garments) and barely vary over classes 5-9
+    # (shoes, bags): tuning only the top 4 layers left transfer at 49% (scratch: 72%);
+    # tuning all of them reached 84%.
+    "model.unfreeze": 0,
+    # Validation only reports (nothing is selected with it): 600 images instead of 3,000
+    # keep each few-label epoch about as cheap as its training part.
+    "data.val_fraction": 0.02,
 }
 QUICK_SCHEDULE = SCHEDULE | {"train.frozen_epochs": 1, "train.finetune_epochs": 1}
 FEW_LABEL_STAGES = ("data", "preprocess", "train", "evaluate")  # test accuracy needs no registry
@@ -106,7 +113,7 @@ def pretrain_overrides(quick: bool) -> dict[str, Any]:
         | {"data.classes": PRETRAIN_CLASSES}
         | ARCHITECTURE
         | {"model.weights": "none", "train.frozen_epochs": epochs, "train.finetune_epochs": 0}
-        | {key: SCHEDULE[key] for key in ("train.batch_size", "train.learning_rate")}
+        | {"train.batch_size": 64, "train.learning_rate": 1e-3}  # params.yaml's, stated
         | CHEAP_EXPORT
     )
 
