@@ -11,7 +11,7 @@
    from random weights, every layer training for the same total epochs on the same
    labels. Test accuracy is the evaluate stage's, on the whole classes-5-9 test split.
 
-    python -m benchmarks.transfer [--seeds 3] [--quick]
+    python -m benchmarks.transfer [--seeds 5] [--quick]
 
 Quick mode swaps Fashion-MNIST for a tiny synthetic 28x28x1 set, one epoch per phase and
 two seeds: it checks the code, its accuracies mean nothing.
@@ -245,10 +245,10 @@ def measure(seeds: list[int], quick: bool, scratch: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.transfer", description=__doc__)
-    parser.add_argument("--seeds", type=int, help="seeds 0..N-1 (default 3, quick 2)")
+    parser.add_argument("--seeds", type=int, help="seeds 0..N-1 (default 5, quick 2)")
     parser.add_argument("--quick", action="store_true", help="synthetic stand-in, results/quick/")
     args = parser.parse_args(argv)
-    seeds = list(range(args.seeds or (2 if args.quick else 3)))
+    seeds = list(range(args.seeds or (2 if args.quick else 5)))
     with tempfile.TemporaryDirectory(prefix="bench-transfer-") as tmp:
         warm_prefect(Path(tmp))
         row = measure(seeds, args.quick, Path(tmp))
