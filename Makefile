@@ -39,7 +39,7 @@ smoke: venv ## offline run of the whole pipeline as a Prefect flow on synthetic 
 test: venv ## run the test suite (CPU; GPU tests skip themselves)
 	python -m pytest
 
-bench: venv ## CPU benchmarks -> BENCHMARKS.md (~50 min; BENCH_QUICK=1: tiny sizes, a few min)
+bench: venv ## CPU benchmarks -> BENCHMARKS.md (~75 min; BENCH_QUICK=1: tiny sizes, a few min)
 	python -m benchmarks $(if $(filter-out 0,$(BENCH_QUICK)),--quick)
 
 lint: venv ## ruff lint and format check

@@ -1,6 +1,6 @@
 """Run every benchmark, each in its own process, then write BENCHMARKS.md from the results.
 
-python -m benchmarks            # full sizes, about 50 minutes on 2 CPU cores
+python -m benchmarks            # full sizes, about 75 minutes on 2 CPU cores
 python -m benchmarks --quick    # tiny sizes, a few minutes: checks the code only
 python -m benchmarks --only stages --only time_to_accuracy
 """
@@ -16,7 +16,14 @@ import time
 from benchmarks.common import REPO, log, python_module
 from benchmarks.report import write_report
 
-SECTIONS = ("input_pipeline", "train_throughput", "stages", "time_to_accuracy", "inference")
+SECTIONS = (
+    "input_pipeline",
+    "train_throughput",
+    "stages",
+    "time_to_accuracy",
+    "inference",
+    "transfer",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

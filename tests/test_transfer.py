@@ -9,6 +9,9 @@ from __future__ import annotations
 import inspect
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import keras
 import mlflow
@@ -19,6 +22,7 @@ from tasks.errors import TransferWeightsError
 from tasks.models import seed_cnn, with_normalization
 from tasks.models.transfer import (
     BASES,
+    SCRATCH_BN_MOMENTUM,
     check_weights,
     imagenet_file,
     resolve_weights,
@@ -126,6 +130,24 @@ def test_finetune_all_leaves_batch_norm_frozen():
         set_phase(model, "thaw", unfreeze=0)
 
 
+def test_from_scratch_batch_norm_statistics_keep_up_with_short_runs(tmp_path):
+    """weights none: BN momentum SCRATCH_BN_MOMENTUM (Keras' 0.999 left MobileNetV2's
+    inference outputs constant after 80 steps); a pretrained base keeps Keras' own."""
+
+    def momenta(model) -> set[float]:
+        layers = model.get_layer("base").layers
+        return {lyr.momentum for lyr in layers if isinstance(lyr, keras.layers.BatchNormalization)}
+
+    scratch = _model()
+    assert momenta(scratch) == {SCRATCH_BN_MOMENTUM}
+    path = tmp_path / "scratch.keras"
+    scratch.save(path)
+    assert momenta(keras.models.load_model(path, safe_mode=True)) == {SCRATCH_BN_MOMENTUM}
+    weights = tmp_path / "base.weights.h5"
+    scratch.get_layer("base").save_weights(weights)
+    assert momenta(_model(weights=str(weights))) == {0.999}
+
+
 @pytest.mark.parametrize("base", sorted(BASES))
 def test_saved_model_reloads_safely_and_preprocesses_like_keras(tmp_path, base):
     model = _model(base=base, head="seed" if base == "vgg16" else "pool")
@@ -152,6 +174,25 @@ def test_logits_are_float32_under_mixed_precision():
         keras.mixed_precision.set_global_policy("float32")
     assert model.get_layer("base").compute_dtype == "float16"
     assert model.output.dtype == "float32"
+
+
+def test_build_model_works_before_anything_imports_the_transfer_module():
+    """tasks.models' builder named `transfer` must not shadow the module tasks.models.transfer
+    in a fresh process (train_model, as benchmarks call it, imports nothing else first)."""
+    code = (
+        "import sys; from tasks.config import load_config; from tasks.models import build_model; "
+        "assert 'tasks.models.transfer' not in sys.modules; "
+        "cfg = load_config('params.yaml', {'model.name': 'transfer', "
+        "'model.base': 'mobilenet_v2', 'model.weights': 'none'}); "
+        "print(build_model(cfg.model, (32, 32, 3), 5).name)"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = os.environ | {"TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "transfer_mobilenet_v2"
 
 
 def test_bad_shapes_and_names_are_refused():

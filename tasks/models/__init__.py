@@ -77,15 +77,17 @@ def transfer(input_shape: tuple[int, int, int], num_classes: int, cfg: ModelConf
     """A keras.applications base (model.base) with a new head, for raw pixels at
     model.input_size (tasks/models/transfer.py), its weights from model.weights (checked
     before any work by `check_weights`)."""
-    from tasks.models import transfer as transfer_models
+    # Not `from tasks.models import transfer`: that finds this function, not the module,
+    # until something else has imported tasks.models.transfer.
+    from tasks.models.transfer import resolve_weights, transfer_model
 
-    return transfer_models.transfer_model(
+    return transfer_model(
         (cfg.input_size, cfg.input_size, 3),
         num_classes,
         base=cfg.base,
         head=cfg.head,
         dropout=cfg.dropout,
-        weights=transfer_models.resolve_weights(cfg.weights, cfg.base, image_size=cfg.input_size),
+        weights=resolve_weights(cfg.weights, cfg.base, image_size=cfg.input_size),
     )
 
 
