@@ -47,13 +47,12 @@ def training_key(cfg: PipelineConfig, ws: Workspace) -> str:
     shaping["preprocess"] = cfg.preprocess.model_dump()
     shaping["text"] = cfg.data.text.sequence_length
     digest.update(json.dumps(shaping, sort_keys=True).encode())
-    for path in sorted(p for p in ws.prepared.iterdir() if p.is_file()):
-        digest.update(path.name.encode())
-        with path.open("rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-    for path in sorted(p for p in ws.preprocessed.iterdir() if p.is_file()):
-        digest.update(path.name.encode() + path.read_bytes())
+    for folder in (ws.prepared, ws.preprocessed):
+        for path in sorted(p for p in folder.iterdir() if p.is_file()):
+            digest.update(path.name.encode())
+            with path.open("rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    digest.update(chunk)
     return digest.hexdigest()[:16]
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks import idx, tracking
+from tasks import idx, modality, tracking
 from tasks.config import DataConfig, PipelineConfig, SyntheticConfig, dataset_identity
 from tasks.errors import DataFileError, DataUnavailableError
 from tasks.workspace import Workspace, atomic_dir, read_json
@@ -449,7 +449,7 @@ def write_prepared(ds: Dataset, out_dir: Path, cfg: DataConfig) -> dict[str, Any
 
 
 def load_meta(prepared_dir: Path) -> dict[str, Any]:
-    path = _prepared_file(prepared_dir, "meta.json")
+    path = prepared_file(prepared_dir, "meta.json")
     try:
         return read_json(path)
     except ValueError as error:  # json.JSONDecodeError, UnicodeDecodeError
@@ -457,18 +457,24 @@ def load_meta(prepared_dir: Path) -> dict[str, Any]:
 
 
 def load_split(prepared_dir: Path, split: str) -> Split:
-    """(images uint8 NHWC, labels int64) of one split of a prepared directory.
+    """(images uint8 NHWC, labels int64) of one split of a prepared directory."""
+    images, labels = load_arrays(prepared_dir, split, "images", "labels")
+    return images, labels
+
+
+def load_arrays(prepared_dir: Path, split: str, *keys: str) -> tuple[np.ndarray, ...]:
+    """The named arrays of one split's ``.npz`` (images and labels, or a text's tokens).
 
     A truncated or corrupt file fails here, naming it: numpy and zipfile would report
     "File is not a zip file" or a CRC error without saying which file.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
-    path = _prepared_file(prepared_dir, f"{split}.npz")
+    path = prepared_file(prepared_dir, f"{split}.npz")
     try:
         # Arrays are read lazily: a truncated member fails on access, inside the block.
         with np.load(path, allow_pickle=False) as arrays:
-            return arrays["images"], arrays["labels"]
+            return tuple(arrays[key] for key in keys)
     except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as error:
         raise DataFileError(
             f"{path} cannot be read ({type(error).__name__}: {error}), truncated or corrupt? "
@@ -476,7 +482,7 @@ def load_split(prepared_dir: Path, split: str) -> Split:
         ) from error
 
 
-def _prepared_file(prepared_dir: Path, name: str) -> Path:
+def prepared_file(prepared_dir: Path, name: str) -> Path:
     path = Path(prepared_dir) / name
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; {MISSING_DATA_HINT}")
@@ -490,8 +496,6 @@ def run(cfg: PipelineConfig, ws: Workspace) -> dict[str, Any]:
     seam, tasks/modality.py, picks by data.source).
     """
     import mlflow
-
-    from tasks import modality
 
     with tracking.stage_run(cfg, ws, "data"):
         meta = modality.for_config(cfg).prepare(cfg, ws)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks import augment, models, tracking
+from tasks import augment, modality, models, tracking
 from tasks.config import PipelineConfig
 from tasks.workspace import Workspace, atomic_dir, atomic_path, write_json
 
@@ -127,8 +127,6 @@ def mlflow_metrics(metrics: dict) -> dict[str, float]:
 def run(cfg: PipelineConfig, ws: Workspace) -> dict:
     """The stage as `dvc repro` and the Prefect flow call it."""
     import mlflow
-
-    from tasks import modality
 
     model = models.load_model_file(ws.model_file)  # inference only, safe mode
     with tracking.stage_run(cfg, ws, "evaluate"), atomic_dir(ws.evaluation) as details:

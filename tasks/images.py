@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks import augment, data
+from tasks import augment, data, models
 from tasks.config import PipelineConfig, dataset_identity
 from tasks.modality import ServedModel, TrainingData
 from tasks.workspace import Workspace, read_json, write_json
@@ -25,17 +25,13 @@ CLASSIFIER_KERAS_ARTIFACT = "keras_model"  # the name classifier_model.py loads 
 
 
 def model_input_shape(cfg: PipelineConfig, data_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape the model reads: a transfer base's (input_size, input_size, 3), else the
-    data's own."""
-    if cfg.model.name == "transfer":
-        return (cfg.model.input_size, cfg.model.input_size, 3)
-    return tuple(data_shape)
+    return models.input_shape_for(cfg.model, data_shape)
 
 
 def model_stats(cfg: PipelineConfig, stats: augment.NormStats) -> augment.NormStats:
-    """What DALI normalizes with: the dataset's stats, or none (mean 0, std 1) for a
-    transfer base, whose own preprocess_input is part of the model and wants raw pixels."""
-    if cfg.model.name == "transfer":
+    """What DALI normalizes with: the dataset's stats, or none (mean 0, std 1) for a model
+    that normalizes raw pixels itself (a transfer base's preprocess_input)."""
+    if models.normalizes_itself(cfg.model):
         return augment.NormStats(mean=[0.0] * 3, std=[1.0] * 3)
     return stats
 

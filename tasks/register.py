@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from tasks import registry, tracking
+from tasks import modality, registry, tracking
 from tasks.config import PipelineConfig
 from tasks.modality import ServedModel
 from tasks.workspace import Workspace, read_json, write_json
@@ -103,8 +103,6 @@ def log_and_register(
     """Check the name's binding, register the run's model once (a retry reuses its
     version), tag it, move aliases comparing like with like."""
     import mlflow
-
-    from tasks import modality
 
     client = mlflow.MlflowClient()
     name = cfg.register.model_name

@@ -42,23 +42,28 @@ def seed_everything(seed: int, deterministic_ops: bool = True) -> None:
 def build_for_training(
     cfg: PipelineConfig, input_shape: tuple[int, ...], outputs: int, steps: int
 ) -> Any:
-    """Build and compile the model under the resolved precision policy and XLA setting.
+    """Build and compile the model under the resolved precision policy and XLA setting."""
+    return recipe.compile_model(_build(cfg, input_shape, outputs), cfg.train, steps, xla=_xla(cfg))
 
-    The global dtype policy is set only while the layers are created (they keep it), so
-    nothing else in the process, evaluation included, inherits it.
-    """
+
+def _xla(cfg: PipelineConfig) -> bool:
+    return recipe.resolve_xla(cfg.train.xla, augment.resolve_device(cfg.preprocess.device))
+
+
+def _build(cfg: PipelineConfig, input_shape: tuple[int, ...], outputs: int) -> Any:
+    """The seeded, uncompiled model. The global dtype policy is set only while the layers
+    are created (they keep it), so nothing else in the process, evaluation included,
+    inherits it."""
     import keras
 
-    device = augment.resolve_device(cfg.preprocess.device)
-    xla = recipe.resolve_xla(cfg.train.xla, device)
-    seed_everything(cfg.train.seed, deterministic_ops=not xla)
+    seed_everything(cfg.train.seed, deterministic_ops=not _xla(cfg))
     previous = keras.config.dtype_policy()
+    device = augment.resolve_device(cfg.preprocess.device)
     keras.config.set_dtype_policy(recipe.resolve_precision(cfg.train.precision, device))
     try:
-        model = build_model(cfg.model, input_shape, outputs)
+        return build_model(cfg.model, input_shape, outputs)
     finally:
         keras.config.set_dtype_policy(previous)
-    return recipe.compile_model(model, cfg.train, steps, xla=xla)
 
 
 def fit(
@@ -78,8 +83,7 @@ def fit(
     import keras
 
     phases = training_phases(cfg)
-    model = build_for_training(cfg, data.input_shape, data.outputs, data.steps_per_epoch)
-    device = augment.resolve_device(cfg.preprocess.device)
+    model = _build(cfg, data.input_shape, data.outputs)  # compiled per phase below
     clock = keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: epoch.assign(e))
     history: dict[str, list[float]] = {}
     for phase in phases:
@@ -93,9 +97,7 @@ def fit(
                 "epochs": phase.end_epoch - phase.first_epoch,
             }
         )
-        recipe.compile_model(
-            model, settings, data.steps_per_epoch, xla=recipe.resolve_xla(cfg.train.xla, device)
-        )
+        recipe.compile_model(model, settings, data.steps_per_epoch, xla=_xla(cfg))
         marker = [phase_marker(phase)] if len(phases) > 1 else []
         result = model.fit(
             data.train,

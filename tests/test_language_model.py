@@ -18,6 +18,7 @@ from tasks.errors import DataFileError
 from tasks.text import corpus, language, windows
 from tasks.workspace import Workspace
 from tests.conftest import PARAMS, TINY, pipeline_env, read_mlflow
+from tests.test_pipeline_dvc import dvc_repro, stages_run
 
 LICENSES = Path("/usr/share/common-licenses")
 TEXT = {
@@ -109,20 +110,6 @@ def test_the_unigram_baseline_is_the_training_frequency():
 
 
 # ------------------------------------------------------------------ the whole pipeline
-
-
-def dvc_repro(root: Path) -> str:
-    result = subprocess.run(
-        ["dvc", "repro"], cwd=root, env=pipeline_env(), capture_output=True, text=True, timeout=900
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return result.stdout
-
-
-def stages_run(output: str) -> list[str]:
-    from flows.stage import STAGE_NAMES
-
-    return [stage for stage in STAGE_NAMES if f"Running stage '{stage}'" in output]
 
 
 @pytest.fixture(scope="module")

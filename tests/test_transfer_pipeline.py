@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ import yaml
 from benchmarks.common import copy_repo, set_params
 from tasks.workspace import Workspace
 from tests.conftest import TINY, pipeline_env, read_mlflow
+from tests.test_pipeline_dvc import dvc_repro
 
 pytestmark = pytest.mark.slow
 
@@ -40,14 +40,6 @@ PRETRAIN = TINY | {
 }
 FROM_REGISTRY = {"model.weights": f"models:/{NAME}@champion"}
 IMAGENET_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
-
-
-def dvc_repro(root: Path) -> str:
-    result = subprocess.run(
-        ["dvc", "repro"], cwd=root, env=pipeline_env(), capture_output=True, text=True, timeout=900
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return result.stdout
 
 
 def registered_base(uri: str, version: str):

@@ -172,6 +172,19 @@ def enter_phase(model: Any, phase: Phase, cfg: ModelConfig) -> None:
         set_phase(model, phase.name, cfg.unfreeze)
 
 
+def input_shape_for(cfg: ModelConfig, data_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The image shape the model reads: a transfer base's (input_size, input_size, 3), else
+    the data's own (the DALI pipeline and the registered model resize to it)."""
+    if cfg.name == "transfer":
+        return (cfg.input_size, cfg.input_size, 3)
+    return tuple(data_shape)
+
+
+def normalizes_itself(cfg: ModelConfig) -> bool:
+    """True when raw pixels go in: a transfer base's preprocess_input is in the model."""
+    return cfg.name == "transfer"
+
+
 def check_weights(cfg: ModelConfig) -> None:
     """Fail before any work when the configured pretrained weights cannot be had."""
     if cfg.name == "transfer":

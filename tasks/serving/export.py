@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks import registry, tracking
+from tasks import modality, registry, tracking
 from tasks.config import PipelineConfig
 from tasks.errors import ExportError
 from tasks.serving import formats
@@ -40,19 +40,19 @@ def parity_row(
 
 
 def measure_parity(
-    model: Any, exports: Path, exported: list[formats.Exported], pixels: np.ndarray, labels: Any
+    model: Any, exports: Path, exported: list[formats.Exported], inputs: np.ndarray, labels: Any
 ) -> dict[str, Any]:
-    """Run every exported file in its own runtime on ``pixels``; compare with Keras."""
-    reference = np.asarray(model.predict(pixels, batch_size=256, verbose=0), dtype="float32")
+    """Run every exported file in its own runtime on ``inputs``; compare with Keras."""
+    reference = np.asarray(model.predict(inputs, batch_size=256, verbose=0), dtype="float32")
     report: dict[str, Any] = {
-        "samples": len(pixels),
+        "samples": len(inputs),
         "bound": PARITY_BOUND,
         "keras": {"accuracy": float((reference.argmax(1) == labels).mean())},
         "formats": {},
     }
     for item in exported:
         predict = formats.RUNNERS[item.runner](exports / item.file)
-        row = parity_row(predict(pixels), reference, labels)
+        row = parity_row(predict(inputs), reference, labels)
         report["formats"][item.variant] = {
             "file": item.file,
             "bytes": disk_bytes(exports / item.file),
@@ -94,18 +94,16 @@ def registered_version(ws: Workspace) -> tuple[str, str, str]:
 
 def export(cfg: PipelineConfig, ws: Workspace, name: str, version: str) -> dict[str, Any]:
     """Write exports/ for ``name`` version ``version``, parity-checked; return parity.json."""
-    from tasks import modality
-
     settings = cfg.export
     model = formats.probabilities_model(registry.load_version(name, version))
     # Raw pixels (images) or token-id contexts (text), as the registered Keras model takes.
-    pixels, labels, representative = modality.for_config(cfg).export_samples(cfg, ws)
+    inputs, labels, representative = modality.for_config(cfg).export_samples(cfg, ws)
     with atomic_dir(ws.exports) as staging, tempfile.TemporaryDirectory() as scratch:
         started = time.perf_counter()
         exported, unsupported = formats.write_formats(
             model, staging, Path(scratch), settings.formats, settings.quantize, representative
         )
-        report = measure_parity(model, staging, exported, pixels, labels)
+        report = measure_parity(model, staging, exported, inputs, labels)
         report |= {"model": f"models:/{name}/{version}", "unsupported": unsupported}
         report["seconds"] = round(time.perf_counter() - started, 2)
         if failures := parity_failures(report):

@@ -94,7 +94,7 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
         rng = np.random.default_rng(seed)
         context, produced = self.context_ids(prompt), []
         for _ in range(max_tokens):
-            probabilities = self.next_probabilities(context[None], max(temperature, 1e-6))[0]
+            probabilities = self.next_probabilities(context[None], temperature)[0]
             probabilities[:NOT_GENERATED] = 0.0
             if temperature <= 0:
                 token = int(probabilities.argmax())

@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 
 from tasks.config import DataConfig, TextConfig
+from tasks.data import SPLITS, load_arrays, prepared_file
 from tasks.errors import DataFileError
 from tasks.workspace import atomic_dir
 
-SPLITS = ("train", "val", "test")
 RESERVED_TOKENS = 2  # TextVectorization's id 0 (padding) and id 1 ([UNK])
 _CHUNK_CHARS = 1 << 16  # characters tokenized per call: bounded memory for big corpora
 
@@ -103,12 +103,13 @@ def split_by_position(text: str, val_fraction: float, test_fraction: float) -> t
             f"data.val_fraction {val_fraction} + data.text.test_fraction {test_fraction} "
             "leave no training text: keep their sum below 1"
         )
-    cuts = [_cut(text, 1.0 - val_fraction - test_fraction), _cut(text, 1.0 - test_fraction)]
-    return text[: cuts[0]], text[cuts[0] : cuts[1]], text[cuts[1] :]
+    shares = (1.0 - val_fraction - test_fraction, 1.0 - test_fraction)
+    first, second = (_cut(text, round(share * len(text))) for share in shares)
+    return text[:first], text[first:second], text[second:]
 
 
-def _cut(text: str, share: float) -> int:
-    position = round(share * len(text))
+def _cut(text: str, position: int) -> int:
+    """The first position at or after ``position`` that follows a whitespace (or the end)."""
     while position < len(text) and not text[position - 1 : position].isspace():
         position += 1
     return position
@@ -119,7 +120,7 @@ def chunks(text: str) -> list[str]:
     (or at the end), so tokenizing them one by one gives the tokens of the whole."""
     pieces, start = [], 0
     while start < len(text):
-        end = _cut(text, min(1.0, (start + _CHUNK_CHARS) / len(text)))
+        end = _cut(text, start + _CHUNK_CHARS)
         pieces.append(text[start:end])
         start = end
     return pieces
@@ -201,21 +202,9 @@ def write_prepared_text(ds: TextDataset, out_dir: Path, cfg: DataConfig) -> dict
 
 def load_tokens(prepared_dir: Path, split: str) -> np.ndarray:
     """One split's token ids (int32), as `write_prepared_text` stored them."""
-    path = Path(prepared_dir) / f"{split}.npz"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; run the data stage first: dvc repro data")
-    try:
-        with np.load(path, allow_pickle=False) as arrays:
-            return arrays["tokens"]
-    except (OSError, EOFError, ValueError, KeyError) as error:
-        raise DataFileError(
-            f"{path} cannot be read as token ids ({type(error).__name__}: {error}); "
-            "rebuild it with the data stage: dvc repro data"
-        ) from error
+    (tokens,) = load_arrays(prepared_dir, split, "tokens")
+    return tokens
 
 
 def load_vocabulary(prepared_dir: Path) -> list[str]:
-    path = Path(prepared_dir) / "vocabulary.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; run the data stage first: dvc repro data")
-    return [str(token) for token in json.loads(path.read_text())]
+    return [str(t) for t in json.loads(prepared_file(prepared_dir, "vocabulary.json").read_text())]
