@@ -21,6 +21,7 @@ from tasks.config import ConfigError, PipelineConfig, load_config
 from tasks.errors import (
     DataFileError,
     DataUnavailableError,
+    DistributeError,
     ExportError,
     ModelFileError,
     RegistryBindingError,
@@ -89,6 +90,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
         ConfigError,
         DataFileError,
         DataUnavailableError,
+        DistributeError,
         ExportError,
         FileNotFoundError,
         ModelFileError,

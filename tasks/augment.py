@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from tasks.config import PreprocessConfig
+from tasks.distribute import Shard, chunk_bounds, steps_per_epoch
 from tasks.workspace import atomic_path
 
 if TYPE_CHECKING:
@@ -242,14 +243,16 @@ def _eval_graph(
     return _normalize(_to_model_input(images, reshape), 0, mean, std), labels
 
 
-def _pipeline(graph, *, batch_size: int, num_threads: int, device: str, seed: int, **kwargs):
+def _pipeline(
+    graph, *, batch_size: int, num_threads: int, device: str, seed: int, gpu: int = 0, **kwargs
+):
     from nvidia.dali import Pipeline
 
     # Without CUDA, DALI needs device_id=None explicitly, even for an all-CPU pipeline.
     pipe = Pipeline(
         batch_size=batch_size,
         num_threads=num_threads,
-        device_id=0 if device == "gpu" else None,
+        device_id=gpu if device == "gpu" else None,
         seed=seed,
     )
     with pipe:
@@ -368,24 +371,37 @@ def _as_numpy(tensor_list) -> np.ndarray:
 # ------------------------------------------------------------------ tf.data for Keras
 
 
-def index_batches(n: int, batch_size: int, shuffle_seed: int | None, epoch: Any = None):
+def index_batches(
+    n: int, batch_size: int, shuffle_seed: int | None, epoch: Any = None, shard: Shard | None = None
+):
+    """Index batches of one pass: in order, or a permutation that is a function of
+    (shuffle_seed, epoch); cut into the chunks ``shard`` takes (tasks/distribute.py)."""
     import tensorflow as tf
 
-    indices = tf.data.Dataset.range(n)
+    shard = shard or Shard()
+    bounds = chunk_bounds(n, batch_size, shard.replicas)
+    ids = shard.chunk_ids(steps_per_epoch(n, batch_size, shard.replicas))
+    starts, ends = tf.constant(bounds[ids], tf.int64), tf.constant(bounds[ids + 1], tf.int64)
     if shuffle_seed is None:
-        return indices.batch(batch_size)
-    if epoch is None:  # iterated by hand: every pass is the next epoch
-        passes = tf.Variable(0, dtype=tf.int64, trainable=False)
-        epoch_of_pass = lambda: passes.assign_add(1) - 1  # noqa: E731
-    else:  # Keras: the epoch a callback stored (the plugin may open several passes per epoch)
-        epoch_of_pass = epoch.read_value
+        order = tf.data.Dataset.from_tensors(tf.range(n, dtype=tf.int64))
+    else:
+        if epoch is None:  # iterated by hand: every pass is the next epoch
+            passes = tf.Variable(0, dtype=tf.int64, trainable=False)
+            epoch_of_pass = lambda: passes.assign_add(1) - 1  # noqa: E731
+        else:  # Keras: the epoch a callback stored (the plugin may open several passes per epoch)
+            epoch_of_pass = epoch.read_value
 
-    def permutation(_: tf.Tensor) -> tf.Tensor:
-        # A pure function of (seed, epoch): epoch k is the same after a resume at k.
-        seed = tf.stack([tf.constant(shuffle_seed, tf.int64), epoch_of_pass()])
-        return tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), seed=seed)
+        def permutation(_: tf.Tensor) -> tf.Tensor:
+            # A pure function of (seed, epoch): epoch k is the same after a resume at k.
+            seed = tf.stack([tf.constant(shuffle_seed, tf.int64), epoch_of_pass()])
+            return tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), seed=seed)
 
-    return tf.data.Dataset.from_tensors(0).map(permutation).unbatch().batch(batch_size)
+        order = tf.data.Dataset.from_tensors(0).map(permutation)
+    return order.flat_map(
+        lambda indices: tf.data.Dataset.from_tensor_slices((starts, ends)).map(
+            lambda start, end: indices[start:end]
+        )
+    )
 
 
 def dali_dataset(
@@ -399,6 +415,7 @@ def dali_dataset(
     seed: int = 0,
     epoch: Any = None,
     input_shape: tuple[int, int, int] | None = None,
+    shard: Shard | None = None,
 ) -> tf.data.Dataset:
     """Batches of (float32 NHWC normalized images, int32 labels) for Keras fit/evaluate/predict.
 
@@ -412,6 +429,8 @@ def dali_dataset(
     run resumed at epoch k sees the batches an unbroken one would. Without it each pass
     over the dataset is the next epoch. ``input_shape``: the model's (H, W, C) when it
     differs from the data's (resized, gray repeated as RGB; ``stats`` per model channel).
+    ``shard``: the chunks of each pass this pipeline yields, its device and seed, under
+    tf.distribute (tasks/distribute.py); by default every batch, on the first device.
     """
     import tensorflow as tf
     from nvidia.dali.plugin import tf as dali_tf
@@ -424,20 +443,27 @@ def dali_dataset(
     _check_stats(mean, std, out_channels)
     device = resolve_device(preprocess.device)
     n, height, width, _ = images.shape
+    shard = shard or Shard(device="/gpu:0" if device == "gpu" else "/cpu:0")
+    # DALI on a GPU runs on the replica's GPU; on the CPU, on the replica's logical CPU
+    # device (mirrored without GPUs) or the host's.
+    dali_device = (
+        shard.device if (device == "gpu") == (shard.dali_device_id is not None) else "/cpu:0"
+    )
+    host = "/cpu:0" if device == "gpu" else dali_device
 
-    with tf.device("/cpu:0"):
+    with tf.device(host):
         images_t = tf.constant(images)
         labels_t = tf.constant(np.asarray(labels, dtype=np.int64))
         shuffle_seed = seed if train else None
         # One index dataset per input, identically seeded: see the module docstring.
-        image_ds = index_batches(n, batch_size, shuffle_seed, epoch)
-        label_ds = index_batches(n, batch_size, shuffle_seed, epoch)
+        image_ds = index_batches(n, batch_size, shuffle_seed, epoch, shard)
+        label_ds = index_batches(n, batch_size, shuffle_seed, epoch, shard)
         image_ds = image_ds.map(lambda i: tf.gather(images_t, i))
         label_ds = label_ds.map(lambda i: tf.gather(labels_t, i))
         if device == "gpu":
             # The plugin reads inputs from the dataset's own device; batches cross once here.
-            image_ds = image_ds.apply(tf.data.experimental.copy_to_device("/gpu:0"))
-            label_ds = label_ds.apply(tf.data.experimental.copy_to_device("/gpu:0"))
+            image_ds = image_ds.apply(tf.data.experimental.copy_to_device(dali_device))
+            label_ds = label_ds.apply(tf.data.experimental.copy_to_device(dali_device))
 
     graph_args = {
         "sources": None,
@@ -453,10 +479,11 @@ def dali_dataset(
         batch_size=batch_size,
         num_threads=preprocess.num_threads,
         device=device,
-        seed=seed,
+        seed=shard.seed(seed),  # the permutation above uses the run's seed on every shard
+        gpu=shard.dali_device_id or 0,
         **graph_args,
     )
-    with tf.device("/gpu:0" if device == "gpu" else "/cpu:0"):
+    with tf.device(dali_device):
         dataset = dali_tf.experimental.DALIDatasetWithInputs(
             pipeline=pipe,
             input_datasets={
@@ -467,11 +494,11 @@ def dali_dataset(
             output_dtypes=(tf.float32, tf.int32),
             output_shapes=((None, out_height, out_width, out_channels), (None,)),
             num_threads=preprocess.num_threads,
-            device_id=0 if device == "gpu" else None,
+            device_id=shard.dali_device_id if device == "gpu" else None,
         )
         # Lets Keras size its progress bar, and fails loudly if a pass ever has a
         # different number of batches.
-        steps = math.ceil(n / batch_size)
+        steps = len(shard.chunk_ids(steps_per_epoch(n, batch_size, shard.replicas)))
         return dataset.apply(tf.data.experimental.assert_cardinality(steps))
 
 

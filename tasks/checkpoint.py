@@ -63,14 +63,16 @@ class TrainCheckpoint:
     root: Path
 
     @classmethod
-    def for_run(cls, cfg: PipelineConfig, ws: Workspace) -> TrainCheckpoint:
+    def for_run(cls, cfg: PipelineConfig, ws: Workspace, worker: int = 0) -> TrainCheckpoint:
+        """``worker`` > 0: a multi-worker run's other workers keep their own copy (their
+        weights equal the chief's after every step), so each resumes from its own."""
         key = training_key(cfg, ws)
         parent = ws.root / CHECKPOINTS
         if parent.is_dir():  # checkpoints of other params or data can never be resumed
             for stale in parent.iterdir():
-                if stale.name != f"train-{key}":
+                if stale.name.split("-worker")[0] != f"train-{key}":
                     shutil.rmtree(stale, ignore_errors=True)
-        return cls(parent / f"train-{key}")
+        return cls(parent / (f"train-{key}-worker{worker}" if worker else f"train-{key}"))
 
     def backup_dir(self, phase: str) -> Path:
         """One per training phase: a phase's optimizer differs (transfer fine-tuning trains
@@ -120,7 +122,11 @@ class TrainCheckpoint:
         ]
 
     def read_history(self) -> dict[str, list[float]]:
-        rows = list(csv.DictReader(self.history.open(newline="")))
+        return self.read_history_file(self.history)
+
+    @staticmethod
+    def read_history_file(path: Path) -> dict[str, list[float]]:
+        rows = list(csv.DictReader(path.open(newline="")))
         keys = [key for key in (rows[0] if rows else {}) if key != "epoch"]
         return {key: [float(row[key]) for row in rows] for key in keys}
 

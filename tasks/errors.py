@@ -50,3 +50,8 @@ class TransferWeightsError(ValueError):
     weights neither cached nor downloadable, a missing or misnamed weights file, or a
     registered model without a matching base; the message names the file, directory or URI
     and the alternatives."""
+
+
+class DistributeError(ValueError):
+    """Distributed training cannot start as configured (TF_CONFIG, devices, data too small
+    for the replicas) or a worker process died; the message names the setting or worker."""

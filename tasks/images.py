@@ -10,7 +10,6 @@ from stock Keras layers inside the registered model (models.with_normalization).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +48,8 @@ def image_training_data(
     stats: augment.NormStats,
     epoch: Any,
 ) -> TrainingData:
-    """DALI batches: augmented, reshuffled per (seed, epoch) for training; in order for
-    validation; resized to the model's input where it differs."""
+    """DALI batches, one pipeline per shard: augmented, reshuffled per (seed, epoch) for
+    training; in order for validation; resized to the model's input where it differs."""
     images, labels = train_split
     shape = tuple(images.shape[1:])
     batches = {
@@ -59,15 +58,14 @@ def image_training_data(
         "preprocess": cfg.preprocess,
         **_resize_args(cfg, shape),
     }
-    train = augment.dali_dataset(
-        images, labels, train=True, seed=cfg.train.seed, epoch=epoch, **batches
-    )
     return TrainingData(
-        train=train,
-        val=augment.dali_dataset(*val_split, train=False, **batches),
+        train=lambda shard: augment.dali_dataset(
+            images, labels, train=True, seed=cfg.train.seed, epoch=epoch, shard=shard, **batches
+        ),
+        val=lambda shard: augment.dali_dataset(*val_split, train=False, shard=shard, **batches),
         input_shape=model_input_shape(cfg, shape),
         outputs=num_classes,
-        steps_per_epoch=math.ceil(len(images) / cfg.train.batch_size),
+        train_examples=len(images),
     )
 
 

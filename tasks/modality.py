@@ -18,19 +18,21 @@ from tasks.config import PipelineConfig, modality
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from tasks.distribute import Shard
     from tasks.workspace import Workspace
 
 
 @dataclass(frozen=True)
 class TrainingData:
-    """What the train stage fits on; ``epoch`` (a tf.Variable a callback sets) makes the
-    training order a function of (seed, epoch)."""
+    """What the train stage fits on: a dataset per input pipeline (`Shard`: one per
+    replica or worker under tf.distribute, see tasks/distribute.py); the ``epoch`` a
+    tf.Variable a callback sets makes the training order a function of (seed, epoch)."""
 
-    train: Any  # tf.data.Dataset of (inputs, int32 targets)
-    val: Any
+    train: Callable[[Shard], Any]  # tf.data.Dataset of (inputs, int32 targets)
+    val: Callable[[Shard], Any]
     input_shape: tuple[int, ...]
     outputs: int  # classes, or the vocabulary size
-    steps_per_epoch: int
+    train_examples: int
 
 
 @dataclass(frozen=True)

@@ -29,19 +29,28 @@ def resolve_xla(setting: bool | str, device: str) -> bool:
     return device == "gpu" if setting == "auto" else bool(setting)
 
 
-def learning_rate(cfg: TrainConfig, steps_per_epoch: int) -> Any:
-    """A float for ``constant``; a warmup-then-linear-decay schedule otherwise."""
-    if cfg.schedule == "constant":
-        return cfg.learning_rate
+def learning_rate(cfg: TrainConfig, steps_per_epoch: int, replicas: int = 1) -> Any:
+    """A float for ``constant``; a warmup-then-linear-decay schedule otherwise.
+
+    ``lr_scaling: linear`` (Goyal et al., "Accurate, Large Minibatch SGD"): the rate is
+    multiplied by the replicas in sync, since the global batch grows with them, and is
+    reached by a linear warmup over ``warmup_fraction`` of the steps (then held, for
+    ``constant``).
+    """
+    scaled = cfg.lr_scaling == "linear" and replicas > 1
+    peak = cfg.learning_rate * (replicas if scaled else 1)
+    if cfg.schedule == "constant" and not scaled:
+        return peak
     total = cfg.epochs * steps_per_epoch
-    return warmup_linear_decay(cfg.learning_rate, total, round(cfg.warmup_fraction * total))
+    warmup = round(cfg.warmup_fraction * total)
+    return warmup_linear_decay(peak, total, warmup, decay=cfg.schedule != "constant")
 
 
-def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> Any:
+def make_optimizer(cfg: TrainConfig, steps_per_epoch: int, replicas: int = 1) -> Any:
     import keras
 
     common = {
-        "learning_rate": learning_rate(cfg, steps_per_epoch),
+        "learning_rate": learning_rate(cfg, steps_per_epoch, replicas),
         "weight_decay": cfg.weight_decay or None,
         "use_ema": cfg.weight_averaging,
         "ema_momentum": cfg.ema_momentum,
@@ -73,11 +82,13 @@ def sparse_smoothed_crossentropy(label_smoothing: float) -> Any:
     return loss
 
 
-def compile_model(model: Any, cfg: TrainConfig, steps_per_epoch: int, xla: bool) -> Any:
+def compile_model(
+    model: Any, cfg: TrainConfig, steps_per_epoch: int, xla: bool, replicas: int = 1
+) -> Any:
     import keras
 
     model.compile(
-        optimizer=make_optimizer(cfg, steps_per_epoch),
+        optimizer=make_optimizer(cfg, steps_per_epoch, replicas),
         loss=sparse_smoothed_crossentropy(cfg.label_smoothing),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         jit_compile=xla,
@@ -85,8 +96,11 @@ def compile_model(model: Any, cfg: TrainConfig, steps_per_epoch: int, xla: bool)
     return model
 
 
-def warmup_linear_decay(peak: float, total_steps: int, warmup_steps: int) -> Any:
-    """Linear warmup from 0 to ``peak`` over ``warmup_steps``, then linear decay to 0."""
+def warmup_linear_decay(
+    peak: float, total_steps: int, warmup_steps: int, decay: bool = True
+) -> Any:
+    """Linear warmup from 0 to ``peak`` over ``warmup_steps``, then linear decay to 0
+    (or ``peak`` held, without ``decay``)."""
     import keras
     from keras import ops
 
@@ -94,10 +108,15 @@ def warmup_linear_decay(peak: float, total_steps: int, warmup_steps: int) -> Any
         def __call__(self, step: Any) -> Any:
             step = ops.cast(step, "float32")
             rising = step / max(warmup_steps, 1)
-            falling = (total_steps - step) / max(total_steps - warmup_steps, 1)
+            falling = (total_steps - step) / max(total_steps - warmup_steps, 1) if decay else 1.0
             return peak * ops.maximum(0.0, ops.where(step < warmup_steps, rising, falling))
 
         def get_config(self) -> dict:
-            return {"peak": peak, "total_steps": total_steps, "warmup_steps": warmup_steps}
+            return {
+                "peak": peak,
+                "total_steps": total_steps,
+                "warmup_steps": warmup_steps,
+                "decay": decay,
+            }
 
     return WarmupLinearDecay()

@@ -427,6 +427,16 @@ def reopen_pipeline_run(ws: Workspace) -> str:
     return run_id
 
 
+def log_params_once(params: dict[str, Any]) -> None:
+    """Params of the active run that a stage derives (not in params.yaml). A rerun of the
+    stage joining the same run logs the same values; MLflow refuses a changed one, which
+    then keeps the first (the run's config digest pins everything they derive from)."""
+    import mlflow
+
+    with suppress(mlflow.exceptions.MlflowException):
+        mlflow.log_params(params)
+
+
 def log_artifact_if_exists(path: Path, artifact_path: str | None = None) -> None:
     import mlflow
 

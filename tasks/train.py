@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks import augment, modality, recipe, tracking
+from tasks import augment, distribute, modality, recipe, tracking
 from tasks.checkpoint import TrainCheckpoint, epoch_metrics_logger
 from tasks.config import PipelineConfig
 from tasks.modality import TrainingData
@@ -72,47 +72,57 @@ def fit(
     epoch: Any,
     callbacks: list[Any] | None = None,
     checkpoint: TrainCheckpoint | None = None,
+    dist: distribute.Distribution | None = None,
 ) -> tuple[Any, dict[str, list[float]]]:
     """Build the model and fit it phase by phase; return it with its per-epoch history.
 
     ``epoch`` is the int64 variable the data pipeline reads the epoch from (see
     `TrainingData`); a callback sets it at each epoch's start, so the order of epoch k is
     the same after a resume at k. A phase is skipped when a later one has a checkpoint:
-    that checkpoint holds every weight.
+    that checkpoint holds every weight. Model, optimizer (EMA included) and metrics are
+    built in the strategy's scope (``dist``, train.distribute by default), and ``fit``
+    runs there: one loop for one device, several, or several workers.
     """
     import keras
 
+    dist = dist or distribute.for_config(cfg.train)
     phases = training_phases(cfg)
-    model = _build(cfg, data.input_shape, data.outputs)  # compiled per phase below
+    with dist.scope():
+        model = _build(cfg, data.input_shape, data.outputs)  # compiled per phase below
+    train, val = dist.dataset(data.train), dist.dataset(data.val)
+    replicas = dist.replicas_in_sync
+    steps = distribute.steps_per_epoch(data.train_examples, cfg.train.batch_size, replicas)
     clock = keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: epoch.assign(e))
     history: dict[str, list[float]] = {}
     for phase in phases:
         later = [p for p in phases if p.index > phase.index]
         if checkpoint and any(checkpoint.has_checkpoint(p.name) for p in later):
             continue
-        enter_phase(model, phase, cfg.model)
         settings = cfg.train.model_copy(
             update={
                 "learning_rate": phase.learning_rate,
                 "epochs": phase.end_epoch - phase.first_epoch,
             }
         )
-        recipe.compile_model(model, settings, data.steps_per_epoch, xla=_xla(cfg))
         marker = [phase_marker(phase)] if len(phases) > 1 else []
-        result = model.fit(
-            data.train,
-            validation_data=data.val,
-            initial_epoch=phase.first_epoch,
-            epochs=phase.end_epoch,
-            callbacks=[
-                clock,
-                *marker,
-                *(callbacks or []),
-                *(checkpoint.callbacks(phase.name) if checkpoint else []),
-            ],
-            shuffle=False,  # the data pipeline reshuffles every epoch itself
-            verbose=2,
-        )
+        with dist.scope():
+            enter_phase(model, phase, cfg.model)
+            recipe.compile_model(model, settings, steps, xla=_xla(cfg), replicas=replicas)
+            dist.prepare(model)
+            result = model.fit(
+                train,
+                validation_data=val,
+                initial_epoch=phase.first_epoch,
+                epochs=phase.end_epoch,
+                callbacks=[
+                    clock,
+                    *marker,
+                    *(callbacks or []),
+                    *(checkpoint.callbacks(phase.name) if checkpoint else []),
+                ],
+                shuffle=False,  # the data pipeline reshuffles every epoch itself
+                verbose=2,
+            )
         for key, values in result.history.items():
             history.setdefault(key, []).extend(float(v) for v in values)
     return model, history
@@ -140,9 +150,10 @@ def train_model(
     workspace through `run`)."""
     from tasks.images import image_training_data
 
+    dist = distribute.for_config(cfg.train)  # before the first TensorFlow op
     epoch = _epoch_variable()
     data = image_training_data(cfg, train_split, val_split, num_classes, stats, epoch)
-    return fit(cfg, data, epoch, callbacks)
+    return fit(cfg, data, epoch, callbacks, dist=dist)
 
 
 def _epoch_variable() -> Any:
@@ -153,13 +164,39 @@ def _epoch_variable() -> Any:
 
 
 def run(cfg: PipelineConfig, ws: Workspace) -> dict[str, list[float]]:
-    """The stage as `dvc repro` and the Prefect flow call it."""
+    """The stage as `dvc repro` and the Prefect flow call it.
+
+    ``train.distribute: multi_worker`` without TF_CONFIG starts ``train.workers`` local
+    worker processes running this stage (tasks/workers.py); in a worker, only the chief
+    tracks and writes the stage's outputs.
+    """
+    if distribute.launches_workers(cfg.train):
+        from tasks import workers
+
+        workers.run_local_workers(cfg, ws)
+        return TrainCheckpoint.read_history_file(ws.history)
     tracking.configure(cfg, ws)  # the registry a models:/ base is read from
+    dist = distribute.for_config(cfg.train)  # before TensorFlow runs anything
     check_weights(cfg.model)  # pretrained weights reachable? before any work
     epoch = _epoch_variable()
     data = modality.for_config(cfg).training_data(cfg, ws, epoch)
+    summary = dist.describe(cfg.train.batch_size)
+    if not dist.chief:  # trains in step with the chief; writes only its own checkpoint
+        ckpt = TrainCheckpoint.for_run(cfg, ws, worker=distribute.worker_index())
+        ckpt.prepare_history(ckpt.completed_epochs())
+        print(f"worker {distribute.worker_index()}: {summary}")
+        fit(cfg, data, epoch, [], ckpt, dist)
+        ckpt.remove()
+        return {}
     total = training_phases(cfg)[-1].end_epoch
     with tracking.stage_run(cfg, ws, "train") as run_id:
+        print(summary)
+        tracking.log_params_once(
+            {
+                "train.replicas_in_sync": dist.replicas_in_sync,
+                "train.global_batch_size": cfg.train.batch_size * dist.replicas_in_sync,
+            }
+        )
         ckpt = TrainCheckpoint.for_run(cfg, ws)
         done = ckpt.completed_epochs()
         ckpt.prepare_history(done)
@@ -171,7 +208,7 @@ def run(cfg: PipelineConfig, ws: Workspace) -> dict[str, list[float]]:
             else:  # trained, then stopped before the end (a tracking server lost)
                 print(f"all {done} epochs are in the {where}: finishing the stage")
             metrics.backfill(ckpt.read_history())
-        model, _ = fit(cfg, data, epoch, [metrics], ckpt)
+        model, _ = fit(cfg, data, epoch, [metrics], ckpt, dist)
         with atomic_path(ws.history) as history_tmp:
             shutil.copyfile(ckpt.history, history_tmp)
         with atomic_path(ws.model_file) as model_tmp:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -69,13 +68,13 @@ class TextModality:
         windows.check_length({"training": train, "validation": val}, length)
         batch = cfg.train.batch_size
         return TrainingData(
-            train=windows.windows_dataset(
-                train, length, batch, train=True, seed=cfg.train.seed, epoch=epoch
+            train=lambda shard: windows.windows_dataset(
+                train, length, batch, train=True, seed=cfg.train.seed, epoch=epoch, shard=shard
             ),
-            val=windows.windows_dataset(val, length, batch, train=False),
+            val=lambda shard: windows.windows_dataset(val, length, batch, train=False, shard=shard),
             input_shape=(length,),
             outputs=meta["vocab_size"],
-            steps_per_epoch=math.ceil(windows.example_count(train, length) / batch),
+            train_examples=windows.example_count(train, length),
         )
 
     def evaluate(

@@ -8,11 +8,11 @@ pipeline's, so a run resumed from a checkpoint sees the batches an unbroken run 
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tasks.distribute import Shard, steps_per_epoch
 from tasks.errors import DataFileError
 
 if TYPE_CHECKING:
@@ -49,21 +49,25 @@ def windows_dataset(
     train: bool,
     seed: int = 0,
     epoch: Any = None,
+    shard: Shard | None = None,
 ) -> tf.data.Dataset:
     """Batches of (int32 contexts (B, L), int32 next tokens (B,)) for Keras.
 
     ``train``: order reshuffled every epoch as a function of (seed, epoch) (``epoch``, an
-    int64 tf.Variable a callback sets, as for images); else stream order.
+    int64 tf.Variable a callback sets, as for images); else stream order. ``shard``: this
+    replica's chunks under tf.distribute (tasks/distribute.py).
     """
     import tensorflow as tf
 
     from tasks.augment import index_batches
 
+    shard = shard or Shard()
     count = example_count(tokens, sequence_length)
-    with tf.device("/cpu:0"):
+    steps = len(shard.chunk_ids(steps_per_epoch(count, batch_size, shard.replicas)))
+    with tf.device(shard.device if shard.dali_device_id is None else "/cpu:0"):
         stream = tf.constant(np.asarray(tokens, dtype=np.int32))
         offsets = tf.range(sequence_length, dtype=tf.int64)
-        batches = index_batches(count, batch_size, seed if train else None, epoch)
+        batches = index_batches(count, batch_size, seed if train else None, epoch, shard)
         dataset = batches.map(
             lambda i: (
                 tf.gather(stream, i[:, None] + offsets),
@@ -71,4 +75,4 @@ def windows_dataset(
             ),
             num_parallel_calls=tf.data.AUTOTUNE,
         ).prefetch(2)
-        return dataset.apply(tf.data.experimental.assert_cardinality(math.ceil(count / batch_size)))
+        return dataset.apply(tf.data.experimental.assert_cardinality(steps))
