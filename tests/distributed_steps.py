@@ -25,8 +25,8 @@ def main(mode: str, out: str) -> None:
     import keras
 
     from tasks import distribute
-    from tasks.train import fit, _epoch_variable
     from tasks.images import image_training_data
+    from tasks.train import _epoch_variable, fit
 
     replicas = 2 if mode == "mirrored" else 1
     cfg = load_config(

@@ -1,0 +1,246 @@
+"""Training on several devices and workers (tasks/distribute.py, tasks/workers.py).
+
+Mirrored on two logical CPU devices against one device, step for step; multi_worker
+with two local worker processes under `dvc repro` (one MLflow run, one registered
+version), a worker killed mid-run (every worker stopped, a message naming it, the rerun
+resumes from the checkpoint), mirrored under the Prefect flow; and the sharding rule
+that every training example is seen once per epoch across replicas.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from benchmarks.common import copy_repo, set_params
+from tasks import distribute, recipe
+from tasks.config import load_config
+from tasks.errors import DistributeError
+from tests.conftest import PARAMS, TINY, pipeline_env, read_mlflow
+
+EXPERIMENT = "cifar10-pipeline"
+
+
+# ------------------------------------------------------------------ sharding rules
+
+
+@pytest.mark.parametrize(
+    ("examples", "batch", "replicas"),
+    [(1200, 64, 1), (1200, 64, 2), (1000, 64, 3), (384, 64, 2), (131, 8, 4), (9, 4, 2)],
+)
+def test_every_example_falls_in_exactly_one_chunk_of_one_replica(examples, batch, replicas):
+    bounds = distribute.chunk_bounds(examples, batch, replicas)
+    steps = distribute.steps_per_epoch(examples, batch, replicas)
+    taken = []
+    for replica in range(replicas):
+        ids = distribute.Shard(replica, 1, replicas).chunk_ids(steps)
+        assert len(ids) == steps, "replicas must agree on the number of steps"
+        sizes = bounds[ids + 1] - bounds[ids]
+        assert sizes.min() >= 1 and sizes.max() <= batch
+        taken += [np.arange(bounds[i], bounds[i + 1]) for i in ids]
+    assert np.array_equal(np.sort(np.concatenate(taken)), np.arange(examples))
+
+
+def test_replicas_see_each_shuffled_index_once_and_together_the_one_device_batches():
+    import tensorflow as tf
+
+    examples, batch, seed = 384, 64, 7
+    epoch = tf.Variable(3, dtype=tf.int64)
+
+    def passes(shard: distribute.Shard, per_replica: int) -> list[np.ndarray]:
+        dataset = distribute_index_batches(examples, per_replica, seed, epoch, shard)
+        return list(dataset.as_numpy_iterator())
+
+    [single] = [passes(distribute.Shard(), 2 * batch)]
+    halves = [passes(distribute.Shard(r, 1, 2), batch) for r in range(2)]
+    seen = np.concatenate([np.concatenate(h) for h in halves])
+    assert np.array_equal(np.sort(seen), np.arange(examples))
+    for step, whole in enumerate(single):  # the global batch divides the data: aligned
+        assert np.array_equal(np.concatenate([halves[0][step], halves[1][step]]), whole)
+
+
+def distribute_index_batches(examples, batch, seed, epoch, shard):
+    from tasks.augment import index_batches
+
+    return index_batches(examples, batch, seed, epoch, shard)
+
+
+def test_shards_get_distinct_reproducible_seeds_and_the_first_keeps_the_runs():
+    seeds = [distribute.Shard(r, 1, 4).seed(42) for r in range(4)]
+    assert seeds[0] == 42 and len(set(seeds)) == 4
+    assert seeds == [distribute.Shard(r, 1, 4).seed(42) for r in range(4)]
+
+
+def test_tf_config_names_the_chief_and_a_bad_one_names_the_fix(monkeypatch):
+    cluster = {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}
+    for index, chief in ((0, True), (1, False)):
+        config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
+        monkeypatch.setenv("TF_CONFIG", json.dumps(config))
+        assert distribute.is_chief() is chief and distribute.worker_index() == index
+    monkeypatch.setenv("TF_CONFIG", "{not json")
+    with pytest.raises(DistributeError, match="TF_CONFIG is not valid.*task"):
+        distribute.is_chief()
+    monkeypatch.delenv("TF_CONFIG")
+    assert distribute.is_chief() and distribute.worker_index() == 0
+
+
+def test_linear_scaling_warms_up_to_replicas_times_the_rate():
+    cfg = load_config(PARAMS, {"train.lr_scaling": "linear", "train.learning_rate": 0.01})
+    train = cfg.train.model_copy(update={"epochs": 10})
+    assert recipe.learning_rate(train, 100, replicas=1) == 0.01  # one replica: unchanged
+    schedule = recipe.learning_rate(train, 100, replicas=4)
+    rates = [float(schedule(step)) for step in (0, 50, 100, 999)]
+    assert rates[0] == 0.0 and rates[1] == pytest.approx(0.02)  # warming up (10% of 1000)
+    assert rates[2] == pytest.approx(0.04) and rates[3] == pytest.approx(0.04)  # then held
+
+
+def test_multi_worker_here_needs_two_workers_before_starting_any(tmp_path):
+    from tasks import workers
+    from tasks.workspace import Workspace
+
+    cfg = load_config(PARAMS, {"train.distribute": "multi_worker", "train.workers": 1})
+    with pytest.raises(DistributeError, match="train.workers is 1.*at least 2"):
+        workers.run_local_workers(cfg, Workspace(tmp_path))
+    assert not (tmp_path / ".pipeline").exists()
+
+
+# ------------------------------------------------------------------ mirrored = one device
+
+
+def test_mirrored_on_two_cpu_devices_matches_one_device_step_for_step(tmp_path):
+    """Same seed, data and global batch (128 = 2 x 64 vs 1 x 128), augmentation off,
+    plain SGD: the first loss and the weights after 3 steps agree. oneDNN is off in both
+    processes: its convolutions sum in an order that depends on the batch size (with it
+    on, weights differ by up to 8e-6 after 3 steps, also between batch sizes alone)."""
+    results = {}
+    for mode in ("none", "mirrored"):
+        out = tmp_path / f"{mode}.npz"
+        subprocess.run(
+            [sys.executable, "-m", "tests.distributed_steps", mode, str(out)],
+            env=pipeline_env() | {"TF_ENABLE_ONEDNN_OPTS": "0"},
+            cwd=Path(__file__).resolve().parents[1],
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+        results[mode] = np.load(out)
+    one, two = results["none"], results["mirrored"]
+    assert int(one["replicas"]) == 1 and int(two["replicas"]) == 2
+    assert int(one["steps"]) == int(two["steps"]) == 3
+    assert float(two["first_loss"]) == pytest.approx(float(one["first_loss"]), rel=1e-6)
+    weights = [key for key in one.files if key.startswith("w")]
+    for key in weights:
+        np.testing.assert_allclose(two[key], one[key], rtol=1e-5, atol=1e-7, err_msg=key)
+
+
+# ------------------------------------------------------------------ multi_worker, end to end
+
+
+def run(root: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        list(args), cwd=root, env=pipeline_env(), capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory):
+    """`dvc repro` of a tiny project whose train stage runs as two local workers."""
+    root = copy_repo(tmp_path_factory.mktemp("workers"))
+    params = {"train.distribute": "multi_worker", "train.workers": 2, "train.epochs": 2}
+    set_params(root, TINY | params)
+    return root, run(root, "dvc", "repro").stdout
+
+
+def store(root: Path):
+    return read_mlflow(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}", EXPERIMENT)
+
+
+@pytest.mark.slow
+def test_two_workers_under_dvc_repro_make_one_run_and_one_version(two_workers):
+    root, output = two_workers
+    assert "starting 2 local workers" in output
+    assert (
+        "training on 2 replica(s) (multi_worker: 2 workers x 1 device(s)); global batch 128"
+        in output
+    )
+    client, runs = store(root)
+    [run_] = runs  # the chief tracks; the other worker never opens a run
+    assert run_.data.params["train.replicas_in_sync"] == "2"
+    assert run_.data.params["train.global_batch_size"] == "128"
+    for metric in ("loss", "val_accuracy"):
+        history = client.get_metric_history(run_.info.run_id, metric)
+        assert [m.step for m in history] == [0, 1], metric  # once per epoch, not per worker
+    [version] = client.search_model_versions("name='synthetic-seed_cnn'")
+    assert version.run_id == run_.info.run_id
+    worker_log = (root / ".pipeline" / "workers" / "worker-1.log").read_text()
+    assert "worker 1: training on 2 replica(s)" in worker_log
+    assert not list((root / ".pipeline" / "checkpoints").glob("*")), "every worker cleans up"
+
+
+@pytest.mark.slow
+def test_a_killed_worker_stops_all_and_the_rerun_resumes(two_workers):
+    root, _ = two_workers
+    set_params(root, {"train.epochs": 3})
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "flows.stage", "train"],
+        cwd=root,
+        env=pipeline_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    checkpoints = root / ".pipeline" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not list(checkpoints.glob("train-*-worker1/backup-*/training_metadata.json")):
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
+        time.sleep(0.2)
+    family = psutil.Process(launcher.pid).children(recursive=True)
+    [second] = [p for p in family if '"index": 1' in p.environ().get("TF_CONFIG", "")]
+    second.kill()
+    out, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 2, out[-3000:] + err[-3000:]
+    assert f"worker 1 (pid {second.pid}) was killed by SIGKILL" in err
+    assert "all workers were stopped" in err
+    _, alive = psutil.wait_procs(family, timeout=15)
+    assert not alive, f"left behind: {[p.cmdline() for p in alive]}"
+
+    rerun = run(root, sys.executable, "-m", "flows.stage", "train")
+    assert re.search(r"resuming from epoch [23] of 3", rerun.stdout), rerun.stdout[-3000:]
+    client, runs = store(root)
+    latest = runs[0]
+    assert latest.info.status == "FINISHED"
+    history = client.get_metric_history(latest.info.run_id, "loss")
+    assert [m.step for m in history] == [0, 1, 2], "each epoch once, across the two attempts"
+
+
+@pytest.mark.slow
+def test_mirrored_under_the_prefect_flow(two_workers):
+    root, _ = two_workers
+    result = run(
+        root,
+        sys.executable,
+        "-m",
+        "flows.pipeline",
+        "train.distribute=mirrored",
+        "train.epochs=1",
+        "--stages",
+        "data",
+        "preprocess",
+        "train",
+    )
+    assert "training on 2 replica(s) (mirrored: CPU:0, CPU:1); global batch 128" in (
+        result.stdout + result.stderr
+    )
+    _, runs = store(root)
+    assert runs[0].data.params["train.distribute"] == "mirrored"
+    assert runs[0].data.params["train.replicas_in_sync"] == "2"
