@@ -23,6 +23,7 @@ SECTIONS = (
     "time_to_accuracy",
     "inference",
     "transfer",
+    "distributed",
 )
 
 

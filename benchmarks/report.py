@@ -661,7 +661,43 @@ def transfer_row_text(row: dict[str, Any]) -> str:
     )
 
 
-GPU_SECTION = """## 8. GPU: not measured
+def distributed_section(result: dict[str, Any] | None, quick: bool) -> str:
+    text = """## 8. Several CPU replicas and local workers
+
+Train-stage images/s (`tasks.train.train_model`: DALI batches, seed_cnn, params.yaml's
+recipe, augmentation on) on synthetic CIFAR-shaped images, each side in its own
+process(es): one device at batch 64 and at batch 128, `train.distribute=mirrored` on 2
+logical CPU devices and `multi_worker` with 2 local worker processes (TF_CONFIG on
+loopback ports), both 64 per replica (global batch 128). The first epoch (tracing,
+strategy start-up) is not timed. Both replicas share the machine's two cores, so this is
+what distribution costs here, not a speed-up. On GPUs: not measured (no GPU here); on a
+multi-GPU machine `python -m flows.pipeline train.distribute=mirrored` trains on every GPU.
+
+"""
+    if not result:
+        return text + missing("distributed", quick)
+    rows = [
+        [
+            code(row["key"]),
+            str(row["replicas"]),
+            f"{row['global_batch']}",
+            f"{row['img_per_s']:,.0f}",
+            f"{row['img_per_cpu_s']:,.0f}",
+            load(row),
+        ]
+        for row in result["rows"]
+    ]
+    headers = ["side", "replicas", "global batch", "img/s (wall)", "img per CPU-s", "load"]
+    first = result["rows"][0]
+    return (
+        text
+        + table(headers, rows)
+        + f"\n\n{first['train_images']:,} training images, {first['timed_epochs']} timed "
+        f"epoch(s) per side. Command: {code(result['command'])}\n"
+    )
+
+
+GPU_SECTION = """## 9. GPU: not measured
 
 The GPU rows (the fast model under Keras' JAX backend with bf16 on one GPU, against
 airbench94 on the same GPU) were **not measured**, and no number in this file comes from a
@@ -689,6 +725,7 @@ def render(quick: bool) -> str:
         "time_to_accuracy",
         "inference",
         "transfer",
+        "distributed",
     )
     results = {name: read_result(name, quick) for name in names}
     out_dir = results_dir(quick)
@@ -701,6 +738,7 @@ def render(quick: bool) -> str:
         lambda: accuracy_section(results["time_to_accuracy"], quick, out_dir),
         lambda: inference_section(results["inference"], read_result("inference_gpu", quick), quick),
         lambda: transfer_section(results["transfer"], quick),
+        lambda: distributed_section(results["distributed"], quick),
         lambda: GPU_SECTION,
     ]
     head = HEADER + (QUICK_BANNER if quick else "")

@@ -1,0 +1,166 @@
+"""Train-stage images/s on one device, 2 mirrored CPU replicas and 2 local workers.
+
+Each side is `tasks.train.train_model` (DALI batches, seed_cnn, params.yaml's recipe) on
+the same synthetic CIFAR-shaped images, in its own process(es): ``one_device`` at batch 64
+and at batch 128 (the others' global batch), ``mirrored`` (`train.distribute=mirrored`,
+2 logical CPU devices, 64 per replica), ``multi_worker`` (2 worker processes on loopback
+ports, TF_CONFIG each, 64 per replica). The first epoch (tracing, strategy start-up) is not
+timed. On a 2-core machine the replicas share the same cores, so this measures what the
+distribution costs, not a speed-up.
+
+    python -m benchmarks.distributed [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    PARAMS,
+    REPO,
+    child_env,
+    command,
+    load_average,
+    log,
+    python_module,
+    run_measured,
+    stamp_row,
+    write_rows,
+)
+from benchmarks.train_throughput import epoch_timer, steady_rate
+
+SIDES = {  # name -> (train.distribute, per-replica batch)
+    "one_device_64": ("none", 64),
+    "one_device_128": ("none", 128),
+    "mirrored_2x64": ("mirrored", 64),
+    "multi_worker_2x64": ("multi_worker", 64),
+}
+SIZES = {False: {"images": 10_000, "epochs": 3}, True: {"images": 1_000, "epochs": 2}}
+
+
+def config(side: str, quick: bool) -> Any:
+    from tasks.config import load_config
+
+    distribute, batch = SIDES[side]
+    return load_config(
+        PARAMS,
+        {
+            "data.source": "synthetic",
+            "data.synthetic.train_size": SIZES[quick]["images"],
+            "data.synthetic.test_size": 10,  # unused
+            "model.name": "seed_cnn",
+            "train.epochs": SIZES[quick]["epochs"],
+            "train.batch_size": batch,
+            "train.distribute": distribute,
+            "train.replicas": 2,
+        },
+    )
+
+
+def worker(side: str, quick: bool, out: Path) -> None:
+    """Train in this process (one worker of the cluster for multi_worker); the chief
+    writes the per-epoch timings to ``out``."""
+    from tasks import augment, data, distribute, train
+
+    cfg = config(side, quick)
+    with tempfile.TemporaryDirectory() as root:
+        dataset = data.prepare_dataset(cfg.data, Path(root))
+    train_split, val_split = dataset.split("train"), dataset.split("val")
+    stats = augment.channel_stats(train_split[0])
+    timer = epoch_timer()
+    train.train_model(cfg, train_split, val_split, dataset.num_classes, stats, [timer])
+    if distribute.is_chief():
+        timings = {"train_s": timer.train_s, "epoch_s": timer.epoch_s, "cpu_s": timer.train_cpu_s}
+        out.write_text(json.dumps({"train_images": len(train_split[1]), **timings}))
+
+
+def run_side(side: str, quick: bool, scratch: Path) -> dict[str, Any]:
+    from tasks.workers import free_ports, tf_config
+
+    out = scratch / f"{side}.json"
+    args = ["--worker", side, "--out", str(out), *(["--quick"] if quick else [])]
+    env = child_env(scratch)
+    if SIDES[side][0] != "multi_worker":
+        run_measured(
+            python_module("benchmarks.distributed", *args),
+            cwd=REPO,
+            env=env,
+            log=scratch / f"{side}.log",
+        )
+        return json.loads(out.read_text())
+    hosts = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    other = subprocess.Popen(
+        python_module("benchmarks.distributed", *args),
+        cwd=REPO,
+        env={**env, "TF_CONFIG": tf_config(hosts, 1)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        run_measured(
+            python_module("benchmarks.distributed", *args),
+            cwd=REPO,
+            env={**env, "TF_CONFIG": tf_config(hosts, 0)},
+            log=scratch / f"{side}.log",
+        )
+        assert other.wait(timeout=120) == 0, "worker 1 failed"
+    finally:
+        if other.poll() is None:
+            other.kill()
+    return json.loads(out.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.distributed")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, results/quick/")
+    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args.worker, args.quick, args.out)
+        return 0
+
+    load_before = load_average()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-distributed-") as tmp:
+        for side in SIDES:
+            result = run_side(side, args.quick, Path(tmp))
+            distribute, batch = SIDES[side]
+            replicas = 1 if distribute == "none" else 2
+            rate = steady_rate(result, "train_s")
+            log(f"{side}: {rate:,.0f} img/s")
+            rows.append(
+                stamp_row(
+                    {
+                        "key": side,
+                        "distribute": distribute,
+                        "replicas": replicas,
+                        "per_replica_batch": batch,
+                        "global_batch": batch * replicas,
+                        "train_images": result["train_images"],
+                        "timed_epochs": len(result["train_s"]) - 1,
+                        "img_per_s": rate,
+                        "img_per_cpu_s": steady_rate(result, "cpu_s"),
+                    },
+                    load_before,
+                )
+            )
+    path = write_rows(
+        "distributed",
+        args.quick,
+        rows,
+        command=command("benchmarks.distributed", quick=args.quick),
+        cpu_count=os.cpu_count(),
+    )
+    log(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
