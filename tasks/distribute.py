@@ -15,12 +15,13 @@ r takes chunk ``k * replicas + r`` at step k, so every example is seen once per 
 the union of a step's chunks is the batch one device would see (when the global batch
 divides the data; otherwise the chunks are balanced and differ by at most one example).
 
-Keras 3.15's ``fit`` runs under MirroredStrategy as is. Under MultiWorkerMirroredStrategy
-it fails twice (keras-team/keras#20585): an eager cross-worker reduce of the first batch
-before training, and a reduce of scalar metrics along axis 0. `Distribution.prepare`
-gives such a model a train and a test function that reduce along no axis and defers its
-build to the first step, so ``fit`` with its callbacks (checkpoints, CSV and MLflow
-loggers, EMA) stays the one training loop for every strategy.
+Keras 3.15's ``fit`` fails under MultiWorkerMirroredStrategy twice (keras-team/keras#20585):
+an eager cross-worker reduce of the first batch before training (which also fails under
+MirroredStrategy when replicas' first batches differ in size), and a reduce of scalar
+metrics along axis 0. `Distribution.prepare` gives the model, under any strategy, a
+train and a test function that reduce along no axis and defers its build to the first
+step, so ``fit`` with its callbacks (checkpoints, CSV and MLflow loggers, EMA) stays the
+one training loop for every strategy.
 """
 
 from __future__ import annotations
@@ -185,13 +186,17 @@ class Distribution:
         return self.strategy.distribute_datasets_from_function(build, options)
 
     def prepare(self, model: Any) -> None:
-        """After each compile: the multi-worker train/test functions (module docstring)."""
-        if self.mode != "multi_worker":
+        """After each compile: train and test functions that reduce the replicas' logs
+        along no axis (module docstring), for every strategy: the same code for one
+        machine and several, and replicas whose batches differ in size by one example
+        (balanced chunks) never meet Keras' eager reduce of a first batch."""
+        if self.strategy is None:
             return
         import tensorflow as tf
 
         strategy = self.strategy
         model._distribute_strategy = None  # fit runs inside strategy.scope() (see train.fit)
+        model.optimizer.build(model.trainable_variables)  # here, not inside a replica
 
         def on_iterator(step: Callable[[Any], dict[str, Any]]) -> Any:
             @tf.function(reduce_retracing=True)

@@ -224,7 +224,9 @@ def test_a_killed_worker_stops_all_and_the_rerun_resumes(two_workers):
 
 
 @pytest.mark.slow
-def test_mirrored_under_the_prefect_flow(two_workers):
+def test_mirrored_under_the_prefect_flow_with_uneven_replica_batches(two_workers):
+    """An odd number of training and validation examples: the two replicas' batches differ
+    by one example (Keras' own eager reduce of a first batch fails on that)."""
     root, _ = two_workers
     result = run(
         root,
@@ -233,6 +235,7 @@ def test_mirrored_under_the_prefect_flow(two_workers):
         "flows.pipeline",
         "train.distribute=mirrored",
         "train.epochs=1",
+        "data.synthetic.train_size=1191",
         "--stages",
         "data",
         "preprocess",
