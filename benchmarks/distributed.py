@@ -146,7 +146,6 @@ def main(argv: list[str] | None = None) -> int:
                         "train_images": result["train_images"],
                         "timed_epochs": len(result["train_s"]) - 1,
                         "img_per_s": rate,
-                        "img_per_cpu_s": steady_rate(result, "cpu_s"),
                     },
                     load_before,
                 )

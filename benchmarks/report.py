@@ -682,12 +682,11 @@ multi-GPU machine `python -m flows.pipeline train.distribute=mirrored` trains on
             str(row["replicas"]),
             f"{row['global_batch']}",
             f"{row['img_per_s']:,.0f}",
-            f"{row['img_per_cpu_s']:,.0f}",
             load(row),
         ]
         for row in result["rows"]
     ]
-    headers = ["side", "replicas", "global batch", "img/s (wall)", "img per CPU-s", "load"]
+    headers = ["side", "replicas", "global batch", "img/s (wall)", "load (1 min, before/after)"]
     first = result["rows"][0]
     return (
         text

@@ -3,8 +3,9 @@
 Mirrored on two logical CPU devices against one device, step for step; multi_worker
 with two local worker processes under `dvc repro` (one MLflow run, one registered
 version), a worker killed mid-run (every worker stopped, a message naming it, the rerun
-resumes from the checkpoint), mirrored under the Prefect flow; and the sharding rule
-that every training example is seen once per epoch across replicas.
+resumes from the checkpoint), a killed mirrored run resuming, mirrored under the Prefect
+flow; and the sharding rule that every training example is seen once per epoch across
+replicas.
 """
 
 from __future__ import annotations
@@ -220,6 +221,32 @@ def test_a_killed_worker_stops_all_and_the_rerun_resumes(two_workers):
     latest = runs[0]
     assert latest.info.status == "FINISHED"
     history = client.get_metric_history(latest.info.run_id, "loss")
+    assert [m.step for m in history] == [0, 1, 2], "each epoch once, across the two attempts"
+
+
+@pytest.mark.slow
+def test_a_killed_mirrored_run_resumes_from_its_checkpoint(two_workers):
+    root, _ = two_workers
+    set_params(root, {"train.distribute": "mirrored", "train.epochs": 3})
+    stage = subprocess.Popen(
+        [sys.executable, "-m", "flows.stage", "train"],
+        cwd=root,
+        env=pipeline_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    metadata = root / ".pipeline" / "checkpoints"
+    while not list(metadata.glob("train-*/backup-*/training_metadata.json")):
+        assert stage.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    stage.kill()
+    stage.wait(timeout=30)
+    rerun = run(root, sys.executable, "-m", "flows.stage", "train")
+    assert "training on 2 replica(s) (mirrored" in rerun.stdout
+    assert re.search(r"resuming from epoch [23] of 3", rerun.stdout), rerun.stdout[-3000:]
+    client, runs = store(root)
+    history = client.get_metric_history(runs[0].info.run_id, "loss")
     assert [m.step for m in history] == [0, 1, 2], "each epoch once, across the two attempts"
 
 
