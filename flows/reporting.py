@@ -123,13 +123,24 @@ def publish_pipeline_summary(
     from prefect.runtime import flow_run
 
     uri = mlflow.get_tracking_uri()
-    links = ui_links(uri, mlflow.MlflowClient().get_run(run_id), record)
+    run = mlflow.MlflowClient().get_run(run_id)
+    links = ui_links(uri, run, record)
     rows = [
         ("Prefect flow run", _link(flow_run.get_name() or "-", flow_run.ui_url)),
         ("Outputs", f"`{ws.root}`"),
         ("MLflow run", _link(run_id, links["run"])),
         ("Tracking URI", f"`{uri}`"),
     ]
+    params = run.data.params
+    if "train.replicas_in_sync" in params:  # logged by the train stage (tasks/distribute.py)
+        rows.append(
+            (
+                "Trained on",
+                f"{params['train.replicas_in_sync']} replica(s) "
+                f"({params.get('train.distribute')}), global batch "
+                f"{params['train.global_batch_size']}",
+            )
+        )
     if metrics:  # the headline: images' accuracy, loss, macro F1; text's perplexity, ...
         rows += [
             (f"Test {key.replace('_', ' ')}", f"{value:.4f}")

@@ -124,6 +124,23 @@ def mlflow_metrics(metrics: dict) -> dict[str, float]:
     return flat
 
 
+def champion_margin(model_name: str, headline: dict[str, float]) -> dict[str, Any]:
+    """``{"champion": {"version", "accuracy_margin"}}``: this model's test accuracy minus the
+    current champion's as registered (the number the registry promotes by; the register
+    stage re-evaluates the champion when its data version differs); empty without one."""
+    import mlflow
+
+    from tasks import registry
+
+    client = mlflow.MlflowClient()
+    champion = registry.alias_version(client, model_name, "champion")
+    recorded = champion and registry.recorded_accuracy(client, champion)
+    if recorded is None:
+        return {}
+    margin = headline["accuracy"] - recorded
+    return {"champion": {"version": int(champion.version), "accuracy_margin": round(margin, 6)}}
+
+
 def run(cfg: PipelineConfig, ws: Workspace) -> dict:
     """The stage as `dvc repro` and the Prefect flow call it."""
     import mlflow
@@ -131,7 +148,8 @@ def run(cfg: PipelineConfig, ws: Workspace) -> dict:
     model = models.load_model_file(ws.model_file)  # inference only, safe mode
     with tracking.stage_run(cfg, ws, "evaluate"), atomic_dir(ws.evaluation) as details:
         headline, logged = modality.for_config(cfg).evaluate(cfg, ws, model, details)
-        write_json(ws.metrics, {"test": headline})  # `dvc metrics show`: headline only
+        summary = {"test": headline} | champion_margin(cfg.register.model_name, headline)
+        write_json(ws.metrics, summary)  # `dvc metrics show`: headline only
         mlflow.log_metrics(logged)
         mlflow.log_artifact(str(ws.metrics), artifact_path="evaluate")
         mlflow.log_artifacts(str(details), artifact_path="evaluate")
