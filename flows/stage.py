@@ -117,6 +117,11 @@ def close_failed_pipeline_run(ws: Workspace, error: BaseException) -> None:
         tracking.end_pipeline_run(ws, "FAILED", keep_handle=False)
 
 
+def uses_tensorflow(stage: str, cfg: PipelineConfig) -> bool:
+    """The stages that run Keras, and the data stage when TFDS (built on TensorFlow) reads."""
+    return stage in TENSORFLOW_STAGES or (stage == "data" and cfg.data.source == "tfds")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.stage", description=__doc__)
     parser.add_argument("stage", choices=STAGE_NAMES)
@@ -124,8 +129,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if note := console.prepare_process():
         print(note, file=sys.stderr)
-    if args.stage in TENSORFLOW_STAGES:  # quietly now: they load it anyway
-        console.import_tensorflow()
     ws = Workspace(Path.cwd())
     # SIGTERM (dvc's or a scheduler's stop) unwinds like Ctrl-C: the MLflow run ends KILLED.
     signal.signal(signal.SIGTERM, raise_interrupted)
@@ -133,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         cfg = load_config(args.params)
+        if uses_tensorflow(args.stage, cfg):  # quietly now: it loads it anyway
+            console.import_tensorflow()
         stage_functions()[args.stage](cfg, ws)
     except expected_errors() as error:
         close_failed_pipeline_run(ws, error)
