@@ -241,11 +241,11 @@ process's maximum resident set (wait4).
             name,
             spread(over[key]["seconds"], "{:.1f}"),
             spread(over[key]["percent_of_wall"], "{:.1f}"),
-            verdict(over[key]["percent_of_wall"]["median"] < target),
+            verdict(over[key]["percent_of_wall"]["median"] <= target),
         ]
         for name, key in (("Prefect flow", "prefect"), ("dvc repro", "dvc"))
     ]
-    text += table(["overhead vs bare", "seconds", f"% of wall (target < {target:g})", ""], rows)
+    text += table(["overhead vs bare", "seconds", f"% of wall (target <= {target:g})", ""], rows)
     startup = row["startup_imports"]["wall_s"]
     text += f"""
 
@@ -259,7 +259,50 @@ also exports and registers the model. The Prefect overhead holds its ephemeral A
 start, task bookkeeping, MLflow logging and model registration (the Prefect home's
 database is created before timing starts).
 """
-    return text
+    return text + imports_text(row) + data_rss_text(row)
+
+
+def imports_text(row: dict[str, Any]) -> str:
+    if "imports" not in row:
+        return ""
+    rows = [
+        [
+            stage,
+            f"{found['import_s']:.1f}",
+            "yes" if found["tensorflow"] else "no",
+            "yes" if found["prefect"] else "no",
+            ", ".join(found["heaviest"]),
+        ]
+        for stage, found in row["imports"].items()
+    ]
+    headers = ["stage process", "imports: s", "TensorFlow", "Prefect", "heaviest imports"]
+    return (
+        "\nWhat each stage process imports under `dvc repro` (`python -X importtime`, one tiny "
+        "run; the sum of its top-level imports, made wherever the stage makes them):\n\n"
+        + table(headers, rows)
+        + "\n"
+    )
+
+
+def data_rss_text(row: dict[str, Any]) -> str:
+    if "data_stage_rss" not in row:
+        return ""
+    found = row["data_stage_rss"]
+    target = row["target_data_rss_mib"]
+    rows = [[f"{r['images']:,}", f"{r['wall_s']:.1f}", f"{r['peak_rss_mib']:,.0f}"] for r in found]
+    first, last = found[0], found[-1]
+    slope = (last["peak_rss_mib"] - first["peak_rss_mib"]) / (last["images"] - first["images"])
+    base = first["peak_rss_mib"] - slope * first["images"]
+    largest = found[-1]
+    met = largest["peak_rss_mib"] <= target
+    return (
+        "\nThe data stage alone (`python -m flows.stage data`, `data.source=synthetic`, 5/6 "
+        "train and 1/6 test images of 32x32x3) at three sizes:\n\n"
+        + table(["images", "wall s", "peak RSS MiB"], rows)
+        + f"\n\nGrowth: {1000 * slope:.1f} MiB per 1,000 images over a {base:,.0f} MiB base "
+        f"(a 32x32x3 uint8 image is 3 KiB); at {largest['images']:,} images "
+        f"{largest['peak_rss_mib']:,.0f} MiB, target <= {target:,} MiB: {verdict(met)}.\n"
+    )
 
 
 def noop_section(result: dict[str, Any] | None, quick: bool) -> str:
@@ -267,12 +310,12 @@ def noop_section(result: dict[str, Any] | None, quick: bool) -> str:
     if not result:
         return text + missing("stages", quick)
     row = result["rows"][0]
-    met = row["seconds"]["median"] < row["target_s"]
+    met = row["seconds"]["median"] <= row["target_s"]
     rows = [
         [
             row["what"],
             spread(row["seconds"], "{:.2f}"),
-            f"< {row['target_s']:g} s: {verdict(met)}",
+            f"<= {row['target_s']:g} s: {verdict(met)}",
             load(row),
             code(row["command"]),
         ]

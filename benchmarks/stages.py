@@ -65,6 +65,7 @@ SIZES = {
         },
         "repeats": 3,
         "noop_repeats": 5,
+        "data_totals": [15_000, 30_000, 60_000],
     },
     True: {
         "overrides": {
@@ -76,6 +77,7 @@ SIZES = {
         },
         "repeats": 1,
         "noop_repeats": 2,
+        "data_totals": [1_500, 3_000, 6_000],
     },
 }
 # What a stage process imports before any work (train, evaluate and register import all of it).
@@ -88,7 +90,12 @@ import json, os, sys, time
 start = time.perf_counter()
 pid = os.fork()
 if pid == 0:
-    os.execv({python!r}, [{python!r}, *sys.argv[1:]])
+    flags = []
+    if os.environ.get("BENCH_IMPORT_DIR"):  # -X importtime, the stage's stderr to a file
+        name = os.path.join(os.environ["BENCH_IMPORT_DIR"], sys.argv[-1] + ".log")
+        os.dup2(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
+        flags = ["-X", "importtime"]
+    os.execv({python!r}, [{python!r}, *flags, *sys.argv[1:]])
 _, status, usage = os.wait4(pid, 0)
 with open(os.environ["BENCH_STAGE_LOG"], "a") as log:
     record = {{"argv": sys.argv[1:], "wall_s": time.perf_counter() - start,
@@ -235,6 +242,65 @@ def run_dvc(scratch: Path, name: str, overrides: dict[str, Any], noops: int) -> 
     }
 
 
+def import_profile(scratch: Path, overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """What each stage process imports, from ``python -X importtime`` in one tiny `dvc
+    repro` (imports do not depend on the data size): the seconds its imports take in
+    all, and whether it loads TensorFlow or Prefect."""
+    root = copy_repo(scratch / "imports")
+    set_params(root, overrides)
+    folder = scratch / "importtime"
+    folder.mkdir()
+    env = child_env(scratch, extra_path=[write_shim(scratch)]) | {
+        "BENCH_STAGE_LOG": str(scratch / "imports-stages.jsonl"),
+        "BENCH_IMPORT_DIR": str(folder),
+    }
+    dvc = [str(Path(sys.executable).parent / "dvc"), "repro", STAGES[-1]]
+    run_measured(dvc, cwd=root, env=env, log=root / "bench-repro.log")
+    profile = {}
+    for stage in STAGES:
+        top_level: dict[str, int] = {}
+        for line in (folder / f"{stage}.log").read_text(errors="replace").splitlines():
+            if not line.startswith("import time:") or "cumulative" in line:
+                continue
+            _, cumulative, package = line.split("|", 2)
+            if not package[1:].startswith(" "):  # not nested under another import
+                top_level[package.strip()] = int(cumulative)
+        profile[stage] = {
+            "import_s": sum(top_level.values()) / 1e6,
+            "tensorflow": "tensorflow" in top_level or "keras" in top_level,
+            "prefect": "prefect" in top_level,
+            "heaviest": sorted(top_level, key=top_level.get, reverse=True)[:4],
+        }
+    shutil.rmtree(root, ignore_errors=True)
+    return profile
+
+
+def data_stage_rss(scratch: Path, totals: list[int]) -> list[dict[str, Any]]:
+    """`python -m flows.stage data` alone on synthetic 32x32x3 sets of ``totals`` images
+    (5/6 train, 1/6 test): wall time and peak RSS, to see how memory grows with data."""
+    rows = []
+    for total in totals:
+        root = scratch / f"data-{total}"
+        root.mkdir()
+        (root / "params.yaml").write_text(PARAMS.read_text())
+        sizes = {"train_size": total * 5 // 6, "test_size": total // 6}
+        set_params(
+            root,
+            {"data.source": "synthetic"} | {f"data.synthetic.{k}": v for k, v in sizes.items()},
+        )
+        measured = run_measured(
+            python_module("flows.stage", "data"),
+            cwd=root,
+            env=child_env(scratch) | {"PYTHONPATH": str(REPO)},
+            log=scratch / f"data-{total}.log",
+        )
+        rows.append(
+            {"images": total, "wall_s": measured.wall_s, "peak_rss_mib": measured.peak_rss_mib}
+        )
+        shutil.rmtree(root, ignore_errors=True)
+    return rows
+
+
 def run_startup(scratch: Path, name: str) -> dict[str, float]:
     measured = run_measured(
         [sys.executable, "-c", STARTUP_IMPORTS],
@@ -327,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     load_before = load_average()
     with tempfile.TemporaryDirectory(prefix="bench-stages-") as tmp:
         runs = run_repeats(Path(tmp), args.quick)
+        imports = import_profile(Path(tmp), SIZES[True]["overrides"])
+        data_rss = data_stage_rss(Path(tmp), size["data_totals"])
 
     overrides = as_cli_overrides(size["overrides"])
     row = stamp_row(
@@ -341,7 +409,10 @@ def main(argv: list[str] | None = None) -> int:
                 "dvc": "dvc repro register  # with params.yaml set to the overrides",
                 "prefect": " ".join(["python -m flows.pipeline", *overrides, "--stages", *STAGES]),
             },
-            "target_overhead_percent": 5.0,
+            "target_overhead_percent": 10.0,
+            "imports": imports,
+            "data_stage_rss": data_rss,
+            "target_data_rss_mib": 1024,
         },
         load_before,
     )
@@ -350,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     noop_row = {
         "key": "synthetic_cifar_sized",
         "seconds": summarize(noop),
-        "target_s": 3.0,
+        "target_s": 1.0,
         "command": command("benchmarks.stages", quick=args.quick),
         "what": "`dvc repro` right after a full one, nothing changed (all stages skipped)",
     }
