@@ -31,6 +31,7 @@ from benchmarks.common import (
     python_module,
     run_measured,
     stamp_row,
+    summarize,
     write_rows,
 )
 from benchmarks.train_throughput import epoch_timer, steady_rate
@@ -41,7 +42,10 @@ SIDES = {  # name -> (train.distribute, per-replica batch)
     "mirrored_2x64": ("mirrored", 64),
     "multi_worker_2x64": ("multi_worker", 64),
 }
-SIZES = {False: {"images": 10_000, "epochs": 3}, True: {"images": 1_000, "epochs": 2}}
+SIZES = {
+    False: {"images": 10_000, "epochs": 3, "repeats": 3},
+    True: {"images": 1_000, "epochs": 2, "repeats": 1},
+}
 
 
 def config(side: str, quick: bool) -> Any:
@@ -127,29 +131,29 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     load_before = load_average()
-    rows = []
+    rates: dict[str, list[float]] = {side: [] for side in SIDES}
+    results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-distributed-") as tmp:
-        for side in SIDES:
-            result = run_side(side, args.quick, Path(tmp))
-            distribute, batch = SIDES[side]
-            replicas = 1 if distribute == "none" else 2
-            rate = steady_rate(result, "train_s")
-            log(f"{side}: {rate:,.0f} img/s")
-            rows.append(
-                stamp_row(
-                    {
-                        "key": side,
-                        "distribute": distribute,
-                        "replicas": replicas,
-                        "per_replica_batch": batch,
-                        "global_batch": batch * replicas,
-                        "train_images": result["train_images"],
-                        "timed_epochs": len(result["train_s"]) - 1,
-                        "img_per_s": rate,
-                    },
-                    load_before,
-                )
-            )
+        for repeat in range(SIZES[args.quick]["repeats"]):
+            order = list(SIDES) if repeat % 2 == 0 else list(SIDES)[::-1]
+            for side in order:  # alternating, so every side sees the machine's drift
+                results[side] = run_side(side, args.quick, Path(tmp))
+                rates[side].append(steady_rate(results[side], "train_s"))
+                log(f"repeat {repeat + 1} {side}: {rates[side][-1]:,.0f} img/s")
+    rows = []
+    for side, (distribute, batch) in SIDES.items():
+        replicas = 1 if distribute == "none" else 2
+        row = {
+            "key": side,
+            "distribute": distribute,
+            "replicas": replicas,
+            "per_replica_batch": batch,
+            "global_batch": batch * replicas,
+            "train_images": results[side]["train_images"],
+            "timed_epochs": len(results[side]["train_s"]) - 1,
+            "img_per_s": summarize(rates[side]),
+        }
+        rows.append(stamp_row(row, load_before))
     path = write_rows(
         "distributed",
         args.quick,

@@ -724,7 +724,7 @@ multi-GPU machine `python -m flows.pipeline train.distribute=mirrored` trains on
             code(row["key"]),
             str(row["replicas"]),
             f"{row['global_batch']}",
-            f"{row['img_per_s']:,.0f}",
+            spread(row["img_per_s"]),
             load(row),
         ]
         for row in result["rows"]
@@ -735,7 +735,7 @@ multi-GPU machine `python -m flows.pipeline train.distribute=mirrored` trains on
         text
         + table(headers, rows)
         + f"\n\n{first['train_images']:,} training images, {first['timed_epochs']} timed "
-        f"epoch(s) per side. Command: {code(result['command'])}\n"
+        f"epoch(s) per side and repeat, sides alternating. Command: {code(result['command'])}\n"
     )
 
 
