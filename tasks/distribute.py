@@ -199,6 +199,9 @@ class Distribution:
         model.optimizer.build(model.trainable_variables)  # here, not inside a replica
 
         def on_iterator(step: Callable[[Any], dict[str, Any]]) -> Any:
+            if model.jit_compile:  # XLA per replica step, as Keras' own functions do
+                step = tf.function(step, jit_compile=True, reduce_retracing=True)
+
             @tf.function(reduce_retracing=True)
             def run(iterator: Iterator[Any]) -> dict[str, Any]:
                 logs = strategy.run(step, args=(next(iterator),))
