@@ -250,6 +250,12 @@ def for_config(cfg: TrainConfig) -> Distribution:
         return Distribution(mode, tf.distribute.MultiWorkerMirroredStrategy())
     if tf.config.list_physical_devices("GPU"):  # (listing logical ones would start TF)
         return Distribution(mode, tf.distribute.MirroredStrategy())  # every local GPU
+    if cfg.xla is True:
+        raise DistributeError(
+            "train.xla true cannot run mirrored over logical CPU devices (XLA compiles each "
+            "replica's step for CPU:0 and cannot reach the other devices' variables): set "
+            "train.xla auto or false, or train.distribute none"
+        )
     return Distribution(mode, tf.distribute.MirroredStrategy(_logical_cpus(cfg.replicas)))
 
 

@@ -113,6 +113,16 @@ def test_multi_worker_here_needs_two_workers_before_starting_any(tmp_path):
     assert not (tmp_path / ".pipeline").exists()
 
 
+def test_xla_with_mirrored_logical_cpus_is_refused_before_tensorflow_starts():
+    cfg = load_config(PARAMS, {"train.distribute": "mirrored", "train.xla": True})
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("with GPUs, mirrored runs on them and XLA is allowed")
+    with pytest.raises(DistributeError, match="train.xla true cannot run mirrored.*auto or false"):
+        distribute.for_config(cfg.train)
+
+
 # ------------------------------------------------------------------ mirrored = one device
 
 
