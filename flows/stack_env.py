@@ -102,7 +102,8 @@ def mlflow_server_env(project: Path, credential: str | None) -> dict[str, str]:
         "[mlflow]\n"
         "default_permission = NO_PERMISSIONS\n"  # users the admin adds start with nothing
         f"database_uri = sqlite:///{database}\n"
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        "auth_cache_ttl_seconds = 60\n",
     )
     if database.exists():
         sync_mlflow_admin(f"sqlite:///{database}", user, password)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -125,3 +127,29 @@ def served_pipeline(tmp_path_factory):
         for name in STAGE_NAMES:
             stage_functions()[name](cfg, ws)
     yield cfg, ws, read_json(ws.registration)
+
+
+class TinyRepro(NamedTuple):
+    root: Path  # the repository `dvc repro` ran in
+    output: str  # what it printed
+    origin: Path  # a copy of root taken right after the repro, in a folder of its own
+
+
+@pytest.fixture(scope="session")
+def tiny_repro(tmp_path_factory) -> TinyRepro:
+    """One `dvc repro` of the tiny params in a git copy of the repository, for the session.
+
+    root is tests/test_pipeline_dvc.py's to change; origin, copied before anything else
+    touches it (git history, DVC cache and outputs included), is tests/test_dvc_remote.py's
+    `team/origin`. A copy of one repro, not a second repro: the DVC tests need a repository
+    that has run every stage, not a second training.
+    """
+    from benchmarks.common import copy_repo, set_params
+    from tests.test_pipeline_dvc import dvc_repro
+
+    root = copy_repo(tmp_path_factory.mktemp("repo"))
+    set_params(root, TINY)
+    output = dvc_repro(root)
+    origin = tmp_path_factory.mktemp("team") / "origin"
+    shutil.copytree(root, origin, symlinks=True)
+    return TinyRepro(root, output, origin)

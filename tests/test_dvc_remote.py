@@ -15,10 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmarks.common import copy_repo, set_params
 from flows.retrain import check_out_data, locked_data_version
 from tasks.register import dvc_hash
-from tests.conftest import TINY
 from tests.operate import BIN
 
 pytestmark = pytest.mark.slow
@@ -64,12 +62,12 @@ def assert_restored(clone: Path, origin: Path) -> None:
     assert "up to date" in dvc(clone, "status")
 
 
-def test_push_then_pull_in_a_fresh_clone_restores_identical_outputs(tmp_path):
-    team = tmp_path / "team"  # the parent folder the clones share
-    (team / "origin").mkdir(parents=True)
-    origin = copy_repo(team / "origin")
-    set_params(origin, TINY)
-    dvc(origin, "repro")
+def test_push_then_pull_in_a_fresh_clone_restores_identical_outputs(tiny_repro, tmp_path):
+    # A copy of the session's repository right after `dvc repro` of the tiny params
+    # (conftest.py), in a parent folder of its own that the clones share.
+    origin = tiny_repro.origin
+    team = origin.parent
+    assert "up to date" in dvc(origin, "status"), "the copy is what the repro left"
     git(origin, "add", "-A")
     git(origin, "commit", "-qm", "data version")
 

@@ -76,51 +76,17 @@ def test_deployments_are_registered_and_the_retrain_schedule_is_paused(stack):
         assert after["active"] is active
 
 
-def test_a_deployment_run_with_overrides_is_tracked_and_registered(stack):
-    name = "operate-single"
-    result, run_id = run_deployment(
-        stack, "training-pipeline/local", {"overrides": tiny(name, **{"train.epochs": 2})}
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert stack.flow_run(run_id)["state"]["type"] == "COMPLETED"
-
-    ws = Workspace(stack.root / "runs" / run_id)  # its own output directory
-    client = client_for(stack)
-    [run] = runs_of(client, name)
-    assert run.data.tags["pipeline.workdir"] == str(ws.root)
-    registration = check_pipeline_run(client, run, epochs=2, model_name=name, ws=ws)
-    assert registration["version"] == "1"
-    for alias in ("champion", "challenger"):
-        assert str(client.get_model_version_by_alias(name, alias).version) == "1"
-    assert registration["mlflow"]["ui_url"].startswith(stack.mlflow_uri)
-    # Lineage from a deployment run: the project's real commit, not "unknown".
-    head = subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=stack.root, capture_output=True, text=True, check=True
-    ).stdout.strip()
-    assert client.get_model_version(name, "1").tags["git_commit"].startswith(head)
-    assert run.data.tags["pipeline.git_commit"].startswith(head)
-
-    # Per-stage logs and the run summary are artifacts of the flow run.
-    artifacts = stack.api_post_artifacts(run_id)
-    descriptions = {a["description"] for a in artifacts}
-    assert all(a["key"] and a["description"] for a in artifacts), "every artifact titled"
-    for stage in ("data", "preprocess", "train", "evaluate", "register"):
-        assert f"{stage} stage log (completed)" in descriptions
-    train_log = next(a for a in artifacts if a["description"].startswith("train"))["data"]
-    assert "Epoch 2/2" in train_log, train_log  # Keras' per-epoch lines
-    summary = next(a for a in artifacts if a["key"] == "pipeline-summary")["data"]
-    assert f"{name} v1" in summary and "Test accuracy" in summary
-    assert f"{stack.mlflow_uri}/#/models/{name}/versions/1" in summary
-
-
-def test_two_runs_at_once_keep_outputs_apart_and_the_registry_consistent(stack):
-    name = "operate-concurrent"
+def test_two_deployment_runs_at_once_are_tracked_registered_and_kept_apart(stack):
+    """Two runs of the deployment with overrides, launched together (one pair of training
+    processes serves both the single-run checks and the concurrency checks)."""
+    name = "operate-runs"
     launched = [
         subprocess.Popen(
             [
                 str(BIN / "prefect"),
                 *deployment_run_args(
-                    "training-pipeline/local", {"overrides": tiny(name, **{"train.seed": seed})}
+                    "training-pipeline/local",
+                    {"overrides": tiny(name, **{"train.seed": seed, "train.epochs": 2})},
                 ),
             ],
             cwd=stack.root,
@@ -136,11 +102,27 @@ def test_two_runs_at_once_keep_outputs_apart_and_the_registry_consistent(stack):
         assert process.returncode == 0, output[-3000:]
     ids = [flow_run_id(output) for output in outputs]
     assert len(set(ids)) == 2
+    for run_id in ids:
+        assert stack.flow_run(run_id)["state"]["type"] == "COMPLETED"
 
     client = client_for(stack)
-    registrations = [read_json(Workspace(stack.root / "runs" / i).registration) for i in ids]
     runs = {run.info.run_id: run for run in runs_of(client, name)}
+    workspaces = [Workspace(stack.root / "runs" / i) for i in ids]  # each its own directory
+    registrations = [read_json(ws.registration) for ws in workspaces]
     assert {r["run_id"] for r in registrations} == set(runs), "one MLflow run per flow run"
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=stack.root, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    for ws, registered in zip(workspaces, registrations, strict=True):
+        run = runs[registered["run_id"]]
+        assert run.data.tags["pipeline.workdir"] == str(ws.root)
+        assert check_pipeline_run(client, run, epochs=2, model_name=name, ws=ws) == registered
+        assert registered["mlflow"]["ui_url"].startswith(stack.mlflow_uri)
+        # Lineage from a deployment run: the project's real commit, not "unknown".
+        version = client.get_model_version(name, registered["version"])
+        assert version.tags["git_commit"].startswith(head)
+        assert run.data.tags["pipeline.git_commit"].startswith(head)
+
     versions = client.search_model_versions(f"name = '{name}'")
     assert sorted(str(v.version) for v in versions) == ["1", "2"]
     assert {v.run_id for v in versions} == set(runs)
@@ -149,6 +131,20 @@ def test_two_runs_at_once_keep_outputs_apart_and_the_registry_consistent(stack):
     champion = str(client.get_model_version_by_alias(name, "champion").version)
     assert accuracy[champion] == max(accuracy.values())
     assert str(client.get_model_version_by_alias(name, "challenger").version) == "2"
+
+    # Per-stage logs and the run summary are artifacts of each flow run.
+    for run_id, registered in zip(ids, registrations, strict=True):
+        artifacts = stack.api_post_artifacts(run_id)
+        descriptions = {a["description"] for a in artifacts}
+        assert all(a["key"] and a["description"] for a in artifacts), "every artifact titled"
+        for stage in ("data", "preprocess", "train", "evaluate", "register"):
+            assert f"{stage} stage log (completed)" in descriptions
+        train_log = next(a for a in artifacts if a["description"].startswith("train"))["data"]
+        assert "Epoch 2/2" in train_log, train_log  # Keras' per-epoch lines
+        summary = next(a for a in artifacts if a["key"] == "pipeline-summary")["data"]
+        version = registered["version"]
+        assert f"{name} v{version}" in summary and "Test accuracy" in summary
+        assert f"{stack.mlflow_uri}/#/models/{name}/versions/{version}" in summary
 
 
 def test_a_sweep_nests_its_points_and_registers_only_the_best(stack):
@@ -200,33 +196,6 @@ def test_a_bad_override_fails_fast_with_the_key_and_leaves_nothing(stack):
     assert not (stack.root / "runs" / sweep_id).exists()
 
 
-def test_retraining_uses_the_data_version_dvc_lock_pins(stack):
-    set_params(stack.root, TINY)  # the data stage below must work offline
-    repro = subprocess.run(
-        [str(BIN / "dvc"), "repro", "data"],
-        cwd=stack.root,
-        env=stack.env,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-    )
-    assert repro.returncode == 0, repro.stdout[-3000:] + repro.stderr[-3000:]
-    lock = yaml.safe_load((stack.root / "dvc.lock").read_text())
-    [out] = lock["stages"]["data"]["outs"]
-
-    name = "operate-retrain"
-    result, run_id = run_deployment(stack, "scheduled-retrain/nightly", {"overrides": tiny(name)})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    ws = Workspace(stack.root / "runs" / run_id)
-    assert dvc_hash(ws.prepared) == out["md5"]
-    client = client_for(stack)
-    version = client.get_model_version_by_alias(name, "champion")
-    assert version.tags["data_version"] == out["md5"]
-    run = client.get_run(version.run_id)
-    assert "data.source" in run.data.params and run.data.tags["pipeline.stage.register"] == "done"
-    assert json.loads(version.tags["params"])["register.model_name"] == name
-
-
 def flow_run_process(stack, flow_run_id: str):
     """The process the worker started for ``flow_run_id`` (Prefect puts the id in its env)."""
     import psutil
@@ -242,10 +211,25 @@ def flow_run_process(stack, flow_run_id: str):
 
 def test_a_killed_flow_run_is_crashed_in_prefect_and_killed_in_mlflow(stack):
     """kill -9 of a flow run's process: Prefect marks it Crashed; the next pipeline start
-    against the same tracking store ends its orphaned MLflow run KILLED."""
+    against the same tracking store ends its orphaned MLflow run KILLED. That next start
+    is the nightly retrain (one training for both checks), which trains on the data
+    version dvc.lock pins."""
     import time
 
-    name = "operate-crash"
+    set_params(stack.root, TINY)  # the data stage below must work offline
+    repro = subprocess.run(
+        [str(BIN / "dvc"), "repro", "data"],
+        cwd=stack.root,
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+    assert repro.returncode == 0, repro.stdout[-3000:] + repro.stderr[-3000:]
+    lock = yaml.safe_load((stack.root / "dvc.lock").read_text())
+    [out] = lock["stages"]["data"]["outs"]
+
+    name = "operate-crash-retrain"
     slow = tiny(name, **{"data.synthetic.train_size": 3000, "train.epochs": 3})
     started = stack.prefect(
         "deployment", "run", "training-pipeline/local", "--param", f"overrides={json.dumps(slow)}"
@@ -267,11 +251,19 @@ def test_a_killed_flow_run_is_crashed_in_prefect_and_killed_in_mlflow(stack):
     [orphan] = runs_of(client, name)
     assert orphan.info.status == "RUNNING", "nobody closed it yet"
 
-    result, _ = run_deployment(stack, "training-pipeline/local", {"overrides": tiny(name)})
+    result, run_id = run_deployment(stack, "scheduled-retrain/nightly", {"overrides": tiny(name)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ended = client.get_run(orphan.info.run_id)
     assert ended.info.status == "KILLED"
     assert ended.data.tags["pipeline.end_reason"].startswith("orphaned")
+
+    ws = Workspace(stack.root / "runs" / run_id)
+    assert dvc_hash(ws.prepared) == out["md5"]
+    version = client.get_model_version_by_alias(name, "champion")
+    assert version.tags["data_version"] == out["md5"]
+    run = client.get_run(version.run_id)
+    assert "data.source" in run.data.params and run.data.tags["pipeline.stage.register"] == "done"
+    assert json.loads(version.tags["params"])["register.model_name"] == name
 
 
 def test_batch_predict_writes_predictions_and_logs_them_with_the_version(stack, served_pipeline):

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmarks.common import copy_repo, set_params
+from benchmarks.common import set_params
 from flows.stage import STAGE_NAMES
 from tasks import console
 from tasks.config import load_config
 from tasks.workspace import Workspace
-from tests.conftest import TINY, pipeline_env, read_mlflow
+from tests.conftest import pipeline_env, read_mlflow
 from tests.pipeline_checks import check_pipeline_run
 
 pytestmark = pytest.mark.slow
@@ -36,12 +36,10 @@ def stages_run(output: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def repro(tmp_path_factory):
-    """Copy the repo, shrink params.yaml, run `dvc repro` once; shared by the tests below."""
-    root = copy_repo(tmp_path_factory.mktemp("repo"))
-    set_params(root, TINY)
-    output = dvc_repro(root)
-    return root, output
+def repro(tiny_repro):
+    """The session's repository after one `dvc repro` of the tiny params (conftest.py);
+    shared by the tests below, which change it."""
+    return tiny_repro.root, tiny_repro.output
 
 
 def test_first_repro_runs_every_stage_and_records_everything(repro):

@@ -117,6 +117,9 @@ def test_a_registered_base_is_transferred_by_the_prefect_flow(pretrained, tmp_pa
             overrides=overrides,
             params_path=str(root / "params.yaml"),
             workdir=str(tmp_path),
+            # Up to register, which records the transferred version; export reads only the
+            # registered model (tested under dvc repro above and in tests/test_export.py).
+            stages=["data", "preprocess", "train", "evaluate", "register"],
             return_state=True,
         )
     assert state.is_completed(), state
