@@ -144,6 +144,7 @@ def test_two_deployment_runs_at_once_are_tracked_registered_and_kept_apart(stack
         summary = next(a for a in artifacts if a["key"] == "pipeline-summary")["data"]
         version = registered["version"]
         assert f"{name} v{version}" in summary and "Test accuracy" in summary
+        assert "| Trained on | 1 replica(s) (auto), global batch 64 |" in summary
         assert f"{stack.mlflow_uri}/#/models/{name}/versions/{version}" in summary
 
 
