@@ -49,6 +49,22 @@ def tiny_overrides(root: Path) -> dict:
     }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _stop_prefects_temporary_server():
+    """Flows run in this process start Prefect's temporary server, which Prefect stops at
+    interpreter exit, after pytest has closed the output its log handler writes to (a
+    "--- Logging error ---" traceback after the summary). Send the last flow-run logs and
+    stop it while both the server and the output are there."""
+    yield
+    if "prefect.server.api.server" in sys.modules:
+        from prefect.logging.handlers import APILogWorker
+        from prefect.server.api.server import SubprocessASGIServer
+
+        APILogWorker.drain_all(timeout=5)  # the flow runs' last logs, while the server is up
+        for server in list(SubprocessASGIServer._instances.values()):
+            server.stop()
+
+
 @pytest.fixture(autouse=True)
 def _no_outside_tracking(monkeypatch):
     """A developer's MLFLOW_TRACKING_URI must never receive test runs."""
