@@ -53,25 +53,21 @@ def test_every_example_falls_in_exactly_one_chunk_of_one_replica(examples, batch
 def test_replicas_see_each_shuffled_index_once_and_together_the_one_device_batches():
     import tensorflow as tf
 
+    from tasks.augment import index_batches
+
     examples, batch, seed = 384, 64, 7
     epoch = tf.Variable(3, dtype=tf.int64)
 
     def passes(shard: distribute.Shard, per_replica: int) -> list[np.ndarray]:
-        dataset = distribute_index_batches(examples, per_replica, seed, epoch, shard)
+        dataset = index_batches(examples, per_replica, seed, epoch, shard)
         return list(dataset.as_numpy_iterator())
 
-    [single] = [passes(distribute.Shard(), 2 * batch)]
+    single = passes(distribute.Shard(), 2 * batch)
     halves = [passes(distribute.Shard(r, 1, 2), batch) for r in range(2)]
     seen = np.concatenate([np.concatenate(h) for h in halves])
     assert np.array_equal(np.sort(seen), np.arange(examples))
     for step, whole in enumerate(single):  # the global batch divides the data: aligned
         assert np.array_equal(np.concatenate([halves[0][step], halves[1][step]]), whole)
-
-
-def distribute_index_batches(examples, batch, seed, epoch, shard):
-    from tasks.augment import index_batches
-
-    return index_batches(examples, batch, seed, epoch, shard)
 
 
 def test_shards_get_distinct_reproducible_seeds_and_the_first_keeps_the_runs():
@@ -198,23 +194,39 @@ def test_two_workers_under_dvc_repro_make_one_run_and_one_version(two_workers):
     assert not list((root / ".pipeline" / "checkpoints").glob("*")), "every worker cleans up"
 
 
-@pytest.mark.slow
-def test_a_killed_worker_stops_all_and_the_rerun_resumes(two_workers):
-    root, _ = two_workers
-    set_params(root, {"train.epochs": 3})
-    launcher = subprocess.Popen(
+def train_until_checkpoint(root: Path, folder: str, output: int) -> subprocess.Popen:
+    """`python -m flows.stage train`, returned once a checkpoint folder matching
+    ``folder`` holds its first epoch."""
+    stage = subprocess.Popen(
         [sys.executable, "-m", "flows.stage", "train"],
         cwd=root,
         env=pipeline_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stdout=output,
+        stderr=output,
         text=True,
     )
     checkpoints = root / ".pipeline" / "checkpoints"
     deadline = time.monotonic() + 300
-    while not list(checkpoints.glob("train-*-worker1/backup-*/training_metadata.json")):
-        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
+    while not list(checkpoints.glob(f"{folder}/backup-*/training_metadata.json")):
+        assert stage.poll() is None and time.monotonic() < deadline, stage.communicate()
         time.sleep(0.2)
+    return stage
+
+
+def assert_three_epochs_logged_once(root: Path):
+    """The newest run has each of 3 epochs' loss once, across the killed and resumed
+    attempts; returns that run."""
+    client, runs = store(root)
+    history = client.get_metric_history(runs[0].info.run_id, "loss")
+    assert [m.step for m in history] == [0, 1, 2], "each epoch once, across the two attempts"
+    return runs[0]
+
+
+@pytest.mark.slow
+def test_a_killed_worker_stops_all_and_the_rerun_resumes(two_workers):
+    root, _ = two_workers
+    set_params(root, {"train.epochs": 3})
+    launcher = train_until_checkpoint(root, "train-*-worker1", subprocess.PIPE)
     family = psutil.Process(launcher.pid).children(recursive=True)
     [second] = [p for p in family if '"index": 1' in p.environ().get("TF_CONFIG", "")]
     second.kill()
@@ -227,37 +239,21 @@ def test_a_killed_worker_stops_all_and_the_rerun_resumes(two_workers):
 
     rerun = run(root, sys.executable, "-m", "flows.stage", "train")
     assert re.search(r"resuming from epoch [23] of 3", rerun.stdout), rerun.stdout[-3000:]
-    client, runs = store(root)
-    latest = runs[0]
+    latest = assert_three_epochs_logged_once(root)
     assert latest.info.status == "FINISHED"
-    history = client.get_metric_history(latest.info.run_id, "loss")
-    assert [m.step for m in history] == [0, 1, 2], "each epoch once, across the two attempts"
 
 
 @pytest.mark.slow
 def test_a_killed_mirrored_run_resumes_from_its_checkpoint(two_workers):
     root, _ = two_workers
     set_params(root, {"train.distribute": "mirrored", "train.epochs": 3})
-    stage = subprocess.Popen(
-        [sys.executable, "-m", "flows.stage", "train"],
-        cwd=root,
-        env=pipeline_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 300
-    metadata = root / ".pipeline" / "checkpoints"
-    while not list(metadata.glob("train-*/backup-*/training_metadata.json")):
-        assert stage.poll() is None and time.monotonic() < deadline
-        time.sleep(0.2)
+    stage = train_until_checkpoint(root, "train-*", subprocess.DEVNULL)
     stage.kill()
     stage.wait(timeout=30)
     rerun = run(root, sys.executable, "-m", "flows.stage", "train")
     assert "training on 2 replica(s) (mirrored" in rerun.stdout
     assert re.search(r"resuming from epoch [23] of 3", rerun.stdout), rerun.stdout[-3000:]
-    client, runs = store(root)
-    history = client.get_metric_history(runs[0].info.run_id, "loss")
-    assert [m.step for m in history] == [0, 1, 2], "each epoch once, across the two attempts"
+    assert_three_epochs_logged_once(root)
 
 
 @pytest.mark.slow
