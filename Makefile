@@ -11,7 +11,7 @@ MLFLOW_PORT ?= 5000
 PREFECT_PORT ?= 4200
 MODEL_PORT ?= 5002
 
-.PHONY: help venv run smoke test bench lint format ui serve serve-model reproduce predict
+.PHONY: help venv run smoke test bench lint format ui serve serve-pg serve-team serve-model reproduce predict
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -53,6 +53,12 @@ ui: venv ## MLflow UI on http://127.0.0.1:5000 over the mlruns/ store (MLFLOW_PO
 
 serve: venv ## Prefect server + worker + MLflow server on 127.0.0.1 (PREFECT_PORT, MLFLOW_PORT)
 	python -m flows.serve --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT)
+
+serve-pg: venv ## `make serve` on a throwaway local PostgreSQL (.pipeline/postgres, 127.0.0.1:5433)
+	python -m flows.serve --local-postgres --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT)
+
+serve-team: venv ## serve-pg plus an S3 emulator (moto, 127.0.0.1:9000) for artifacts and DVC
+	python -m flows.serve --local-postgres --local-s3 --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT)
 
 serve-model: venv ## serve a model on 127.0.0.1:5002 with the stack's credential (MODEL=models:/... default: champion)
 	python -m flows.serve_model $(MODEL) --port $(MODEL_PORT)

@@ -1,6 +1,8 @@
 """`make serve`: a Prefect server, a worker and an MLflow tracking server on loopback.
 
     python -m flows.serve [--host 127.0.0.1] [--prefect-port 4200] [--mlflow-port 5000]
+        [--database-url postgresql://... | --local-postgres] [--artifacts-destination s3://...]
+        [--local-s3] [--worker-limit N]
 
 Starts the MLflow tracking server over the project's store (params.yaml `mlflow:`; by
 default mlruns/mlflow.db, artifacts under mlruns/artifacts, uploaded through the server)
@@ -8,6 +10,14 @@ and the Prefect server (SQLite under PREFECT_HOME, ~/.prefect by default). Then 
 the process work pool if it is missing, registers prefect.yaml's deployments (`prefect
 deploy --all`) and starts a worker on the pool whose flow runs log to the tracking server
 (MLFLOW_TRACKING_URI). Prints the URLs once the worker is polling, and waits.
+
+Team setup (README): ``--database-url`` (or PIPELINE_DATABASE_URL) puts MLflow's store and
+Prefect's database on a PostgreSQL server (flows/postgres.py; MLflow's schema migrations
+run first, Prefect runs its own); ``--local-postgres`` starts a throwaway one first.
+``--artifacts-destination s3://bucket/prefix`` stores MLflow artifacts in a bucket (the
+server reads AWS_* and MLFLOW_S3_ENDPOINT_URL from the environment; clients upload and
+download through the server); ``--local-s3`` starts moto's S3 emulator on loopback with a
+generated credential (flows/object_store.py) and uses it.
 
 Both servers require the stack's credential (flows/security.py: generated on first
 start into .pipeline/secrets/api-credential, mode 0600, or PREFECT_SERVER_API_AUTH_STRING),
@@ -31,13 +41,15 @@ import sys
 import time
 import urllib.request
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flows import security
+from flows import object_store, postgres, security
 from flows.stack_env import (
+    DATABASE_URL_ENV,
     Endpoints,
+    base_env,
     client_env,
     mlflow_server_env,
     prefect_server_env,
@@ -48,6 +60,8 @@ STARTUP_TIMEOUT_S = 180  # each server is up in ~10 s here; generous for a busy 
 STOP_GRACE_S = 10  # between SIGTERM and SIGKILL
 LOG_TAIL_CHARS = 3000
 LOG_DIR = Path(".pipeline") / "serve"
+LOCAL_BUCKET = "pipeline"  # --local-s3: MLflow artifacts under mlflow/, a DVC remote under dvc/
+S3_ENV_FILE = security.SECRETS_DIR / "s3.env"  # --local-s3: the emulator's credential, 0600
 
 
 class ServeError(RuntimeError):
@@ -62,6 +76,23 @@ class Shutdown(Exception):
     """SIGTERM arrived: stop as on Ctrl-C."""
 
 
+PORT_FLAGS = {
+    "MLflow server": "--mlflow-port",
+    "Prefect server": "--prefect-port",
+    "PostgreSQL": "--postgres-port",
+    "S3 emulator": "--s3-port",
+}
+
+
+@dataclass
+class Backing:
+    """What the servers are backed by: None/"" means the SQLite and folder defaults."""
+
+    databases: dict[str, str] | None = None  # "mlflow", "prefect": SQLAlchemy URLs
+    artifacts: str | None = None
+    s3_env: dict[str, str] = field(default_factory=dict)  # what the MLflow server reads
+
+
 @dataclass
 class Service:
     name: str
@@ -69,6 +100,9 @@ class Service:
     log: Path
     env: dict[str, str]
     process: subprocess.Popen | None = None
+    user: dict[str, str] = field(default_factory=dict)  # Popen's user/group (PostgreSQL)
+    backing: bool = False  # a store the others use: stopped after them, by its own signal
+    stop_signal: int = signal.SIGTERM
 
     def start(self, cwd: Path) -> None:
         """Start in its own session, so Ctrl-C reaches the launcher only, which stops it."""
@@ -82,6 +116,7 @@ class Service:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                **self.user,
             )
 
     def exit_code(self) -> int | None:
@@ -105,13 +140,23 @@ class Service:
 
 
 def stop_all(services: list[Service]) -> None:
-    """SIGTERM every service and its descendants at once; SIGKILL whatever outlives the grace."""
+    """Stop the servers and worker, then the stores they used (PostgreSQL, the emulator)."""
+    stop_services([service for service in services if not service.backing])
+    stop_services([service for service in services if service.backing])
+
+
+def stop_services(services: list[Service]) -> None:
+    """Signal every service and its descendants at once (a backing store: its main process
+    only, which stops its own children); SIGKILL whatever outlives the grace."""
     import psutil
 
-    family = [process for service in services for process in service.family()]
-    for process in family:
-        with suppress(psutil.Error):
-            process.terminate()
+    family = []
+    for service in services:
+        processes = service.family()
+        family += processes
+        for process in processes[:1] if service.backing else processes:
+            with suppress(psutil.Error):
+                process.send_signal(service.stop_signal)
     _, alive = psutil.wait_procs(family, timeout=STOP_GRACE_S)
     for process in alive:
         with suppress(psutil.Error):
@@ -141,11 +186,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="only the MLflow server (`make ui`): browse the store with the same protections",
     )
     parser.add_argument(
+        "--database-url",
+        default=os.environ.get(DATABASE_URL_ENV),
+        help=f"PostgreSQL for MLflow and Prefect, postgresql://USER:PASSWORD@HOST:PORT/postgres "
+        f"(default ${DATABASE_URL_ENV}; unset: SQLite files)",
+    )
+    parser.add_argument(
+        "--local-postgres",
+        action="store_true",
+        help="start a throwaway PostgreSQL (.pipeline/postgres) on 127.0.0.1 and use it",
+    )
+    parser.add_argument("--postgres-port", type=int, default=5433, help="for --local-postgres")
+    parser.add_argument(
+        "--artifacts-destination",
+        help="where the MLflow server stores artifacts, e.g. s3://bucket/mlflow (default: "
+        "params.yaml mlflow.artifact_root)",
+    )
+    parser.add_argument(
+        "--local-s3",
+        action="store_true",
+        help="start moto's S3 emulator on 127.0.0.1 (in memory) and keep artifacts there",
+    )
+    parser.add_argument("--s3-port", type=int, default=9000, help="for --local-s3")
+    parser.add_argument(
+        "--worker-limit", type=int, help="flow runs the worker runs at once (default: any)"
+    )
+    parser.add_argument(
         "--no-mlflow-auth",
         action="store_true",
         help="MLflow server without its basic-auth app (it still checks Host and CORS)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.local_postgres and args.database_url:
+        parser.error("--local-postgres starts its own database: drop --database-url")
+    if args.local_s3 and args.artifacts_destination:
+        parser.error("--local-s3 chooses the artifacts destination: drop --artifacts-destination")
+    return args
 
 
 def check_ports(host: str, ports: dict[str, int]) -> None:
@@ -156,7 +232,7 @@ def check_ports(host: str, ports: dict[str, int]) -> None:
             try:
                 probe.bind((host, port))
             except OSError as error:
-                flag = "--prefect-port" if name.startswith("Prefect") else "--mlflow-port"
+                flag = PORT_FLAGS[name]
                 raise PortInUse(
                     f"port {port} on {host} is in use ({error.strerror}), and the {name} "
                     f"needs it: stop what listens there (`ss -ltnp 'sport = :{port}'`) or "
@@ -174,15 +250,16 @@ def mlflow_store(project: Path, params: str) -> tuple[str, str]:
 
 
 def build_services(
-    args: argparse.Namespace, project: Path, ends: Endpoints, credential: str
+    args: argparse.Namespace, project: Path, ends: Endpoints, credential: str, backing: Backing
 ) -> list[Service]:
     """The MLflow server, the Prefect server and the worker, in start order (the MLflow
     server alone with --mlflow-only)."""
     bin_dir = Path(sys.executable).parent  # the virtualenv's console scripts
     backend, artifacts = mlflow_store(project, args.params)
     log_dir = project / LOG_DIR
-    mlflow = [str(bin_dir / "mlflow"), "server", "--backend-store-uri", backend]
-    mlflow += ["--artifacts-destination", artifacts, "--serve-artifacts", "--workers", "1"]
+    mlflow = [str(bin_dir / "mlflow"), "server"]
+    mlflow += ["--artifacts-destination", backing.artifacts or artifacts]
+    mlflow += ["--serve-artifacts", "--workers", "1"]
     mlflow += ["--host", args.host, "--port", str(args.mlflow_port)]
     mlflow += ["--allowed-hosts", ends.hosts(args.mlflow_port)]
     mlflow += ["--cors-allowed-origins", ends.origins(args.mlflow_port)]
@@ -191,17 +268,77 @@ def build_services(
     prefect = [str(bin_dir / "prefect"), "server", "start"]
     prefect += ["--host", args.host, "--port", str(args.prefect_port)]
     worker = [str(bin_dir / "prefect"), "worker", "start", "--pool", args.pool, "--type", "process"]
+    if args.worker_limit:
+        worker += ["--limit", str(args.worker_limit)]
     mlflow_env = mlflow_server_env(project, None if args.no_mlflow_auth else credential)
+    # The store's URL through the environment, never argv: it may hold a password.
+    mlflow_env |= backing.s3_env | {
+        "MLFLOW_BACKEND_STORE_URI": backing.databases["mlflow"] if backing.databases else backend
+    }
     mlflow_service = Service("MLflow server", mlflow, log_dir / "mlflow.log", mlflow_env)
     if args.mlflow_only:
         return [mlflow_service]
     prefect_env = prefect_server_env(ends, credential)
+    if backing.databases:
+        prefect_env["PREFECT_API_DATABASE_CONNECTION_URL"] = backing.databases["prefect"]
     worker_env = client_env(ends, credential, not args.no_mlflow_auth)
     return [
         mlflow_service,
         Service("Prefect server", prefect, log_dir / "prefect-server.log", prefect_env),
         Service("Prefect worker", worker, log_dir / "worker.log", worker_env),
     ]
+
+
+def start_backing(args: argparse.Namespace, project: Path, services: list[Service]) -> Backing:
+    """Start --local-postgres / --local-s3 (appended to ``services``), create the databases
+    and run MLflow's schema migrations (idempotent; Prefect's server runs its own)."""
+    backing = Backing(artifacts=args.artifacts_destination)
+    database_url = args.database_url
+    if args.local_postgres:
+        cluster = postgres.local_cluster(project, args.postgres_port)
+        service = Service(
+            "PostgreSQL",
+            cluster.command(),
+            project / LOG_DIR / "postgres.log",
+            base_env(),
+            user=cluster.process_user(),
+            backing=True,
+            stop_signal=signal.SIGINT,  # PostgreSQL's fast shutdown
+        )
+        services.append(service)
+        service.start(project)
+        cluster.wait_ready(lambda: service.exit_code() is None)
+        database_url = cluster.url
+    if args.local_s3:
+        endpoint = f"http://127.0.0.1:{args.s3_port}"
+        command = object_store.moto_command("127.0.0.1", args.s3_port)
+        env = object_store.moto_env(base_env())
+        service = Service("S3 emulator", command, project / LOG_DIR / "s3.log", env, backing=True)
+        services.append(service)
+        service.start(project)
+        object_store.wait_until_up(endpoint)
+        credentials = object_store.bootstrap(endpoint, LOCAL_BUCKET)
+        backing.s3_env = object_store.client_env(endpoint, credentials)
+        env_lines = "".join(f"{key}={value}\n" for key, value in backing.s3_env.items())
+        security.write_secret(project / S3_ENV_FILE, env_lines.rstrip("\n"))
+        backing.artifacts = f"s3://{LOCAL_BUCKET}/mlflow"
+    if database_url:
+        backing.databases = postgres.ensure_databases(database_url)
+        migrate_mlflow(backing.databases["mlflow"])
+    return backing
+
+
+def migrate_mlflow(url: str) -> None:
+    """`mlflow db upgrade` (creates the schema on an empty database), in this process so
+    the URL's password never shows in a process list."""
+    import mlflow.db
+
+    try:
+        mlflow.db.upgrade.callback(url)
+    except Exception as error:  # SQLAlchemy's and MLflow's own, with the cause in the text
+        raise ServeError(
+            f"MLflow's schema migration on {postgres.redacted(url)} failed: {error}"
+        ) from error
 
 
 def http_get(url: str, credential: str | None = None) -> Any:
@@ -260,7 +397,33 @@ def register_deployments(pool: str, env: dict[str, str], project: Path, deploy: 
             raise ServeError(f"`prefect deploy --all` failed:\n{output}")
 
 
-def banner(args: argparse.Namespace, ends: Endpoints, project: Path, credential_file: Path) -> str:
+def stores(args: argparse.Namespace, backing: Backing, project: Path) -> str:
+    """The banner's lines on where runs, flow runs and artifacts are kept (no passwords)."""
+    lines = []
+    if backing.databases:
+        for name, url in backing.databases.items():
+            lines.append(f"  {name + ' db':<12} {postgres.redacted(url)}")
+    if backing.artifacts:
+        lines.append(f"  artifacts    {backing.artifacts}")
+    if args.local_s3:
+        endpoint = backing.s3_env["MLFLOW_S3_ENDPOINT_URL"]
+        lines.append(
+            f"  S3 emulator  {endpoint} (moto, in memory: gone when it stops); credential in "
+            f"{project / S3_ENV_FILE}\n"
+            f"               DVC remote: set -a; . {S3_ENV_FILE}; set +a\n"
+            f"                 dvc remote add -d team s3://{LOCAL_BUCKET}/dvc\n"
+            f"                 dvc remote modify team endpointurl {endpoint}"
+        )
+    return "".join(f"\n{line}" for line in lines)
+
+
+def banner(
+    args: argparse.Namespace,
+    ends: Endpoints,
+    project: Path,
+    credential_file: Path,
+    backing: Backing,
+) -> str:
     """What a user needs: URLs, and export lines naming the credential file, never its text."""
     mlflow_exports = (
         '\n  export MLFLOW_TRACKING_USERNAME="${PREFECT_API_AUTH_STRING%%:*}"'
@@ -268,19 +431,24 @@ def banner(args: argparse.Namespace, ends: Endpoints, project: Path, credential_
         if not args.no_mlflow_auth
         else ""
     )
+    if (backing.artifacts or "").startswith("s3://"):  # downloads through the server too
+        mlflow_exports += "\n  export " + " ".join(
+            f"{key}={value}" for key, value in object_store.MLFLOW_CLIENT_ENV.items()
+        )
     mlflow_login = (
         "user name and password: the two parts of that line"
         if not args.no_mlflow_auth
         else "no credential (--no-mlflow-auth)"
     )
+    kept = stores(args, backing, project)
     if args.mlflow_only:
         return f"""
-Serving the MLflow UI on {ends.mlflow_url} over the project's store; Ctrl-C stops it.
+Serving the MLflow UI on {ends.mlflow_url} over the project's store; Ctrl-C stops it.{kept}
   credential   {credential_file} (user:password, mode 0600)
                MLflow UI login: {mlflow_login}
 """.rstrip()
     return f"""
-Serving on {args.host}; Ctrl-C stops everything.
+Serving on {args.host}; Ctrl-C stops everything.{kept}
   Prefect UI   {ends.prefect_url}
   Prefect API  {ends.prefect_url}/api
   MLflow UI    {ends.mlflow_url}
@@ -300,19 +468,21 @@ def serve(args: argparse.Namespace, project: Path, services: list[Service]) -> N
     """Start everything, print the banner, then watch the services until one dies."""
     ends = Endpoints(args.host, args.prefect_port, args.mlflow_port)
     credential_file, credential = security.ensure_credential(project, dict(os.environ))
-    services.extend(build_services(args, project, ends, credential))
-    for service in services[:2]:
+    backing = start_backing(args, project, services)
+    stack = build_services(args, project, ends, credential, backing)
+    services.extend(stack)
+    for service in stack[:2]:
         service.start(project)  # both servers start at once: about 10 s instead of 20
-    wait_for(services[0], f"{ends.mlflow_url}/health")
+    wait_for(stack[0], f"{ends.mlflow_url}/health")
     if not args.mlflow_only:
-        _, prefect_server, worker = services
+        _, prefect_server, worker = stack
         wait_for(prefect_server, f"{ends.prefect_url}/api/health")
         clients = client_env(ends, credential, not args.no_mlflow_auth)
         register_deployments(args.pool, clients, project, deploy=not args.no_deploy)
         worker.start(project)
         pool_url = f"{ends.prefect_url}/api/work_pools/{args.pool}"
         wait_for(worker, pool_url, lambda p: p["status"] == "READY", credential)
-    print(banner(args, ends, project, credential_file), flush=True)
+    print(banner(args, ends, project, credential_file, backing), flush=True)
     while True:
         for service in services:
             if (code := service.exit_code()) is not None:
@@ -331,13 +501,17 @@ def main(argv: list[str] | None = None) -> int:
     ports = {"MLflow server": args.mlflow_port}
     if not args.mlflow_only:
         ports["Prefect server"] = args.prefect_port
+    if args.local_postgres:
+        ports["PostgreSQL"] = args.postgres_port
+    if args.local_s3:
+        ports["S3 emulator"] = args.s3_port
     previous_term = signal.signal(signal.SIGTERM, _on_sigterm)
     # Ctrl-C must work even when started with SIGINT ignored (a background job of a script).
     previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         check_ports(args.host, ports)
         serve(args, project, services)
-    except (PortInUse, security.CredentialError) as error:
+    except (PortInUse, security.CredentialError, postgres.PostgresError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except ServeError as error:

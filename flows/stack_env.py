@@ -14,7 +14,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from flows import security
+from flows import object_store, security
 from tasks import console
 
 
@@ -48,9 +48,20 @@ class Endpoints:
         return ",".join(f"{name}:{port}" for name in self.names())
 
 
+# The object store's settings and credential: the MLflow server's alone (clients upload
+# and download artifacts through it).
+OBJECT_STORE_PREFIXES = ("AWS_", "MLFLOW_S3_")
+DATABASE_URL_ENV = "PIPELINE_DATABASE_URL"  # may hold a password: never passed on
+
+
 def base_env() -> dict[str, str]:
-    """What every process of the stack gets: the caller's environment, no telemetry."""
-    env = dict(os.environ)
+    """What every process of the stack gets: the caller's environment without credentials
+    meant for one service, no telemetry."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(OBJECT_STORE_PREFIXES) and key != DATABASE_URL_ENV
+    }
     for secret in (security.USER_CREDENTIAL_ENV, "PREFECT_API_AUTH_STRING"):
         env.pop(secret, None)  # each service gets exactly the credential it needs, below
     env.update(
@@ -70,6 +81,9 @@ def client_env(ends: Endpoints, credential: str, mlflow_auth: bool) -> dict[str,
         PREFECT_API_URL=f"{ends.prefect_url}/api",
         PREFECT_API_AUTH_STRING=credential,
         MLFLOW_TRACKING_URI=ends.mlflow_url,  # the worker's flow runs log to the server
+        # Artifacts up and down through the server even when it keeps them in a bucket:
+        # clients hold no bucket credential and need no route to the store.
+        **object_store.MLFLOW_CLIENT_ENV,
     )
     if mlflow_auth:
         user, password = security.split_credential(credential)
@@ -89,9 +103,15 @@ def prefect_server_env(ends: Endpoints, credential: str) -> dict[str, str]:
     return env
 
 
+def object_store_env() -> dict[str, str]:
+    """The caller's object store settings (AWS_*, MLFLOW_S3_ENDPOINT_URL), for the server."""
+    return {k: v for k, v in os.environ.items() if k.startswith(OBJECT_STORE_PREFIXES)}
+
+
 def mlflow_server_env(project: Path, credential: str | None) -> dict[str, str]:
-    """With ``credential``: MLflow's basic-auth app, its admin being the stack's user."""
-    env = base_env()
+    """With ``credential``: MLflow's basic-auth app, its admin being the stack's user.
+    The object store's credential is the MLflow server's alone."""
+    env = base_env() | object_store_env()
     if credential is None:
         return env
     user, password = security.split_credential(credential)

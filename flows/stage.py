@@ -25,6 +25,7 @@ from tasks.errors import (
     ExportError,
     ModelFileError,
     RegistryBindingError,
+    RegistryLockError,
     TransferWeightsError,
 )
 from tasks.tracking import raise_interrupted
@@ -95,6 +96,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
         FileNotFoundError,
         ModelFileError,
         RegistryBindingError,
+        RegistryLockError,
         StageFailed,
         TransferWeightsError,
         TrackingUnreachable,

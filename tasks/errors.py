@@ -55,3 +55,9 @@ class TransferWeightsError(ValueError):
 class DistributeError(ValueError):
     """Distributed training cannot start as configured (TF_CONFIG, devices, data too small
     for the replicas) or a worker process died; the message names the setting or worker."""
+
+
+class RegistryLockError(RuntimeError):
+    """The lock that serializes a registered model's alias moves could not be taken: its
+    server is unreachable, it stayed held past the timeout, or it was reconfigured; the
+    message names the lock and how to inspect it."""

@@ -22,6 +22,7 @@ from typing import Any
 from tasks import modality, registry, tracking
 from tasks.config import PipelineConfig
 from tasks.modality import ServedModel
+from tasks.registry_lock import registry_lock
 from tasks.workspace import Workspace, read_json, write_json
 
 
@@ -108,7 +109,7 @@ def log_and_register(
     name = cfg.register.model_name
     with tempfile.TemporaryDirectory() as scratch:
         served = modality.for_config(cfg).served_model(cfg, ws, Path(scratch))
-        with registry.registry_lock(name):
+        with registry_lock(name):
             registry.bind_or_check(client, name, served.binding)  # before anything is logged
         version = registry.version_of_run(client, name, run_id) or log_model(served, cfg)
     tags = lineage_tags(cfg, ws, run_id) | {"test_accuracy": repr(test_accuracy)}
@@ -125,6 +126,9 @@ def log_and_register(
         data_version=tags["data_version"],
         reevaluate=served.reevaluate,
     )
+    lock = aliases["lock"]  # which lock serialized the alias moves, and when
+    client.set_model_version_tag(name, version, "registry.lock", f"{lock['kind']}: {lock['name']}")
+    client.set_model_version_tag(name, version, "registry.lock_held", lock["held"])
     previous = aliases["previous_champion"]
     if previous.get("reevaluated"):
         on_this_data = repr(previous["compared_accuracy"])

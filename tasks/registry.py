@@ -11,12 +11,11 @@
   another data version, it is evaluated again on the candidate's test set and that
   number is compared.
 - Concurrency: binding checks and alias moves happen under a lock per registry and model
-  name, held by every process on this machine.
+  name, as wide as the registry's clients reach (tasks/registry_lock.py).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from collections.abc import Callable
@@ -24,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from tasks.errors import RegistryBindingError
+from tasks.registry_lock import registry_lock
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 BINDING_KEYS = ("dataset", "input_shape", "input_dtype", "classes")
-LOCK_TIMEOUT_S = 600  # a registration holds the lock for seconds; wait long before giving up
 
 
 def binding_of(dataset: str, image_shape: list[int], class_names: list[str]) -> dict[str, str]:
@@ -65,22 +64,6 @@ def bind_or_check(client: Any, model_name: str, wanted: dict[str, str]) -> None:
             f"model under another name (register.model_name=..., or `auto` for "
             f"<dataset>-<model>); nothing was registered"
         )
-
-
-def registry_lock(model_name: str) -> Any:
-    """A lock shared by every process on this machine that changes ``model_name``.
-
-    Keyed by the registry URI and the model name, so two pipelines registering into the
-    same registry check the binding, compare with the champion and move aliases one
-    after the other.
-    """
-    import mlflow
-    from filelock import FileLock
-
-    key = hashlib.sha256(f"{mlflow.get_registry_uri()}|{model_name}".encode()).hexdigest()
-    path = Path(tempfile.gettempdir()) / "gpu-train-pipeline-locks" / f"registry-{key[:16]}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(path, timeout=LOCK_TIMEOUT_S)
 
 
 def should_promote(candidate: float, champion: float | None, margin: float) -> bool:
@@ -147,7 +130,7 @@ def move_aliases(
     promoting against the same old champion; challenger never moves back to an older
     version when registrations finish out of order.
     """
-    with registry_lock(model_name):
+    with registry_lock(model_name) as lock:
         champion = alias_version(client, model_name, CHAMPION)
         previous = champion_to_beat(client, champion, data_version, reevaluate)
         promoted = previous["version"] == version or should_promote(
@@ -162,6 +145,7 @@ def move_aliases(
         "promoted": promoted,
         "champion_version": version if promoted else previous["version"],
         "previous_champion": previous,
+        "lock": {"kind": lock.kind, "name": lock.name, "held": lock.held()},
     }
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -94,23 +96,61 @@ def read_mlflow(tracking_uri: str, experiment: str):
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory):
-    """`make serve` (python -m flows.serve) in a git copy of the repository, for the session.
+def team_postgres():
+    """A PostgreSQL server from the machine's binaries on a free loopback port."""
+    from tests.team_servers import PostgresServer
+
+    server = PostgresServer.create()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.remove()
+
+
+@pytest.fixture(scope="session")
+def s3_store(tmp_path_factory):
+    """moto's S3 emulator on a free loopback port, with a generated credential and a bucket."""
+    from tests.team_servers import S3Server
+
+    server = S3Server.start("team", tmp_path_factory.mktemp("s3") / "moto.log")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, team_postgres, s3_store):
+    """The README's "Team setup": `make serve` (python -m flows.serve) in a git copy of the
+    repository, on PostgreSQL (PIPELINE_DATABASE_URL) with MLflow's artifacts in the S3
+    bucket, its worker taking one flow run at a time, plus a second worker started as on
+    another machine (its own temp folder). For the session.
 
     The MLflow client in this process talks to its server with the credential the
     banner's export lines give, as a user's shell would.
     """
     from benchmarks.common import copy_repo
-    from tests.operate import start_stack, stop_stack
+    from tests.operate import start_stack, start_worker, stop_stack
 
     root = copy_repo(tmp_path_factory.mktemp("repo"))
-    stack = start_stack(root, tmp_path_factory.mktemp("prefect-home"))
+    args = ("--artifacts-destination", f"s3://{s3_store.bucket}/mlflow", "--worker-limit", "1")
+    server_env = s3_store.env | {"PIPELINE_DATABASE_URL": team_postgres.url}
+    stack = start_stack(root, tmp_path_factory.mktemp("prefect-home"), args, server_env)
+    logs = tmp_path_factory.mktemp("second-machine")
+    stack.second_worker_log = logs / "worker.log"
+    second = start_worker(stack, "second-machine", logs, stack.second_worker_log)
     try:
         with pytest.MonkeyPatch.context() as patch:
             for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
                 patch.setenv(key, stack.env[key])
             yield stack
     finally:
+        second.send_signal(signal.SIGINT)
+        try:
+            second.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            second.kill()
         strays = stop_stack(stack)
     assert stack.process.returncode == 0, stack.logs()
     assert "stopped" in "".join(stack.output)

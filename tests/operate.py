@@ -36,6 +36,8 @@ CLIENT_KEYS = (
     "MLFLOW_TRACKING_URI",
     "MLFLOW_TRACKING_USERNAME",
     "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD",
+    "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD",
 )
 
 
@@ -54,6 +56,7 @@ class Stack:
     mlflow_uri: str
     process: subprocess.Popen
     output: list[str] = field(default_factory=list)
+    second_worker_log: Path | None = None  # the other machine's worker (conftest.py)
 
     def prefect(self, *args: str, timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -129,8 +132,13 @@ def flow_run_id(cli_output: str) -> str:
     return match.group(1)
 
 
-def start_stack(root: Path, home: Path) -> Stack:
-    """`python -m flows.serve` on two free ports; returns once it prints its banner."""
+def start_stack(
+    root: Path, home: Path, args: tuple[str, ...] = (), server_env: dict[str, str] | None = None
+) -> Stack:
+    """`python -m flows.serve ARGS` on two free ports; returns once it prints its banner.
+
+    ``server_env`` (a database URL, the object store's credential) reaches the launcher
+    only, not the clients' environment (``Stack.env``)."""
     prefect_port, mlflow_port = free_port(), free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
     env |= {
@@ -142,11 +150,11 @@ def start_stack(root: Path, home: Path) -> Stack:
         "PYTHONUNBUFFERED": "1",
     }
     command = [sys.executable, "-m", "flows.serve", "--prefect-port", str(prefect_port)]
-    command += ["--mlflow-port", str(mlflow_port)]
+    command += ["--mlflow-port", str(mlflow_port), *args]
     process = subprocess.Popen(
         command,
         cwd=root,
-        env=env,
+        env=env | (server_env or {}),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -169,6 +177,23 @@ def start_stack(root: Path, home: Path) -> Stack:
             raise AssertionError(f"flows.serve did not come up:\n{stack.logs()}")
     stack.env |= banner_exports(stack)
     return stack
+
+
+def start_worker(stack: Stack, name: str, tmp: Path, log: Path) -> subprocess.Popen:
+    """Another `prefect worker start` on the stack's work pool, as on a second machine:
+    the client environment the banner gives, its own temp folder (so no file lock is
+    shared with the first worker), one flow run at a time."""
+    command = [str(BIN / "prefect"), "worker", "start", "--pool", "local-process"]
+    command += ["--type", "process", "--limit", "1", "--name", name]
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            command,
+            cwd=stack.root,
+            env=stack.env | {"TMPDIR": str(tmp)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def banner_exports(stack: Stack) -> dict[str, str]:

@@ -1,8 +1,9 @@
 """The DVC remote: what `dvc push` sends, a fresh clone gets back with `dvc pull`, hash for hash.
 
 As the README's "Operate" section does it: the default remote is a directory beside the
-repository (shared by clones in the same parent folder), and one command points a clone
-at another remote. The pipeline runs once, on tiny synthetic data.
+repository (shared by clones in the same parent folder); as its "Team setup" does it, a
+remote on an S3-compatible store (moto's emulator here) added with one command per clone.
+The pipeline runs once, on tiny synthetic data.
 """
 
 from __future__ import annotations
@@ -23,16 +24,16 @@ pytestmark = pytest.mark.slow
 DEFAULT_REMOTE = "gpu-train-pipeline-dvc-storage"  # .dvc/config: ../../<this>
 
 
-def run(root: Path, *command: str) -> str:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+def run(root: Path, *command: str, env: dict[str, str] | None = None) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | (env or {})
     env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
     done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{command}:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
     return done.stdout
 
 
-def dvc(root: Path, *args: str) -> str:
-    return run(root, str(BIN / "dvc"), *args)
+def dvc(root: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    return run(root, str(BIN / "dvc"), *args, env=env)
 
 
 def git(root: Path, *args: str) -> str:
@@ -62,7 +63,7 @@ def assert_restored(clone: Path, origin: Path) -> None:
     assert "up to date" in dvc(clone, "status")
 
 
-def test_push_then_pull_in_a_fresh_clone_restores_identical_outputs(tiny_repro, tmp_path):
+def test_push_then_pull_in_a_fresh_clone_restores_identical_outputs(tiny_repro, s3_store, tmp_path):
     # A copy of the session's repository right after `dvc repro` of the tiny params
     # (conftest.py), in a parent folder of its own that the clones share.
     origin = tiny_repro.origin
@@ -86,12 +87,17 @@ def test_push_then_pull_in_a_fresh_clone_restores_identical_outputs(tiny_repro, 
     prepared = check_out_data.fn(team / "retrain", version)
     assert prepared == team / "retrain" / "data" / "prepared" and dvc_hash(prepared) == version
 
-    # Elsewhere with one command per clone (s3://..., gs://..., ssh://... work the same way).
-    elsewhere = tmp_path / "shared-remote"
-    dvc(origin, "remote", "modify", "--local", "storage", "url", str(elsewhere))
-    dvc(origin, "push")
+    # A team's object store (README "Team setup"): the S3 emulator, its credential from
+    # the environment; one `dvc remote add` per clone (real S3, MinIO, GCS alike).
+    elsewhere = ("team", f"s3://{s3_store.bucket}/dvc")
+    endpoint = ("team", "endpointurl", s3_store.endpoint)
+    dvc(origin, "remote", "add", "--local", *elsewhere)
+    dvc(origin, "remote", "modify", "--local", *endpoint)
+    dvc(origin, "push", "-r", "team", env=s3_store.env)
+    assert any(key.startswith("dvc/files/md5/") for key in s3_store.keys("dvc/"))
     git(tmp_path, "clone", "-q", str(origin), "second-machine")
     second = tmp_path / "second-machine"
-    dvc(second, "remote", "modify", "--local", "storage", "url", str(elsewhere))
-    dvc(second, "pull")
+    dvc(second, "remote", "add", "--local", *elsewhere)
+    dvc(second, "remote", "modify", "--local", *endpoint)
+    dvc(second, "pull", "-r", "team", env=s3_store.env)
     assert_restored(second, origin)

@@ -1,0 +1,167 @@
+"""The lock that serializes changes to one registered model, as wide as its registry.
+
+Alias moves read the champion, compare and write; two pipelines doing that at once
+against the same old champion would both promote. The lock must therefore be shared by
+every client of the registry, and the widest thing all of them already reach is used:
+
+- the tracking database is PostgreSQL (``postgresql://`` tracking URI): a PostgreSQL
+  advisory lock on it (every client of that registry connects there; released by the
+  server when the holder's connection drops, so a killed process never leaves it held);
+- a Prefect API is configured (PREFECT_API_URL in the environment: deployment runs on
+  workers, or a shell pointed at the team's server): a Prefect global concurrency limit
+  of 1 slot on that server, held with a lease (a killed holder frees it after LEASE_S);
+- otherwise (the SQLite default, or a tracking server without Prefect): a file lock,
+  which serializes the processes of this machine only. The log says so.
+
+Which lock is in force is printed when it is taken and kept on the registered version
+(tags ``registry.lock`` and ``registry.lock_held``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.errors import RegistryLockError
+
+TIMEOUT_S = 600  # a registration holds the lock for seconds; wait long before giving up
+LEASE_S = 60  # a Prefect slot whose holder died is freed after this long
+PREFECT_API_ENV = "PREFECT_API_URL"
+POSTGRES_SCHEMES = ("postgresql://", "postgresql+psycopg://", "postgres://")
+
+
+@dataclass
+class HeldLock:
+    """Which lock serializes this registry, and when this process held it (epoch seconds)."""
+
+    kind: str  # "postgresql" | "prefect" | "file"
+    name: str
+    acquired_at: float = 0.0
+    released_at: float = 0.0
+
+    def describe(self) -> str:
+        scope = {
+            "postgresql": "advisory lock on the tracking database, across machines",
+            "prefect": "Prefect global concurrency limit, across machines",
+            "file": "file lock, this machine only",
+        }[self.kind]
+        return f"{self.name} ({scope})"
+
+    def held(self) -> str:
+        return f"{self.acquired_at:.6f}-{self.released_at:.6f}"
+
+
+def lock_kind(registry_uri: str) -> str:
+    if registry_uri.startswith(POSTGRES_SCHEMES):
+        return "postgresql"
+    if os.environ.get(PREFECT_API_ENV):
+        return "prefect"
+    return "file"
+
+
+def _key(registry_uri: str, model_name: str) -> str:
+    return hashlib.sha256(f"{registry_uri}|{model_name}".encode()).hexdigest()
+
+
+@contextmanager
+def registry_lock(model_name: str) -> Iterator[HeldLock]:
+    """Hold the registry's lock for ``model_name``; yields what was taken and when."""
+    import mlflow
+
+    uri = mlflow.get_registry_uri()
+    kind = lock_kind(uri)
+    key = _key(uri, model_name)
+    if kind == "postgresql":
+        held = HeldLock(kind, f"pg_advisory_lock({_advisory_key(key)})")
+        acquire = _advisory_lock(uri, _advisory_key(key))
+    elif kind == "prefect":
+        held = HeldLock(kind, f"registry-{model_name}-{key[:8]}")
+        acquire = _prefect_slot(held.name)
+    else:
+        folder = Path(tempfile.gettempdir()) / "gpu-train-pipeline-locks"
+        path = folder / f"registry-{key[:16]}.lock"
+        held = HeldLock(kind, str(path))
+        acquire = _file_lock(path)
+    with acquire:
+        held.acquired_at = time.time()
+        print(f"registry lock: {held.describe()}", flush=True)
+        try:
+            yield held
+        finally:
+            held.released_at = time.time()
+
+
+def _advisory_key(key: str) -> int:
+    """A signed 64-bit key, as pg_advisory_lock takes."""
+    return int.from_bytes(bytes.fromhex(key[:16]), "big", signed=True)
+
+
+@contextmanager
+def _advisory_lock(uri: str, key: int) -> Iterator[None]:
+    import psycopg
+
+    conninfo = "postgresql://" + uri.split("://", 1)[1]  # psycopg takes no +driver suffix
+    try:
+        connection = psycopg.connect(conninfo, autocommit=True, connect_timeout=30)
+    except psycopg.OperationalError as error:
+        raise RegistryLockError(
+            f"could not reach the tracking database to take the registry lock: {error}"
+        ) from error
+    with connection:
+        connection.execute(f"SET lock_timeout = '{TIMEOUT_S}s'")
+        try:
+            connection.execute("SELECT pg_advisory_lock(%s)", (key,))
+        except psycopg.errors.LockNotAvailable:
+            raise RegistryLockError(
+                f"the registry lock pg_advisory_lock({key}) was held by another client for "
+                f"{TIMEOUT_S} s: see pg_locks on the tracking database for its holder"
+            ) from None
+        try:
+            yield
+        finally:
+            connection.execute("SELECT pg_advisory_unlock(%s)", (key,))
+
+
+@contextmanager
+def _prefect_slot(name: str) -> Iterator[None]:
+    """One slot of a global concurrency limit of 1, created on first use."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with get_client(sync_client=True) as client:
+        with suppress(ObjectAlreadyExists):  # created by another client: the same lock
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+        limit = client.read_global_concurrency_limit_by_name(name)
+    if limit.limit != 1 or not limit.active:
+        raise RegistryLockError(
+            f"the Prefect global concurrency limit {name!r} that locks the registry allows "
+            f"{limit.limit} slot(s) and is {'active' if limit.active else 'inactive'}: set it "
+            f"back with `prefect gcl update {name} --limit 1 --enable`"
+        )
+    try:
+        with concurrency(
+            name, occupy=1, timeout_seconds=TIMEOUT_S, lease_duration=LEASE_S, strict=True
+        ):
+            yield
+    except TimeoutError:
+        raise RegistryLockError(
+            f"the registry lock (Prefect global concurrency limit {name!r}) stayed taken for "
+            f"{TIMEOUT_S} s: `prefect gcl inspect {name}` shows it"
+        ) from None
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    from filelock import FileLock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(path, timeout=TIMEOUT_S):
+        yield

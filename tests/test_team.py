@@ -1,0 +1,198 @@
+"""The README's "Team setup" against real servers on loopback.
+
+The session's stack (conftest.py `stack`) runs on PostgreSQL (the `team_postgres`
+fixture: the machine's own binaries, a temp cluster, password login), keeps MLflow's
+artifacts in an S3 bucket (`s3_store`: moto's emulator, generated credential), and has two
+workers, the second started as on another machine. These tests check what lands where,
+that a PostgreSQL restart under a training run loses and duplicates nothing, and that
+promotions from two machines are serialized by the registry lock.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from tests.conftest import TINY
+from tests.operate import BIN, RUN_TIMEOUT_S, deployment_run_args, flow_run_id
+
+pytestmark = pytest.mark.slow
+MLFLOW_DB, PREFECT_DB = "pipeline_mlflow", "pipeline_prefect"
+EPOCHS = 4
+REPO = Path(__file__).resolve().parents[1]
+
+
+def metric_steps(team_postgres, experiment: str, key: str) -> list[int]:
+    """Every stored value of ``key`` (one row per logged value) of the experiment's runs."""
+    rows = team_postgres.query(
+        MLFLOW_DB,
+        "SELECT m.step FROM metrics m JOIN runs r ON m.run_uuid = r.run_uuid "
+        "JOIN experiments e ON r.experiment_id = e.experiment_id "
+        "WHERE e.name = %s AND m.key = %s ORDER BY m.step",
+        experiment,
+        key,
+    )
+    return [step for (step,) in rows]
+
+
+@pytest.fixture(scope="module")
+def restarted_run(stack, team_postgres):
+    """A deployment run whose PostgreSQL is restarted (fast shutdown, start) as soon as
+    its first epoch's metrics are stored."""
+    name = "team-restart"
+    overrides = TINY | {
+        "mlflow.experiment": name,
+        "register.model_name": name,
+        "train.epochs": EPOCHS,
+        "data.synthetic.train_size": 3000,  # epochs of a few seconds: the restart lands mid-run
+    }
+    command = [
+        str(BIN / "prefect"),
+        *deployment_run_args("training-pipeline/local", {"overrides": overrides}),
+    ]
+    process = subprocess.Popen(
+        command,
+        cwd=stack.root,
+        env=stack.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not metric_steps(team_postgres, name, "loss"):
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "no epoch metric reached PostgreSQL"
+        time.sleep(0.2)
+    team_postgres.stop()
+    team_postgres.start()
+    restarted_at_step = max(metric_steps(team_postgres, name, "loss"))
+    output = process.communicate(timeout=RUN_TIMEOUT_S)[0]
+    assert process.returncode == 0, output[-4000:]
+    return name, flow_run_id(output), restarted_at_step
+
+
+def test_a_postgres_restart_mid_training_loses_and_duplicates_no_epoch(
+    restarted_run, team_postgres
+):
+    name, _, restarted_at_step = restarted_run
+    assert restarted_at_step < EPOCHS - 1, "the restart came after the last epoch"
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        assert metric_steps(team_postgres, name, key) == list(range(EPOCHS)), key
+    [(status,)] = team_postgres.query(
+        MLFLOW_DB,
+        "SELECT r.status FROM runs r JOIN experiments e ON r.experiment_id = e.experiment_id "
+        "WHERE e.name = %s",
+        name,
+    )
+    assert status == "FINISHED"
+
+
+def test_the_run_version_and_aliases_are_in_postgresql_and_the_flow_run_in_prefects(
+    restarted_run, team_postgres
+):
+    name, flow_run, _ = restarted_run
+    versions = team_postgres.query(
+        MLFLOW_DB, "SELECT version FROM model_versions WHERE name = %s", name
+    )
+    assert versions == [(1,)]
+    aliases = team_postgres.query(
+        MLFLOW_DB,
+        "SELECT alias, version FROM registered_model_aliases WHERE name = %s ORDER BY alias",
+        name,
+    )
+    assert aliases == [("challenger", 1), ("champion", 1)]
+    tags = dict(
+        team_postgres.query(
+            MLFLOW_DB, "SELECT key, value FROM model_version_tags WHERE name = %s", name
+        )
+    )
+    assert tags["registry.lock"].startswith("prefect: registry-team-restart-"), tags
+    [(state,)] = team_postgres.query(
+        PREFECT_DB, "SELECT state_type FROM flow_run WHERE id = %s", flow_run
+    )
+    assert state == "COMPLETED"
+
+
+def test_the_model_lands_in_the_bucket_and_loads_from_a_client_without_the_servers_disk(
+    restarted_run, stack, s3_store, tmp_path
+):
+    name = restarted_run[0]
+    client = mlflow.MlflowClient(tracking_uri=stack.mlflow_uri)
+    version = client.get_model_version_by_alias(name, "champion")
+    model_keys = [key for key in s3_store.keys("mlflow/") if key.endswith("/MLmodel")]
+    assert any(version.source.rsplit("/", 1)[-1] in key for key in model_keys), (
+        version.source,
+        model_keys,
+    )
+    # Another machine: a fresh folder, the client settings the banner gives, no AWS_*.
+    env = {k: v for k, v in stack.env.items() if not k.startswith(("AWS_", "MLFLOW_S3_"))}
+    script = (
+        "import mlflow, numpy as np\n"
+        f"model = mlflow.pyfunc.load_model('models:/{name}@champion')\n"
+        "print('rows', len(model.predict(np.zeros((3, 32, 32, 3), np.float32))))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rows 3" in done.stdout
+
+
+def test_promotions_from_two_machines_never_interleave_and_keep_the_best_champion(stack, tmp_path):
+    """Two processes (separate temp folders: no file lock in common) each register and
+    promote 20 versions against the same servers at once."""
+    name = "team-promotions"
+    mlflow.set_tracking_uri(stack.mlflow_uri)
+    client = mlflow.MlflowClient()
+    experiment = client.create_experiment(name)
+    with mlflow.start_run(experiment_id=experiment) as run:
+        mlflow.log_text("a stand-in model folder", "model/README.txt")
+    client.create_registered_model(name)
+    source = f"{run.info.artifact_uri}/model"
+    machines = []
+    for seed in (1, 2):
+        folder = tmp_path / f"machine-{seed}"
+        folder.mkdir()
+        command = [sys.executable, "-m", "tests.promote_many", name, source, run.info.run_id]
+        command += [str(seed), "20", str(folder / "promotions.json")]
+        env = stack.env | {"TMPDIR": str(folder), "PYTHONPATH": str(REPO)}
+        machines.append(
+            (
+                folder,
+                subprocess.Popen(command, cwd=folder, env=env, stderr=subprocess.PIPE, text=True),
+            )
+        )
+    for _, process in machines:
+        assert process.wait(timeout=RUN_TIMEOUT_S) == 0, process.stderr.read()[-3000:]
+    records = [
+        r for folder, _ in machines for r in json.loads((folder / "promotions.json").read_text())
+    ]
+    assert len(records) == 40 and {r["lock"] for r in records} == {"prefect"}
+    records.sort(key=lambda r: r["held"][0])
+    for before, after in itertools.pairwise(records):
+        assert before["held"][1] <= after["held"][0], f"promotions interleaved: {before} {after}"
+    # Replayed in lock order, each promotion compared with the champion of the one before.
+    champion = None
+    for record in records:
+        assert record["compared_with"] == (champion and champion["version"]), record
+        expected = champion is None or record["accuracy"] > champion["accuracy"]
+        assert record["promoted"] == expected, record
+        if expected:
+            champion = record
+    best = max(r["accuracy"] for r in records)
+    assert champion["accuracy"] == best
+    assert str(client.get_model_version_by_alias(name, "champion").version) == champion["version"]
+    newest = max(int(r["version"]) for r in records)
+    assert int(client.get_model_version_by_alias(name, "challenger").version) == newest
