@@ -25,6 +25,7 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from flows import security
+from tasks.store import redacted
 
 MLFLOW_DATABASE = "pipeline_mlflow"
 PREFECT_DATABASE = "pipeline_prefect"
@@ -38,15 +39,6 @@ READY_TIMEOUT_S = 60
 class PostgresError(RuntimeError):
     """PostgreSQL could not be set up or reached; the message names the URL (never its
     password) or the binary, and what to do."""
-
-
-def redacted(url: str) -> str:
-    """``url`` without its password, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def with_database(url: str, database: str, driver: str = "") -> str:

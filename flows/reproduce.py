@@ -94,7 +94,7 @@ def mlflow_client(uri: str) -> Any:
 
     from tasks import store
 
-    store.cap_client_retries()
+    store.client_defaults()
     if tracking.is_server(uri):
         store.wait_for_server(uri)
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)

@@ -52,6 +52,9 @@ def load_scoring_app(uri: str, store: str, scratch: Path) -> tuple[Any, str]:
     import mlflow
     from mlflow.pyfunc import scoring_server
 
+    from tasks import store as stores
+
+    stores.client_defaults()  # bounded retries; artifacts through the tracking server
     version = resolve_version(mlflow.MlflowClient(tracking_uri=store), parse_model_uri(uri), store)
     exact = f"models:/{parse_model_uri(uri).name}/{version}"
     local = Path(

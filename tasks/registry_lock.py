@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.errors import RegistryLockError
+from tasks.store import is_database
 
 TIMEOUT_S = 600  # a registration holds the lock for seconds; wait long before giving up
 LEASE_S = 60  # a Prefect slot whose holder died is freed after this long
 PREFECT_API_ENV = "PREFECT_API_URL"
-POSTGRES_SCHEMES = ("postgresql://", "postgresql+psycopg://", "postgres://")
 
 
 @dataclass
@@ -58,7 +58,7 @@ class HeldLock:
 
 
 def lock_kind(registry_uri: str) -> str:
-    if registry_uri.startswith(POSTGRES_SCHEMES):
+    if is_database(registry_uri):
         return "postgresql"
     if os.environ.get(PREFECT_API_ENV):
         return "prefect"

@@ -1,9 +1,10 @@
 """Reaching the tracking store without hanging, racing or leaving runs open.
 
-- Bounded waits: a tracking server that does not answer at a stage's start fails the
-  stage within PIPELINE_TRACKING_TIMEOUT_S seconds (30 by default) with its URL, instead
-  of MLflow's client retrying for minutes; MLflow's own per-request retries are capped
-  too (unless the user set MLFLOW_HTTP_REQUEST_MAX_RETRIES / _TIMEOUT themselves).
+- Bounded waits: a tracking server (or PostgreSQL tracking database) that does not answer
+  at a stage's start fails the stage within PIPELINE_TRACKING_TIMEOUT_S seconds (30 by
+  default) with its URL, instead of MLflow's client retrying for minutes; MLflow's own
+  per-request retries are capped too (unless the user set MLFLOW_HTTP_REQUEST_MAX_RETRIES
+  / _TIMEOUT themselves).
 - First use of a new SQLite store: MLflow creates its schema on first access, and two
   processes doing that at once fail (`No such constraint`); a file lock beside the
   database makes one wait for the other.
@@ -28,14 +29,20 @@ from typing import Any
 
 TIMEOUT_ENV = "PIPELINE_TRACKING_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 30.0
-# MLflow's client defaults (7 retries, 120 s timeout) spend minutes on a dead server.
-CLIENT_RETRY_DEFAULTS = {
+CLIENT_DEFAULTS = {
+    # MLflow's client defaults (7 retries, 120 s timeout) spend minutes on a dead server.
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",  # seconds per request
+    # A tracking server keeping artifacts in a bucket tells clients to download straight
+    # from the bucket by presigned URL; the pipeline's clients go through the server, so
+    # they need no route to the store (README "Team setup").
+    "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
+    "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "false",
 }
 OWNER_TAG = "pipeline.owner"  # host:pid:start time of the process working on the run
 END_REASON = "pipeline.end_reason"
 SQLITE = "sqlite:///"
+POSTGRES_SCHEMES = ("postgresql://", "postgresql+psycopg://", "postgres://")
 LOCK_TIMEOUT_S = 120
 
 
@@ -51,9 +58,10 @@ def timeout_s() -> float:
         raise ValueError(f"{TIMEOUT_ENV}={value!r} is not a number of seconds") from None
 
 
-def cap_client_retries() -> None:
-    """Cap MLflow's per-request retries for this process, unless the user chose their own."""
-    for key, value in CLIENT_RETRY_DEFAULTS.items():
+def client_defaults() -> None:
+    """Cap MLflow's per-request retries and send artifacts through the tracking server, for
+    this process, unless the user chose otherwise."""
+    for key, value in CLIENT_DEFAULTS.items():
         os.environ.setdefault(key, value)
 
 
@@ -75,6 +83,44 @@ def wait_for_server(uri: str, limit_s: float | None = None) -> None:
                 f"the tracking server {uri} did not answer for {limit_s:.0f} s ({cause}): "
                 "start it (make serve) or point MLFLOW_TRACKING_URI / mlflow.tracking_uri at "
                 f"a running one ({TIMEOUT_ENV} sets how long to wait)"
+            )
+        time.sleep(1.0)
+
+
+def redacted(url: str) -> str:
+    """``url`` without its password, for messages and logs."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))
+
+
+def is_database(uri: str) -> bool:
+    return uri.startswith(POSTGRES_SCHEMES)
+
+
+def wait_for_database(uri: str, limit_s: float | None = None) -> None:
+    """Return once the PostgreSQL tracking database takes a login; raise TrackingUnreachable
+    naming it (password hidden) after ``limit_s``. MLflow itself would retry for most of an
+    hour before giving up."""
+    import psycopg
+
+    limit_s = timeout_s() if limit_s is None else limit_s
+    deadline = time.monotonic() + limit_s
+    conninfo = "postgresql://" + uri.split("://", 1)[1]  # psycopg takes no +driver suffix
+    while True:
+        try:
+            psycopg.connect(conninfo, connect_timeout=max(2, int(min(5.0, limit_s)))).close()
+            return
+        except psycopg.OperationalError as error:
+            cause = str(error).strip().splitlines()[-1]
+        if time.monotonic() >= deadline:
+            raise TrackingUnreachable(
+                f"the tracking database {redacted(uri)} did not answer for {limit_s:.0f} s "
+                f"({cause}): start it or point MLFLOW_TRACKING_URI / mlflow.tracking_uri at a "
+                f"running one ({TIMEOUT_ENV} sets how long to wait)"
             )
         time.sleep(1.0)
 

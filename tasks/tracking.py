@@ -91,9 +91,11 @@ def configure(cfg: PipelineConfig, ws: Workspace) -> str:
     import mlflow
 
     uri = tracking_uri(cfg.mlflow, ws.root)
-    store.cap_client_retries()
+    store.client_defaults()
     if is_server(uri):
         store.wait_for_server(uri)  # a dead server fails here, in bounded time
+    elif store.is_database(uri):
+        store.wait_for_database(uri)
     mlflow.set_tracking_uri(uri)
     with store.first_use_lock(uri):  # a new SQLite store's schema is created once
         client = mlflow.MlflowClient()
@@ -345,7 +347,8 @@ def is_transient(error: BaseException | None) -> bool:
     """Whether ``error`` (or what caused it) is worth retrying: network or store hiccups.
 
     Connection failures, timeouts, a failed DNS lookup, an MLflow server answering "try
-    again", SQLite's "database is locked", and a dataset download that found no network.
+    again", SQLite's "database is locked", PostgreSQL's connection errors (OperationalError)
+    and a dataset download that found no network.
     Wrong configs, missing files and bugs are not transient and fail at once.
     """
     import mlflow
@@ -363,6 +366,12 @@ def is_transient(error: BaseException | None) -> bool:
         ):
             return True
         if "database is locked" in str(error):  # SQLite store busy with another writer
+            return True
+        # A PostgreSQL store restarting or unreachable (psycopg's, or SQLAlchemy's wrapper).
+        if name == "OperationalError" and type(error).__module__.split(".")[0] in (
+            "psycopg",
+            "sqlalchemy",
+        ):
             return True
         # requests/urllib3/httpx connection errors do not subclass the builtin ones.
         if type(error).__module__.split(".")[0] in ("requests", "urllib3", "httpx") and any(

@@ -131,7 +131,7 @@ def stack(tmp_path_factory, team_postgres, s3_store):
     banner's export lines give, as a user's shell would.
     """
     from benchmarks.common import copy_repo
-    from tests.operate import start_stack, start_worker, stop_stack
+    from tests.operate import CLIENT_KEYS, start_stack, start_worker, stop_stack
 
     root = copy_repo(tmp_path_factory.mktemp("repo"))
     args = ("--artifacts-destination", f"s3://{s3_store.bucket}/mlflow", "--worker-limit", "1")
@@ -142,8 +142,9 @@ def stack(tmp_path_factory, team_postgres, s3_store):
     second = start_worker(stack, "second-machine", logs, stack.second_worker_log)
     try:
         with pytest.MonkeyPatch.context() as patch:
-            for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-                patch.setenv(key, stack.env[key])
+            for key in CLIENT_KEYS:  # what the banner's exports set, but the URLs
+                if key.startswith("MLFLOW_") and key != "MLFLOW_TRACKING_URI":
+                    patch.setenv(key, stack.env[key])
             yield stack
     finally:
         second.send_signal(signal.SIGINT)

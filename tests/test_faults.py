@@ -300,12 +300,18 @@ def with_repo(env: dict[str, str]) -> dict[str, str]:
     return env | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
 
-def test_a_dead_tracking_server_at_start_fails_in_bounded_time(tmp_path):
+@pytest.mark.parametrize("scheme", ["http", "postgresql"])
+def test_a_dead_tracking_server_at_start_fails_in_bounded_time(tmp_path, scheme):
     from tasks.store import TIMEOUT_ENV
     from tests.operate import free_port
 
     root = tiny_project(tmp_path / "project")
-    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    port = free_port()  # nothing listens there
+    url = f"http://127.0.0.1:{port}"
+    shown = url
+    if scheme == "postgresql":  # the tracking database itself; its password never shown
+        url = f"postgresql://pipeline:hunter2@127.0.0.1:{port}/pipeline_mlflow"
+        shown = f"postgresql://pipeline:***@127.0.0.1:{port}/pipeline_mlflow"
     env = with_repo(pipeline_env() | {"MLFLOW_TRACKING_URI": url, TIMEOUT_ENV: "5"})
     started = time.monotonic()
     done = stage(root, "data", env)
@@ -313,7 +319,8 @@ def test_a_dead_tracking_server_at_start_fails_in_bounded_time(tmp_path):
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     [line] = error_lines(done.stderr)
-    assert url in line and "did not answer for 5 s" in line
+    assert shown in line and "did not answer for 5 s" in line
+    assert "hunter2" not in done.stdout + done.stderr
 
 
 @pytest.fixture
@@ -407,3 +414,37 @@ def test_a_tracking_server_lost_mid_training_ends_the_stage_in_bounded_time(
     [run] = client.search_runs([client.get_experiment_by_name("cifar10-pipeline").experiment_id])
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
     assert sorted(steps) == [0, 1, 2], "every epoch's metrics exactly once"
+
+
+def test_a_tracking_server_restarted_mid_training_loses_and_duplicates_nothing(
+    tmp_path, tracking_server
+):
+    """The server goes away after the first epoch and comes back while training goes on:
+    the epochs it missed wait in memory and reach it; the stage succeeds."""
+    url, stop_server, start_server = tracking_server
+    root = tiny_project(tmp_path / "project")
+    env = with_repo(pipeline_env() | {"MLFLOW_TRACKING_URI": url})
+    for name in ("data", "preprocess"):
+        assert stage(root, name, env).returncode == 0
+    training = subprocess.Popen(
+        [sys.executable, "-m", "flows.stage", "train"],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    while checkpointed_epochs(root) < 1:
+        assert training.poll() is None, training.communicate()[1][-3000:]
+        time.sleep(0.05)
+    stop_server()
+    start_server()  # a new server process on the same port and store
+    _, stderr = training.communicate(timeout=600)
+    assert training.returncode == 0, stderr[-3000:]
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=url)
+    [run] = client.search_runs([client.get_experiment_by_name("cifar10-pipeline").experiment_id])
+    for key in ("loss", "val_loss"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert sorted(steps) == [0, 1, 2], f"{key}: every epoch's metrics exactly once"

@@ -12,8 +12,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +32,13 @@ pytestmark = pytest.mark.slow
 MLFLOW_DB, PREFECT_DB = "pipeline_mlflow", "pipeline_prefect"
 EPOCHS = 4
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _default_tracking_uri():
+    """Tests here point this process's MLflow at the team's stores; never leave it there."""
+    yield
+    mlflow.set_tracking_uri(None)
 
 
 def metric_steps(team_postgres, experiment: str, key: str) -> list[int]:
@@ -150,13 +162,27 @@ def test_the_model_lands_in_the_bucket_and_loads_from_a_client_without_the_serve
     assert "rows 3" in done.stdout
 
 
-def test_promotions_from_two_machines_never_interleave_and_keep_the_best_champion(stack, tmp_path):
+@pytest.mark.parametrize("lock", ["prefect", "postgresql"])
+def test_promotions_from_two_machines_never_interleave_and_keep_the_best_champion(
+    stack, team_postgres, tmp_path, lock
+):
     """Two processes (separate temp folders: no file lock in common) each register and
-    promote 20 versions against the same servers at once."""
-    name = "team-promotions"
-    mlflow.set_tracking_uri(stack.mlflow_uri)
+    promote 20 versions against the same registry at once: through the MLflow server with
+    the Prefect server's lock, or straight on the PostgreSQL tracking database with its
+    advisory lock."""
+    from flows.postgres import with_database
+
+    name = f"team-promotions-{lock}"
+    if lock == "prefect":
+        clients = stack.env
+        uri, artifacts = stack.mlflow_uri, None
+    else:  # no Prefect API: the database's own lock must hold
+        clients = {k: v for k, v in stack.env.items() if not k.startswith("PREFECT_API")}
+        uri, artifacts = with_database(team_postgres.url, MLFLOW_DB), tmp_path.as_uri()
+    clients = clients | {"MLFLOW_TRACKING_URI": uri}
+    mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()
-    experiment = client.create_experiment(name)
+    experiment = client.create_experiment(name, artifact_location=artifacts)
     with mlflow.start_run(experiment_id=experiment) as run:
         mlflow.log_text("a stand-in model folder", "model/README.txt")
     client.create_registered_model(name)
@@ -167,7 +193,7 @@ def test_promotions_from_two_machines_never_interleave_and_keep_the_best_champio
         folder.mkdir()
         command = [sys.executable, "-m", "tests.promote_many", name, source, run.info.run_id]
         command += [str(seed), "20", str(folder / "promotions.json")]
-        env = stack.env | {"TMPDIR": str(folder), "PYTHONPATH": str(REPO)}
+        env = clients | {"TMPDIR": str(folder), "PYTHONPATH": str(REPO)}
         machines.append(
             (
                 folder,
@@ -179,7 +205,7 @@ def test_promotions_from_two_machines_never_interleave_and_keep_the_best_champio
     records = [
         r for folder, _ in machines for r in json.loads((folder / "promotions.json").read_text())
     ]
-    assert len(records) == 40 and {r["lock"] for r in records} == {"prefect"}
+    assert len(records) == 40 and {r["lock"] for r in records} == {lock}
     records.sort(key=lambda r: r["held"][0])
     for before, after in itertools.pairwise(records):
         assert before["held"][1] <= after["held"][0], f"promotions interleaved: {before} {after}"
@@ -196,3 +222,65 @@ def test_promotions_from_two_machines_never_interleave_and_keep_the_best_champio
     assert str(client.get_model_version_by_alias(name, "champion").version) == champion["version"]
     newest = max(int(r["version"]) for r in records)
     assert int(client.get_model_version_by_alias(name, "challenger").version) == newest
+
+
+def test_make_serve_team_starts_its_own_postgres_and_store_and_stops_them(tmp_path):
+    """`make serve-team` (--local-postgres --local-s3), MLflow alone: the throwaway
+    PostgreSQL and the S3 emulator come up on their ports with private credentials, a run's
+    artifact lands in the bucket, and Ctrl-C stops all of it."""
+    import psutil
+
+    from flows.object_store import S3Credentials, list_keys
+    from tests.operate import free_port
+
+    project = Path(tempfile.mkdtemp(prefix="serve-team-"))  # reachable by the postgres account
+    project.chmod(0o755)
+    shutil.copy(REPO / "params.yaml", project)
+    ports = {"mlflow": free_port(), "postgres": free_port(), "s3": free_port()}
+    command = [sys.executable, "-m", "flows.serve", "--mlflow-only", "--local-postgres"]
+    command += ["--local-s3", "--mlflow-port", str(ports["mlflow"])]
+    command += ["--postgres-port", str(ports["postgres"]), "--s3-port", str(ports["s3"])]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
+    launcher = subprocess.Popen(
+        command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    family = []
+    try:
+        banner = []
+        for line in launcher.stdout:
+            banner.append(line)
+            if "MLflow UI login" in line:
+                break
+        banner = "".join(banner)
+        assert "pipeline_mlflow" in banner and "s3://pipeline/mlflow" in banner, banner
+        secrets_dir = project / ".pipeline" / "secrets"
+        password = (secrets_dir / "postgres-password").read_text().strip()
+        assert password not in banner
+        for name in ("postgres-password", "s3.env"):
+            assert (secrets_dir / name).stat().st_mode & 0o777 == 0o600, name
+        user, secret = (secrets_dir / "api-credential").read_text().strip().split(":", 1)
+        store = dict(line.split("=", 1) for line in (secrets_dir / "s3.env").read_text().split())
+        client_env = {
+            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports['mlflow']}",
+            "MLFLOW_TRACKING_USERNAME": user,
+            "MLFLOW_TRACKING_PASSWORD": secret,
+        }
+        script = "import mlflow\nwith mlflow.start_run():\n    mlflow.log_text('hi', 'note.txt')\n"
+        done = subprocess.run(
+            [sys.executable, "-c", script], env=env | client_env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        credentials = S3Credentials(store["AWS_ACCESS_KEY_ID"], store["AWS_SECRET_ACCESS_KEY"])
+        keys = list_keys(store["AWS_ENDPOINT_URL"], credentials, "pipeline", "mlflow/")
+        assert any(key.endswith("/artifacts/note.txt") for key in keys), keys
+        family = psutil.Process(launcher.pid).children(recursive=True)
+        assert len(family) >= 3  # the MLflow server, PostgreSQL, the S3 emulator
+    finally:
+        launcher.send_signal(signal.SIGINT)
+        assert launcher.wait(timeout=60) == 0
+        shutil.rmtree(project, ignore_errors=True)
+    _, alive = psutil.wait_procs(family, timeout=10)
+    assert not alive, f"processes outlived the launcher: {alive}"
+    for port in ports.values():
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still answers"
