@@ -51,6 +51,42 @@ def tiny_overrides(root: Path) -> dict:
     }
 
 
+# Test files that share an expensive session fixture run in one xdist worker, so it is
+# built once: the team stack (and the tiny served model test_operate also uses), and the
+# tiny `dvc repro`. Every other file is a group of its own (its module fixtures once).
+SHARED_FIXTURE_GROUPS = {
+    "test_operate": "servers",
+    "test_security": "servers",
+    "test_team": "servers",
+    "test_export": "servers",
+    "test_predict": "servers",
+    "test_serving": "servers",
+    "test_pipeline_dvc": "tiny-repro",
+    "test_dvc_remote": "tiny-repro",
+}
+
+
+def pytest_configure(config):
+    """Each test process gets a Prefect home of its own: flows run by tests start Prefect's
+    temporary server on its SQLite database, which two processes must not share (nor the
+    developer's ~/.prefect)."""
+    import tempfile
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    config.prefect_home = tempfile.mkdtemp(prefix=f"pipeline-tests-prefect-{worker}-")
+    os.environ["PREFECT_HOME"] = config.prefect_home
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(getattr(config, "prefect_home", ""), ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        stem = item.path.stem
+        item.add_marker(pytest.mark.xdist_group(SHARED_FIXTURE_GROUPS.get(stem, stem)))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _stop_prefects_temporary_server():
     """Flows run in this process start Prefect's temporary server, which Prefect stops at
