@@ -411,8 +411,8 @@ def stores(args: argparse.Namespace, backing: Backing, project: Path) -> str:
             f"  S3 emulator  {endpoint} (moto, in memory: gone when it stops); credential in "
             f"{project / S3_ENV_FILE}\n"
             f"               DVC remote: set -a; . {S3_ENV_FILE}; set +a\n"
-            f"                 dvc remote add -d team s3://{LOCAL_BUCKET}/dvc\n"
-            f"                 dvc remote modify team endpointurl {endpoint}"
+            f"                 dvc remote add --local -d team s3://{LOCAL_BUCKET}/dvc\n"
+            f"                 dvc remote modify --local team endpointurl {endpoint}"
         )
     return "".join(f"\n{line}" for line in lines)
 
@@ -514,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     except (PortInUse, security.CredentialError, postgres.PostgresError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except ServeError as error:
+    except (ServeError, object_store.ObjectStoreError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, Shutdown):

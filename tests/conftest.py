@@ -52,8 +52,8 @@ def tiny_overrides(root: Path) -> dict:
 
 
 # Test files that share an expensive session fixture run in one xdist worker, so it is
-# built once: the team stack (and the tiny served model test_operate also uses), and the
-# tiny `dvc repro`. Every other file is a group of its own (its module fixtures once).
+# built once (pytest_xdist_make_scheduler): the team stack (with the tiny served model
+# test_operate also uses), and the tiny `dvc repro`. Every other file is a scope of its own.
 SHARED_FIXTURE_GROUPS = {
     "test_operate": "servers",
     "test_security": "servers",
@@ -81,10 +81,17 @@ def pytest_unconfigure(config):
     shutil.rmtree(getattr(config, "prefect_home", ""), ignore_errors=True)
 
 
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        stem = item.path.stem
-        item.add_marker(pytest.mark.xdist_group(SHARED_FIXTURE_GROUPS.get(stem, stem)))
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's load-by-scope scheduling with a file (or its shared group) as the scope: each
+    goes whole to one worker, so its module and shared session fixtures are built once."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return SHARED_FIXTURE_GROUPS.get(Path(path).stem, path)
+
+    return FileGroups(config, log)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -208,10 +208,11 @@ def test_a_bad_override_fails_fast_with_the_key_and_leaves_nothing(stack):
 
 
 def flow_run_process(stack, flow_run_id: str):
-    """The process the worker started for ``flow_run_id`` (Prefect puts the id in its env)."""
+    """The process a worker (either of the stack's two) started for ``flow_run_id``
+    (Prefect puts the id in its environment)."""
     import psutil
 
-    for process in psutil.Process(stack.process.pid).children(recursive=True):
+    for process in psutil.process_iter():
         try:
             if process.environ().get("PREFECT__FLOW_RUN_ID") == flow_run_id:
                 return process

@@ -284,3 +284,43 @@ def test_make_serve_team_starts_its_own_postgres_and_store_and_stops_them(tmp_pa
     for port in ports.values():
         with socket.socket() as probe:
             assert probe.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still answers"
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql://pipeline:hunter2@127.0.0.1:{port}/postgres", "could not prepare databases"),
+        ("mysql://pipeline:hunter2@127.0.0.1:{port}/postgres", "is not a PostgreSQL URL"),
+    ],
+)
+def test_a_bad_database_url_stops_serve_before_any_server_starts(tmp_path, url, expected):
+    from tests.operate import free_port
+
+    shutil.copy(REPO / "params.yaml", tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PIPELINE_DATABASE_URL"] = url.format(port=free_port())  # nothing listens there
+    command = [sys.executable, "-m", "flows.serve", "--mlflow-port", str(free_port())]
+    done = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert expected in done.stderr and "pipeline:***@127.0.0.1" in done.stderr
+    assert "hunter2" not in done.stdout + done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / ".pipeline" / "serve" / "mlflow.log").exists(), "nothing started"
+
+
+def test_mlflows_schema_migration_on_start_is_idempotent(restarted_run, team_postgres):
+    """What `flows.serve` runs before the MLflow server starts, again on the stack's live
+    database: the schema version and the data stay as they were."""
+    from flows.postgres import with_database
+    from flows.serve import migrate_mlflow
+
+    def state() -> tuple:
+        version = team_postgres.query(MLFLOW_DB, "SELECT version_num FROM alembic_version")
+        runs = team_postgres.query(MLFLOW_DB, "SELECT count(*) FROM runs")
+        metrics = team_postgres.query(MLFLOW_DB, "SELECT count(*) FROM metrics")
+        return version, runs, metrics
+
+    before = state()
+    migrate_mlflow(with_database(team_postgres.url, MLFLOW_DB))
+    assert state() == before
