@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import urllib.error
 import urllib.request
@@ -14,6 +13,7 @@ import pytest
 
 from flows import object_store
 from flows.object_store import S3Credentials
+from tests.operate import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "pipeline-store"
@@ -24,15 +24,9 @@ class Store(NamedTuple):
     creds: S3Credentials
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Store:
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
