@@ -131,15 +131,24 @@ def _advisory_lock(uri: str, key: int) -> Iterator[None]:
 @contextmanager
 def _prefect_slot(name: str) -> Iterator[None]:
     """One slot of a global concurrency limit of 1, created on first use."""
+    import httpx
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.concurrency.sync import concurrency
     from prefect.exceptions import ObjectAlreadyExists
 
-    with get_client(sync_client=True) as client:
-        with suppress(ObjectAlreadyExists):  # created by another client: the same lock
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-        limit = client.read_global_concurrency_limit_by_name(name)
+    try:
+        with get_client(sync_client=True) as client:
+            with suppress(ObjectAlreadyExists):  # created by another client: the same lock
+                create = GlobalConcurrencyLimitCreate(name=name, limit=1)
+                client.create_global_concurrency_limit(create)
+            limit = client.read_global_concurrency_limit_by_name(name)
+    except httpx.HTTPError as error:  # kept as the cause: a connection error is transient
+        raise RegistryLockError(
+            f"could not reach the Prefect server {os.environ[PREFECT_API_ENV]} for the "
+            f"registry lock {name!r} ({error}): start it, or unset {PREFECT_API_ENV} to lock "
+            "on this machine only"
+        ) from error
     if limit.limit != 1 or not limit.active:
         raise RegistryLockError(
             f"the Prefect global concurrency limit {name!r} that locks the registry allows "

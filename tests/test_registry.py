@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import mlflow
+import psycopg
 import pytest
 import requests
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
@@ -115,10 +116,26 @@ def test_a_retried_registration_reuses_the_runs_version(client, tmp_path, monkey
         (ConfigError("unknown config key 'train.epoch'"), False),
         (FileNotFoundError("data/prepared/meta.json"), False),
         (ValueError("a bug"), False),
+        (psycopg.OperationalError("server closed the connection unexpectedly"), True),
+        (psycopg.errors.UndefinedTable("relation does not exist"), False),
     ],
 )
 def test_transient_errors_are_retried_and_others_are_not(error, expected):
     assert tracking.is_transient(error) is expected
+
+
+def test_an_unreachable_prefect_server_fails_the_lock_naming_it_and_is_transient(monkeypatch):
+    from tasks.errors import RegistryLockError
+    from tasks.registry_lock import registry_lock
+    from tests.operate import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/api"  # nothing listens there
+    monkeypatch.setenv("PREFECT_API_URL", url)
+    expected = "could not reach the Prefect server"
+    with pytest.raises(RegistryLockError, match=expected) as failed, registry_lock("m"):
+        pass
+    assert url in str(failed.value)
+    assert tracking.is_transient(failed.value), "the stage retry may find it back"
 
 
 def test_a_wrapped_connection_error_counts_as_transient():
