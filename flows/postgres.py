@@ -15,6 +15,7 @@ kept in .pipeline/secrets/postgres-password (mode 0600). It stops with everythin
 from __future__ import annotations
 
 import os
+import pwd
 import secrets
 import shutil
 import subprocess
@@ -22,10 +23,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from flows import security
-from tasks.store import redacted
+from tasks.store import is_database, redacted
 
 MLFLOW_DATABASE = "pipeline_mlflow"
 PREFECT_DATABASE = "pipeline_prefect"
@@ -44,9 +46,7 @@ class PostgresError(RuntimeError):
 def with_database(url: str, database: str, driver: str = "") -> str:
     """``url`` pointing at ``database``, with a SQLAlchemy driver suffix (``+asyncpg``)."""
     parts = urlsplit(url)
-    if parts.scheme not in ("postgresql", "postgres") and not parts.scheme.startswith(
-        "postgresql+"
-    ):
+    if not is_database(url):
         raise PostgresError(
             f"--database-url {redacted(url)} is not a PostgreSQL URL: write it as "
             "postgresql://USER:PASSWORD@HOST:PORT/postgres"
@@ -108,29 +108,42 @@ class LocalPostgres:
     def url(self) -> str:
         return f"postgresql://{USER}:{quote(self.password, safe='')}@127.0.0.1:{self.port}/postgres"
 
-    def process_user(self) -> dict[str, str]:
+    def process_user(self) -> dict[str, Any]:
         """Popen's user/group: PostgreSQL refuses to run as root, so then Debian's
         ``postgres`` account runs it (no wrapper process, so signals reach the server)."""
-        return {"user": SERVICE_USER, "group": SERVICE_USER} if os.geteuid() == 0 else {}
+        if os.geteuid() != 0:
+            return {}
+        try:
+            pwd.getpwnam(SERVICE_USER)
+        except KeyError:
+            raise PostgresError(
+                f"running as root, PostgreSQL needs the {SERVICE_USER!r} account to run "
+                "under: install Debian's postgresql package (it creates it), or start as "
+                "another user"
+            ) from None
+        # No supplementary groups of root's: the server gets the postgres account's rights.
+        return {"user": SERVICE_USER, "group": SERVICE_USER, "extra_groups": []}
 
     def init(self) -> None:
         """initdb once (a second start reuses the cluster and its password)."""
         if (self.data_dir / "PG_VERSION").exists():
             return
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        run_as = self.process_user()
         password_file = self.data_dir.parent / f".{self.data_dir.name}-initdb-password"
-        password_file.write_text(self.password)
+        password_file.unlink(missing_ok=True)
+        with os.fdopen(
+            os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w"
+        ) as out:
+            out.write(self.password)  # readable by its owner only from the first byte
         try:
-            if os.geteuid() == 0:
+            if run_as:
                 shutil.chown(self.data_dir, SERVICE_USER, SERVICE_USER)
                 shutil.chown(password_file, SERVICE_USER, SERVICE_USER)
-            password_file.chmod(0o600)
             command = [str(binaries() / "initdb"), "-D", str(self.data_dir), "-U", USER]
             command += ["--pwfile", str(password_file), "--auth", "scram-sha-256"]
             command += ["--encoding", "UTF8", "--no-instructions"]
-            done = subprocess.run(
-                command, capture_output=True, text=True, check=False, **self.process_user()
-            )
+            done = subprocess.run(command, capture_output=True, text=True, check=False, **run_as)
         finally:
             password_file.unlink(missing_ok=True)
         if done.returncode != 0:

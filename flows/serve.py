@@ -100,7 +100,7 @@ class Service:
     log: Path
     env: dict[str, str]
     process: subprocess.Popen | None = None
-    user: dict[str, str] = field(default_factory=dict)  # Popen's user/group (PostgreSQL)
+    user: dict[str, Any] = field(default_factory=dict)  # Popen's user/groups (PostgreSQL)
     backing: bool = False  # a store the others use: stopped after them, by its own signal
     stop_signal: int = signal.SIGTERM
 
@@ -316,8 +316,7 @@ def start_backing(args: argparse.Namespace, project: Path, services: list[Servic
         service = Service("S3 emulator", command, project / LOG_DIR / "s3.log", env, backing=True)
         services.append(service)
         service.start(project)
-        object_store.wait_until_up(endpoint)
-        credentials = object_store.bootstrap(endpoint, LOCAL_BUCKET)
+        credentials = prepare_store(service, endpoint)
         backing.s3_env = object_store.client_env(endpoint, credentials)
         env_lines = "".join(f"{key}={value}\n" for key, value in backing.s3_env.items())
         security.write_secret(project / S3_ENV_FILE, env_lines.rstrip("\n"))
@@ -326,6 +325,26 @@ def start_backing(args: argparse.Namespace, project: Path, services: list[Servic
         backing.databases = postgres.ensure_databases(database_url)
         migrate_mlflow(backing.databases["mlflow"])
     return backing
+
+
+def prepare_store(service: Service, endpoint: str) -> object_store.S3Credentials:
+    """Wait for the emulator (failing with its log if it dies), then give it its one
+    credential and the bucket."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while True:
+        if (code := service.exit_code()) is not None:
+            raise service.failure(f"exited with status {code} while starting")
+        try:
+            object_store.wait_until_up(endpoint, timeout_s=1)
+            break
+        except object_store.ObjectStoreError:
+            if time.monotonic() > deadline:
+                late = service.failure(f"was not up at {endpoint} after {STARTUP_TIMEOUT_S} s")
+                raise late from None
+    try:
+        return object_store.bootstrap(endpoint, LOCAL_BUCKET)
+    except Exception as error:  # botocore's and ours, the cause in the text
+        raise service.failure(f"could not be given its credential and bucket ({error})") from error
 
 
 def migrate_mlflow(url: str) -> None:

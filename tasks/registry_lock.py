@@ -24,12 +24,12 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.errors import RegistryLockError
-from tasks.store import is_database
+from tasks.store import is_database, psycopg_conninfo
 
 TIMEOUT_S = 600  # a registration holds the lock for seconds; wait long before giving up
 LEASE_S = 60  # a Prefect slot whose holder died is freed after this long
@@ -65,27 +65,33 @@ def lock_kind(registry_uri: str) -> str:
     return "file"
 
 
-def _key(registry_uri: str, model_name: str) -> str:
-    return hashlib.sha256(f"{registry_uri}|{model_name}".encode()).hexdigest()
+def _key(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 @contextmanager
 def registry_lock(model_name: str) -> Iterator[HeldLock]:
-    """Hold the registry's lock for ``model_name``; yields what was taken and when."""
+    """Hold the registry's lock for ``model_name``; yields what was taken and when.
+
+    The shared locks are keyed by the model name alone: the database or Prefect server
+    already is the team's, and its clients reach it under different URLs (127.0.0.1 on the
+    server's machine, a host name elsewhere). The file lock is keyed by the registry URI
+    too (one machine may use several stores).
+    """
     import mlflow
 
     uri = mlflow.get_registry_uri()
     kind = lock_kind(uri)
-    key = _key(uri, model_name)
     if kind == "postgresql":
-        held = HeldLock(kind, f"pg_advisory_lock({_advisory_key(key)})")
-        acquire = _advisory_lock(uri, _advisory_key(key))
+        key = _advisory_key(_key(f"registry|{model_name}"))
+        held = HeldLock(kind, f"pg_advisory_lock({key})")
+        acquire = _advisory_lock(uri, key)
     elif kind == "prefect":
-        held = HeldLock(kind, f"registry-{model_name}-{key[:8]}")
+        held = HeldLock(kind, f"registry-{model_name}")
         acquire = _prefect_slot(held.name)
     else:
         folder = Path(tempfile.gettempdir()) / "gpu-train-pipeline-locks"
-        path = folder / f"registry-{key[:16]}.lock"
+        path = folder / f"registry-{_key(f'{uri}|{model_name}')[:16]}.lock"
         held = HeldLock(kind, str(path))
         acquire = _file_lock(path)
     with acquire:
@@ -106,10 +112,9 @@ def _advisory_key(key: str) -> int:
 def _advisory_lock(uri: str, key: int) -> Iterator[None]:
     import psycopg
 
-    conninfo = "postgresql://" + uri.split("://", 1)[1]  # psycopg takes no +driver suffix
     try:
-        connection = psycopg.connect(conninfo, autocommit=True, connect_timeout=30)
-    except psycopg.OperationalError as error:
+        connection = psycopg.connect(psycopg_conninfo(uri), autocommit=True, connect_timeout=30)
+    except psycopg.OperationalError as error:  # kept as the cause: transient for retries
         raise RegistryLockError(
             f"could not reach the tracking database to take the registry lock: {error}"
         ) from error
@@ -117,11 +122,14 @@ def _advisory_lock(uri: str, key: int) -> Iterator[None]:
         connection.execute(f"SET lock_timeout = '{TIMEOUT_S}s'")
         try:
             connection.execute("SELECT pg_advisory_lock(%s)", (key,))
+            taken = True
         except psycopg.errors.LockNotAvailable:
+            taken = False
+        if not taken:  # raised outside the handler: a lock held this long is no hiccup
             raise RegistryLockError(
                 f"the registry lock pg_advisory_lock({key}) was held by another client for "
                 f"{TIMEOUT_S} s: see pg_locks on the tracking database for its holder"
-            ) from None
+            )
         try:
             yield
         finally:
@@ -136,35 +144,44 @@ def _prefect_slot(name: str) -> Iterator[None]:
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.concurrency.sync import concurrency
     from prefect.exceptions import ObjectAlreadyExists
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    try:
-        with get_client(sync_client=True) as client:
-            with suppress(ObjectAlreadyExists):  # created by another client: the same lock
-                create = GlobalConcurrencyLimitCreate(name=name, limit=1)
-                client.create_global_concurrency_limit(create)
-            limit = client.read_global_concurrency_limit_by_name(name)
-    except httpx.HTTPError as error:  # kept as the cause: a connection error is transient
-        raise RegistryLockError(
-            f"could not reach the Prefect server {os.environ[PREFECT_API_ENV]} for the "
-            f"registry lock {name!r} ({error}): start it, or unset {PREFECT_API_ENV} to lock "
-            "on this machine only"
-        ) from error
-    if limit.limit != 1 or not limit.active:
-        raise RegistryLockError(
-            f"the Prefect global concurrency limit {name!r} that locks the registry allows "
-            f"{limit.limit} slot(s) and is {'active' if limit.active else 'inactive'}: set it "
-            f"back with `prefect gcl update {name} --limit 1 --enable`"
-        )
-    try:
-        with concurrency(
+    url = os.environ[PREFECT_API_ENV]
+    # The server the environment names (it chose this lock), even in a process whose
+    # Prefect settings were loaded before it was set.
+    with temporary_settings(updates={PREFECT_API_URL: url}), ExitStack() as held:
+        try:
+            with get_client(sync_client=True) as client:
+                with suppress(ObjectAlreadyExists):  # made by another client: the same lock
+                    create = GlobalConcurrencyLimitCreate(name=name, limit=1)
+                    client.create_global_concurrency_limit(create)
+                limit = client.read_global_concurrency_limit_by_name(name)
+        except httpx.HTTPError as error:  # kept as the cause: a connection error is transient
+            raise RegistryLockError(
+                f"could not reach the Prefect server {url} for the registry lock {name!r} "
+                f"({error}): start it, or unset {PREFECT_API_ENV} to lock on this machine only"
+            ) from error
+        if limit.limit != 1 or not limit.active:
+            state = "active" if limit.active else "inactive"
+            raise RegistryLockError(
+                f"the Prefect global concurrency limit {name!r} that locks the registry allows "
+                f"{limit.limit} slot(s) and is {state}: set it back with "
+                f"`prefect gcl update {name} --limit 1 --enable`"
+            )
+        slot = concurrency(
             name, occupy=1, timeout_seconds=TIMEOUT_S, lease_duration=LEASE_S, strict=True
-        ):
-            yield
-    except TimeoutError:
-        raise RegistryLockError(
-            f"the registry lock (Prefect global concurrency limit {name!r}) stayed taken for "
-            f"{TIMEOUT_S} s: `prefect gcl inspect {name}` shows it"
-        ) from None
+        )
+        try:
+            held.enter_context(slot)
+            taken = True
+        except TimeoutError:  # only the wait for the slot: the work inside is not covered
+            taken = False
+        if not taken:  # raised outside the handler: a lock held this long is no hiccup
+            raise RegistryLockError(
+                f"the registry lock (Prefect global concurrency limit {name!r}) stayed taken "
+                f"for {TIMEOUT_S} s: `prefect gcl inspect {name}` shows it"
+            )
+        yield
 
 
 @contextmanager

@@ -42,7 +42,6 @@ CLIENT_DEFAULTS = {
 OWNER_TAG = "pipeline.owner"  # host:pid:start time of the process working on the run
 END_REASON = "pipeline.end_reason"
 SQLITE = "sqlite:///"
-POSTGRES_SCHEMES = ("postgresql://", "postgresql+psycopg://", "postgres://")
 LOCK_TIMEOUT_S = 120
 
 
@@ -98,7 +97,14 @@ def redacted(url: str) -> str:
 
 
 def is_database(uri: str) -> bool:
-    return uri.startswith(POSTGRES_SCHEMES)
+    """A PostgreSQL tracking store: postgres://, postgresql:// or postgresql+<driver>://."""
+    scheme = uri.partition("://")[0]
+    return scheme == "postgres" or scheme.partition("+")[0] == "postgresql"
+
+
+def psycopg_conninfo(uri: str) -> str:
+    """``uri`` as psycopg takes it: no SQLAlchemy +driver suffix."""
+    return "postgresql://" + uri.partition("://")[2]
 
 
 def wait_for_database(uri: str, limit_s: float | None = None) -> None:
@@ -109,7 +115,7 @@ def wait_for_database(uri: str, limit_s: float | None = None) -> None:
 
     limit_s = timeout_s() if limit_s is None else limit_s
     deadline = time.monotonic() + limit_s
-    conninfo = "postgresql://" + uri.split("://", 1)[1]  # psycopg takes no +driver suffix
+    conninfo = psycopg_conninfo(uri)
     while True:
         try:
             psycopg.connect(conninfo, connect_timeout=max(2, int(min(5.0, limit_s)))).close()

@@ -367,11 +367,7 @@ def is_transient(error: BaseException | None) -> bool:
             return True
         if "database is locked" in str(error):  # SQLite store busy with another writer
             return True
-        # A PostgreSQL store restarting or unreachable (psycopg's, or SQLAlchemy's wrapper).
-        if name == "OperationalError" and type(error).__module__.split(".")[0] in (
-            "psycopg",
-            "sqlalchemy",
-        ):
+        if _database_unavailable(error):
             return True
         # requests/urllib3/httpx connection errors do not subclass the builtin ones.
         if type(error).__module__.split(".")[0] in ("requests", "urllib3", "httpx") and any(
@@ -380,6 +376,26 @@ def is_transient(error: BaseException | None) -> bool:
             return True
         error = error.__cause__ or error.__context__
     return False
+
+
+# PostgreSQL error classes that mean "the server is away": 08 connection exceptions, 57P0x
+# shutdowns and "cannot connect now" (a restart); a psycopg error without a SQLSTATE is one
+# raised client-side on a lost or refused connection.
+TRANSIENT_SQLSTATES = ("08", "57P01", "57P02", "57P03")
+
+
+def _database_unavailable(error: BaseException) -> bool:
+    """A PostgreSQL store restarting or unreachable, not a wrong password or a bad query.
+    SQLAlchemy's wrapper says so itself (connection_invalidated) or carries psycopg's error
+    as its cause, which the caller's walk reaches."""
+    import psycopg
+
+    if getattr(error, "connection_invalidated", False):
+        return True
+    if not isinstance(error, psycopg.OperationalError):
+        return False
+    state = getattr(error, "sqlstate", None)
+    return state is None or state.startswith(TRANSIENT_SQLSTATES)
 
 
 def log_upstream_outputs(ws: Workspace, run_id: str) -> None:

@@ -144,8 +144,8 @@ def team_postgres():
     from tests.team_servers import PostgresServer
 
     server = PostgresServer.create()
-    server.start()
     try:
+        server.start()
         yield server
     finally:
         server.remove()

@@ -21,6 +21,7 @@ from flows import object_store, postgres
 from tests.operate import free_port
 
 STOP_TIMEOUT_S = 30
+REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -34,7 +35,11 @@ class PostgresServer:
         folder = Path(tempfile.mkdtemp(prefix="pipeline-pg-"))
         folder.chmod(0o755)  # the postgres account runs the server when tests run as root
         cluster = postgres.LocalPostgres(folder / "data", free_port(), secrets.token_urlsafe(18))
-        cluster.init()
+        try:
+            cluster.init()
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         return cls(cluster, folder / "postgres.log")
 
     @property
@@ -56,7 +61,7 @@ class PostgresServer:
         """Fast shutdown (SIGINT): clients are disconnected, as in a server restart."""
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
-            self.process.wait(timeout=STOP_TIMEOUT_S)
+            stop(self.process)
 
     def query(self, database: str, sql: str, *args: Any) -> list[tuple]:
         import psycopg
@@ -85,14 +90,20 @@ class S3Server:
         with log.open("ab") as out:
             process = subprocess.Popen(
                 object_store.moto_command("127.0.0.1", port),
+                cwd=REPO,
                 env=object_store.moto_env(dict(os.environ)),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         endpoint = f"http://127.0.0.1:{port}"
-        object_store.wait_until_up(endpoint)
-        credentials = object_store.bootstrap(endpoint, bucket)
+        try:
+            object_store.wait_until_up(endpoint)
+            credentials = object_store.bootstrap(endpoint, bucket)
+        except BaseException:
+            process.terminate()
+            stop(process)
+            raise
         env = object_store.client_env(endpoint, credentials)
         return cls(endpoint, bucket, credentials, process, env)
 
@@ -102,4 +113,13 @@ class S3Server:
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
-            self.process.wait(timeout=STOP_TIMEOUT_S)
+            stop(self.process)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Wait for a signalled process; SIGKILL it if it does not end in time."""
+    try:
+        process.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -72,8 +72,10 @@ def refusal(call) -> tuple[int, str]:
     return response["ResponseMetadata"]["HTTPStatusCode"], response["Error"]["Code"]
 
 
-def http_status(url: str, method: str = "GET", data: bytes | None = None) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, data=data, method=method)
+def http_status(
+    url: str, method: str = "GET", data: bytes | None = None, headers: dict | None = None
+) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
             return response.status, response.read()
@@ -125,11 +127,14 @@ def test_a_wrong_secret_is_refused(store):
 
 
 def test_motos_control_api_is_off(store):
-    """Unguarded, /moto-api/ would hand out the secret and switch authentication off."""
-    status, body = http_status(f"{store.endpoint}/moto-api/data.json")
-    assert status == 403
+    """Unguarded, /moto-api/ would hand out the secret and switch authentication off. The
+    requests carry an Authorization header, so the service filter is what refuses them."""
+    signed = {"Authorization": f"AWS4-HMAC-SHA256 Credential={store.creds.access_key_id}/x"}
+    status, body = http_status(f"{store.endpoint}/moto-api/data.json", headers=signed)
+    assert status == 403 and b"control API is off" in body
     assert store.creds.secret_access_key.encode() not in body
-    assert http_status(f"{store.endpoint}/moto-api/reset-auth", "POST", b"inf")[0] == 403
+    reset = http_status(f"{store.endpoint}/moto-api/reset-auth", "POST", b"inf", signed)
+    assert reset[0] == 403 and b"control API is off" in reset[1]
 
     assert http_status(f"{store.endpoint}/{BUCKET}")[0] == 403  # still required
 

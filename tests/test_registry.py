@@ -117,6 +117,9 @@ def test_a_retried_registration_reuses_the_runs_version(client, tmp_path, monkey
         (FileNotFoundError("data/prepared/meta.json"), False),
         (ValueError("a bug"), False),
         (psycopg.OperationalError("server closed the connection unexpectedly"), True),
+        (psycopg.errors.AdminShutdown("terminating connection (restart)"), True),
+        (psycopg.errors.CannotConnectNow("the database system is starting up"), True),
+        (psycopg.errors.InvalidPassword("password authentication failed"), False),
         (psycopg.errors.UndefinedTable("relation does not exist"), False),
     ],
 )
