@@ -70,7 +70,9 @@ def config(side: str, quick: bool) -> Any:
 def worker(side: str, quick: bool, out: Path) -> None:
     """Train in this process (one worker of the cluster for multi_worker); the chief
     writes the per-epoch timings to ``out``."""
-    from tasks import augment, data, distribute, train
+    from tasks import data, train
+    from tasks.images import augment
+    from tasks.training import distribute
 
     cfg = config(side, quick)
     with tempfile.TemporaryDirectory() as root:
@@ -85,7 +87,7 @@ def worker(side: str, quick: bool, out: Path) -> None:
 
 
 def run_side(side: str, quick: bool, scratch: Path) -> dict[str, Any]:
-    from tasks.workers import free_ports, tf_config
+    from tasks.training.workers import free_ports, tf_config
 
     out = scratch / f"{side}.json"
     args = ["--worker", side, "--out", str(out), *(["--quick"] if quick else [])]

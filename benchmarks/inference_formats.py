@@ -80,7 +80,7 @@ def load_predict(variant: Variant, workdir: Path, model: dict[str, Any]) -> Call
         return formats.RUNNERS[variant.runtime](workdir / "exports" / variant.file)
     import mlflow
 
-    from tasks import registry
+    from tasks.tracking import registry
 
     mlflow.set_tracking_uri(model["store"])
     keras_model = formats.probabilities_model(

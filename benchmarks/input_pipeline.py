@@ -4,7 +4,7 @@ Every variant makes one epoch of training batches from uint8 CIFAR-shaped images
 shuffle, gather a batch, random translate (zero-pad 4, crop back, integer offsets uniform
 in [-4, 4]), horizontal flip with p=0.5, per-channel normalize to float32.
 
-* ``dali_dataset``: `tasks.augment.dali_dataset`, the tf.data.Dataset Keras trains on
+* ``dali_dataset``: `tasks.images.augment.dali_dataset`, the tf.data.Dataset Keras trains on
   (index shuffle + gather in tf.data, augmentation in DALI through its TF plugin).
 * ``dali_pipeline``: `build_train_pipeline` + `iterate_numpy`, DALI alone into NumPy
   (no shuffle: input order).
@@ -79,7 +79,7 @@ def tf_data_baseline(
 
 def tf_max_error(images: np.ndarray, stats: Any, pad: int) -> float:
     """Max |tf_augment - augment_reference| over one batch with the same random draws."""
-    from tasks.augment import augment_reference
+    from tasks.images.augment import augment_reference
 
     rng = np.random.default_rng(1)
     batch = images[:256]
@@ -98,7 +98,7 @@ def epoch_runner(
 
     ``pre`` is params.yaml's preprocess section (pad, flip_prob, num_threads, device).
     """
-    from tasks import augment
+    from tasks.images import augment
 
     if variant in ("dali_dataset", "tf_data"):
         if variant == "dali_dataset":
@@ -149,8 +149,8 @@ def epoch_runner(
 def measure(
     variant: str, batch_size: int, images: np.ndarray, labels: np.ndarray, quick: bool
 ) -> dict[str, Any]:
-    from tasks.augment import channel_stats
     from tasks.config import load_config
+    from tasks.images.augment import channel_stats
 
     pre = load_config(PARAMS).preprocess
     stats = channel_stats(images)

@@ -109,7 +109,7 @@ def input_section(result: dict[str, Any] | None, quick: bool) -> str:
 
 One epoch of augmented training batches from uint8 32x32x3 images in RAM (shuffle, pad-4
 random integer translate, horizontal flip p=0.5, normalize to float32), after one untimed
-warm-up epoch. `dali_dataset` is what Keras trains on (`tasks.augment.dali_dataset`: index
+warm-up epoch. `dali_dataset` is what Keras trains on (`tasks.images.augment.dali_dataset`: index
 shuffle + gather in tf.data, augmentation in DALI via its TF plugin); `dali_pipeline` is
 DALI alone (`build_train_pipeline` + `iterate_numpy`, input order, output to NumPy);
 `tf_data` is the vectorized batched-map baseline in `benchmarks/input_pipeline.py`;

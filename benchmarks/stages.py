@@ -126,7 +126,8 @@ def bare_pipeline(cfg: Any, root: Path) -> dict[str, dict[str, float]]:
     import keras
     import numpy as np
 
-    from tasks import augment, data, evaluate, models, train
+    from tasks import data, evaluate, models, train
+    from tasks.images import augment
     from tasks.workspace import Workspace, atomic_path, write_json
 
     done("imports")

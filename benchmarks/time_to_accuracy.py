@@ -119,7 +119,8 @@ def accuracy_curve(cfg: Any, test: tuple, stats: Any) -> Any:
 
 
 def curve_worker(model: str, quick: bool, out: Path) -> None:
-    from tasks import augment, data, train
+    from tasks import data, train
+    from tasks.images import augment
 
     cfg = model_config(model, quick)
     dataset = data.prepare_dataset(cfg.data, REPO)

@@ -128,7 +128,8 @@ def bare_fit(cfg: Any, train: tuple, val: tuple, num_classes: int, stats: Any, t
 
 def worker(side: str, quick: bool, out: Path) -> None:
     """One side, in this process: train, then write the per-epoch timings to ``out``."""
-    from tasks import augment, data, train
+    from tasks import data, train
+    from tasks.images import augment
 
     cfg = config(quick)
     with tempfile.TemporaryDirectory() as root:

@@ -29,7 +29,8 @@ from prefect.exceptions import FailedRun
 from prefect.runtime import deployment, flow_run
 from prefect.tasks import exponential_backoff
 
-from flows import reporting, security
+from flows import reporting
+from flows.stack import security
 from flows.stage import (
     CLOSING_STAGE,
     STAGE_NAMES,
@@ -179,7 +180,7 @@ def resolve_run_config(
     ws: Workspace, params_path: str, profile: str | None, overrides: dict[str, Any] | None
 ) -> PipelineConfig:
     """resolve_config, and for a run created through the API (a deployment) the checks that
-    keep it reading and writing inside the project (flows/security.py). The local CLI,
+    keep it reading and writing inside the project (flows/stack/security.py). The local CLI,
     with no deployment, may use any path."""
     if deployment.get_id() is None:
         return resolve_config(ws, params_path, profile, overrides)

@@ -52,7 +52,6 @@ from flows.workdir import RUN_ID_FIELD, run_root
 from tasks import console, tracking
 from tasks.config import load_config
 from tasks.errors import ModelRequestError
-from tasks.registry import CHAMPION
 from tasks.serving import images as image_files
 from tasks.serving.registered import (
     MAX_QUOTED_CHARS,
@@ -62,6 +61,7 @@ from tasks.serving.registered import (
     parse_model_uri,
     resolve_version,
 )
+from tasks.tracking.registry import CHAMPION
 from tasks.workspace import Workspace, atomic_path
 
 DEFAULT_TOP_K = 3
@@ -153,7 +153,7 @@ def prepare(
     images: str, model_uri: str | None, top_k: Any, project: Path, within: Path | None = None
 ) -> Request:
     """Every check, before any work: the arguments first, then the registry."""
-    from tasks.augment import resolve_device
+    from tasks.images.augment import resolve_device
 
     ref = parse_model_uri(model_uri) if model_uri is not None else None
     top_k = check_top_k(top_k)

@@ -132,7 +132,9 @@ def publish_pipeline_summary(
         ("Tracking URI", f"`{uri}`"),
     ]
     params = run.data.params
-    if "train.replicas_in_sync" in params:  # logged by the train stage (tasks/distribute.py)
+    if (
+        "train.replicas_in_sync" in params
+    ):  # logged by the train stage (tasks/training/distribute.py)
         rows.append(
             (
                 "Trained on",

@@ -92,7 +92,7 @@ def mlflow_client(uri: str) -> Any:
     """A client of ``uri`` that fails in bounded time when a tracking server is down."""
     import mlflow
 
-    from tasks import store
+    from tasks.tracking import store
 
     store.client_defaults()
     if tracking.is_server(uri):

@@ -12,14 +12,14 @@ deploy --all`) and starts a worker on the pool whose flow runs log to the tracki
 (MLFLOW_TRACKING_URI). Prints the URLs once the worker is polling, and waits.
 
 Team setup (README): ``--database-url`` (or PIPELINE_DATABASE_URL) puts MLflow's store and
-Prefect's database on a PostgreSQL server (flows/postgres.py; MLflow's schema migrations
+Prefect's database on a PostgreSQL server (flows/stack/postgres.py; MLflow's schema migrations
 run first, Prefect runs its own); ``--local-postgres`` starts a throwaway one first.
 ``--artifacts-destination s3://bucket/prefix`` stores MLflow artifacts in a bucket (the
 server reads AWS_* and MLFLOW_S3_ENDPOINT_URL from the environment; clients upload and
 download through the server); ``--local-s3`` starts moto's S3 emulator on loopback with a
-generated credential (flows/object_store.py) and uses it.
+generated credential (flows/stack/object_store.py) and uses it.
 
-Both servers require the stack's credential (flows/security.py: generated on first
+Both servers require the stack's credential (flows/stack/security.py: generated on first
 start into .pipeline/secrets/api-credential, mode 0600, or PREFECT_SERVER_API_AUTH_STRING),
 answer browsers only from their own origins, and the work pool accepts no job variables.
 
@@ -31,141 +31,40 @@ already in use stops it before anything starts. Each service logs to
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
-from contextlib import suppress
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flows import object_store, postgres, security
-from flows.stack_env import (
+from flows.stack import object_store, postgres, security
+from flows.stack.backing import LOCAL_BUCKET, S3_ENV_FILE, Backing, start_backing
+from flows.stack.env import (
     DATABASE_URL_ENV,
     Endpoints,
-    base_env,
     client_env,
     mlflow_server_env,
     prefect_server_env,
 )
+from flows.stack.services import (
+    LOG_DIR,
+    LOG_TAIL_CHARS,
+    PortInUse,
+    ServeError,
+    Service,
+    check_ports,
+    stop_all,
+    wait_for,
+)
 
 POOL = "local-process"  # the work pool prefect.yaml's deployments name
-STARTUP_TIMEOUT_S = 180  # each server is up in ~10 s here; generous for a busy machine
-STOP_GRACE_S = 10  # between SIGTERM and SIGKILL
-LOG_TAIL_CHARS = 3000
-LOG_DIR = Path(".pipeline") / "serve"
-LOCAL_BUCKET = "pipeline"  # --local-s3: MLflow artifacts under mlflow/, a DVC remote under dvc/
-S3_ENV_FILE = security.SECRETS_DIR / "s3.env"  # --local-s3: the emulator's credential, 0600
-
-
-class ServeError(RuntimeError):
-    """Something kept the stack from starting or running; the message says what and where."""
-
-
-class PortInUse(ServeError):
-    pass
 
 
 class Shutdown(Exception):
     """SIGTERM arrived: stop as on Ctrl-C."""
-
-
-PORT_FLAGS = {
-    "MLflow server": "--mlflow-port",
-    "Prefect server": "--prefect-port",
-    "PostgreSQL": "--postgres-port",
-    "S3 emulator": "--s3-port",
-}
-
-
-@dataclass
-class Backing:
-    """What the servers are backed by: None/"" means the SQLite and folder defaults."""
-
-    databases: dict[str, str] | None = None  # "mlflow", "prefect": SQLAlchemy URLs
-    artifacts: str | None = None
-    s3_env: dict[str, str] = field(default_factory=dict)  # what the MLflow server reads
-
-
-@dataclass
-class Service:
-    name: str
-    command: list[str]
-    log: Path
-    env: dict[str, str]
-    process: subprocess.Popen | None = None
-    user: dict[str, Any] = field(default_factory=dict)  # Popen's user/groups (PostgreSQL)
-    backing: bool = False  # a store the others use: stopped after them, by its own signal
-    stop_signal: int = signal.SIGTERM
-
-    def start(self, cwd: Path) -> None:
-        """Start in its own session, so Ctrl-C reaches the launcher only, which stops it."""
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                self.command,
-                cwd=cwd,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                **self.user,
-            )
-
-    def exit_code(self) -> int | None:
-        return None if self.process is None else self.process.poll()
-
-    def failure(self, what: str) -> ServeError:
-        tail = self.log.read_text(errors="replace")[-LOG_TAIL_CHARS:] if self.log.exists() else ""
-        return ServeError(f"{self.name} {what}; the end of {self.log}:\n{tail}")
-
-    def family(self) -> list[Any]:
-        """The service's process and all its descendants (flow runs of a worker too)."""
-        import psutil
-
-        if self.process is None:
-            return []
-        try:
-            root = psutil.Process(self.process.pid)
-            return [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
-
-
-def stop_all(services: list[Service]) -> None:
-    """Stop the servers and worker, then the stores they used (PostgreSQL, the emulator)."""
-    stop_services([service for service in services if not service.backing])
-    stop_services([service for service in services if service.backing])
-
-
-def stop_services(services: list[Service]) -> None:
-    """Signal every service and its descendants at once (a backing store: its main process
-    only, which stops its own children); SIGKILL whatever outlives the grace."""
-    import psutil
-
-    family = []
-    for service in services:
-        processes = service.family()
-        family += processes
-        for process in processes[:1] if service.backing else processes:
-            with suppress(psutil.Error):
-                process.send_signal(service.stop_signal)
-    _, alive = psutil.wait_procs(family, timeout=STOP_GRACE_S)
-    for process in alive:
-        with suppress(psutil.Error):
-            process.kill()
-    psutil.wait_procs(alive, timeout=STOP_GRACE_S)
-    for service in services:  # reap, so no zombie outlives the launcher
-        if service.process is not None:
-            with suppress(subprocess.TimeoutExpired):
-                service.process.wait(timeout=STOP_GRACE_S)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -224,22 +123,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def check_ports(host: str, ports: dict[str, int]) -> None:
-    """Refuse to start, naming the port and its flag, when something already listens there."""
-    for name, port in ports.items():
-        with socket.socket() as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((host, port))
-            except OSError as error:
-                flag = PORT_FLAGS[name]
-                raise PortInUse(
-                    f"port {port} on {host} is in use ({error.strerror}), and the {name} "
-                    f"needs it: stop what listens there (`ss -ltnp 'sport = :{port}'`) or "
-                    f"choose another port with {flag}"
-                ) from None
-
-
 def mlflow_store(project: Path, params: str) -> tuple[str, str]:
     """(backend store URI, artifact directory) from params.yaml, relative to the project."""
     from flows.workdir import anchored_path, anchored_uri
@@ -287,102 +170,6 @@ def build_services(
         Service("Prefect server", prefect, log_dir / "prefect-server.log", prefect_env),
         Service("Prefect worker", worker, log_dir / "worker.log", worker_env),
     ]
-
-
-def start_backing(args: argparse.Namespace, project: Path, services: list[Service]) -> Backing:
-    """Start --local-postgres / --local-s3 (appended to ``services``), create the databases
-    and run MLflow's schema migrations (idempotent; Prefect's server runs its own)."""
-    backing = Backing(artifacts=args.artifacts_destination)
-    database_url = args.database_url
-    if args.local_postgres:
-        cluster = postgres.local_cluster(project, args.postgres_port)
-        service = Service(
-            "PostgreSQL",
-            cluster.command(),
-            project / LOG_DIR / "postgres.log",
-            base_env(),
-            user=cluster.process_user(),
-            backing=True,
-            stop_signal=signal.SIGINT,  # PostgreSQL's fast shutdown
-        )
-        services.append(service)
-        service.start(project)
-        cluster.wait_ready(lambda: service.exit_code() is None)
-        database_url = cluster.url
-    if args.local_s3:
-        endpoint = f"http://127.0.0.1:{args.s3_port}"
-        command = object_store.moto_command("127.0.0.1", args.s3_port)
-        env = object_store.moto_env(base_env())
-        service = Service("S3 emulator", command, project / LOG_DIR / "s3.log", env, backing=True)
-        services.append(service)
-        service.start(project)
-        credentials = prepare_store(service, endpoint)
-        backing.s3_env = object_store.client_env(endpoint, credentials)
-        env_lines = "".join(f"{key}={value}\n" for key, value in backing.s3_env.items())
-        security.write_secret(project / S3_ENV_FILE, env_lines.rstrip("\n"))
-        backing.artifacts = f"s3://{LOCAL_BUCKET}/mlflow"
-    if database_url:
-        backing.databases = postgres.ensure_databases(database_url)
-        migrate_mlflow(backing.databases["mlflow"])
-    return backing
-
-
-def prepare_store(service: Service, endpoint: str) -> object_store.S3Credentials:
-    """Wait for the emulator (failing with its log if it dies), then give it its one
-    credential and the bucket."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while True:
-        if (code := service.exit_code()) is not None:
-            raise service.failure(f"exited with status {code} while starting")
-        try:
-            object_store.wait_until_up(endpoint, timeout_s=1)
-            break
-        except object_store.ObjectStoreError:
-            if time.monotonic() > deadline:
-                late = service.failure(f"was not up at {endpoint} after {STARTUP_TIMEOUT_S} s")
-                raise late from None
-    try:
-        return object_store.bootstrap(endpoint, LOCAL_BUCKET)
-    except Exception as error:  # botocore's and ours, the cause in the text
-        raise service.failure(f"could not be given its credential and bucket ({error})") from error
-
-
-def migrate_mlflow(url: str) -> None:
-    """`mlflow db upgrade` (creates the schema on an empty database), in this process so
-    the URL's password never shows in a process list."""
-    import mlflow.db
-
-    try:
-        mlflow.db.upgrade.callback(url)
-    except Exception as error:  # SQLAlchemy's and MLflow's own, with the cause in the text
-        raise ServeError(
-            f"MLflow's schema migration on {postgres.redacted(url)} failed: {error}"
-        ) from error
-
-
-def http_get(url: str, credential: str | None = None) -> Any:
-    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
-    request = urllib.request.Request(url)
-    if credential is not None:
-        token = base64.b64encode(credential.encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-    with direct.open(request, timeout=5) as response:
-        body = response.read()
-    return json.loads(body) if body[:1] in (b"{", b"[") else body
-
-
-def wait_for(service: Service, url: str, ready: Any = None, credential: str | None = None) -> None:
-    """Wait until GET ``url`` answers (and ``ready(answer)`` holds) or the service dies."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if (code := service.exit_code()) is not None:
-            raise service.failure(f"exited with status {code} while starting")
-        with suppress(OSError, ValueError):
-            answer = http_get(url, credential)
-            if ready is None or ready(answer):
-                return
-        time.sleep(0.5)
-    raise service.failure(f"was not ready at {url} after {STARTUP_TIMEOUT_S} s")
 
 
 def prefect_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:

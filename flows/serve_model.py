@@ -6,7 +6,7 @@ Runs in this process the same app `mlflow models serve` runs (MLflow's pyfunc sc
 server: POST /invocations, GET /ping, /health, /version), so requests and answers are
 exactly MLflow's, and adds what `mlflow models serve` lacks: every path but the liveness
 probes (/ping, /health) requires the stack's credential (HTTP basic auth; the one `make
-serve` uses, flows/security.py), and it binds 127.0.0.1 unless told otherwise. MODEL_URI
+serve` uses, flows/stack/security.py), and it binds 127.0.0.1 unless told otherwise. MODEL_URI
 defaults to the champion of the model params.yaml registers (models:/<name>@champion);
 the tracking store is params.yaml's, or MLFLOW_TRACKING_URI's. Only versions this
 project's register stage made are loaded (loading a pyfunc runs its code).
@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from flows import security
+from flows.stack import security
 from tasks import console
 from tasks.errors import ModelRequestError
 from tasks.serving.registered import check_model_code, parse_model_uri, resolve_version
@@ -52,7 +52,7 @@ def load_scoring_app(uri: str, store: str, scratch: Path) -> tuple[Any, str]:
     import mlflow
     from mlflow.pyfunc import scoring_server
 
-    from tasks import store as stores
+    from tasks.tracking import store as stores
 
     stores.client_defaults()  # bounded retries; artifacts through the tracking server
     version = resolve_version(mlflow.MlflowClient(tracking_uri=store), parse_model_uri(uri), store)

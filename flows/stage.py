@@ -85,7 +85,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
 
     Anything else is a bug and keeps its traceback.
     """
-    from tasks.store import TrackingUnreachable
+    from tasks.tracking.store import TrackingUnreachable
 
     return (
         ConfigError,

@@ -172,7 +172,7 @@ class TrainConfig(_Section):
     frozen_epochs: int = Field(ge=0)
     finetune_epochs: int = Field(ge=0)
     finetune_learning_rate: float = Field(gt=0.0)
-    # tf.distribute (tasks/distribute.py); train.batch_size stays per replica
+    # tf.distribute (tasks/training/distribute.py); train.batch_size stays per replica
     distribute: Literal["auto", "none", "mirrored", "multi_worker"]
     replicas: int = Field(ge=1)  # mirrored without GPUs: logical CPU devices
     workers: int = Field(ge=1)  # multi_worker without TF_CONFIG: local worker processes

@@ -23,9 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from tasks import idx, modality, tracking
+from tasks import modality, tracking
 from tasks.config import DataConfig, PipelineConfig, SyntheticConfig, dataset_identity
 from tasks.errors import DataFileError, DataUnavailableError
+from tasks.images import idx
 from tasks.workspace import Workspace, atomic_dir, read_json
 
 SPLITS = ("train", "val", "test")

@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from tasks import augment, modality, models, tracking
+from tasks import modality, models, tracking
 from tasks.config import PipelineConfig
+from tasks.images import augment
 from tasks.workspace import Workspace, atomic_dir, atomic_path, write_json
 
 
@@ -130,7 +131,7 @@ def champion_margin(model_name: str, headline: dict[str, float]) -> dict[str, An
     stage re-evaluates the champion when its data version differs); empty without one."""
     import mlflow
 
-    from tasks import registry
+    from tasks.tracking import registry
 
     client = mlflow.MlflowClient()
     champion = registry.alias_version(client, model_name, "champion")

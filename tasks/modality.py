@@ -2,7 +2,7 @@
 
 Every stage keeps one implementation (its MLflow run, its files, its errors); what it
 does with the data comes from a `Modality`, picked from ``data.source``:
-`tasks.images.ImageModality` (DALI-augmented uint8 images, classifiers) or
+`tasks.images.modality.ImageModality` (DALI-augmented uint8 images, classifiers) or
 `tasks.text.modality.TextModality` (token streams, next-token models). A new modality is
 a new class with these methods, not a branch in each stage.
 """
@@ -18,14 +18,14 @@ from tasks.config import PipelineConfig, modality
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from tasks.distribute import Shard
+    from tasks.training.distribute import Shard
     from tasks.workspace import Workspace
 
 
 @dataclass(frozen=True)
 class TrainingData:
     """What the train stage fits on: a dataset per input pipeline (`Shard`: one per
-    replica or worker under tf.distribute, see tasks/distribute.py); the ``epoch`` a
+    replica or worker under tf.distribute, see tasks/training/distribute.py); the ``epoch`` a
     tf.Variable a callback sets makes the training order a function of (seed, epoch)."""
 
     train: Callable[[Shard], Any]  # tf.data.Dataset of (inputs, int32 targets)
@@ -83,6 +83,6 @@ def for_config(cfg: PipelineConfig) -> Modality:
         from tasks.text.modality import TextModality
 
         return TextModality()
-    from tasks.images import ImageModality
+    from tasks.images.modality import ImageModality
 
     return ImageModality()

@@ -1,7 +1,7 @@
 """Preprocess stage: what training derives from the training split, and a look at what the
 model is fed.
 
-For images (tasks/images.py): the per-channel mean/std in pixel units
+For images (tasks/images/modality.py): the per-channel mean/std in pixel units
 (data/preprocess/norm_stats.json) and a grid of training samples drawn through the very
 DALI pipeline training uses (reports/preprocess/augmented_samples.png); augmentation
 itself runs online in the train stage, and no augmented image is ever stored. For text

@@ -7,7 +7,7 @@ needs nothing from this repository. Every version is
 tagged with what made it (git commit, DVC hash of the dataset, resolved params, run id,
 seed, determinism, library versions, device), so `python -m flows.reproduce` can rebuild
 it. The registry's rules (a name bound to one task, fair promotion, aliases) live in
-tasks/registry.py; a retried stage reuses the version its run already registered.
+tasks/tracking/registry.py; a retried stage reuses the version its run already registered.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from tasks import modality, registry, tracking
+from tasks import modality, tracking
 from tasks.config import PipelineConfig
 from tasks.modality import ServedModel
-from tasks.registry_lock import registry_lock
+from tasks.tracking import registry
+from tasks.tracking.registry_lock import registry_lock
 from tasks.workspace import Workspace, read_json, write_json
 
 
@@ -80,7 +81,8 @@ def lineage_tags(cfg: PipelineConfig, ws: Workspace, run_id: str) -> dict[str, s
     """What made this version, enough to rebuild it (flows/reproduce.py)."""
     from importlib.metadata import version as installed
 
-    from tasks import augment, recipe
+    from tasks.images import augment
+    from tasks.training import recipe
 
     device = augment.resolve_device(cfg.preprocess.device)
     packages = ("tensorflow", "keras", "nvidia-dali-cuda120", "mlflow", "numpy")

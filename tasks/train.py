@@ -3,7 +3,7 @@
 Reads data/prepared and the preprocess stage's normalization stats; writes
 models/model.keras and reports/history.csv (per-epoch metrics, a DVC plot). Per-epoch
 metrics also go to the pipeline's MLflow run, at step = epoch. A checkpoint after each
-epoch lets a rerun after a crash resume where it stopped (tasks/checkpoint.py).
+epoch lets a rerun after a crash resume where it stopped (tasks/training/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from tasks import augment, distribute, modality, recipe, tracking
-from tasks.checkpoint import TrainCheckpoint, epoch_metrics_logger
+from tasks import modality, tracking
 from tasks.config import PipelineConfig
+from tasks.images import augment
 from tasks.modality import TrainingData
 from tasks.models import Phase, build_model, check_weights, enter_phase, training_phases
+from tasks.training import distribute, recipe
+from tasks.training.checkpoint import TrainCheckpoint, epoch_metrics_logger
 from tasks.workspace import Workspace, atomic_path
 
 
@@ -148,7 +150,7 @@ def train_model(
 ) -> tuple[Any, dict[str, list[float]]]:
     """Fit an image model on in-memory splits (tests and benchmarks; the stage reads the
     workspace through `run`)."""
-    from tasks.images import image_training_data
+    from tasks.images.modality import image_training_data
 
     dist = distribute.for_config(cfg.train)  # before the first TensorFlow op
     epoch = _epoch_variable()
@@ -167,11 +169,11 @@ def run(cfg: PipelineConfig, ws: Workspace) -> dict[str, list[float]]:
     """The stage as `dvc repro` and the Prefect flow call it.
 
     ``train.distribute: multi_worker`` without TF_CONFIG starts ``train.workers`` local
-    worker processes running this stage (tasks/workers.py); in a worker, only the chief
+    worker processes running this stage (tasks/training/workers.py); in a worker, only the chief
     tracks and writes the stage's outputs.
     """
     if distribute.launches_workers(cfg.train):
-        from tasks import workers
+        from tasks.training import workers
 
         workers.run_local_workers(cfg, ws)
         return TrainCheckpoint.read_history_file(ws.history)

@@ -13,8 +13,8 @@ import sys
 
 import numpy as np
 
-from tasks import augment
 from tasks.config import load_config
+from tasks.images import augment
 from tests.conftest import PARAMS
 
 GLOBAL_BATCH = 128
@@ -24,9 +24,9 @@ STEPS = 3
 def main(mode: str, out: str) -> None:
     import keras
 
-    from tasks import distribute
-    from tasks.images import image_training_data
+    from tasks.images.modality import image_training_data
     from tasks.train import _epoch_variable, fit
+    from tasks.training import distribute
 
     replicas = 2 if mode == "mirrored" else 1
     cfg = load_config(

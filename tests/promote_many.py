@@ -3,7 +3,7 @@
     python -m tests.promote_many MODEL_NAME SOURCE RUN_ID SEED COUNT OUT_JSON
 
 Each version gets a random test accuracy (seeded) and goes through the pipeline's own
-promotion (tasks.registry.move_aliases, under the registry lock in force: the Prefect
+promotion (tasks.tracking.registry.move_aliases, under the registry lock in force: the Prefect
 global concurrency limit when PREFECT_API_URL is set). Writes, per promotion, what it saw
 under the lock (the champion it compared with) and when it held the lock.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
-from tasks import registry
+from tasks.tracking import registry
 
 
 def main(argv: list[str]) -> None:

@@ -1,8 +1,8 @@
 """The team's shared services for the tests, as real processes on loopback.
 
-PostgreSQL from the machine's own binaries (flows/postgres.py's LocalPostgres, in a temp
+PostgreSQL from the machine's own binaries (flows/stack/postgres.py's LocalPostgres, in a temp
 folder the ``postgres`` account can reach) and moto's S3 emulator with a generated
-credential (flows/object_store.py). The test session owns both, so a test can restart
+credential (flows/stack/object_store.py). The test session owns both, so a test can restart
 PostgreSQL under a running pipeline.
 """
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flows import object_store, postgres
+from flows.stack import object_store, postgres
 from tests.operate import free_port
 
 STOP_TIMEOUT_S = 30
@@ -87,11 +87,14 @@ class S3Server:
         import os
 
         port = free_port()
+        # The emulator needs no AWS settings of the machine's (a real key must not reach it).
+        env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
         with log.open("ab") as out:
             process = subprocess.Popen(
                 object_store.moto_command("127.0.0.1", port),
                 cwd=REPO,
-                env=object_store.moto_env(dict(os.environ)),
+                env=object_store.moto_env(env),
+                stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -110,10 +113,12 @@ class S3Server:
     def keys(self, prefix: str = "") -> list[str]:
         return object_store.list_keys(self.endpoint, self.credentials, self.bucket, prefix)
 
-    def stop(self) -> None:
+    def stop(self) -> int:
+        """Terminate the emulator; its exit status (0: it shut down cleanly)."""
         if self.process.poll() is None:
             self.process.terminate()
             stop(self.process)
+        return self.process.returncode
 
 
 def stop(process: subprocess.Popen) -> None:

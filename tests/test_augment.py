@@ -1,4 +1,4 @@
-"""tasks/augment.py on CPU: DALI pipelines checked pixel-exactly against the NumPy reference.
+"""tasks/images/augment.py on CPU: DALI pipelines checked pixel-exactly against the NumPy reference.
 
 Offsets and flips are recovered from DALI's outputs with position-coded test images (each
 pixel's value says where it came from), then the whole output is compared with
@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from nvidia.dali import backend
 
-from tasks import augment
-from tasks.augment import (
+from tasks.config import PreprocessConfig
+from tasks.images import augment
+from tasks.images.augment import (
     NormStats,
     augment_reference,
     build_eval_pipeline,
@@ -28,7 +29,6 @@ from tasks.augment import (
     sample_augmented,
     save_image_grid,
 )
-from tasks.config import PreprocessConfig
 
 PAD = 4
 MEAN = [120.0, 110.0, 100.0]  # pixel units

@@ -1,4 +1,4 @@
-"""Training on several devices and workers (tasks/distribute.py, tasks/workers.py).
+"""Training on several devices and workers (tasks/training/: distribute.py, workers.py).
 
 Mirrored on two logical CPU devices against one device, step for step; multi_worker
 with two local worker processes under `dvc repro` (one MLflow run, one registered
@@ -22,9 +22,9 @@ import psutil
 import pytest
 
 from benchmarks.common import copy_repo, set_params
-from tasks import distribute, recipe
 from tasks.config import load_config
 from tasks.errors import DistributeError
+from tasks.training import distribute, recipe
 from tests.conftest import PARAMS, TINY, pipeline_env, read_mlflow
 
 EXPERIMENT = "cifar10-pipeline"
@@ -53,7 +53,7 @@ def test_every_example_falls_in_exactly_one_chunk_of_one_replica(examples, batch
 def test_replicas_see_each_shuffled_index_once_and_together_the_one_device_batches():
     import tensorflow as tf
 
-    from tasks.augment import index_batches
+    from tasks.images.augment import index_batches
 
     examples, batch, seed = 384, 64, 7
     epoch = tf.Variable(3, dtype=tf.int64)
@@ -100,7 +100,7 @@ def test_linear_scaling_warms_up_to_replicas_times_the_rate():
 
 
 def test_multi_worker_here_needs_two_workers_before_starting_any(tmp_path):
-    from tasks import workers
+    from tasks.training import workers
     from tasks.workspace import Workspace
 
     cfg = load_config(PARAMS, {"train.distribute": "multi_worker", "train.workers": 1})

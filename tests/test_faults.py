@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from benchmarks.common import copy_repo, set_params
-from tasks.checkpoint import CHECKPOINTS
+from tasks.training.checkpoint import CHECKPOINTS
 from tasks.workspace import Workspace
 from tests.conftest import TINY, pipeline_env, read_mlflow
 
@@ -302,7 +302,7 @@ def with_repo(env: dict[str, str]) -> dict[str, str]:
 
 @pytest.mark.parametrize("scheme", ["http", "postgresql"])
 def test_a_dead_tracking_server_at_start_fails_in_bounded_time(tmp_path, scheme):
-    from tasks.store import TIMEOUT_ENV
+    from tasks.tracking.store import TIMEOUT_ENV
     from tests.operate import free_port
 
     root = tiny_project(tmp_path / "project")
@@ -347,7 +347,7 @@ def tracking_server(tmp_path):
                 start_new_session=True,
             )
         )
-        from tasks.store import wait_for_server
+        from tasks.tracking.store import wait_for_server
 
         wait_for_server(url, 120)
 
@@ -371,7 +371,7 @@ def test_a_tracking_server_lost_mid_training_ends_the_stage_in_bounded_time(
     """Training goes on without the server; the model and history are written; the stage
     then fails in bounded time naming the server; once it is back, the rerun logs the
     epochs it missed from the checkpoint."""
-    from tasks.store import TIMEOUT_ENV
+    from tasks.tracking.store import TIMEOUT_ENV
 
     url, stop_server, start_server = tracking_server
     root = tiny_project(tmp_path / "project")

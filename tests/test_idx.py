@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.idx import IdxFormatError, load_idx_dataset, read_idx
+from tasks.images.idx import IdxFormatError, load_idx_dataset, read_idx
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 

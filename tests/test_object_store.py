@@ -1,21 +1,18 @@
-"""flows.object_store: a real moto server on loopback answers only its bootstrap credential."""
+"""flows/stack/object_store.py: a real moto server on loopback answers only its bootstrap key."""
 
 from __future__ import annotations
 
 import os
-import subprocess
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 
-from flows import object_store
-from flows.object_store import S3Credentials
-from tests.operate import free_port
+from flows.stack import object_store
+from flows.stack.object_store import S3Credentials
+from tests.team_servers import S3Server
 
-REPO = Path(__file__).resolve().parents[1]
 BUCKET = "pipeline-store"
 
 
@@ -26,25 +23,12 @@ class Store(NamedTuple):
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Store:
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("moto") / "moto.log"
-    env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            object_store.moto_command("127.0.0.1", port),
-            cwd=REPO,
-            env=object_store.moto_env(env),
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    server = S3Server.start(BUCKET, log)
     try:
-        object_store.wait_until_up(endpoint, timeout_s=30)
-        yield Store(endpoint, object_store.bootstrap(endpoint, BUCKET))
+        yield Store(server.endpoint, server.credentials)
     finally:
-        process.terminate()
-        returncode = process.wait(timeout=10)
+        returncode = server.stop()
     assert returncode == 0, log.read_text()[-3000:]
 
 

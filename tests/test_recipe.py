@@ -6,9 +6,9 @@ import keras
 import numpy as np
 import pytest
 
-from tasks import recipe
 from tasks.config import load_config
 from tasks.train import build_for_training
+from tasks.training import recipe
 from tests.conftest import PARAMS
 
 

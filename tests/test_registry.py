@@ -13,10 +13,11 @@ import pytest
 import requests
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 
-from tasks import modality, register, registry, tracking
+from tasks import modality, register, tracking
 from tasks.config import ConfigError
 from tasks.errors import DataUnavailableError
 from tasks.modality import ServedModel
+from tasks.tracking import registry
 
 
 @pytest.fixture
@@ -129,7 +130,7 @@ def test_transient_errors_are_retried_and_others_are_not(error, expected):
 
 def test_an_unreachable_prefect_server_fails_the_lock_naming_it_and_is_transient(monkeypatch):
     from tasks.errors import RegistryLockError
-    from tasks.registry_lock import registry_lock
+    from tasks.tracking.registry_lock import registry_lock
     from tests.operate import free_port
 
     url = f"http://127.0.0.1:{free_port()}/api"  # nothing listens there

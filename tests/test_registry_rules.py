@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from flows.stage import STAGE_NAMES, stage_functions
-from tasks import registry
 from tasks.config import load_config
 from tasks.errors import RegistryBindingError
+from tasks.tracking import registry
 from tasks.workspace import Workspace, read_json
 from tests.conftest import PARAMS, TINY, tiny_overrides
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flows import security
 from flows.serve import lock_work_pool
+from flows.stack import security
 from tasks.config import ConfigError, load_config
 from tasks.errors import ModelFileError
 from tests.conftest import PARAMS, REPO, tiny_overrides

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tasks.evaluate import compute_metrics, mlflow_metrics
-from tasks.registry import should_promote
+from tasks.tracking.registry import should_promote
 from tasks.workspace import atomic_path
 
 

@@ -170,7 +170,7 @@ def test_promotions_from_two_machines_never_interleave_and_keep_the_best_champio
     promote 20 versions against the same registry at once: through the MLflow server with
     the Prefect server's lock, or straight on the PostgreSQL tracking database with its
     advisory lock."""
-    from flows.postgres import with_database
+    from flows.stack.postgres import with_database
 
     name = f"team-promotions-{lock}"
     if lock == "prefect":
@@ -232,7 +232,7 @@ def test_make_serve_team_starts_its_own_postgres_and_store_and_stops_them(tmp_pa
     artifact lands in the bucket, and Ctrl-C stops all of it."""
     import psutil
 
-    from flows.object_store import S3Credentials, list_keys
+    from flows.stack.object_store import S3Credentials, list_keys
     from tests.operate import free_port
 
     project = Path(tempfile.mkdtemp(prefix="serve-team-"))  # reachable by the postgres account
@@ -278,7 +278,7 @@ def test_make_serve_team_starts_its_own_postgres_and_store_and_stops_them(tmp_pa
         family = psutil.Process(launcher.pid).children(recursive=True)
         commands = [" ".join(process.cmdline()) for process in family]
         assert any("postgres -D" in command for command in commands), commands
-        assert any("flows.object_store" in command for command in commands), commands
+        assert any("flows.stack.object_store" in command for command in commands), commands
         # Secrets travel in files and environments, never in a process list.
         for hidden in (password, store["AWS_SECRET_ACCESS_KEY"], f"{user}:{secret}"):
             assert not any(hidden in command for command in commands)
@@ -319,8 +319,8 @@ def test_a_bad_database_url_stops_serve_before_any_server_starts(tmp_path, url, 
 def test_mlflows_schema_migration_on_start_is_idempotent(restarted_run, team_postgres):
     """What `flows.serve` runs before the MLflow server starts, again on the stack's live
     database: the schema version and the data stay as they were."""
-    from flows.postgres import with_database
-    from flows.serve import migrate_mlflow
+    from flows.stack.backing import migrate_mlflow
+    from flows.stack.postgres import with_database
 
     def state() -> tuple:
         version = team_postgres.query(MLFLOW_DB, "SELECT version_num FROM alembic_version")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-from tasks import store, tracking
+from tasks import tracking
 from tasks.config import load_config
+from tasks.tracking import store
 from tasks.workspace import Workspace
 from tests.conftest import PARAMS, tiny_overrides
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks import augment, data
+from tasks import data
 from tasks.config import load_config
+from tasks.images import augment
 from tasks.models import build_model, with_normalization
 from tasks.train import train_model
 from tests.conftest import PARAMS, tiny_overrides

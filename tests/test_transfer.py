@@ -382,7 +382,7 @@ def test_a_registered_transfer_models_base_becomes_a_weights_file(registry, tmp_
 def test_wrapper_takes_data_pixels_like_the_dali_pipeline(
     tmp_path, data_shape, model_shape, tta_flip
 ):
-    from tasks.augment import build_eval_pipeline, iterate_numpy
+    from tasks.images.augment import build_eval_pipeline, iterate_numpy
 
     keras.utils.set_random_seed(0)
     model = keras.Sequential(

@@ -45,8 +45,8 @@ IMAGENET_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.
 def registered_base(uri: str, version: str):
     import mlflow
 
-    from tasks import registry
     from tasks.models.transfer import _find_base
+    from tasks.tracking import registry
 
     mlflow.set_tracking_uri(uri)
     try:

@@ -207,7 +207,7 @@ def with_normalization(
     augmentation the evaluate stage scored), so a registry consumer needs nothing else.
     ``data_shape``: the dataset's (H, W, C) when the model takes another shape (a transfer
     base); the wrapper then takes the dataset's pixels and resizes / repeats gray as RGB
-    as the DALI pipeline did (tasks/augment.py), before normalizing per model channel.
+    as the DALI pipeline did (tasks/images/augment.py), before normalizing per model channel.
     """
     import keras
     import numpy as np
@@ -229,7 +229,7 @@ def _as_model_input(
 ) -> Any:
     """The DALI pipeline's resize and gray -> RGB in built-in layers (nothing when the
     shapes agree). Keras' bilinear Resizing (antialias off) is what DALI's linear resize
-    without antialias computes, to 7.6e-4 px (tasks/augment.py `_to_model_input`)."""
+    without antialias computes, to 7.6e-4 px (tasks/images/augment.py `_to_model_input`)."""
     import keras
 
     x = pixels

@@ -18,10 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from tasks import modality, registry, tracking
+from tasks import modality, tracking
 from tasks.config import PipelineConfig
 from tasks.errors import ExportError
 from tasks.serving import formats
+from tasks.tracking import registry
 from tasks.workspace import Workspace, atomic_dir, read_json
 
 PARITY_BOUND = 1e-4  # max |probability difference| allowed for a float format

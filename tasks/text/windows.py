@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tasks.distribute import Shard, steps_per_epoch
 from tasks.errors import DataFileError
+from tasks.training.distribute import Shard, steps_per_epoch
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -55,11 +55,11 @@ def windows_dataset(
 
     ``train``: order reshuffled every epoch as a function of (seed, epoch) (``epoch``, an
     int64 tf.Variable a callback sets, as for images); else stream order. ``shard``: this
-    replica's chunks under tf.distribute (tasks/distribute.py).
+    replica's chunks under tf.distribute (tasks/training/distribute.py).
     """
     import tensorflow as tf
 
-    from tasks.augment import index_batches
+    from tasks.images.augment import index_batches
 
     shard = shard or Shard()
     count = example_count(tokens, sequence_length)

@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from tasks import augment, data, models
+from tasks import data, models
 from tasks.config import PipelineConfig, dataset_identity
+from tasks.images import augment
 from tasks.modality import ServedModel, TrainingData
 from tasks.workspace import Workspace, read_json, write_json
 
@@ -136,7 +137,7 @@ class ImageModality:
         """A raw-pixel Keras model (normalization, and any resize to the model's input,
         inside it) behind tasks/serving/classifier_model.py."""
         from tasks.models import load_model_file, with_normalization
-        from tasks.registry import binding_of
+        from tasks.tracking.registry import binding_of
 
         stats = model_stats(cfg, _stats(ws))
         meta = data.load_meta(ws.prepared)
@@ -152,7 +153,7 @@ class ImageModality:
         images, _ = data.load_split(ws.prepared, "test")
         identity = dataset_identity(cfg.data.source, cfg.data.name, cfg.data.classes)
         return ServedModel(
-            code=Path(__file__).resolve().parent / "serving" / "classifier_model.py",
+            code=Path(__file__).resolve().parents[1] / "serving" / "classifier_model.py",
             artifacts={CLASSIFIER_KERAS_ARTIFACT: keras_file},
             model_config={"class_names": list(meta["class_names"])},
             input_example=images[:2].astype("float32"),  # raw pixels, 0..255
@@ -163,7 +164,7 @@ class ImageModality:
     @staticmethod
     def _accuracy_of(cfg: PipelineConfig, ws: Workspace, version: str) -> float:
         """A registered version (raw pixels in) on this run's test set."""
-        from tasks import registry
+        from tasks.tracking import registry
 
         images, labels = data.load_split(ws.prepared, "test")
         model = registry.load_version(cfg.register.model_name, version)

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from tasks.config import PreprocessConfig
-from tasks.distribute import Shard, chunk_bounds, steps_per_epoch
+from tasks.training.distribute import Shard, chunk_bounds, steps_per_epoch
 from tasks.workspace import atomic_path
 
 if TYPE_CHECKING:
@@ -375,7 +375,7 @@ def index_batches(
     n: int, batch_size: int, shuffle_seed: int | None, epoch: Any = None, shard: Shard | None = None
 ):
     """Index batches of one pass: in order, or a permutation that is a function of
-    (shuffle_seed, epoch); cut into the chunks ``shard`` takes (tasks/distribute.py)."""
+    (shuffle_seed, epoch); cut into the chunks ``shard`` takes (tasks/training/distribute.py)."""
     import tensorflow as tf
 
     shard = shard or Shard()
@@ -430,7 +430,7 @@ def dali_dataset(
     over the dataset is the next epoch. ``input_shape``: the model's (H, W, C) when it
     differs from the data's (resized, gray repeated as RGB; ``stats`` per model channel).
     ``shard``: the chunks of each pass this pipeline yields, its device and seed, under
-    tf.distribute (tasks/distribute.py); by default every batch, on the first device.
+    tf.distribute (tasks/training/distribute.py); by default every batch, on the first device.
     """
     import tensorflow as tf
     from nvidia.dali.plugin import tf as dali_tf

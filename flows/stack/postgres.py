@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from flows import security
-from tasks.store import is_database, redacted
+from flows.stack import security
+from tasks.tracking.store import is_database, redacted
 
 MLFLOW_DATABASE = "pipeline_mlflow"
 PREFECT_DATABASE = "pipeline_prefect"

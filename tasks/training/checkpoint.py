@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks import store
 from tasks.config import PipelineConfig
+from tasks.tracking import store
 from tasks.workspace import Workspace
 
 CHECKPOINTS = Path(".pipeline") / "checkpoints"

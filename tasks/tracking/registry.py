@@ -11,7 +11,7 @@
   another data version, it is evaluated again on the candidate's test set and that
   number is compared.
 - Concurrency: binding checks and alias moves happen under a lock per registry and model
-  name, as wide as the registry's clients reach (tasks/registry_lock.py).
+  name, as wide as the registry's clients reach (tasks/tracking/registry_lock.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.errors import RegistryBindingError
-from tasks.registry_lock import registry_lock
+from tasks.tracking.registry_lock import registry_lock
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"

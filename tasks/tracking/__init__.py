@@ -9,6 +9,9 @@ new run first, and its stages join it the same way.
 
 A stage that fails on a transient cause (the tracking server or the network is briefly
 unreachable) leaves the run open, so a retry of that stage continues the same run.
+
+This package also holds what the run stands on: the store (store.py), the registry's
+rules (registry.py) and the lock that serializes them (registry_lock.py).
 """
 
 from __future__ import annotations
@@ -24,9 +27,9 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from tasks import store
 from tasks.config import MlflowConfig, PipelineConfig
 from tasks.errors import DataUnavailableError
+from tasks.tracking import store
 from tasks.workspace import Workspace, read_json, write_json
 
 TRACKING_ENV = "MLFLOW_TRACKING_URI"

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.errors import RegistryLockError
-from tasks.store import is_database, psycopg_conninfo
+from tasks.tracking.store import is_database, psycopg_conninfo
 
 TIMEOUT_S = 600  # a registration holds the lock for seconds; wait long before giving up
 LEASE_S = 60  # a Prefect slot whose holder died is freed after this long

@@ -14,7 +14,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from flows import object_store, security
+from flows.stack import object_store, security
 from tasks import console
 
 

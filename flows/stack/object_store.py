@@ -1,7 +1,7 @@
 """A local S3-compatible store that requires a credential: moto's server, for trying the team
 setup (MLflow artifacts and the DVC remote on S3) and for tests.
 
-    python -m flows.object_store [--host 127.0.0.1] [--port 9000]
+    python -m flows.stack.object_store [--host 127.0.0.1] [--port 9000]
 
 Plain `moto_server` answers anyone: it accepts unsigned requests and serves its control API
 (/moto-api/) without a credential, which dumps every stored secret (data.json) and turns
@@ -65,7 +65,7 @@ def moto_command(host: str, port: int) -> list[str]:
     """`serve` in a fresh interpreter: moto reads INITIAL_NO_AUTH_ACTION_COUNT when it is first
     imported, so the server needs its own process (and moto_env). Run it from the repository
     root, or with the project installed, so that `flows` imports."""
-    return [sys.executable, "-m", "flows.object_store", "--host", host, "--port", str(port)]
+    return [sys.executable, "-m", "flows.stack.object_store", "--host", host, "--port", str(port)]
 
 
 def moto_env(base: dict[str, str]) -> dict[str, str]:

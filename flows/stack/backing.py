@@ -1,0 +1,102 @@
+"""What the servers keep their state in, started before them when asked: PostgreSQL
+(--database-url, or --local-postgres) and an S3 bucket for MLflow artifacts
+(--artifacts-destination, or --local-s3: moto's emulator with a generated credential).
+
+MLflow's schema migrations run here, before its server starts (idempotent); Prefect's
+server runs its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flows.stack import object_store, postgres, security
+from flows.stack.env import base_env
+from flows.stack.services import LOG_DIR, STARTUP_TIMEOUT_S, ServeError, Service
+
+LOCAL_BUCKET = "pipeline"  # --local-s3: MLflow artifacts under mlflow/, a DVC remote under dvc/
+S3_ENV_FILE = security.SECRETS_DIR / "s3.env"  # --local-s3: the emulator's credential, 0600
+
+
+@dataclass
+class Backing:
+    """What the servers are backed by: None/"" means the SQLite and folder defaults."""
+
+    databases: dict[str, str] | None = None  # "mlflow", "prefect": SQLAlchemy URLs
+    artifacts: str | None = None
+    s3_env: dict[str, str] = field(default_factory=dict)  # what the MLflow server reads
+
+
+def start_backing(args: argparse.Namespace, project: Path, services: list[Service]) -> Backing:
+    """Start --local-postgres / --local-s3 (appended to ``services``), create the databases
+    and run MLflow's schema migrations (idempotent; Prefect's server runs its own)."""
+    backing = Backing(artifacts=args.artifacts_destination)
+    database_url = args.database_url
+    if args.local_postgres:
+        cluster = postgres.local_cluster(project, args.postgres_port)
+        service = Service(
+            "PostgreSQL",
+            cluster.command(),
+            project / LOG_DIR / "postgres.log",
+            base_env(),
+            user=cluster.process_user(),
+            backing=True,
+            stop_signal=signal.SIGINT,  # PostgreSQL's fast shutdown
+        )
+        services.append(service)
+        service.start(project)
+        cluster.wait_ready(lambda: service.exit_code() is None)
+        database_url = cluster.url
+    if args.local_s3:
+        endpoint = f"http://127.0.0.1:{args.s3_port}"
+        command = object_store.moto_command("127.0.0.1", args.s3_port)
+        env = object_store.moto_env(base_env())
+        service = Service("S3 emulator", command, project / LOG_DIR / "s3.log", env, backing=True)
+        services.append(service)
+        service.start(project)
+        credentials = prepare_store(service, endpoint)
+        backing.s3_env = object_store.client_env(endpoint, credentials)
+        env_lines = "".join(f"{key}={value}\n" for key, value in backing.s3_env.items())
+        security.write_secret(project / S3_ENV_FILE, env_lines.rstrip("\n"))
+        backing.artifacts = f"s3://{LOCAL_BUCKET}/mlflow"
+    if database_url:
+        backing.databases = postgres.ensure_databases(database_url)
+        migrate_mlflow(backing.databases["mlflow"])
+    return backing
+
+
+def prepare_store(service: Service, endpoint: str) -> object_store.S3Credentials:
+    """Wait for the emulator (failing with its log if it dies), then give it its one
+    credential and the bucket."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while True:
+        if (code := service.exit_code()) is not None:
+            raise service.failure(f"exited with status {code} while starting")
+        try:
+            object_store.wait_until_up(endpoint, timeout_s=1)
+            break
+        except object_store.ObjectStoreError:
+            if time.monotonic() > deadline:
+                late = service.failure(f"was not up at {endpoint} after {STARTUP_TIMEOUT_S} s")
+                raise late from None
+    try:
+        return object_store.bootstrap(endpoint, LOCAL_BUCKET)
+    except Exception as error:  # botocore's and ours, the cause in the text
+        raise service.failure(f"could not be given its credential and bucket ({error})") from error
+
+
+def migrate_mlflow(url: str) -> None:
+    """`mlflow db upgrade` (creates the schema on an empty database), in this process so
+    the URL's password never shows in a process list."""
+    import mlflow.db
+
+    try:
+        mlflow.db.upgrade.callback(url)
+    except Exception as error:  # SQLAlchemy's and MLflow's own, with the cause in the text
+        raise ServeError(
+            f"MLflow's schema migration on {postgres.redacted(url)} failed: {error}"
+        ) from error

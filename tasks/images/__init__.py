@@ -1,0 +1,1 @@
+"""The image modality: IDX/TFDS arrays in, DALI augmentation, classifiers out."""
