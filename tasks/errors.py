@@ -18,7 +18,7 @@ class DataFileError(ValueError):
 
 class DataUnavailableError(RuntimeError):
     """The dataset is neither prepared nor downloadable (offline) nor in the manual dir.
-    Transient for retries: the network may come back (tasks/tracking.py is_transient)."""
+    Transient for retries: the network may come back (tasks/tracking/__init__.py is_transient)."""
 
 
 class RegistryBindingError(ValueError):
