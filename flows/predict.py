@@ -57,6 +57,7 @@ from tasks.serving.registered import (
     MAX_QUOTED_CHARS,
     ModelRef,
     check_model_code,
+    download_version,
     input_shape,
     parse_model_uri,
     resolve_version,
@@ -171,10 +172,8 @@ def open_model(request: Request) -> Iterator[LoadedModel]:
     import mlflow
 
     with tempfile.TemporaryDirectory(prefix="batch-predict-") as scratch:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=request.model_uri, dst_path=scratch, tracking_uri=request.tracking_uri
-        )
-        check_model_code(Path(local), request.model_uri)
+        local = download_version(request.model_uri, request.tracking_uri, Path(scratch))
+        check_model_code(local, request.model_uri)
         pyfunc = mlflow.pyfunc.load_model(local)
         yield LoadedModel(request.model_uri, pyfunc, input_shape(pyfunc, request.model_uri))
 

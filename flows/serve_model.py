@@ -26,7 +26,12 @@ from typing import Any
 from flows.stack import security
 from tasks import console
 from tasks.errors import ModelRequestError
-from tasks.serving.registered import check_model_code, parse_model_uri, resolve_version
+from tasks.serving.registered import (
+    check_model_code,
+    download_version,
+    parse_model_uri,
+    resolve_version,
+)
 
 OPEN_PATHS = ("/ping", "/health")  # liveness probes: they reveal nothing about the model
 
@@ -57,11 +62,7 @@ def load_scoring_app(uri: str, store: str, scratch: Path) -> tuple[Any, str]:
     stores.client_defaults()  # bounded retries; artifacts through the tracking server
     version = resolve_version(mlflow.MlflowClient(tracking_uri=store), parse_model_uri(uri), store)
     exact = f"models:/{parse_model_uri(uri).name}/{version}"
-    local = Path(
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=exact, dst_path=str(scratch), tracking_uri=store
-        )
-    )
+    local = download_version(exact, store, scratch)
     check_model_code(local, exact)
     return scoring_server.init(scoring_server.load_model_with_mlflow_config(str(local))), exact
 

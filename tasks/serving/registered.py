@@ -83,6 +83,20 @@ def resolve_version(client: Any, ref: ModelRef, uri: str) -> str:
     raise ModelRequestError(f"{ref} does not exist: {ref.name!r} has {have} in {uri}")
 
 
+def download_version(uri: str, store: str, dst: Path) -> Path:
+    """Download the version ``uri`` names from the registry in ``store`` into ``dst``.
+
+    ``download_artifacts(tracking_uri=...)`` resolves ``models:/`` through MLflow's
+    registry URI, which falls back to ``sqlite:///mlflow.db`` in the working directory (and
+    creates it) unless one is set: so the registry is pointed at the same store first.
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(store)
+    mlflow.set_registry_uri(store)
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+
+
 def git_blob_id(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
