@@ -103,20 +103,22 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     )
 
 
-def close_failed_pipeline_run(ws: Workspace, error: BaseException) -> None:
-    """Mark the pipeline run that earlier stages left open FAILED, and drop its handle.
+def close_failed_pipeline_run(ws: Workspace, stage: str, error: BaseException) -> None:
+    """Mark the pipeline run this stage (or an earlier one) left open FAILED, and drop its
+    handle, with the cause in the run's end-reason tag.
 
-    Under `dvc repro` the run stays RUNNING between stage processes. A stage that fails
-    inside `tracking.stage_run` closes it itself; one that fails before (reading its
-    inputs, loading params.yaml) would leave it RUNNING for good. A transient failure
-    (offline download) keeps it open on purpose: the rerun joins it, as stage_run does.
+    Under `dvc repro` the run stays open between stage processes, and a transient failure
+    (an offline download) leaves it RUNNING inside `tracking.stage_run` so that a Prefect
+    retry in the same flow can join it. A stage process that exits has no retry to come:
+    the run ends FAILED now, and the next `dvc repro` starts a run of its own.
     """
     from tasks import tracking
 
-    if not ws.run_handle.is_file() or tracking.is_transient(error):
+    if not ws.run_handle.is_file():
         return
+    reason = f"stage {stage}: {type(error).__name__}: {error}"
     with suppress(Exception):  # the stage's own error is the one to report
-        tracking.end_pipeline_run(ws, "FAILED", keep_handle=False)
+        tracking.end_pipeline_run(ws, "FAILED", keep_handle=False, reason=reason)
 
 
 def uses_tensorflow(stage: str, cfg: PipelineConfig) -> bool:
@@ -142,12 +144,15 @@ def main(argv: list[str] | None = None) -> int:
             console.import_tensorflow()
         stage_functions()[args.stage](cfg, ws)
     except expected_errors() as error:
-        close_failed_pipeline_run(ws, error)
+        close_failed_pipeline_run(ws, args.stage, error)
         print(f"error in stage {args.stage!r}: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as error:
         print(f"stage {args.stage!r} stopped by {str(error) or 'SIGINT'}", file=sys.stderr)
         return 130
+    except Exception as error:  # a bug: its traceback follows, and the run is not left open
+        close_failed_pipeline_run(ws, args.stage, error)
+        raise
     return 0
 
 

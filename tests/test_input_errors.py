@@ -262,18 +262,19 @@ def test_a_corrupt_meta_file_is_named(tmp_path):
         data.load_meta(tmp_path)
 
 
-def test_the_stage_cli_keeps_a_run_open_only_for_a_transient_failure(tmp_path):
-    """An offline download keeps the pipeline run open for the rerun to join (as
-    tracking.stage_run does); a failure the user must fix closes it."""
-    from flows.stage import close_failed_pipeline_run
-    from tasks import tracking
-    from tasks.config import ConfigError
-    from tasks.errors import DataUnavailableError
+def test_an_offline_download_under_the_stage_cli_ends_its_run_failed(tmp_path):
+    """`make run` offline: the data stage's download finds no network (a transient cause,
+    which a Prefect retry would join), but the stage process exits, so its MLflow run
+    must end FAILED with the reason, not stay RUNNING for a later run to call orphaned."""
+    import mlflow
 
-    root = make_project(tmp_path / "project")
-    ws = Workspace(root)
-    tracking.start_pipeline_run(project_config(root), ws)
-    close_failed_pipeline_run(ws, DataUnavailableError("offline"))
-    assert run_statuses(root) == ["RUNNING"] and ws.run_handle.is_file()
-    close_failed_pipeline_run(ws, ConfigError("bad key"))
-    assert run_statuses(root) == ["FAILED"] and not ws.run_handle.exists()
+    root = make_project(tmp_path / "project", **{"data.source": "tfds", "data.name": "mnist"})
+    result = run_entry_point(root, "flows.stage", "data")
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert run_statuses(root) == ["FAILED"], "no run may stay RUNNING"
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert "stage data" in run.data.tags["pipeline.end_reason"]
+    assert not Workspace(root).run_handle.exists()
