@@ -10,6 +10,7 @@ export PATH := $(BIN):$(PATH)
 MLFLOW_PORT ?= 5000
 PREFECT_PORT ?= 4200
 MODEL_PORT ?= 5002
+OVERRIDES ?=
 
 .PHONY: help venv run smoke test bench lint format ui serve serve-pg serve-team serve-model reproduce predict
 
@@ -33,8 +34,8 @@ $(STAMP): pyproject.toml requirements.lock
 run: venv ## run the pipeline with DVC: data -> preprocess -> train -> evaluate -> register -> export
 	dvc repro
 
-smoke: venv ## offline run of the whole pipeline as a Prefect flow on synthetic data (outputs in runs/<id>/)
-	python -m flows.pipeline data.source=synthetic train.epochs=2
+smoke: venv ## offline run of the whole pipeline as a Prefect flow on synthetic data (OVERRIDES='key=value ...')
+	python -m flows.pipeline data.source=synthetic train.epochs=2 $(OVERRIDES)
 
 test: venv ## run the test suite (CPU; GPU tests skip themselves)
 	python -m pytest

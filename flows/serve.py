@@ -324,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, Shutdown):
-        print("\nstopping the worker and the servers ...", flush=True)
+        what = "the MLflow server" if args.mlflow_only else "the worker and the servers"
+        print(f"\nstopping {what} ...", flush=True)
         return 0
     finally:
         # No second Ctrl-C may cut the cleanup short and leave servers behind.

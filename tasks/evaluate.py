@@ -126,9 +126,11 @@ def mlflow_metrics(metrics: dict) -> dict[str, float]:
 
 
 def champion_margin(model_name: str, headline: dict[str, float]) -> dict[str, Any]:
-    """``{"champion": {"version", "accuracy_margin"}}``: this model's test accuracy minus the
-    current champion's as registered (the number the registry promotes by; the register
-    stage re-evaluates the champion when its data version differs); empty without one."""
+    """``{"previous_champion": {"version", "accuracy_margin"}}``: this model's test accuracy
+    minus the champion's of when evaluate ran, as registered (the number the registry
+    promotes by; the register stage re-evaluates the champion when its data version
+    differs); empty without one. "previous": register may promote this model, and `dvc
+    metrics show` must not read as if that version were still the champion."""
     import mlflow
 
     from tasks.tracking import registry
@@ -139,7 +141,8 @@ def champion_margin(model_name: str, headline: dict[str, float]) -> dict[str, An
     if recorded is None:
         return {}
     margin = headline["accuracy"] - recorded
-    return {"champion": {"version": int(champion.version), "accuracy_margin": round(margin, 6)}}
+    version = int(champion.version)
+    return {"previous_champion": {"version": version, "accuracy_margin": round(margin, 6)}}
 
 
 def run(cfg: PipelineConfig, ws: Workspace) -> dict:

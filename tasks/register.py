@@ -12,8 +12,11 @@ tasks/tracking/registry.py; a retried stage reuses the version its run already r
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import platform
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -55,17 +58,23 @@ def log_model(served: ServedModel, cfg: PipelineConfig) -> str:
     with warnings.catch_warnings():
         # The signature is given; MLflow would still ask for type hints on predict().
         warnings.filterwarnings("ignore", message=".*type hint", category=UserWarning)
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(served.code),
-            artifacts={key: str(path) for key, path in served.artifacts.items()},
-            model_config=served.model_config,
-            signature=infer_signature(example, params=served.params),
-            input_example=(example, served.params) if served.params else example,
-            registered_model_name=cfg.register.model_name,
-            # Stated, not inferred: inference reloads the model in a subprocess (~6 s of ~7).
-            pip_requirements=serving_requirements(),
-        )
+        # MLflow's register_model prints "Registered model ... already exists. Creating a new
+        # version" for every version: bind_or_check created the model first, on purpose.
+        with contextlib.redirect_stderr(io.StringIO()) as said:
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(served.code),
+                artifacts={key: str(path) for key, path in served.artifacts.items()},
+                model_config=served.model_config,
+                signature=infer_signature(example, params=served.params),
+                input_example=(example, served.params) if served.params else example,
+                registered_model_name=cfg.register.model_name,
+                # Stated, not inferred: inference reloads the model in a subprocess (~6 s of ~7).
+                pip_requirements=serving_requirements(),
+            )
+    for line in said.getvalue().splitlines():
+        if "already exists. Creating a new version" not in line:
+            print(line, file=sys.stderr)
     return str(info.registered_model_version)
 
 
@@ -111,7 +120,7 @@ def log_and_register(
     name = cfg.register.model_name
     with tempfile.TemporaryDirectory() as scratch:
         served = modality.for_config(cfg).served_model(cfg, ws, Path(scratch))
-        with registry_lock(name):
+        with registry_lock(name, announce=False):  # move_aliases says which lock
             registry.bind_or_check(client, name, served.binding)  # before anything is logged
         version = registry.version_of_run(client, name, run_id) or log_model(served, cfg)
     tags = lineage_tags(cfg, ws, run_id) | {"test_accuracy": repr(test_accuracy)}

@@ -54,7 +54,8 @@ def test_first_repro_runs_every_stage_and_records_everything(repro):
     registration = check_pipeline_run(client, runs[0], epochs=1, model_name=model_name, ws=ws)
     assert registration["version"] == "1"
     assert registration["promoted"] is True
-    assert "champion" not in json.loads(ws.metrics.read_text()), "no champion to compare with"
+    headline = json.loads(ws.metrics.read_text())
+    assert "previous_champion" not in headline, "no champion to compare with"
     assert str(client.get_model_version_by_alias(model_name, "champion").version) == "1"
     assert str(client.get_model_version_by_alias(model_name, "challenger").version) == "1"
 
@@ -99,7 +100,7 @@ def test_editing_epochs_reruns_train_evaluate_register_export_only(repro):
     headline = json.loads(Workspace(root).metrics.read_text())
     margin = headline["test"]["accuracy"] - float(first.tags["test_accuracy"])
     expected = {"version": 1, "accuracy_margin": pytest.approx(margin, abs=1e-6)}
-    assert headline["champion"] == expected
+    assert headline["previous_champion"] == expected
 
 
 def test_a_data_only_repro_leaves_no_run_open(repro):

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from tasks import console
 from tasks.errors import ExportError
 
 SIGNATURE = "serving_default"  # float32 pixels (token ids: int32); "serve_uint8" takes uint8
@@ -100,9 +101,31 @@ def litert_variants(quantize: str) -> list[str]:
     ]
 
 
+# What the LiteRT converter and interpreter print to file descriptor 2 on a successful
+# conversion (TF 2.21, ai-edge-litert 2.3): calibration settings, the CPU delegate, and
+# the LSTM's failed attempt to lower TensorList ops, which the caller reports as
+# `unsupported` with the converter's own exception. None is something a user acts on.
+LITERT_CHATTER = (
+    "fully_quantize:",
+    "Created TensorFlow Lite XNNPACK delegate",
+    "Lowering tensor list ops",
+    "TF Select ops:",
+    "tf.TensorList",
+)
+
+
+def without_litert_chatter(line: str) -> bool:
+    return any(text in line for text in LITERT_CHATTER)
+
+
 def convert_litert(saved_model: Path, variant: str, representative: np.ndarray) -> bytes:
     """LiteRT flatbuffer: fp32, dynamic-range (int8 weights), or full integer (int8 ops,
     uint8 raw-pixel input, float32 probabilities out), calibrated on ``representative``."""
+    with console.routed_stderr_lines(without_litert_chatter):
+        return _convert_litert(saved_model, variant, representative)
+
+
+def _convert_litert(saved_model: Path, variant: str, representative: np.ndarray) -> bytes:
     import tensorflow as tf
 
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model), [SIGNATURE])
@@ -217,7 +240,8 @@ def run_saved_model(path: Path) -> Callable[[np.ndarray], np.ndarray]:
 def run_litert(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = Interpreter(model_path=str(path))
+    with console.routed_stderr_lines(without_litert_chatter):
+        interpreter = Interpreter(model_path=str(path))
     [source] = interpreter.get_input_details()
     [result] = interpreter.get_output_details()
 

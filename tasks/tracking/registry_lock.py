@@ -70,7 +70,7 @@ def _key(text: str) -> str:
 
 
 @contextmanager
-def registry_lock(model_name: str) -> Iterator[HeldLock]:
+def registry_lock(model_name: str, announce: bool = True) -> Iterator[HeldLock]:
     """Hold the registry's lock for ``model_name``; yields what was taken and when.
 
     The shared locks are keyed by the model name alone: the database or Prefect server
@@ -96,7 +96,8 @@ def registry_lock(model_name: str) -> Iterator[HeldLock]:
         acquire = _file_lock(path)
     with acquire:
         held.acquired_at = time.time()
-        print(f"registry lock: {held.describe()}", flush=True)
+        if announce:
+            print(f"registry lock: {held.describe()}", flush=True)
         try:
             yield held
         finally:

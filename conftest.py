@@ -1,0 +1,34 @@
+"""Collects README.md as tests (tests/helpers/readme.py says how each block runs)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.readme import Shell, readme_sybil
+
+pytest_collect_file = readme_sybil().pytest()
+
+
+@pytest.fixture(scope="session")
+def readme_shell(tmp_path_factory):
+    """A fresh clone of this checkout, its `.venv` the suite's own virtualenv (what `make
+    venv` builds there, so `make` targets find it up to date), and a shell with a
+    temporary HOME and nothing else of this process's environment."""
+    from benchmarks.common import copy_repo
+
+    root = copy_repo(tmp_path_factory.mktemp("readme") / "gpu-train-pipeline")
+    venv = Path(sys.prefix)
+    (root / ".venv").symlink_to(venv)
+    stamp = (venv / ".installed").stat().st_mtime if (venv / ".installed").exists() else None
+    if stamp is not None:  # make's rule: the stamp newer than what it was built from
+        for name in ("pyproject.toml", "requirements.lock"):
+            os.utime(root / name, (stamp - 60, stamp - 60))
+    shell = Shell.fresh(root, tmp_path_factory.mktemp("home"))
+    try:
+        yield shell
+    finally:
+        shell.stop()

@@ -1,0 +1,278 @@
+"""README.md as a test suite, through Sybil (a maintained doctest-for-documents library).
+
+Sybil finds the fenced blocks (```bash, ```console, ```python) and the directives in HTML
+comments in front of them; this module says how each runs. Every block runs in order, in
+one fresh git clone of this checkout with the suite's virtualenv as its `.venv` (what
+`make venv` would have built), in a shell whose environment starts nearly empty (PATH of
+the OS, a temporary HOME, LANG) and then holds only what the README's own blocks export
+or source: the environment and working directory one block leaves are the next block's,
+as in one terminal. No MLFLOW_*, PREFECT_* or AWS_* variable of the test process gets in.
+
+Directives (an HTML comment right before a block, invisible on GitHub):
+
+- ``<!-- skip: next "reason" -->`` (Sybil's own): not executable here, and why.
+- ``<!-- readme-test: shrink KEY=VALUE ... -->``: the next block runs with these dotted
+  params overrides appended to each `python -m flows.*` pipeline command, `make smoke`
+  (as ``OVERRIDES=...``) and `dvc exp run` (as ``-S KEY=VALUE``). Sizes and epochs only.
+- ``<!-- readme-test: background ready="TEXT" -->``: the next block starts a server; it
+  keeps running in the background once TEXT appears in its output, until
+  ``<!-- readme-test: stop -->`` or the end of the document.
+
+A block passes when it exits 0 and prints no line a user would read as a failure (see
+``ALARMING``); a ```console block runs each ``$ `` command and passes when every line shown
+under it appears in its output, in order (``...`` stands for any lines, and inside a line
+for any text).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sybil import Example, Region, Sybil
+from sybil.parsers.markdown import CodeBlockParser, SkipParser
+from sybil.parsers.markdown.lexers import DirectiveInHTMLCommentLexer
+
+BLOCK_TIMEOUT_S = 900  # the longest README block (a shrunk pipeline run) takes ~1-2 min
+READY_TIMEOUT_S = 240  # a server's first answer (make serve-model loads TensorFlow)
+OS_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+# Lines that read as a failure (or a warning nobody can act on) on a run that succeeded.
+ALARMING = re.compile(
+    r"Traceback \(most recent call last\)|^E0000|\bE\d{4} .*\]|^\s*error\b|\berror:"
+    r"|already exists\. Creating a new version|fully_quantize:|Lowering tensor list ops"
+    r"|failed call to cuInit|SetuptoolsDeprecationWarning",
+    re.MULTILINE | re.IGNORECASE,
+)
+PIPELINE_COMMAND = re.compile(r"^\s*python -m flows\.(pipeline|sweep)\b")
+MAKE_SMOKE = re.compile(r"^\s*make smoke\b")
+DVC_EXP_RUN = re.compile(r"^\s*dvc exp run\b")
+
+
+@dataclass
+class Shell:
+    """One terminal session over a fresh clone: its environment and working directory
+    carry from block to block."""
+
+    root: Path
+    env: dict[str, str]
+    shrink: list[str] = field(default_factory=list)  # for the next block only
+    ready: str | None = None  # the next block is a background server, up once this shows
+    servers: list[tuple[subprocess.Popen, Path]] = field(default_factory=list)
+    transcript: list[str] = field(default_factory=list)  # what each block printed
+
+    @classmethod
+    def fresh(cls, root: Path, home: Path) -> Shell:
+        env = {"PATH": OS_PATH, "HOME": str(home), "LANG": "C.UTF-8", "PWD": str(root)}
+        return cls(root, env)
+
+    def script(self, source: str, state: Path) -> str:
+        body = apply_shrink(source, self.shrink)
+        self.shrink = []
+        return f"set -eo pipefail\ncd {shlex.quote(self.env['PWD'])}\n{body}\nenv -0 > {state}\n"
+
+    def run(self, source: str, timeout: float = BLOCK_TIMEOUT_S) -> tuple[int, str]:
+        with tempfile.TemporaryDirectory(prefix="readme-shell-") as scratch:
+            state = Path(scratch) / "env"
+            result = subprocess.run(
+                ["bash", "-c", self.script(source, state)],
+                env=self.env,
+                cwd=self.env["PWD"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                timeout=timeout,
+            )
+            if result.returncode == 0 and state.is_file():
+                self.env = read_env(state.read_bytes())
+        self.transcript.append(result.stdout)
+        return result.returncode, result.stdout
+
+    def start(self, source: str, ready: str, log: Path) -> None:
+        """Start a block that serves until stopped; return once ``ready`` is in its output."""
+        with log.open("w") as out:
+            process = subprocess.Popen(
+                ["bash", "-c", f"cd {shlex.quote(self.env['PWD'])}\n{source}"],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: stopped as a whole
+            )
+        self.servers.append((process, log))
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while ready not in log.read_text(errors="replace"):
+            if process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(
+                    f"server block did not print {ready!r}:\n{log.read_text()[-4000:]}"
+                )
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        """Ctrl-C to every background block (its whole process group), as a user would."""
+        for process, _ in self.servers:
+            with _ignore_gone():
+                os.killpg(process.pid, signal.SIGINT)
+        for process, _ in self.servers:
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                with _ignore_gone():
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        self.servers = []
+
+
+class _ignore_gone:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, value, trace) -> bool:
+        return kind is ProcessLookupError
+
+
+def read_env(dump: bytes) -> dict[str, str]:
+    pairs = (item.split("=", 1) for item in dump.decode().split("\0") if "=" in item)
+    return {key: value for key, value in pairs if key not in ("_", "SHLVL", "OLDPWD")}
+
+
+def logical_lines(source: str) -> list[str]:
+    """Shell lines with backslash continuations joined (the unit overrides append to)."""
+    lines, current = [], ""
+    for line in source.splitlines():
+        if line.endswith("\\"):
+            current += line[:-1] + " "
+            continue
+        lines.append(current + line)
+        current = ""
+    return lines + ([current] if current else [])
+
+
+def apply_shrink(source: str, overrides: list[str]) -> str:
+    """``source`` with the shrink overrides appended to each pipeline command (before a
+    trailing comment)."""
+    if not overrides:
+        return source
+    out = []
+    for line in logical_lines(source):
+        command, comment = re.match(r"(.*?)(\s+#.*)?$", line).groups()
+        if PIPELINE_COMMAND.match(command):
+            command += " " + " ".join(shlex.quote(item) for item in overrides)
+        elif MAKE_SMOKE.match(command):
+            command += " OVERRIDES=" + shlex.quote(" ".join(overrides))
+        elif DVC_EXP_RUN.match(command):
+            command += "".join(f" -S {shlex.quote(item)}" for item in overrides)
+        out.append(command + (comment or ""))
+    return "\n".join(out)
+
+
+def check_quiet(output: str) -> None:
+    alarming = [m.group(0) for m in ALARMING.finditer(output)]
+    lines = [line for line in output.splitlines() if ALARMING.search(line)]
+    assert not alarming, "a successful block printed alarming lines:\n" + "\n".join(lines)
+
+
+def shell_of(example: Example) -> Shell:
+    return example.namespace["readme_shell"]
+
+
+def evaluate_bash(example: Example) -> None:
+    shell = shell_of(example)
+    source = example.parsed
+    if shell.ready is not None:
+        ready, shell.ready = shell.ready, None
+        log = shell.root / f".readme-server-{len(shell.servers)}.log"
+        shell.start(apply_shrink(source, shell.shrink), ready, log)
+        shell.shrink = []
+        return
+    code, output = shell.run(source)
+    assert code == 0, f"block exited {code}; its output ends:\n{output[-6000:]}"
+    check_quiet(output)
+
+
+def evaluate_python(example: Example) -> None:
+    evaluate_bash_source(example, f"python - <<'README_PY'\n{example.parsed}README_PY\n")
+
+
+def evaluate_bash_source(example: Example, source: str) -> None:
+    code, output = shell_of(example).run(source)
+    assert code == 0, f"block exited {code}; its output ends:\n{output[-6000:]}"
+    check_quiet(output)
+
+
+def console_steps(text: str) -> list[tuple[str, list[str]]]:
+    """``$ command`` lines with the output lines shown under each."""
+    steps: list[tuple[str, list[str]]] = []
+    for line in text.splitlines():
+        if line.startswith("$ "):
+            steps.append((line[2:], []))
+        elif steps:
+            steps[-1][1].append(line)
+    return steps
+
+
+def line_pattern(expected: str) -> re.Pattern:
+    parts = [re.escape(part) for part in expected.strip().split("...")]
+    return re.compile(".*".join(parts))
+
+
+def evaluate_console(example: Example) -> None:
+    shell = shell_of(example)
+    for command, expected in console_steps(example.parsed):
+        _, output = shell.run(command)
+        lines = output.splitlines()
+        at = 0
+        for want in (line for line in expected if line.strip() and line.strip() != "..."):
+            pattern = line_pattern(want)
+            found = next((i for i in range(at, len(lines)) if pattern.search(lines[i])), None)
+            assert found is not None, (
+                f"`{command}` did not print (in order) {want!r}; it printed:\n{output[-6000:]}"
+            )
+            at = found + 1
+
+
+def evaluate_directive(example: Example) -> None:
+    shell = shell_of(example)
+    action, _, rest = example.parsed.partition(" ")
+    if action == "shrink":
+        shell.shrink = shlex.split(rest)
+    elif action == "background":
+        shell.ready = shlex.split(rest.removeprefix("ready="))[0]
+    elif action == "stop":
+        shell.stop()
+    else:
+        raise ValueError(f"unknown readme-test directive {action!r}")
+
+
+class DirectiveParser:
+    """``<!-- readme-test: ACTION ARGS -->`` in front of a block."""
+
+    def __init__(self) -> None:
+        self.lexer = DirectiveInHTMLCommentLexer(directive="readme-test", arguments=".+")
+
+    def __call__(self, document):
+        for lexed in self.lexer(document):
+            yield Region(
+                lexed.start, lexed.end, lexed.lexemes["arguments"].strip(), evaluate_directive
+            )
+
+
+def readme_sybil() -> Sybil:
+    return Sybil(
+        parsers=[
+            SkipParser(),
+            DirectiveParser(),
+            CodeBlockParser(language="bash", evaluator=evaluate_bash),
+            CodeBlockParser(language="console", evaluator=evaluate_console),
+            CodeBlockParser(language="python", evaluator=evaluate_python),
+        ],
+        patterns=["README.md"],
+        fixtures=["readme_shell"],
+    )
