@@ -16,6 +16,7 @@ become Prefect artifacts. Deployments write to runs/<flow-run-id>/ (flows/workdi
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import signal
@@ -42,6 +43,7 @@ from flows.stage import (
 from flows.workdir import RUN_ID_FIELD, run_root, shared_path_overrides
 from tasks import console, tracking
 from tasks.config import ConfigError, PipelineConfig, load_config, load_profile, parse_override
+from tasks.tracking import registry
 from tasks.workspace import Workspace, read_json
 
 STAGE_RETRIES = 2  # after the first attempt, for transient causes only
@@ -100,6 +102,8 @@ def training_pipeline(
             raise ConfigError(
                 f"parent_run_id {parent_run_id!r} is not an MLflow run id (32 hex digits)"
             )
+        if names[0] == "data":
+            tracking.check_binding(cfg, ws)  # before a run is opened or any data is read
         run_id = tracking.start_pipeline_run(
             cfg, ws, run_name=f"prefect-{flow_run.get_name()}", parent_run_id=parent_run_id
         )
@@ -113,7 +117,7 @@ def training_pipeline(
         return results[names[-1]]
     record = results["register"] | ({"exports": results["export"]} if "export" in results else {})
     reporting.publish_pipeline_summary(ws, run_id, metrics, record)
-    get_run_logger().info("%s", reporting.outcome_line(record))
+    get_run_logger().info("%s", registry.outcome_line(record))
     return record
 
 
@@ -192,6 +196,20 @@ def resolve_run_config(
     return cfg
 
 
+class WithoutFailedStateLines(logging.Filter):
+    """Drops Prefect's "Finished in state Failed(...)" lines from the terminal (the API and
+    UI keep them): the task's and the flow's would repeat the one `error:` line this
+    command ends with. Retries, tracebacks of bugs and every other line still show."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Finished in state Failed(")
+
+
+def one_error_line_on_the_terminal() -> None:
+    for handler in logging.getLogger().handlers:  # Prefect's console handler sits on root
+        handler.addFilter(WithoutFailedStateLines())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.epochs=3")
@@ -221,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     # of a script): the MLflow run ends KILLED and Prefect's temporary server is stopped.
     signal.signal(signal.SIGTERM, tracking.raise_interrupted)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    one_error_line_on_the_terminal()
     try:
         overrides = dict(parse_override(item) for item in args.overrides)
         # Validate here too, so a typo fails before a Prefect API is even started.
@@ -245,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pipeline stopped by {name}", file=sys.stderr)
         return 130
     if "register" in names:
-        print(f"registered {record['model_name']} version {record['version']} {record['aliases']}")
+        print(registry.outcome_line(record))  # the result, as the last line
     else:
         print(f"ran {', '.join(names)} in {Path(args.workdir).resolve()}")
     return 0

@@ -169,16 +169,6 @@ def publish_pipeline_summary(
     return markdown
 
 
-def outcome_line(record: dict[str, Any]) -> str:
-    """What a `prefect deployment run --watch` user needs at the end of the log."""
-    mlflow = record.get("mlflow") or {}
-    where = mlflow.get("ui_url") or f"run {record['run_id']} in {mlflow.get('tracking_uri')}"
-    return (
-        f"test accuracy {record['test_accuracy']:.4f}; registered {record['model_name']} "
-        f"version {record['version']} ({', '.join(record['aliases'])}); MLflow: {where}"
-    )
-
-
 def markdown_table(rows: list[tuple[str, str]]) -> str:
     body = "\n".join(f"| {name} | {value} |" for name, value in rows)
     return f"| | |\n|---|---|\n{body}\n"

@@ -143,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         if uses_tensorflow(args.stage, cfg):  # quietly now: it loads it anyway
             console.import_tensorflow()
         stage_functions()[args.stage](cfg, ws)
+        if args.stage == CLOSING_STAGE and ws.registration.is_file():
+            from tasks.tracking.registry import outcome_line
+            from tasks.workspace import read_json
+
+            print(outcome_line(read_json(ws.registration)), flush=True)  # `dvc repro`'s result
     except expected_errors() as error:
         close_failed_pipeline_run(ws, args.stage, error)
         print(f"error in stage {args.stage!r}: {error}", file=sys.stderr)

@@ -498,6 +498,7 @@ def run(cfg: PipelineConfig, ws: Workspace) -> dict[str, Any]:
     """
     import mlflow
 
+    tracking.check_binding(cfg, ws)  # before any work, and before a run is opened
     with tracking.stage_run(cfg, ws, "data"):
         meta = modality.for_config(cfg).prepare(cfg, ws)
         mlflow.log_artifact(str(ws.prepared / "meta.json"), artifact_path="data")

@@ -21,6 +21,7 @@ from tasks.modality import TrainingData
 from tasks.models import Phase, build_model, check_weights, enter_phase, training_phases
 from tasks.training import distribute, recipe
 from tasks.training.checkpoint import TrainCheckpoint, epoch_metrics_logger
+from tasks.training.progress import epoch_progress
 from tasks.workspace import Workspace, atomic_path
 
 
@@ -95,6 +96,8 @@ def fit(
     replicas = dist.replicas_in_sync
     steps = distribute.steps_per_epoch(data.train_examples, cfg.train.batch_size, replicas)
     clock = keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: epoch.assign(e))
+    last_epoch = phases[-1].end_epoch
+    progress = epoch_progress(steps, cfg.train.batch_size * replicas, last_epoch)
     history: dict[str, list[float]] = {}
     for phase in phases:
         later = [p for p in phases if p.index > phase.index]
@@ -118,6 +121,7 @@ def fit(
                 epochs=phase.end_epoch,
                 callbacks=[
                     clock,
+                    progress,
                     *marker,
                     *(callbacks or []),
                     *(checkpoint.callbacks(phase.name) if checkpoint else []),

@@ -100,6 +100,10 @@ def test_two_deployment_runs_at_once_are_tracked_registered_and_kept_apart(stack
     outputs = [process.communicate(timeout=RUN_TIMEOUT_S)[0] for process in launched]
     for process, output in zip(launched, outputs, strict=True):
         assert process.returncode == 0, output[-3000:]
+        # `--watch` ends with the result: accuracy, version and aliases, where the run is
+        last = output.strip().splitlines()[-6:]
+        assert any(f"registered {name} version" in line for line in last), output[-3000:]
+        assert any("test accuracy" in line and "MLflow: " in line for line in last), last
     ids = [flow_run_id(output) for output in outputs]
     assert len(set(ids)) == 2
     for run_id in ids:

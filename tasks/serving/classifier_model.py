@@ -13,6 +13,8 @@ model raises MlflowException(INVALID_PARAMETER_VALUE): the scoring server answer
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 import mlflow
@@ -62,10 +64,21 @@ def as_pixel_batch(model_input: Any, image_shape: tuple[int, ...]) -> np.ndarray
     return pixels
 
 
+def quiet_tensorflow_on_cpu() -> None:
+    """Fatal TensorFlow messages only on a machine without an NVIDIA GPU, where its first
+    use logs "failed call to cuInit" as an error that is none for a CPU model server; a
+    level the caller set (TF_CPP_MIN_LOG_LEVEL) wins, and a TensorFlow already loaded keeps
+    its own. (This file is the model's code, loaded without this repository: the same rule
+    lives in tasks/console.py for the pipeline's processes.)"""
+    if "tensorflow" not in sys.modules and not os.path.exists("/dev/nvidia0"):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
 class ImageClassifier(mlflow.pyfunc.PythonModel):
     """Raw pixels in, class probabilities and names out."""
 
     def load_context(self, context: Any) -> None:
+        quiet_tensorflow_on_cpu()
         import keras
 
         # Safe mode: a tampered model file with a Python function in it is refused.

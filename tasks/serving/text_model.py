@@ -15,6 +15,8 @@ never generated. A prompt shorter than the model's context is left-padded.
 from __future__ import annotations
 
 import json
+import os
+import sys
 from typing import Any
 
 import mlflow
@@ -49,10 +51,21 @@ def prompts_of(model_input: Any) -> list[str]:
     return prompts
 
 
+def quiet_tensorflow_on_cpu() -> None:
+    """Fatal TensorFlow messages only on a machine without an NVIDIA GPU, where its first
+    use logs "failed call to cuInit" as an error that is none for a CPU model server; a
+    level the caller set (TF_CPP_MIN_LOG_LEVEL) wins, and a TensorFlow already loaded keeps
+    its own. (This file is the model's code, loaded without this repository: the same rule
+    lives in tasks/console.py for the pipeline's processes.)"""
+    if "tensorflow" not in sys.modules and not os.path.exists("/dev/nvidia0"):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
 class TextGenerator(mlflow.pyfunc.PythonModel):
     """A prompt in, the next-token distribution or generated text out."""
 
     def load_context(self, context: Any) -> None:
+        quiet_tensorflow_on_cpu()
         import keras
 
         model = keras.saving.load_model(

@@ -66,6 +66,25 @@ def bind_or_check(client: Any, model_name: str, wanted: dict[str, str]) -> None:
         )
 
 
+def check_dataset(client: Any, model_name: str, dataset: str) -> None:
+    """Refuse, before any work, a run whose data another task's model name is bound to.
+
+    The dataset is known from the config alone (the input shape and classes only once the
+    data stage has read the data; register checks all of them again)."""
+    import mlflow
+
+    try:
+        bound = client.get_registered_model(model_name).tags.get("dataset")
+    except mlflow.exceptions.MlflowException:
+        return  # no such model yet: this run will bind it
+    if bound is not None and bound != dataset:
+        raise RegistryBindingError(
+            f"registered model {model_name!r} serves another task (dataset {bound} vs this "
+            f"run's {dataset}): register this model under another name "
+            f"(register.model_name=..., or `auto` for <dataset>-<model>); nothing was run"
+        )
+
+
 def should_promote(candidate: float, champion: float | None, margin: float) -> bool:
     """Promote when there is no champion, or the candidate is better by at least ``margin``.
 
@@ -167,3 +186,14 @@ def load_version(model_name: str, version: str) -> Any:
         )
         [model_file] = Path(local).rglob("*.keras")
         return load_model_file(model_file)
+
+
+def outcome_line(record: dict[str, Any]) -> str:
+    """The result a long command ends with (`dvc repro`, `make smoke`, a deployment run
+    watched with `--watch`): test accuracy, the version and its aliases, where the run is."""
+    mlflow = record.get("mlflow") or {}
+    where = mlflow.get("ui_url") or f"run {record['run_id']} in {mlflow.get('tracking_uri')}"
+    return (
+        f"test accuracy {record['test_accuracy']:.4f}; registered {record['model_name']} "
+        f"version {record['version']} ({', '.join(record['aliases'])}); MLflow: {where}"
+    )

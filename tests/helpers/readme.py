@@ -255,7 +255,7 @@ class DirectiveParser:
     """``<!-- readme-test: ACTION ARGS -->`` in front of a block."""
 
     def __init__(self) -> None:
-        self.lexer = DirectiveInHTMLCommentLexer(directive="readme-test", arguments=".+")
+        self.lexer = DirectiveInHTMLCommentLexer(directive="readme-test")
 
     def __call__(self, document):
         for lexed in self.lexer(document):
@@ -273,6 +273,7 @@ def readme_sybil() -> Sybil:
             CodeBlockParser(language="console", evaluator=evaluate_console),
             CodeBlockParser(language="python", evaluator=evaluate_python),
         ],
+        path=str(Path(__file__).resolve().parents[2]),  # the repository root
         patterns=["README.md"],
         fixtures=["readme_shell"],
     )
