@@ -32,6 +32,7 @@ from flows.pipeline import (
 from flows.stage import STAGE_NAMES
 from tasks import tracking
 from tasks.config import ConfigError, PipelineConfig
+from tasks.tracking.registry import outcome_line
 from tasks.workspace import Workspace, read_json
 
 PIPELINE_DEPLOYMENT = "training-pipeline/local"
@@ -126,6 +127,8 @@ def training_sweep(
         raise
     record_sweep(parent_id, results, best, record)
     publish_sweep_summary(parent_id, results, best, record)
+    winner = json.dumps(point_list[best], sort_keys=True)
+    get_run_logger().info("sweep winner: point %d %s; %s", best, winner, outcome_line(record))
     return {"parent_run_id": parent_id, "points": results, "best": best, "registration": record}
 
 
@@ -182,6 +185,13 @@ def run_points(deployment: str, parameters: list[dict[str, Any]], max_parallel: 
                 if state is not None and state.is_final():
                     finished[index] = client.read_flow_run(run_id)
                     del running[index]
+                    get_run_logger().info(
+                        "point %d of %d (%s) %s",
+                        index,
+                        len(parameters),
+                        finished[index].name,
+                        state.name,
+                    )
     return [finished[index] for index in range(len(parameters))]
 
 

@@ -170,6 +170,10 @@ def test_a_sweep_nests_its_points_and_registers_only_the_best(stack):
         stack, "training-sweep/sweep", {"points": points, "overrides": tiny(name)}
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # `--watch` says each point's end and ends with the winner and its registered version
+    assert result.stdout.count("point ") >= 2 and " of 2 (" in result.stdout, result.stdout
+    last = result.stdout.strip().splitlines()[-6:]
+    assert any("sweep winner: point" in line and "registered" in line for line in last), last
 
     client = client_for(stack)
     runs = runs_of(client, name)

@@ -114,3 +114,25 @@ def test_every_version_carries_its_lineage(tmp_path):
     versions = json.loads(tags["versions"])
     assert {"tensorflow", "keras", "nvidia-dali-cuda120", "python"} <= set(versions)
     assert tags["device"].startswith("CPU")
+
+
+@pytest.mark.parametrize("entry", ["flows.pipeline", "flows.stage"])
+def test_a_name_bound_to_other_data_is_refused_before_the_data_stage(tmp_path, entry):
+    """`register.model_name=fashion_mnist-fast_cnn` on synthetic data: refused from the config
+    alone, before any data is read or an MLflow run opened, and said once."""
+    from tests.test_input_errors import make_project, run_entry_point
+
+    root = make_project(tmp_path / "project", **{"register.model_name": "fashion_mnist-fast_cnn"})
+    client = store(root)
+    client.create_registered_model("fashion_mnist-fast_cnn", tags={"dataset": "fashion_mnist"})
+    args = ("data",) if entry == "flows.stage" else ("--workdir", ".")
+    result = run_entry_point(root, entry, *args)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    said = [line for line in output.splitlines() if "serves another task" in line]
+    assert len(said) == 1, output
+    assert "dataset fashion_mnist vs this run's synthetic" in said[0]
+    assert "Traceback" not in output
+    assert not (root / "data" / "prepared").exists(), "the data stage did no work"
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert client.search_runs(experiments) == [], "no MLflow run was opened"

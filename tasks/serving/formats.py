@@ -246,10 +246,11 @@ def run_litert(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     [result] = interpreter.get_output_details()
 
     def predict(pixels: np.ndarray) -> np.ndarray:
-        interpreter.resize_tensor_input(source["index"], pixels.shape)
-        interpreter.allocate_tensors()
-        interpreter.set_tensor(source["index"], pixels.astype(source["dtype"]))
-        interpreter.invoke()
+        with console.routed_stderr_lines(without_litert_chatter):  # the delegate's INFO line
+            interpreter.resize_tensor_input(source["index"], pixels.shape)
+            interpreter.allocate_tensors()
+            interpreter.set_tensor(source["index"], pixels.astype(source["dtype"]))
+            interpreter.invoke()
         out = interpreter.get_tensor(result["index"])
         scale, zero = result["quantization"]
         return (out.astype("float32") - zero) * scale if scale else out.astype("float32")

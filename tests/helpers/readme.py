@@ -12,8 +12,10 @@ Directives (an HTML comment right before a block, invisible on GitHub):
 
 - ``<!-- skip: next "reason" -->`` (Sybil's own): not executable here, and why.
 - ``<!-- readme-test: shrink KEY=VALUE ... -->``: the next block runs with these dotted
-  params overrides appended to each `python -m flows.*` pipeline command, `make smoke`
-  (as ``OVERRIDES=...``) and `dvc exp run` (as ``-S KEY=VALUE``). Sizes and epochs only.
+  params overrides added to each `python -m flows.pipeline` / `flows.sweep` command
+  (after its own overrides, before its first option, which keeps ``--stages`` values),
+  `make smoke` (as ``OVERRIDES=...``) and `dvc exp run` (as ``-S KEY=VALUE``). Sizes and
+  epochs only; a later override of the same key wins.
 - ``<!-- readme-test: background ready="TEXT" -->``: the next block starts a server; it
   keeps running in the background once TEXT appears in its output, until
   ``<!-- readme-test: stop -->`` or the end of the document.
@@ -163,14 +165,24 @@ def apply_shrink(source: str, overrides: list[str]) -> str:
     out = []
     for line in logical_lines(source):
         command, comment = re.match(r"(.*?)(\s+#.*)?$", line).groups()
-        if PIPELINE_COMMAND.match(command):
-            command += " " + " ".join(shlex.quote(item) for item in overrides)
+        if PIPELINE_COMMAND.match(command):  # after the block's overrides, before options
+            added = " ".join(shlex.quote(item) for item in overrides)
+            option = re.search(r"\s--[a-z]", command)
+            at = option.start() if option else len(command)
+            command = f"{command[:at]} {added}{command[at:]}"
         elif MAKE_SMOKE.match(command):
             command += " OVERRIDES=" + shlex.quote(" ".join(overrides))
         elif DVC_EXP_RUN.match(command):
             command += "".join(f" -S {shlex.quote(item)}" for item in overrides)
         out.append(command + (comment or ""))
     return "\n".join(out)
+
+
+def check_store(shell: Shell) -> None:
+    """MLflow's own default store (./mlflow.db) must never appear: every command reaches
+    the store params.yaml names."""
+    stray = shell.root / "mlflow.db"
+    assert not stray.exists(), f"{stray} was created: a command used MLflow's default store"
 
 
 def check_quiet(output: str) -> None:
@@ -195,6 +207,7 @@ def evaluate_bash(example: Example) -> None:
     code, output = shell.run(source)
     assert code == 0, f"block exited {code}; its output ends:\n{output[-6000:]}"
     check_quiet(output)
+    check_store(shell)
 
 
 def evaluate_python(example: Example) -> None:
@@ -202,9 +215,11 @@ def evaluate_python(example: Example) -> None:
 
 
 def evaluate_bash_source(example: Example, source: str) -> None:
-    code, output = shell_of(example).run(source)
+    shell = shell_of(example)
+    code, output = shell.run(source)
     assert code == 0, f"block exited {code}; its output ends:\n{output[-6000:]}"
     check_quiet(output)
+    check_store(shell)
 
 
 def console_steps(text: str) -> list[tuple[str, list[str]]]:
