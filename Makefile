@@ -26,7 +26,9 @@ STEP = @start=$$(date +%s); printf '%s ... ' $(1); $(2) && echo "done in $$(( $$
 $(STAMP): pyproject.toml requirements.lock
 	$(call STEP,"[1/4] virtualenv $(VENV)",test -x $(BIN)/python || $(PYTHON) -m venv $(VENV))
 	$(call STEP,"[2/4] pip and build tools",$(BIN)/python -m pip install --quiet pip==26.3 setuptools==84.2.1 wheel==0.48.0)
-	$(call STEP,"[3/4] pinned dependencies (about 1 GB: TensorFlow; DALI; MLflow; Prefect; DVC)",$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]')
+	@# setuptools warns that any editable install may import same-named folders of the
+	@# working directory: here that folder is the package itself.
+	$(call STEP,"[3/4] pinned dependencies (about 1 GB: TensorFlow; DALI; MLflow; Prefect; DVC)",PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]')
 	@# Source-only plugin, compiled against the TensorFlow just installed (about 40 s).
 	$(call STEP,"[4/4] DALI TensorFlow plugin (compiled; about 40 s)",$(BIN)/python -m pip install --quiet --no-build-isolation --no-cache-dir nvidia-dali-tf-plugin-cuda120==2.4.0)
 	@touch $(STAMP)

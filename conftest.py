@@ -13,6 +13,13 @@ from tests.helpers.readme import Shell, readme_sybil
 pytest_collect_file = readme_sybil().pytest()
 
 
+def pytest_collection_modifyitems(items):
+    """The README's blocks run whole pipelines: they belong to the slow tier."""
+    for item in items:
+        if item.path.name == "README.md":
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def readme_shell(tmp_path_factory):
     """A fresh clone of this checkout, its `.venv` the suite's own virtualenv (what `make

@@ -167,11 +167,18 @@ def missing_data_message(
     cache = (
         f"data version {version} of {DATA_OUT} ({uri}) is not in the DVC cache {storage['cache']}"
     )
+    # `python -m flows.pipeline` and deployment runs write their data to runs/<id>/, which
+    # DVC never caches: no push anywhere can help those, so say so instead.
+    flow_runs = (
+        f"; if {uri} was trained by `python -m flows.pipeline` or a deployment run on data "
+        "that is not synthetic, its data was never in DVC (only `dvc repro` and `dvc exp "
+        "run` put it there): retrain it with one of those to get a reproducible version"
+    )
     if storage["remote"] is None:
         return (
             f"{cache}, and no DVC remote is configured to pull it from: add the one it was "
             "pushed to (`dvc remote add -d storage <url>`), or run `dvc push` where it was "
-            "trained"
+            "trained" + flow_runs
         )
     where = f"remote {storage['remote']!r} ({storage['url']})"
     output = pulled.stdout + pulled.stderr
@@ -183,5 +190,5 @@ def missing_data_message(
     return (
         f"{cache} {why}: run `dvc push` in the clone where it was trained, or point this "
         f"project at the storage that has it (`dvc remote modify --local {storage['remote']} "
-        "url <url>`)"
+        "url <url>`)" + flow_runs
     )

@@ -1,7 +1,7 @@
 """Rebuild a registered model version from what it records, and compare it with the original.
 
     python -m flows.reproduce models:/cifar10-seed_cnn/3
-    prefect deployment run 'reproduce-version/local' -p model_uri=models:/cifar10-cnn/3 --watch
+    prefect deployment run 'reproduce-version/local' -p model_uri=models:/cifar10-seed_cnn/3 --watch
 
 The version's tags name its commit, data version (DVC hash) and resolved params. That
 commit is checked out in a temporary git worktree, the data version is restored there
@@ -39,7 +39,7 @@ from flows.reproduction import (
     parse_model_uri,
     verdict,
 )
-from tasks import tracking
+from tasks import console, tracking
 from tasks.config import load_config
 from tasks.errors import ReproduceError
 from tasks.workspace import read_json, write_json
@@ -193,9 +193,7 @@ def child_env(tracking_uri: str) -> dict[str, str]:
     worker's per-flow-run variables (PREFECT__FLOW_RUN_ID...): its flow run is its own."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT__")}
     env[tracking.TRACKING_ENV] = tracking_uri
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    return env
+    return console.process_defaults() | env  # what the user set wins
 
 
 def run_to_end(command: list[str], cwd: Path, env: dict[str, str]) -> int:

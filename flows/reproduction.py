@@ -57,7 +57,7 @@ def parse_model_uri(uri: str) -> tuple[str, str]:
         quoted = repr(uri)[:MAX_QUOTED_CHARS]
         raise ReproduceError(
             f"{quoted} is not a model version URI: expected models:/<name>/<version>, e.g. "
-            "models:/cifar10-cnn/3 (name: letters, digits, '.', '_', '-'; version: a number)"
+            "models:/cifar10-seed_cnn/3 (name: letters, digits, '.', '_', '-'; version: a number)"
         )
     return match["name"], match["version"]
 

@@ -39,16 +39,22 @@ def has_nvidia_gpu() -> bool:
     return (gpus.is_dir() and any(gpus.iterdir())) or Path("/dev/nvidia0").exists()
 
 
+def process_defaults() -> dict[str, str]:
+    """The environment defaults of every pipeline process (a child process started with
+    another environment gets them too: flows/reproduce.py)."""
+    return NO_TELEMETRY | {
+        # Progress bars for millisecond downloads of local artifacts only clutter stage logs.
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "TF_CPP_MIN_LOG_LEVEL": "1" if has_nvidia_gpu() else "3",  # 3: fatal only
+    }
+
+
 def prepare_process() -> str | None:
     """Set the log level and telemetry defaults; return the one line to print on a
     CPU-only machine (None with a GPU)."""
-    for key, value in NO_TELEMETRY.items():
+    for key, value in process_defaults().items():
         os.environ.setdefault(key, value)
-    # Progress bars for millisecond downloads of local artifacts only clutter stage logs.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    gpu = has_nvidia_gpu()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1" if gpu else "3")  # 3: fatal only
-    return None if gpu else "no GPU found: TensorFlow and DALI run on the CPU"
+    return None if has_nvidia_gpu() else "no GPU found: TensorFlow and DALI run on the CPU"
 
 
 @contextmanager

@@ -18,6 +18,7 @@ from tasks.errors import DataFileError
 from tasks.text import corpus, language, windows
 from tasks.workspace import Workspace
 from tests.conftest import PARAMS, TINY, pipeline_env, read_mlflow
+from tests.helpers.readme import check_quiet, check_result
 from tests.test_pipeline_dvc import dvc_repro, stages_run
 
 LICENSES = Path("/usr/share/common-licenses")
@@ -127,6 +128,8 @@ def test_the_language_model_pipeline_beats_the_unigram_baseline_and_serves_promp
 
     root, output = text_repro
     assert stages_run(output) == ["data", "preprocess", "train", "evaluate", "register", "export"]
+    check_result(output)
+    check_quiet(output)
     ws = Workspace(root)
     test = json.loads(ws.metrics.read_text())["test"]
     assert test["perplexity"] < test["unigram_perplexity"], test

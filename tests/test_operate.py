@@ -200,6 +200,9 @@ def test_a_bad_override_fails_fast_with_the_key_and_leaves_nothing(stack):
         stack, "training-pipeline/local", {"overrides": tiny(name, **{"train.epoch": 3})}
     )
     assert result.returncode != 0
+    # what the README shows `--watch` printing
+    assert "Finished in state Failed(\"unknown config key 'train.epoch'" in result.stdout
+    assert result.stdout.strip().endswith("Flow run finished in state 'Failed'."), result.stdout
     state = stack.flow_run(run_id)["state"]
     assert state["type"] == "FAILED" and "train.epoch" in state["message"]
     assert not (stack.root / "runs" / run_id).exists()

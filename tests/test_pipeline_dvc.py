@@ -16,6 +16,7 @@ from tasks import console
 from tasks.config import load_config
 from tasks.workspace import Workspace
 from tests.conftest import pipeline_env, read_mlflow
+from tests.helpers.readme import check_quiet, check_result
 from tests.pipeline_checks import check_pipeline_run
 
 pytestmark = pytest.mark.slow
@@ -28,7 +29,7 @@ def dvc_repro(root: Path) -> str:
         ["dvc", "repro"], cwd=root, env=env, capture_output=True, text=True, timeout=900
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return result.stdout
+    return result.stderr + result.stdout  # DVC's own lines (stdout) last
 
 
 def stages_run(output: str) -> list[str]:
@@ -45,6 +46,8 @@ def repro(tiny_repro):
 def test_first_repro_runs_every_stage_and_records_everything(repro):
     root, output = repro
     assert stages_run(output) == list(STAGES)
+    check_result(output)  # it ends with the result line, after DVC's two
+    check_quiet(output)  # and says nothing that reads as a failure
     params = yaml.safe_load((root / "params.yaml").read_text())
     tracking_uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"  # the default store
     client, runs = read_mlflow(tracking_uri, params["mlflow"]["experiment"])

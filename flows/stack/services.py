@@ -38,6 +38,8 @@ PORT_FLAGS = {
     "PostgreSQL": "--postgres-port",
     "S3 emulator": "--s3-port",
 }
+# What `make serve` / `make ui` users set instead of the flag (the Makefile passes it on).
+MAKE_VARIABLES = {"MLflow server": "MLFLOW_PORT", "Prefect server": "PREFECT_PORT"}
 
 
 @dataclass
@@ -123,11 +125,13 @@ def check_ports(host: str, ports: dict[str, int]) -> None:
             try:
                 probe.bind((host, port))
             except OSError as error:
-                flag = PORT_FLAGS[name]
+                choose = PORT_FLAGS[name]
+                if name in MAKE_VARIABLES:
+                    choose += f" (with make: {MAKE_VARIABLES[name]}=...)"
                 raise PortInUse(
                     f"port {port} on {host} is in use ({error.strerror}), and the {name} "
                     f"needs it: stop what listens there (`ss -ltnp 'sport = :{port}'`) or "
-                    f"choose another port with {flag}"
+                    f"choose another port with {choose}"
                 ) from None
 
 

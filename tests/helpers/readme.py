@@ -16,6 +16,9 @@ Directives (an HTML comment right before a block, invisible on GitHub):
   (after its own overrides, before its first option, which keeps ``--stages`` values),
   `make smoke` (as ``OVERRIDES=...``) and `dvc exp run` (as ``-S KEY=VALUE``). Sizes and
   epochs only; a later override of the same key wins.
+- ``<!-- readme-test: result -->``: the next block must end with the pipeline's result
+  line (test accuracy, registered version, MLflow run) among its last ``RESULT_WITHIN``
+  lines (DVC and Prefect print a few of their own after it).
 - ``<!-- readme-test: background ready="TEXT" -->``: the next block starts a server; it
   keeps running in the background once TEXT appears in its output, until
   ``<!-- readme-test: stop -->`` or the end of the document.
@@ -45,6 +48,8 @@ from sybil.parsers.markdown.lexers import DirectiveInHTMLCommentLexer
 BLOCK_TIMEOUT_S = 900  # the longest README block (a shrunk pipeline run) takes ~1-2 min
 READY_TIMEOUT_S = 240  # a server's first answer (make serve-model loads TensorFlow)
 OS_PATH = "/usr/local/bin:/usr/bin:/bin"
+RESULT_WITHIN = 5  # lines from the end of a block's output
+RESULT_LINE = re.compile(r"test accuracy [\d.]+; registered \S+ version \d+ .*; MLflow: ")
 
 # Lines that read as a failure (or a warning nobody can act on) on a run that succeeded.
 ALARMING = re.compile(
@@ -66,6 +71,7 @@ class Shell:
     root: Path
     env: dict[str, str]
     shrink: list[str] = field(default_factory=list)  # for the next block only
+    expect_result: bool = False  # the next block ends with the pipeline's result line
     ready: str | None = None  # the next block is a background server, up once this shows
     servers: list[tuple[subprocess.Popen, Path]] = field(default_factory=list)
     transcript: list[str] = field(default_factory=list)  # what each block printed
@@ -185,6 +191,14 @@ def check_store(shell: Shell) -> None:
     assert not stray.exists(), f"{stray} was created: a command used MLflow's default store"
 
 
+def check_result(output: str) -> None:
+    last = output.strip().splitlines()[-RESULT_WITHIN:]
+    assert any(RESULT_LINE.search(line) for line in last), (
+        "the block does not end with the pipeline's result line; its last lines:\n"
+        + "\n".join(last)
+    )
+
+
 def check_quiet(output: str) -> None:
     alarming = [m.group(0) for m in ALARMING.finditer(output)]
     lines = [line for line in output.splitlines() if ALARMING.search(line)]
@@ -208,6 +222,9 @@ def evaluate_bash(example: Example) -> None:
     assert code == 0, f"block exited {code}; its output ends:\n{output[-6000:]}"
     check_quiet(output)
     check_store(shell)
+    if shell.expect_result:
+        shell.expect_result = False
+        check_result(output)
 
 
 def evaluate_python(example: Example) -> None:
@@ -260,6 +277,8 @@ def evaluate_directive(example: Example) -> None:
         shell.shrink = shlex.split(rest)
     elif action == "background":
         shell.ready = shlex.split(rest.removeprefix("ready="))[0]
+    elif action == "result":
+        shell.expect_result = True
     elif action == "stop":
         shell.stop()
     else:
