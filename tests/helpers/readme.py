@@ -4,9 +4,10 @@ Sybil finds the fenced blocks (```bash, ```console, ```python) and the directive
 comments in front of them; this module says how each runs. Every block runs in order, in
 one fresh git clone of this checkout with the suite's virtualenv as its `.venv` (what
 `make venv` would have built), in a shell whose environment starts nearly empty (PATH of
-the OS, a temporary HOME, LANG) and then holds only what the README's own blocks export
-or source: the environment and working directory one block leaves are the next block's,
-as in one terminal. No MLFLOW_*, PREFECT_* or AWS_* variable of the test process gets in.
+the OS, a temporary HOME, LANG, a 120-column width) and then holds only what the README's
+own blocks export or source: the environment and working directory one block leaves are
+the next block's, as in one terminal. No MLFLOW_*, PREFECT_* or AWS_* variable of the
+test process gets in.
 
 Directives (an HTML comment right before a block, invisible on GitHub):
 
@@ -38,6 +39,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,12 +75,12 @@ class Shell:
     shrink: list[str] = field(default_factory=list)  # for the next block only
     expect_result: bool = False  # the next block ends with the pipeline's result line
     ready: str | None = None  # the next block is a background server, up once this shows
-    servers: list[tuple[subprocess.Popen, Path]] = field(default_factory=list)
-    transcript: list[str] = field(default_factory=list)  # what each block printed
+    servers: list[subprocess.Popen] = field(default_factory=list)
 
     @classmethod
     def fresh(cls, root: Path, home: Path) -> Shell:
         env = {"PATH": OS_PATH, "HOME": str(home), "LANG": "C.UTF-8", "PWD": str(root)}
+        env["COLUMNS"] = "120"  # a terminal's width: tables (dvc exp show) are laid out for it
         return cls(root, env)
 
     def script(self, source: str, state: Path) -> str:
@@ -100,7 +102,6 @@ class Shell:
             )
             if result.returncode == 0 and state.is_file():
                 self.env = read_env(state.read_bytes())
-        self.transcript.append(result.stdout)
         return result.returncode, result.stdout
 
     def start(self, source: str, ready: str, log: Path) -> None:
@@ -113,7 +114,7 @@ class Shell:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: stopped as a whole
             )
-        self.servers.append((process, log))
+        self.servers.append(process)
         deadline = time.monotonic() + READY_TIMEOUT_S
         while ready not in log.read_text(errors="replace"):
             if process.poll() is not None or time.monotonic() > deadline:
@@ -125,25 +126,17 @@ class Shell:
 
     def stop(self) -> None:
         """Ctrl-C to every background block (its whole process group), as a user would."""
-        for process, _ in self.servers:
-            with _ignore_gone():
+        for process in self.servers:
+            with suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGINT)
-        for process, _ in self.servers:
+        for process in self.servers:
             try:
                 process.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                with _ignore_gone():
+                with suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
         self.servers = []
-
-
-class _ignore_gone:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind, value, trace) -> bool:
-        return kind is ProcessLookupError
 
 
 def read_env(dump: bytes) -> dict[str, str]:
@@ -214,7 +207,7 @@ def evaluate_bash(example: Example) -> None:
     source = example.parsed
     if shell.ready is not None:
         ready, shell.ready = shell.ready, None
-        log = shell.root / f".readme-server-{len(shell.servers)}.log"
+        log = Path(shell.env["HOME"]) / f"server-{len(shell.servers)}.log"  # outside the clone
         shell.start(apply_shrink(source, shell.shrink), ready, log)
         shell.shrink = []
         return
@@ -251,7 +244,8 @@ def console_steps(text: str) -> list[tuple[str, list[str]]]:
 
 
 def line_pattern(expected: str) -> re.Pattern:
-    parts = [re.escape(part) for part in expected.strip().split("...")]
+    """``...`` is any text; a run of spaces any run of whitespace (table columns)."""
+    parts = [r"\s+".join(map(re.escape, part.split())) for part in expected.split("...")]
     return re.compile(".*".join(parts))
 
 
