@@ -1,6 +1,9 @@
-"""Error types shared by stages and entry points; a leaf module that imports nothing of ours."""
+"""Error types shared by stages and entry points, and the checks several stages raise them
+from; a leaf module that imports nothing of ours."""
 
 from __future__ import annotations
+
+import math
 
 
 class ModelFileError(ValueError):
@@ -61,3 +64,22 @@ class RegistryLockError(RuntimeError):
     """The lock that serializes a registered model's alias moves could not be taken: its
     server is unreachable, it stayed held past the timeout, or it was reconfigured; the
     message names the lock and how to inspect it."""
+
+
+class DivergedError(ValueError):
+    """Training produced a non-finite loss, or a model's test metrics are not finite: the
+    model is useless and must never be registered, promoted or exported; the message names
+    the epoch (or metric) and the likely cause."""
+
+
+def refuse_non_finite(headline: dict[str, float], stage: str) -> None:
+    """A model whose test loss or accuracy is NaN or infinite diverged: it must go no
+    further (the register stage checks again, for metrics written before this check)."""
+    bad = {key: value for key, value in headline.items() if not math.isfinite(value)}
+    if bad:
+        listed = ", ".join(f"{key}={value}" for key, value in bad.items())
+        raise DivergedError(
+            f"the model's test metrics are not finite ({listed}): it diverged in training "
+            f"(lower train.learning_rate); the {stage} stage stops "
+            "here, nothing is registered or exported"
+        )

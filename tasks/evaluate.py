@@ -15,6 +15,7 @@ import numpy as np
 
 from tasks import modality, models, tracking
 from tasks.config import PipelineConfig
+from tasks.errors import refuse_non_finite
 from tasks.images import augment
 from tasks.workspace import Workspace, atomic_dir, atomic_path, write_json
 
@@ -152,6 +153,7 @@ def run(cfg: PipelineConfig, ws: Workspace) -> dict:
     model = models.load_model_file(ws.model_file)  # inference only, safe mode
     with tracking.stage_run(cfg, ws, "evaluate"), atomic_dir(ws.evaluation) as details:
         headline, logged = modality.for_config(cfg).evaluate(cfg, ws, model, details)
+        refuse_non_finite(headline, "evaluate")
         summary = {"test": headline} | champion_margin(cfg.register.model_name, headline)
         write_json(ws.metrics, summary)  # `dvc metrics show`: headline only
         mlflow.log_metrics(logged)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import platform
 import sys
 import tempfile
@@ -24,6 +25,7 @@ from typing import Any
 
 from tasks import modality, tracking
 from tasks.config import PipelineConfig
+from tasks.errors import refuse_non_finite
 from tasks.modality import ServedModel
 from tasks.tracking import registry
 from tasks.tracking.registry_lock import registry_lock
@@ -166,6 +168,9 @@ def run(cfg: PipelineConfig, ws: Workspace) -> dict[str, Any]:
     import mlflow
 
     metrics = read_json(ws.metrics)
+    refuse_non_finite(  # null in metrics.json is a NaN evaluate wrote
+        {k: math.nan if v is None else v for k, v in metrics["test"].items()}, "register"
+    )
     with tracking.stage_run(cfg, ws, "register") as run_id:
         record = log_and_register(cfg, ws, run_id, metrics["test"]["accuracy"])
         record["mlflow"] = tracking.run_url(run_id)

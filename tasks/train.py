@@ -16,11 +16,13 @@ import numpy as np
 
 from tasks import modality, tracking
 from tasks.config import PipelineConfig
+from tasks.errors import DivergedError
 from tasks.images import augment
 from tasks.modality import TrainingData
 from tasks.models import Phase, build_model, check_weights, enter_phase, training_phases
 from tasks.training import distribute, recipe
 from tasks.training.checkpoint import TrainCheckpoint, epoch_metrics_logger
+from tasks.training.divergence import non_finite_loss_guard, raise_if_diverged
 from tasks.training.progress import epoch_progress
 from tasks.workspace import Workspace, atomic_path
 
@@ -110,6 +112,7 @@ def fit(
             }
         )
         marker = [phase_marker(phase)] if len(phases) > 1 else []
+        guard = non_finite_loss_guard()
         with dist.scope():
             enter_phase(model, phase, cfg.model)
             recipe.compile_model(model, settings, steps, xla=_xla(cfg), replicas=replicas)
@@ -121,6 +124,7 @@ def fit(
                 epochs=phase.end_epoch,
                 callbacks=[
                     clock,
+                    guard,  # before the loggers and checkpoints of the epoch it stops
                     progress,
                     *marker,
                     *(callbacks or []),
@@ -129,6 +133,8 @@ def fit(
                 shuffle=False,  # the data pipeline reshuffles every epoch itself
                 verbose=2,
             )
+        key = "train.finetune_learning_rate" if phase.index else "train.learning_rate"
+        raise_if_diverged(guard, phase.learning_rate, key)
         for key, values in result.history.items():
             history.setdefault(key, []).extend(float(v) for v in values)
     return model, history
@@ -214,7 +220,11 @@ def run(cfg: PipelineConfig, ws: Workspace) -> dict[str, list[float]]:
             else:  # trained, then stopped before the end (a tracking server lost)
                 print(f"all {done} epochs are in the {where}: finishing the stage")
             metrics.backfill(ckpt.read_history())
-        model, _ = fit(cfg, data, epoch, [metrics], ckpt, dist)
+        try:
+            model, _ = fit(cfg, data, epoch, [metrics], ckpt, dist)
+        except DivergedError:
+            ckpt.remove()  # a checkpoint of diverged weights must never be resumed
+            raise
         with atomic_path(ws.history) as history_tmp:
             shutil.copyfile(ckpt.history, history_tmp)
         with atomic_path(ws.model_file) as model_tmp:

@@ -7,6 +7,7 @@ a whole pipeline in another root (a temp dir in tests) without touching the repo
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -187,9 +188,22 @@ def glob_escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
+def finite_or_null(payload: Any) -> Any:
+    """``payload`` with NaN and infinities as None: JSON has no such numbers, and a bare
+    ``NaN`` (what Python's json writes) breaks every other reader (DVC, jq, browsers)."""
+    if isinstance(payload, float) and not math.isfinite(payload):
+        return None
+    if isinstance(payload, dict):
+        return {key: finite_or_null(value) for key, value in payload.items()}
+    if isinstance(payload, (list, tuple)):
+        return [finite_or_null(value) for value in payload]
+    return payload
+
+
 def write_json(target: Path, payload: Any) -> None:
+    text = json.dumps(finite_or_null(payload), indent=2, sort_keys=True, allow_nan=False)
     with atomic_path(target) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(text + "\n")
 
 
 def read_json(path: Path) -> Any:

@@ -78,7 +78,8 @@ def parity_failures(report: dict[str, Any]) -> list[str]:
         f"top-1 agreement {row['top1_agreement']:.4f} on {report['samples']} test images"
         for variant, row in report["formats"].items()
         if not row["quantized"]
-        and (row["max_abs_diff"] > PARITY_BOUND or row["top1_agreement"] < 1.0)
+        # `not <=`: a NaN difference is a failure, never "within the bound"
+        and not (row["max_abs_diff"] <= PARITY_BOUND and row["top1_agreement"] >= 1.0)
     ]
 
 
