@@ -186,7 +186,7 @@ def test_a_truncated_model_file_is_named(tmp_path):
 
     done = run_entry_point(root, "flows.stage", "evaluate")
     line = the_error_line(done, "error in stage 'evaluate'")
-    assert f"{ws.model_file} is not a loadable .keras model" in line
+    assert f"{ws.model_file} is not a .keras archive (" in line and "truncated" in line
     assert "dvc repro train" in line
     assert run_statuses(root) == []
 
@@ -278,3 +278,49 @@ def test_an_offline_download_under_the_stage_cli_ends_its_run_failed(tmp_path):
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert "stage data" in run.data.tags["pipeline.end_reason"]
     assert not Workspace(root).run_handle.exists()
+
+
+def crafted_keras_file(path: Path, edit) -> Path:
+    """A real .keras file of a tiny model whose config.json ``edit`` rewrites (an attacker's
+    file, or one a disk or a copy damaged)."""
+    import json as jsonlib
+    import zipfile
+
+    import keras
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="dense")])
+    clean = path.with_suffix(".clean.keras")
+    model.save(clean)
+    with zipfile.ZipFile(clean) as source, zipfile.ZipFile(path, "w") as target:
+        for item in source.infolist():
+            data = source.read(item.filename)
+            if item.filename == "config.json":
+                data = jsonlib.dumps(edit(jsonlib.loads(data))).encode()
+            target.writestr(item, data)
+    return path
+
+
+def test_a_model_file_naming_a_foreign_function_is_refused_in_one_line(tmp_path):
+    """A config asking Keras for `os.system` as a layer: nothing runs, and the loader
+    answers with the file's name, not Keras' TypeError."""
+    from tasks.errors import ModelFileError
+    from tasks.models import load_model_file
+
+    def os_system(config):
+        layer = config["config"]["layers"][-1]
+        layer.update({"module": "os", "class_name": "system", "registered_name": None})
+        return config
+
+    path = crafted_keras_file(tmp_path / "model.keras", os_system)
+    with pytest.raises(ModelFileError, match=r"model\.keras is not a loadable Keras model"):
+        load_model_file(path)
+
+
+def test_a_truncated_model_file_says_truncated_not_missing(tmp_path):
+    from tasks.errors import ModelFileError
+    from tasks.models import load_model_file
+
+    path = crafted_keras_file(tmp_path / "model.keras", lambda config: config)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ModelFileError, match=r"is not a \.keras archive \(\d+ bytes: truncated"):
+        load_model_file(path)

@@ -197,7 +197,7 @@ def test_load_model_file_names_a_corrupt_file(tmp_path):
 
     path = tmp_path / "model.keras"
     path.write_bytes(b"PK\x03\x04 not really a zip")
-    with pytest.raises(ModelFileError, match="not a loadable .keras model"):
+    with pytest.raises(ModelFileError, match=r"model.keras is not a .keras archive"):
         load_model_file(path)
 
 

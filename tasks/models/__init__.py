@@ -274,16 +274,23 @@ def load_model_file(path: Path) -> Any:
 
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run the train stage first (`dvc repro train`)")
+    rebuild = "rebuild it with the train stage (`dvc repro train`)"
+    if not zipfile.is_zipfile(path):  # Keras would say "File not found" of a cut archive
+        raise ModelFileError(
+            f"{path} is not a .keras archive ({path.stat().st_size} bytes: truncated, or not "
+            f"a Keras model file): {rebuild}"
+        )
     try:
         return keras.models.load_model(path, compile=False, safe_mode=True)
-    except (ValueError, OSError, zipfile.BadZipFile) as error:
+    except Exception as error:  # a crafted config fails Keras with TypeError, KeyError, ...
         if "safe_mode" in str(error):
             raise ModelFileError(
                 f"{path} holds executable code (a Lambda layer with a Python function), "
                 "which the pipeline never loads (Keras safe_mode): rebuild it with the train "
                 "stage (`dvc repro train`) from the models in tasks/models/"
             ) from None
+        said = (str(error).strip().splitlines() or [""])[0][:300]
         raise ModelFileError(
-            f"{path} is not a loadable .keras model (truncated or corrupt?): rebuild it with "
-            f"the train stage (`dvc repro train`); Keras said: {error}"
-        ) from error
+            f"{path} is not a loadable Keras model (corrupt, or its config names layers or "
+            f"functions Keras does not build: {type(error).__name__}: {said}): {rebuild}"
+        ) from None
