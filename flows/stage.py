@@ -28,6 +28,8 @@ from tasks.errors import (
     RegistryBindingError,
     RegistryLockError,
     TransferWeightsError,
+    os_error_line,
+    user_fixable_os_error,
 )
 from tasks.tracking import raise_interrupted
 from tasks.workspace import Workspace
@@ -70,15 +72,22 @@ class StageFailed(RuntimeError):
 
     @classmethod
     def wrap(cls, stage: str, error: BaseException) -> StageFailed:
-        expected = isinstance(error, expected_errors())
-        return cls(stage, f"{type(error).__name__}: {error}", expected)
+        return cls(stage, describe(error), is_expected(error))
 
 
 def is_expected(error: BaseException) -> bool:
     """A failure the user fixes: reported as one line, without a traceback."""
     if isinstance(error, StageFailed):
         return error.expected
-    return isinstance(error, expected_errors())
+    return isinstance(error, expected_errors()) or user_fixable_os_error(error) is not None
+
+
+def describe(error: BaseException) -> str:
+    """The one line for a failure: a disk-full or permission error names its path, what its
+    errno means and the fix; others their type and message."""
+    if (os_error := user_fixable_os_error(error)) is not None:
+        return os_error_line(os_error)
+    return f"{type(error).__name__}: {error}"
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
@@ -150,16 +159,16 @@ def main(argv: list[str] | None = None) -> int:
             from tasks.workspace import read_json
 
             print(outcome_line(read_json(ws.registration)), flush=True)  # `dvc repro`'s result
-    except expected_errors() as error:
-        close_failed_pipeline_run(ws, args.stage, error)
-        print(f"error in stage {args.stage!r}: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt as error:
         print(f"stage {args.stage!r} stopped by {str(error) or 'SIGINT'}", file=sys.stderr)
         return 130
-    except Exception as error:  # a bug: its traceback follows, and the run is not left open
-        close_failed_pipeline_run(ws, args.stage, error)
-        raise
+    except Exception as error:
+        close_failed_pipeline_run(ws, args.stage, error)  # never left open, whatever failed
+        if not is_expected(error):
+            raise  # a bug: its traceback follows
+        line = os_error_line(found) if (found := user_fixable_os_error(error)) else str(error)
+        print(f"error in stage {args.stage!r}: {line}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -3,7 +3,9 @@ from; a leaf module that imports nothing of ours."""
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 
 
 class ModelFileError(ValueError):
@@ -83,3 +85,32 @@ def refuse_non_finite(headline: dict[str, float], stage: str) -> None:
             f"(lower train.learning_rate); the {stage} stage stops "
             "here, nothing is registered or exported"
         )
+
+
+# OSErrors that are the machine's state, not a bug: the user frees space, fixes a
+# permission or a mount, and reruns. Anything else (a network error) keeps its own path.
+USER_FIXABLE_ERRNOS = {
+    errno.ENOSPC: "free space there (or point the output elsewhere)",
+    errno.EDQUOT: "free space in your quota there",
+    errno.EACCES: "fix the permissions of that path",
+    errno.EPERM: "fix the permissions of that path",
+    errno.EROFS: "remount it writable, or run where outputs can be written",
+}
+
+
+def user_fixable_os_error(error: BaseException | None) -> OSError | None:
+    """The disk-full, permission or read-only OSError behind ``error`` (itself or what
+    caused it), if that is what went wrong."""
+    seen = 0
+    while error is not None and seen < 10:  # a cause chain, never a cycle
+        if isinstance(error, OSError) and error.errno in USER_FIXABLE_ERRNOS:
+            return error
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
+
+
+def os_error_line(error: OSError) -> str:
+    """``<path>: <what the errno means> (<ENAME>): <what to do>``."""
+    path = error.filename or "a file"
+    name = errno.errorcode.get(error.errno, str(error.errno))
+    return f"{path}: {os.strerror(error.errno)} ({name}): {USER_FIXABLE_ERRNOS[error.errno]}"

@@ -114,6 +114,18 @@ class Workspace:
 
 
 @contextmanager
+def naming(target: Path) -> Iterator[None]:
+    """An OSError without a file name (a write into an open file: disk full) raised while
+    ``target`` is written gets ``target`` as its name, so the error can say where."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is None and error.errno is not None:
+            raise OSError(error.errno, os.strerror(error.errno), str(target)) from error
+        raise
+
+
+@contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temp path beside ``target``; rename it over ``target`` only on success.
 
@@ -131,7 +143,8 @@ def atomic_path(target: Path) -> Iterator[Path]:
     os.umask(umask)
     tmp.chmod(0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
     try:
-        yield tmp
+        with naming(target):
+            yield tmp
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -149,7 +162,8 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the output gets the usual mode
     try:
-        yield staging
+        with naming(target):
+            yield staging
         _swap_in(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful swap

@@ -324,3 +324,36 @@ def test_a_truncated_model_file_says_truncated_not_missing(tmp_path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(ModelFileError, match=r"is not a \.keras archive \(\d+ bytes: truncated"):
         load_model_file(path)
+
+
+@pytest.fixture
+def project_with_full_data_disk(tmp_path):
+    """A project whose data/ is a 1 MiB tmpfs: the data stage's outputs do not fit, while
+    the MLflow store beside it has room. Needs root (CI runs as root)."""
+    root = make_project(tmp_path / "project")
+    mount = root / "data"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (root needed): {done.stderr.strip()}")
+    try:
+        yield root
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_in_the_data_stage_is_one_line_naming_the_path(project_with_full_data_disk):
+    """ENOSPC while the data stage writes: exit 2, one line with the path, what the errno
+    means and the fix, no traceback; the run ends FAILED; no half-written data/prepared."""
+    root = project_with_full_data_disk
+    done = run_entry_point(root, "flows.stage", "data")
+    line = the_error_line(done, "error in stage 'data'")
+    assert str(root / "data") in line and "No space left on device (ENOSPC)" in line, line
+    assert "free space there" in line
+    assert run_statuses(root) == ["FAILED"]
+    assert not (root / "data" / "prepared").exists()
+    assert not list((root / "data").glob(".prepared*")), "the staging folder was removed"

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -266,6 +267,14 @@ def start_sweep_run(
     return run.info.run_id
 
 
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # colours Keras puts in its messages
+
+
+def end_reason(text: str) -> str:
+    """A run's end-reason tag: plain text (no terminal colour codes), cut to a tag's size."""
+    return ANSI_ESCAPE.sub("", text)[:MAX_TAG_CHARS]
+
+
 def end_run_quietly(run_id: str, status: str) -> None:
     """Close a run on the way out of a failure, without masking that failure."""
     import mlflow
@@ -334,7 +343,7 @@ def stage_run(
             # Leave the run open and the handle in place: a retry of this stage joins it.
             _end_quietly("RUNNING")
             raise
-        reason = f"stage {stage}: {type(error).__name__}: {error}"[:MAX_TAG_CHARS]
+        reason = end_reason(f"stage {stage}: {type(error).__name__}: {error}")
         _end_quietly("FAILED", tags={f"pipeline.stage.{stage}": "failed", END_REASON: reason})
         ws.run_handle.unlink(missing_ok=True)
         raise
@@ -453,7 +462,7 @@ def end_pipeline_run(
     current = client.get_run(run_id).info.status
     if current == "RUNNING" or (current == "FINISHED" and status != "FINISHED"):
         if reason:
-            client.set_tag(run_id, END_REASON, reason[:MAX_TAG_CHARS])
+            client.set_tag(run_id, END_REASON, end_reason(reason))
         client.set_terminated(run_id, status)
     if not keep_handle:
         ws.run_handle.unlink(missing_ok=True)
