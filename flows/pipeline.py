@@ -43,7 +43,9 @@ from flows.stage import (
 from flows.workdir import RUN_ID_FIELD, run_root, shared_path_overrides
 from tasks import console, tracking
 from tasks.config import ConfigError, PipelineConfig, load_config, load_profile, parse_override
+from tasks.models import check_input_fits
 from tasks.tracking import registry
+from tasks.train import image_size_key
 from tasks.workspace import Workspace, read_json
 
 STAGE_RETRIES = 2  # after the first attempt, for transient causes only
@@ -104,6 +106,14 @@ def training_pipeline(
             )
         if names[0] == "data":
             tracking.check_binding(cfg, ws)  # before a run is opened or any data is read
+        if cfg.data.source == "synthetic":  # its image size is known before any data exists
+            size, synthetic = cfg.data.synthetic.image_size, cfg.data.synthetic
+            check_input_fits(
+                cfg.model,
+                (size, size, synthetic.channels),
+                synthetic.num_classes,
+                image_size_key(cfg),
+            )
         run_id = tracking.start_pipeline_run(
             cfg, ws, run_name=f"prefect-{flow_run.get_name()}", parent_run_id=parent_run_id
         )

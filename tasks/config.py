@@ -35,6 +35,18 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+def available_memory() -> int | None:
+    """Bytes of memory the kernel says are available now (Linux); None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 class SyntheticConfig(_Section):
     train_size: int = Field(gt=0)
     test_size: int = Field(gt=0)
@@ -66,6 +78,36 @@ class DataConfig(_Section):
     labels_per_class: int = Field(ge=0)
     synthetic: SyntheticConfig
     text: TextConfig
+
+    @model_validator(mode="after")
+    def _synthetic_set_can_exist(self) -> DataConfig:
+        """The synthetic set's sizes are known here: a split left empty, or arrays bigger
+        than this machine's free memory, fail now rather than minutes later."""
+        if self.source != "synthetic":
+            return self
+        synthetic = self.synthetic
+        per_class = synthetic.train_size // synthetic.num_classes
+        held_out = round(self.val_fraction * per_class)
+        if held_out < 1 or held_out >= per_class:
+            which = "no validation example" if held_out < 1 else "no training example"
+            raise ValueError(
+                f"data.val_fraction={self.val_fraction} leaves {which}: each of the "
+                f"{synthetic.num_classes} classes has {per_class} of the "
+                f"data.synthetic.train_size={synthetic.train_size} examples; choose a "
+                "fraction that holds out at least one per class and keeps the rest"
+            )
+        # uint8 arrays, and the copies the train/validation split makes of them
+        needed = 2 * (synthetic.train_size + synthetic.test_size)
+        needed *= synthetic.image_size**2 * synthetic.channels
+        available = available_memory()
+        if available is not None and needed > available:
+            raise ValueError(
+                f"data.synthetic.train_size={synthetic.train_size} and test_size="
+                f"{synthetic.test_size} at {synthetic.image_size}x{synthetic.image_size}x"
+                f"{synthetic.channels} need about {needed / 2**30:.1f} GiB of memory, and "
+                f"this machine has {available / 2**30:.1f} GiB available: lower them"
+            )
+        return self
 
     @field_validator("classes")
     @classmethod

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from tasks import modality, tracking
-from tasks.config import DataConfig, PipelineConfig, SyntheticConfig, dataset_identity
+from tasks.config import ConfigError, DataConfig, PipelineConfig, SyntheticConfig, dataset_identity
 from tasks.errors import DataFileError, DataUnavailableError
 from tasks.images import idx
 from tasks.workspace import Workspace, atomic_dir, read_json
@@ -351,8 +351,10 @@ def split_train_val(
         members = np.flatnonzero(labels == label)
         is_val[rng.permutation(members)[: round(val_fraction * len(members))]] = True
     if is_val.all() or not is_val.any():
-        raise ValueError(
-            f"val_fraction {val_fraction} of {len(labels)} examples leaves an empty split"
+        which = "no validation example" if not is_val.any() else "no training example"
+        raise ConfigError(
+            f"data.val_fraction={val_fraction} of the {len(labels)} training examples leaves "
+            f"{which}: choose a fraction that holds out at least one per class"
         )
     return (images[~is_val], labels[~is_val]), (images[is_val], labels[is_val])
 

@@ -19,7 +19,15 @@ from tasks.config import PipelineConfig
 from tasks.errors import DivergedError
 from tasks.images import augment
 from tasks.modality import TrainingData
-from tasks.models import Phase, build_model, check_weights, enter_phase, training_phases
+from tasks.models import (
+    Phase,
+    build_model,
+    check_input_fits,
+    check_weights,
+    enter_phase,
+    image_size_key,
+    training_phases,
+)
 from tasks.training import distribute, recipe
 from tasks.training.checkpoint import TrainCheckpoint, epoch_metrics_logger
 from tasks.training.divergence import non_finite_loss_guard, raise_if_diverged
@@ -192,6 +200,7 @@ def run(cfg: PipelineConfig, ws: Workspace) -> dict[str, list[float]]:
     check_weights(cfg.model)  # pretrained weights reachable? before any work
     epoch = _epoch_variable()
     data = modality.for_config(cfg).training_data(cfg, ws, epoch)
+    check_input_fits(cfg.model, data.input_shape, data.outputs, image_size_key(cfg))
     summary = dist.describe(cfg.train.batch_size)
     if not dist.chief:  # trains in step with the chief; writes only its own checkpoint
         ckpt = TrainCheckpoint.for_run(cfg, ws, worker=distribute.worker_index())

@@ -94,3 +94,32 @@ def test_profile_with_a_typo_fails_naming_the_key(tmp_path):
         load_config(PARAMS, load_profile(bad))
     with pytest.raises(ConfigError, match="not found"):
         load_profile(tmp_path / "missing.yaml")
+
+
+def test_a_validation_fraction_that_holds_out_nothing_is_refused_before_any_work():
+    with pytest.raises(ConfigError, match=r"data.val_fraction=0.0001 leaves no validation example"):
+        load_config(PARAMS, {"data.source": "synthetic", "data.val_fraction": 0.0001})
+    with pytest.raises(ConfigError, match=r"leaves no training example"):
+        load_config(PARAMS, {"data.source": "synthetic", "data.val_fraction": 0.9999})
+
+
+def test_a_synthetic_set_bigger_than_memory_is_refused_before_allocating():
+    from tasks.config import available_memory
+
+    huge = {"data.source": "synthetic", "data.synthetic.train_size": 100_000_000}
+    if available_memory() is None or available_memory() > 572 * 2**30:
+        pytest.skip("memory unknown here (no /proc/meminfo), or more than the set needs")
+    with pytest.raises(ConfigError, match=r"need about 572\.2 GiB of memory.*lower them"):
+        load_config(PARAMS, huge)
+
+
+def test_an_image_too_small_for_the_model_names_the_key_and_the_smallest_size():
+    from tasks.models import check_input_fits
+
+    cfg = load_config(PARAMS, {"data.source": "synthetic", "data.synthetic.image_size": 8})
+    with pytest.raises(ConfigError) as refused:
+        check_input_fits(cfg.model, (8, 8, 3), 10, "data.synthetic.image_size=8")
+    message = str(refused.value)
+    assert message.startswith("data.synthetic.image_size=8 is too small for model.name 'seed_cnn'")
+    assert "needs at least 18x18" in message and "\x1b" not in message
+    check_input_fits(cfg.model, (18, 18, 3), 10, "unused")  # the size it names does fit

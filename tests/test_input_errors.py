@@ -357,3 +357,14 @@ def test_a_full_disk_in_the_data_stage_is_one_line_naming_the_path(project_with_
     assert run_statuses(root) == ["FAILED"]
     assert not (root / "data" / "prepared").exists()
     assert not list((root / "data").glob(".prepared*")), "the staging folder was removed"
+
+
+def test_an_image_too_small_for_the_model_stops_the_flow_before_any_work(tmp_path):
+    """data.synthetic.image_size=8 with seed_cnn: one line naming the key and the smallest
+    size, before a run is opened or data made (it used to fail in training, with Keras'
+    traceback and colour codes in the run's end reason)."""
+    root = make_project(tmp_path / "project", **{"data.synthetic.image_size": 8})
+    done = run_entry_point(root, "flows.pipeline", "--workdir", ".")
+    line = the_error_line(done, "error:")
+    assert "data.synthetic.image_size=8 is too small for model.name 'seed_cnn'" in line, line
+    assert run_statuses(root) == [] and not (root / "data" / "prepared").exists()

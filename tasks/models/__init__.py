@@ -125,6 +125,48 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], outputs: int) ->
     return MODEL_BUILDERS[cfg.name](tuple(input_shape), outputs, cfg)
 
 
+def image_size_key(cfg: Any) -> str:
+    """What a user changes to get bigger images: the synthetic size, else the dataset."""
+    if cfg.data.source == "synthetic":
+        return f"data.synthetic.image_size={cfg.data.synthetic.image_size}"
+    return f"data.name={cfg.data.name} (its images)"
+
+
+TOO_SMALL = "output size would be zero or negative"  # Keras' words for a spent input
+
+
+def check_input_fits(
+    cfg: ModelConfig, input_shape: tuple[int, ...], outputs: int, key: str
+) -> None:
+    """Refuse, before training, an image the CNN's convolutions and pooling reduce to
+    nothing, naming ``key`` and the smallest size this model takes (found by building it,
+    so it follows the architecture, not a fixed number). Transfer models resize to
+    ``model.input_size`` (>= 32) and text models read no images: nothing to check."""
+    from tasks.config import ConfigError
+
+    if cfg.name not in ("seed_cnn", "fast_cnn"):
+        return
+
+    def fits(size: int) -> bool:
+        try:
+            build_model(cfg, (size, size, *input_shape[2:]), outputs)
+        except ValueError as error:
+            if TOO_SMALL not in str(error):
+                raise
+            return False
+        return True
+
+    size = input_shape[0]
+    if fits(size):
+        return
+    smallest = next((bigger for bigger in range(size + 1, 1025) if fits(bigger)), None)
+    raise ConfigError(
+        f"{key} is too small for model.name {cfg.name!r}: its convolutions and pooling "
+        f"reduce a {size}x{size} image to nothing; it needs at least {smallest}x{smallest} "
+        "(raise the image size, or choose another model.name)"
+    )
+
+
 @dataclass(frozen=True)
 class Phase:
     """A stretch of training with one set of trainable layers and one learning rate.
