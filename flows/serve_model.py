@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import base64
 import hmac
+import json
 import os
 import sys
 import tempfile
@@ -89,12 +90,119 @@ def require_credential(app: Any, credential: str) -> None:
         )
 
 
+MAX_BODY_MB = 8.0  # a batch of 256 CIFAR-sized images as JSON numbers is about 4 MB
+MAX_DEPTH = 32  # JSON nesting: an image batch is 4 deep, MLflow's envelopes add 2
+JSON_TYPES = ("application/json",)
+STRUCTURE = bytes(range(256)).translate(None, b"[]{}")  # every byte but brackets
+
+
+def json_depth(body: bytes) -> int:
+    """How deep ``body``'s brackets nest, at C speed (brackets inside strings count too:
+    a false alarm needs dozens of unbalanced ones in one request's text)."""
+    import numpy as np
+
+    brackets = np.frombuffer(body.translate(None, STRUCTURE), dtype=np.uint8)
+    if not brackets.size:
+        return 0
+    steps = np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)
+    return int(np.cumsum(steps).max())
+
+
+def client_error(status: int, code: str, message: str) -> Any:
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error_code": code, "message": message}, status_code=status)
+
+
+def guard_requests(app: Any, max_body_bytes: int) -> None:
+    """What MLflow's scoring app leaves to a gateway: a body size limit (413), a JSON
+    nesting limit checked before anything parses the body (deep nesting made its parser
+    answer 500), JSON only (its CSV path answered 400 with a stack trace and file paths),
+    error answers without stack traces, and an unexpected error as 500 with an id whose
+    traceback goes to this server's log only."""
+    import logging
+    import uuid
+
+    log = logging.getLogger("serve_model")
+
+    @app.middleware("http")
+    async def guard(request: Any, call_next: Any) -> Any:
+        if request.method == "POST":
+            length = request.headers.get("content-length")
+            if length is None or not length.isdigit():
+                return client_error(411, "LENGTH_REQUIRED", "send a Content-Length header")
+            if int(length) > max_body_bytes:
+                return client_error(
+                    413,
+                    "REQUEST_TOO_LARGE",
+                    f"the body is {int(length)} bytes; this server takes at most "
+                    f"{max_body_bytes} (send smaller batches, or start it with --max-body-mb)",
+                )
+            kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if kind not in JSON_TYPES:
+                return client_error(
+                    415,
+                    "UNSUPPORTED_MEDIA_TYPE",
+                    f'send application/json (MLflow\'s tensor JSON, {{"inputs": ...}}), '
+                    f"not {kind[:60] or 'no Content-Type'}",
+                )
+            if json_depth(await request.body()) > MAX_DEPTH:
+                return client_error(
+                    400, "BAD_REQUEST", f"the JSON nests deeper than {MAX_DEPTH} levels"
+                )
+        try:
+            response = await call_next(request)
+        except Exception:
+            incident = uuid.uuid4().hex[:12]
+            log.exception("request %s failed (incident %s)", request.url.path, incident)
+            return client_error(
+                500, "INTERNAL_ERROR", f"internal error {incident}: see the model server's log"
+            )
+        if response.status_code < 400 or "json" not in response.headers.get("content-type", ""):
+            return response
+        body = b"".join([chunk async for chunk in response.body_iterator])
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            answer = {"message": body.decode(errors="replace")[:500]}
+        if isinstance(answer, dict) and "stack_trace" in answer:
+            log.warning(
+                "%s answered %s: %s",
+                request.url.path,
+                response.status_code,
+                answer.pop("stack_trace"),
+            )
+        status = response.status_code
+        if status >= 500:  # never a server's internals in an answer
+            incident = uuid.uuid4().hex[:12]
+            log.error(
+                "request %s answered %s (incident %s): %s",
+                request.url.path,
+                status,
+                incident,
+                answer,
+            )
+            answer = {
+                "error_code": "INTERNAL_ERROR",
+                "message": f"internal error {incident}: see the model server's log",
+            }
+        from fastapi.responses import JSONResponse
+
+        return JSONResponse(answer, status_code=status)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.serve_model", description=__doc__)
     parser.add_argument("model_uri", nargs="?", help="default: models:/<params' model>@champion")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback)")
     parser.add_argument("--port", type=int, default=5002)
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=MAX_BODY_MB,
+        help="largest request body accepted, in MB (413 above it; default %(default)g)",
+    )
     args = parser.parse_args(argv)
     if note := console.prepare_process():
         print(note, file=sys.stderr)
@@ -111,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ConfigError, ModelRequestError, security.CredentialError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
+        guard_requests(app, int(args.max_body_mb * 1e6))  # inner: after the credential check
         require_credential(app, credential)
         user = security.split_credential(credential)[0]
         print(

@@ -140,27 +140,87 @@ def test_serve_model_requires_the_credential(served, tmp_path):
         assert post(f"{base}/invocations", body, wrong)[0] == 401
         right = {"Authorization": "Basic " + base64.b64encode(credential.encode()).decode()}
         check_answers(base, served, right)
-        readme_request_from_an_image_file(tmp_path, port, served)
+        check_guards(port, right)
     stored = tmp_path / ".pipeline" / "secrets" / "api-credential"
     assert stored.read_text().strip() == credential and (stored.stat().st_mode & 0o077) == 0
 
 
-def readme_request_from_an_image_file(cwd: Path, port: int, served) -> None:
-    """README's "from an image file" commands, verbatim but for the port: a PNG becomes
-    the request JSON, curl sends it with the credential file, the label comes back."""
-    from PIL import Image
+def raw_post(port: int, head: dict[str, str], body: bytes = b"") -> tuple[int, dict]:
+    """A POST whose headers say what the test wants (a length the body does not have,
+    chunked encoding), answered before the body is read."""
+    import http.client
 
-    readme = (REPO / "README.md").read_text()
-    start = readme.index("python -c 'import json, sys, numpy as np")
-    commands = readme[start : readme.index("# {", start)].replace("5002", str(port))
-    _, images, expected, env = served
-    Image.fromarray(images[0][:, :, 0]).save(cwd / "shoe.png")
-    done = subprocess.run(
-        ["bash", "-c", "set -eo pipefail\n" + commands],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["predictions"][0]["label"] == expected["label"][0]
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    connection.putrequest("POST", "/invocations")
+    for key, value in head.items():
+        connection.putheader(key, value)
+    connection.endheaders(body or None)
+    answer = connection.getresponse()
+    return answer.status, json.loads(answer.read())
+
+
+def check_guards(port: int, credential: dict[str, str]) -> None:
+    """The requests that used to get a 500, a stack trace or no limit (issue: reliability)."""
+    base = f"http://127.0.0.1:{port}"
+    answers = []
+    deep = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    status, answer = post(f"{base}/invocations", deep, credential)
+    assert status == 400 and "nests deeper than" in answer["message"], (status, answer)
+    answers.append(answer)
+    status, answer = post(
+        f"{base}/invocations", b"a,b\n1,2\n", credential | {"Content-Type": "text/csv"}
+    )
+    assert status == 415 and "application/json" in answer["message"], (status, answer)
+    answers.append(answer)
+    huge = {"Content-Type": "application/json", "Content-Length": str(64 * 2**20)}
+    status, answer = raw_post(port, credential | huge)
+    assert status == 413 and "at most 8000000" in answer["message"], (status, answer)
+    answers.append(answer)
+    chunked = {"Content-Type": "application/json", "Transfer-Encoding": "chunked"}
+    status, answer = raw_post(port, credential | chunked, b"2\r\n{}\r\n0\r\n\r\n")
+    assert status == 411, (status, answer)
+    answers.append(answer)
+    said = json.dumps(answers)
+    assert "stack_trace" not in said and "Traceback" not in said and "/tmp" not in said
+
+
+def test_the_guard_hides_internals_and_numbers_unexpected_errors(caplog):
+    """On an app of its own: an exception becomes a 500 with an incident id (the traceback
+    only in the log), and a 4xx JSON answer loses its stack_trace."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+    from fastapi.testclient import TestClient
+
+    from flows.serve_model import guard_requests
+
+    app = FastAPI()
+
+    @app.post("/boom")
+    async def boom() -> None:
+        raise RuntimeError("secret internals at /srv/model/code.py")
+
+    @app.post("/refuse")
+    async def refuse() -> JSONResponse:
+        return JSONResponse({"message": "bad", "stack_trace": "File /srv/x.py"}, 400)
+
+    guard_requests(app, 1000)
+    client = TestClient(app, raise_server_exceptions=False)
+    answer = client.post("/boom", json={"inputs": [1]})
+    assert answer.status_code == 500
+    assert answer.json()["error_code"] == "INTERNAL_ERROR" and "/srv" not in answer.text
+    incident = answer.json()["message"].split()[2].rstrip(":")
+    assert incident in caplog.text and "secret internals" in caplog.text
+    answer = client.post("/refuse", json={"inputs": [1]})
+    assert answer.status_code == 400 and answer.json() == {"message": "bad"}
+
+
+def test_json_depth_counts_nesting_not_size():
+    from flows.serve_model import json_depth
+
+    assert json_depth(b'{"inputs": [[[[1, 2]]]]}') == 5
+    assert json_depth(b"[1, 2, 3]" * 1000) == 1
+    assert json_depth(b"[" * 50 + b"]" * 50) == 50
+    assert json_depth(b"12") == 0
 
 
 def test_serve_model_refuses_a_malformed_uri_before_loading(served, tmp_path):
