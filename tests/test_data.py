@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from tasks import data
-from tasks.config import DataConfig, SyntheticConfig
+from tasks.config import ConfigError, DataConfig, SyntheticConfig
 from tasks.errors import DataUnavailableError
 from tasks.workspace import Workspace
 
@@ -117,7 +117,8 @@ def test_split_train_val_is_stratified_disjoint_and_seeded():
 
 def test_split_train_val_refuses_an_empty_split():
     images = np.zeros((3, 2, 2, 1), np.uint8)
-    with pytest.raises(ValueError, match="empty split"):
+    expected = "data.val_fraction=0.1 of the 3 training examples leaves no validation example"
+    with pytest.raises(ConfigError, match=expected):
         data.split_train_val(images, np.arange(3, dtype=np.int64), 0.1, seed=0)
 
 
