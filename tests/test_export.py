@@ -111,27 +111,6 @@ def test_export_without_a_registration_says_what_to_run(tiny_cfg, workspace):
         export.run(tiny_cfg, workspace)
 
 
-def test_the_readme_loading_snippet_runs_on_the_exports(served_pipeline):
-    """README's "Loading them needs nothing from this repository" block, verbatim, in the
-    exports' directory, in a fresh interpreter that cannot import this project."""
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO, pipeline_env
-
-    _, ws, _ = served_pipeline
-    readme = (REPO / "README.md").read_text()
-    start = readme.index("```python", readme.index("Loading them needs nothing from this"))
-    snippet = readme[start + len("```python") : readme.index("```", start + 3)]
-    check = "\nassert onnx.run(None, {'pixels': pixels})[0].shape == (4, 10)\n"
-    env = pipeline_env() | {"PYTHONPATH": ""}
-    done = subprocess.run(
-        [sys.executable, "-I", "-c", snippet + check],
-        cwd=ws.root, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
 def test_fast_cnn_with_exact_gelu_converts_to_onnx(tmp_path):
     """TensorFlow writes exact GELU with Erfc, an op ONNX lacks; the converter's handler
     rewrites it (1 - Erf) and ONNX Runtime answers like the SavedModel."""
