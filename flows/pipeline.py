@@ -46,6 +46,7 @@ from tasks.config import ConfigError, PipelineConfig, load_config, load_profile,
 from tasks.models import check_input_fits
 from tasks.tracking import registry
 from tasks.train import image_size_key
+from tasks.training import distribute
 from tasks.workspace import Workspace, read_json
 
 STAGE_RETRIES = 2  # after the first attempt, for transient causes only
@@ -106,7 +107,9 @@ def training_pipeline(
             )
         if names[0] == "data":
             tracking.check_binding(cfg, ws)  # before a run is opened or any data is read
-        if cfg.data.source == "synthetic":  # its image size is known before any data exists
+        preflight = "train" in names and not distribute.launches_workers(cfg.train)
+        if preflight and cfg.data.source == "synthetic":  # its image size is known already
+            distribute.prepare_devices(cfg.train)  # before the check's model starts TensorFlow
             size, synthetic = cfg.data.synthetic.image_size, cfg.data.synthetic
             check_input_fits(
                 cfg.model,

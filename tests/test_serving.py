@@ -187,9 +187,11 @@ def check_guards(port: int, credential: dict[str, str]) -> None:
 def test_the_guard_hides_internals_and_numbers_unexpected_errors(caplog):
     """On an app of its own: an exception becomes a 500 with an incident id (the traceback
     only in the log), and a 4xx JSON answer loses its stack_trace."""
+    import asyncio
+
+    import httpx
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse
-    from fastapi.testclient import TestClient
 
     from flows.serve_model import guard_requests
 
@@ -204,13 +206,18 @@ def test_the_guard_hides_internals_and_numbers_unexpected_errors(caplog):
         return JSONResponse({"message": "bad", "stack_trace": "File /srv/x.py"}, 400)
 
     guard_requests(app, 1000)
-    client = TestClient(app, raise_server_exceptions=False)
-    answer = client.post("/boom", json={"inputs": [1]})
+
+    async def post_to(path: str) -> httpx.Response:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://model") as client:
+            return await client.post(path, json={"inputs": [1]})
+
+    answer = asyncio.run(post_to("/boom"))
     assert answer.status_code == 500
     assert answer.json()["error_code"] == "INTERNAL_ERROR" and "/srv" not in answer.text
     incident = answer.json()["message"].split()[2].rstrip(":")
     assert incident in caplog.text and "secret internals" in caplog.text
-    answer = client.post("/refuse", json={"inputs": [1]})
+    answer = asyncio.run(post_to("/refuse"))
     assert answer.status_code == 400 and answer.json() == {"message": "bad"}
 
 

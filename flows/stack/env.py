@@ -99,6 +99,11 @@ def prefect_server_env(ends: Endpoints, credential: str) -> dict[str, str]:
         PREFECT_SERVER_API_AUTH_STRING=credential,
         PREFECT_SERVER_CORS_ALLOWED_ORIGINS=ends.origins(ends.prefect_port),
         PREFECT_SERVER_CSRF_PROTECTION_ENABLED="true",
+        # `prefect deployment run --watch` shows the flow run's logs (its stage output and
+        # the result line) beside the events only when the server streams them out; off
+        # by default in Prefect 3.8, which leaves --watch with state events alone.
+        PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED="true",
+        PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED="true",
     )
     return env
 

@@ -84,17 +84,24 @@ def resolve_version(client: Any, ref: ModelRef, uri: str) -> str:
 
 
 def download_version(uri: str, store: str, dst: Path) -> Path:
-    """Download the version ``uri`` names from the registry in ``store`` into ``dst``.
+    """Download the version ``uri`` (``models:/<name>/<version>``) names from the registry
+    in ``store`` into ``dst``.
 
-    ``download_artifacts(tracking_uri=...)`` resolves ``models:/`` through MLflow's
-    registry URI, which falls back to ``sqlite:///mlflow.db`` in the working directory (and
-    creates it) unless one is set: so the registry is pointed at the same store first.
+    ``download_artifacts(models:/..., tracking_uri=...)`` resolves the name through
+    MLflow's registry URI, which falls back to ``sqlite:///mlflow.db`` in the working
+    directory (and creates it) unless one is set, and setting it would change it for the
+    whole process: so the version's own location is asked of a client bound to ``store``.
     """
     import mlflow
 
-    mlflow.set_tracking_uri(store)
-    mlflow.set_registry_uri(store)
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    ref = parse_model_uri(uri)
+    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
+    source = client.get_model_version_download_uri(ref.name, ref.version)
+    return Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=source, dst_path=str(dst), tracking_uri=store
+        )
+    )
 
 
 def git_blob_id(data: bytes) -> str:

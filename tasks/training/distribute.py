@@ -232,6 +232,17 @@ class Distribution:
         return devices
 
 
+def prepare_devices(cfg: TrainConfig) -> None:
+    """Configure the logical CPU devices `mirrored` trains on, now: for a process that
+    starts TensorFlow (by building a model to check it) before its train stage runs."""
+    if resolve_mode(cfg) != "mirrored":
+        return
+    import tensorflow as tf
+
+    if not tf.config.list_physical_devices("GPU"):
+        _logical_cpus(cfg.replicas)
+
+
 def for_config(cfg: TrainConfig) -> Distribution:
     """The strategy for train.distribute; call before TensorFlow has run any op (logical
     CPU devices cannot be added after)."""

@@ -19,7 +19,7 @@ Directives (an HTML comment right before a block, invisible on GitHub):
   epochs only; a later override of the same key wins.
 - ``<!-- readme-test: result -->``: the next block must end with the pipeline's result
   line (test accuracy, registered version, MLflow run) among its last ``RESULT_WITHIN``
-  lines (DVC and Prefect print a few of their own after it).
+  lines (DVC and Prefect print a few of their own after it; Prefect wraps it).
 - ``<!-- readme-test: background ready="TEXT" -->``: the next block starts a server; it
   keeps running in the background once TEXT appears in its output, until
   ``<!-- readme-test: stop -->`` or the end of the document.
@@ -50,7 +50,7 @@ from sybil.parsers.markdown.lexers import DirectiveInHTMLCommentLexer
 BLOCK_TIMEOUT_S = 900  # the longest README block (a shrunk pipeline run) takes ~1-2 min
 READY_TIMEOUT_S = 240  # a server's first answer (make serve-model loads TensorFlow)
 OS_PATH = "/usr/local/bin:/usr/bin:/bin"
-RESULT_WITHIN = 5  # lines from the end of a block's output
+RESULT_WITHIN = 8  # lines from the end of a block's output (wrapped lines count as several)
 RESULT_LINE = re.compile(r"test accuracy [\d.]+; registered \S+ version \d+ .*; MLflow: ")
 
 # Lines that read as a failure (or a warning nobody can act on) on a run that succeeded.
@@ -185,8 +185,10 @@ def check_store(shell: Shell) -> None:
 
 
 def check_result(output: str) -> None:
+    """The result among the last lines, compared with line wrapping undone (Prefect's CLI
+    wraps its log lines at the terminal width)."""
     last = output.strip().splitlines()[-RESULT_WITHIN:]
-    assert any(RESULT_LINE.search(line) for line in last), (
+    assert RESULT_LINE.search(" ".join(" ".join(last).split())), (
         "the block does not end with the pipeline's result line; its last lines:\n"
         + "\n".join(last)
     )
