@@ -30,10 +30,10 @@ def readme_shell(tmp_path_factory):
     root = copy_repo(tmp_path_factory.mktemp("readme") / "gpu-train-pipeline")
     venv = Path(sys.prefix)
     (root / ".venv").symlink_to(venv)
-    stamp = (venv / ".installed").stat().st_mtime if (venv / ".installed").exists() else None
-    if stamp is not None:  # make's rule: the stamp newer than what it was built from
+    if (stamp := venv / ".installed").exists():  # make's rule: stamp newer than its inputs
+        built = stamp.stat().st_mtime - 60
         for name in ("pyproject.toml", "requirements.lock"):
-            os.utime(root / name, (stamp - 60, stamp - 60))
+            os.utime(root / name, (built, built))
     shell = Shell.fresh(root, tmp_path_factory.mktemp("home"))
     try:
         yield shell

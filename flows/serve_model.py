@@ -150,14 +150,24 @@ def guard_requests(app: Any, max_body_bytes: int) -> None:
                 return client_error(
                     400, "BAD_REQUEST", f"the JSON nests deeper than {MAX_DEPTH} levels"
                 )
+
+        def internal_error(*logged: Any) -> Any:
+            """500 with an incident id; what happened goes to the log under that id."""
+            incident = uuid.uuid4().hex[:12]
+            log.error(
+                "request %s failed (incident %s): %s",
+                request.url.path,
+                incident,
+                logged,
+                exc_info=sys.exc_info()[0] is not None,
+            )
+            message = f"internal error {incident}: see the model server's log"
+            return client_error(500, "INTERNAL_ERROR", message)
+
         try:
             response = await call_next(request)
         except Exception:
-            incident = uuid.uuid4().hex[:12]
-            log.exception("request %s failed (incident %s)", request.url.path, incident)
-            return client_error(
-                500, "INTERNAL_ERROR", f"internal error {incident}: see the model server's log"
-            )
+            return internal_error()
         if response.status_code < 400 or "json" not in response.headers.get("content-type", ""):
             return response
         body = b"".join([chunk async for chunk in response.body_iterator])
@@ -172,23 +182,11 @@ def guard_requests(app: Any, max_body_bytes: int) -> None:
                 response.status_code,
                 answer.pop("stack_trace"),
             )
-        status = response.status_code
-        if status >= 500:  # never a server's internals in an answer
-            incident = uuid.uuid4().hex[:12]
-            log.error(
-                "request %s answered %s (incident %s): %s",
-                request.url.path,
-                status,
-                incident,
-                answer,
-            )
-            answer = {
-                "error_code": "INTERNAL_ERROR",
-                "message": f"internal error {incident}: see the model server's log",
-            }
+        if response.status_code >= 500:  # never a server's internals in an answer
+            return internal_error(response.status_code, answer)
         from fastapi.responses import JSONResponse
 
-        return JSONResponse(answer, status_code=status)
+        return JSONResponse(answer, status_code=response.status_code)
 
 
 def main(argv: list[str] | None = None) -> int:

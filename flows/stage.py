@@ -82,12 +82,12 @@ def is_expected(error: BaseException) -> bool:
     return isinstance(error, expected_errors()) or user_fixable_os_error(error) is not None
 
 
-def describe(error: BaseException) -> str:
+def describe(error: BaseException, with_type: bool = True) -> str:
     """The one line for a failure: a disk-full or permission error names its path, what its
-    errno means and the fix; others their type and message."""
+    errno means and the fix; others their message (after their type, unless not asked)."""
     if (os_error := user_fixable_os_error(error)) is not None:
         return os_error_line(os_error)
-    return f"{type(error).__name__}: {error}"
+    return f"{type(error).__name__}: {error}" if with_type else str(error)
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
@@ -127,7 +127,7 @@ def close_failed_pipeline_run(ws: Workspace, stage: str, error: BaseException) -
 
     if not ws.run_handle.is_file():
         return
-    reason = f"stage {stage}: {type(error).__name__}: {error}"
+    reason = f"stage {stage}: {describe(error)}"
     with suppress(Exception):  # the stage's own error is the one to report
         tracking.end_pipeline_run(ws, "FAILED", keep_handle=False, reason=reason)
 
@@ -166,8 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         close_failed_pipeline_run(ws, args.stage, error)  # never left open, whatever failed
         if not is_expected(error):
             raise  # a bug: its traceback follows
-        line = os_error_line(found) if (found := user_fixable_os_error(error)) else str(error)
-        print(f"error in stage {args.stage!r}: {line}", file=sys.stderr)
+        print(f"error in stage {args.stage!r}: {describe(error, False)}", file=sys.stderr)
         return 2
     return 0
 

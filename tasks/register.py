@@ -12,18 +12,15 @@ tasks/tracking/registry.py; a retried stage reuses the version its run already r
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import platform
-import sys
 import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
-from tasks import modality, tracking
+from tasks import console, modality, tracking
 from tasks.config import PipelineConfig
 from tasks.errors import refuse_non_finite
 from tasks.modality import ServedModel
@@ -62,7 +59,7 @@ def log_model(served: ServedModel, cfg: PipelineConfig) -> str:
         warnings.filterwarnings("ignore", message=".*type hint", category=UserWarning)
         # MLflow's register_model prints "Registered model ... already exists. Creating a new
         # version" for every version: bind_or_check created the model first, on purpose.
-        with contextlib.redirect_stderr(io.StringIO()) as said:
+        with console.routed_stderr_lines(lambda line: "already exists. Creating" in line):
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(served.code),
@@ -74,9 +71,6 @@ def log_model(served: ServedModel, cfg: PipelineConfig) -> str:
                 # Stated, not inferred: inference reloads the model in a subprocess (~6 s of ~7).
                 pip_requirements=serving_requirements(),
             )
-    for line in said.getvalue().splitlines():
-        if "already exists. Creating a new version" not in line:
-            print(line, file=sys.stderr)
     return str(info.registered_model_version)
 
 

@@ -83,9 +83,13 @@ class Shell:
         env["COLUMNS"] = "120"  # a terminal's width: tables (dvc exp show) are laid out for it
         return cls(root, env)
 
+    def shrunk(self, source: str) -> str:
+        """``source`` with the pending shrink overrides, which apply to this block only."""
+        body, self.shrink = apply_shrink(source, self.shrink), []
+        return body
+
     def script(self, source: str, state: Path) -> str:
-        body = apply_shrink(source, self.shrink)
-        self.shrink = []
+        body = self.shrunk(source)
         return f"set -eo pipefail\ncd {shlex.quote(self.env['PWD'])}\n{body}\nenv -0 > {state}\n"
 
     def run(self, source: str, timeout: float = BLOCK_TIMEOUT_S) -> tuple[int, str]:
@@ -204,15 +208,9 @@ def shell_of(example: Example) -> Shell:
     return example.namespace["readme_shell"]
 
 
-def evaluate_bash(example: Example) -> None:
-    shell = shell_of(example)
-    source = example.parsed
-    if shell.ready is not None:
-        ready, shell.ready = shell.ready, None
-        log = Path(shell.env["HOME"]) / f"server-{len(shell.servers)}.log"  # outside the clone
-        shell.start(apply_shrink(source, shell.shrink), ready, log)
-        shell.shrink = []
-        return
+def run_block(shell: Shell, source: str) -> None:
+    """Run ``source`` to its end; it must exit 0, say nothing alarming, touch no default
+    store, and (when asked) end with the result line."""
     code, output = shell.run(source)
     assert code == 0, f"block exited {code}; its output ends:\n{output[-6000:]}"
     check_quiet(output)
@@ -222,16 +220,18 @@ def evaluate_bash(example: Example) -> None:
         check_result(output)
 
 
-def evaluate_python(example: Example) -> None:
-    evaluate_bash_source(example, f"python - <<'README_PY'\n{example.parsed}README_PY\n")
-
-
-def evaluate_bash_source(example: Example, source: str) -> None:
+def evaluate_bash(example: Example) -> None:
     shell = shell_of(example)
-    code, output = shell.run(source)
-    assert code == 0, f"block exited {code}; its output ends:\n{output[-6000:]}"
-    check_quiet(output)
-    check_store(shell)
+    if shell.ready is None:
+        run_block(shell, example.parsed)
+        return
+    ready, shell.ready = shell.ready, None
+    log = Path(shell.env["HOME"]) / f"server-{len(shell.servers)}.log"  # outside the clone
+    shell.start(shell.shrunk(example.parsed), ready, log)
+
+
+def evaluate_python(example: Example) -> None:
+    run_block(shell_of(example), f"python - <<'README_PY'\n{example.parsed}README_PY\n")
 
 
 def console_steps(text: str) -> list[tuple[str, list[str]]]:
