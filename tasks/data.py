@@ -327,8 +327,8 @@ def _unavailable(name: str, missing: dict[str, str], manual_dir: Path) -> DataUn
     return DataUnavailableError(
         f"cannot download TFDS dataset {name!r} from {urls} (network unreachable?)\n"
         f"  to use a copy you have: put {files} in {manual_dir.resolve()} and rerun\n"
-        f"  to run offline on synthetic data: {OFFLINE_SMOKE_COMMAND} (Prefect), or "
-        "`dvc exp run -S data.source=synthetic` (DVC; README 'DVC')"
+        f"  for an offline smoke run: {OFFLINE_SMOKE_COMMAND}, or with DVC "
+        "`dvc exp run -S data.source=synthetic` (or set data.source: synthetic in params.yaml)"
     )
 
 
