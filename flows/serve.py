@@ -13,7 +13,9 @@ deploy --all`) and starts a worker on the pool whose flow runs log to the tracki
 
 Team setup (README): ``--database-url`` (or PIPELINE_DATABASE_URL) puts MLflow's store and
 Prefect's database on a PostgreSQL server (flows/stack/postgres.py; MLflow's schema migrations
-run first, Prefect runs its own); ``--local-postgres`` starts a throwaway one first.
+run first, Prefect runs its own); ``--local-postgres`` starts a throwaway one first and
+supervises it: if it dies, it is started again (``--postgres-restarts``, 3 by default;
+both servers and MLflow's clients reconnect, flow runs go on), then everything stops.
 ``--artifacts-destination s3://bucket/prefix`` stores MLflow artifacts in a bucket (the
 server reads AWS_* and MLFLOW_S3_ENDPOINT_URL from the environment; clients upload and
 download through the server); ``--local-s3`` starts moto's S3 emulator on loopback with a
@@ -25,7 +27,8 @@ answer browsers only from their own origins, and the work pool accepts no job va
 
 Ctrl-C or SIGTERM stops the worker, any flow runs in progress and the servers. A port
 already in use stops it before anything starts. Each service logs to
-.pipeline/serve/<service>.log; if one dies, the launcher stops the rest and shows its log.
+.pipeline/serve/<service>.log; if one dies (PostgreSQL: with its restarts spent), the launcher
+stops the rest and shows its log.
 """
 
 from __future__ import annotations
@@ -56,11 +59,45 @@ from flows.stack.services import (
     ServeError,
     Service,
     check_ports,
+    exit_reason,
     stop_all,
     wait_for,
 )
 
 POOL = "local-process"  # the work pool prefect.yaml's deployments name
+# Prefect's recipe for zombie flow runs (docs: "Detect and respond to zombie flows"): a flow
+# run whose heartbeats stop (its host died, its process was killed with the worker, the
+# stack stopped under it) is marked Crashed. Flow runs beat every 180 s by default, every
+# HEARTBEAT_S under this stack's worker; the window tolerates one late beat of a default worker.
+UNRESPONSIVE = "crash-unresponsive-flow-runs"
+UNRESPONSIVE_AFTER_S = 300
+
+
+def unresponsive_automation(after_s: int = UNRESPONSIVE_AFTER_S) -> dict[str, Any]:
+    ends = ["Completed", "Failed", "Cancelled", "Crashed"]
+    return {
+        "name": UNRESPONSIVE,
+        "description": f"A flow run silent for {after_s} s (no heartbeat, no end state) is "
+        "marked Crashed: its process or host is gone. Created by flows.serve.",
+        "enabled": True,
+        "trigger": {
+            "type": "event",
+            "posture": "Proactive",
+            "after": ["prefect.flow-run.heartbeat"],
+            "expect": ["prefect.flow-run.heartbeat", *(f"prefect.flow-run.{s}" for s in ends)],
+            "match": {"prefect.resource.id": ["prefect.flow-run.*"]},
+            "for_each": ["prefect.resource.id"],
+            "threshold": 1,
+            "within": after_s,
+        },
+        "actions": [
+            {
+                "type": "change-flow-run-state",
+                "state": "CRASHED",
+                "message": f"no heartbeat for {after_s} s: its process or host is gone",
+            }
+        ],
+    }
 
 
 class Shutdown(Exception):
@@ -96,6 +133,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="start a throwaway PostgreSQL (.pipeline/postgres) on 127.0.0.1 and use it",
     )
     parser.add_argument("--postgres-port", type=int, default=5433, help="for --local-postgres")
+    parser.add_argument(
+        "--postgres-restarts",
+        type=int,
+        default=3,
+        help="for --local-postgres: times it is started again when it dies (its clients "
+        "reconnect) before everything stops (default 3)",
+    )
     parser.add_argument(
         "--artifacts-destination",
         help="where the MLflow server stores artifacts, e.g. s3://bucket/mlflow (default: "
@@ -193,9 +237,24 @@ def lock_work_pool(pool: str, env: dict[str, str], project: Path) -> None:
         raise ServeError(f"could not set up work pool {pool!r}:\n{output}")
 
 
+def crash_unresponsive_runs(env: dict[str, str], project: Path) -> None:
+    """Create the automation that ends zombie flow runs Crashed, once per Prefect database."""
+    if prefect_cli(["automation", "inspect", UNRESPONSIVE], env, project).returncode == 0:
+        return
+    spec = project / LOG_DIR / "unresponsive-automation.json"
+    spec.write_text(json.dumps(unresponsive_automation(), indent=2))
+    done = prefect_cli(["automation", "create", "--from-file", str(spec)], env, project)
+    if done.returncode != 0:
+        raise ServeError(
+            f"could not create automation {UNRESPONSIVE!r}:\n{done.stdout}{done.stderr}"
+        )
+
+
 def register_deployments(pool: str, env: dict[str, str], project: Path, deploy: bool) -> None:
-    """Lock the work pool (created if missing); `prefect deploy --all` from the project."""
+    """Lock the work pool (created if missing), make sure zombie flow runs end Crashed, and
+    `prefect deploy --all` from the project."""
     lock_work_pool(pool, env, project)
+    crash_unresponsive_runs(env, project)
     if deploy:
         deployed = prefect_cli(["--no-prompt", "deploy", "--all"], env, project)
         if deployed.returncode != 0:
@@ -291,8 +350,11 @@ def serve(args: argparse.Namespace, project: Path, services: list[Service]) -> N
     print(banner(args, ends, project, credential_file, backing), flush=True)
     while True:
         for service in services:
-            if (code := service.exit_code()) is not None:
-                raise service.failure(f"stopped unexpectedly with status {code}")
+            if (code := service.exit_code()) is None:
+                continue
+            if service.restarts_left <= 0 and not service.restarts:
+                raise service.failure(f"stopped unexpectedly ({exit_reason(code)})")
+            service.restart(project, code)  # PostgreSQL: its clients reconnect on their own
         time.sleep(1)
 
 

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -139,19 +140,6 @@ def read_mlflow(tracking_uri: str, experiment: str):
 
 
 @pytest.fixture(scope="session")
-def team_postgres():
-    """A PostgreSQL server from the machine's binaries on a free loopback port."""
-    from tests.team_servers import PostgresServer
-
-    server = PostgresServer.create()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.remove()
-
-
-@pytest.fixture(scope="session")
 def s3_store(tmp_path_factory):
     """moto's S3 emulator on a free loopback port, with a generated credential and a bucket."""
     from tests.team_servers import S3Server
@@ -164,25 +152,32 @@ def s3_store(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory, team_postgres, s3_store):
-    """The README's "Team setup": `make serve` (python -m flows.serve) in a git copy of the
-    repository, on PostgreSQL (PIPELINE_DATABASE_URL) with MLflow's artifacts in the S3
-    bucket, its worker taking one flow run at a time, plus a second worker started as on
-    another machine (its own temp folder). For the session.
+def stack(s3_store):
+    """The README's "Team setup": `make serve-pg` (python -m flows.serve --local-postgres)
+    in a git copy of the repository: its own supervised PostgreSQL, MLflow's artifacts in
+    the S3 bucket, its worker taking one flow run at a time, plus a second worker started as
+    on another machine (its own temp folder). For the session.
 
     The MLflow client in this process talks to its server with the credential the
     banner's export lines give, as a user's shell would.
     """
     from benchmarks.common import copy_repo
-    from tests.operate import CLIENT_KEYS, start_stack, start_worker, stop_stack
+    from tests.operate import CLIENT_KEYS, free_port, start_stack, start_worker, stop_stack
 
-    root = copy_repo(tmp_path_factory.mktemp("repo"))
+    # The postgres account runs the cluster under the copy when tests run as root.
+    top = Path(tempfile.mkdtemp(prefix="team-stack-"))
+    top.chmod(0o755)
+    root = copy_repo(top / "repo")
     args = ("--artifacts-destination", f"s3://{s3_store.bucket}/mlflow", "--worker-limit", "1")
-    server_env = s3_store.env | {"PIPELINE_DATABASE_URL": team_postgres.url}
-    stack = start_stack(root, tmp_path_factory.mktemp("prefect-home"), args, server_env)
-    logs = tmp_path_factory.mktemp("second-machine")
-    stack.second_worker_log = logs / "worker.log"
-    second = start_worker(stack, "second-machine", logs, stack.second_worker_log)
+    args += ("--local-postgres", "--postgres-port", str(free_port()))
+    try:
+        stack = start_stack(root, top / "prefect-home", args, s3_store.env)
+    except BaseException:
+        shutil.rmtree(top, ignore_errors=True)
+        raise
+    stack.second_worker_log = top / "second-machine" / "worker.log"
+    stack.second_worker_log.parent.mkdir()
+    second = start_worker(stack, "second-machine", top / "second-machine", stack.second_worker_log)
     try:
         with pytest.MonkeyPatch.context() as patch:
             for key in CLIENT_KEYS:  # what the banner's exports set, but the URLs
@@ -196,9 +191,19 @@ def stack(tmp_path_factory, team_postgres, s3_store):
         except subprocess.TimeoutExpired:
             second.kill()
         strays = stop_stack(stack)
-    assert stack.process.returncode == 0, stack.logs()
+        logs = stack.logs()
+        shutil.rmtree(top, ignore_errors=True)
+    assert stack.process.returncode == 0, logs
     assert "stopped" in "".join(stack.output)
     assert not strays, f"processes outlived the launcher: {strays}"
+
+
+@pytest.fixture(scope="session")
+def team_postgres(stack):
+    """The stack's own PostgreSQL (--local-postgres), to query and to kill."""
+    from tests.team_servers import StackPostgres
+
+    return StackPostgres.of(stack.root)
 
 
 @pytest.fixture(scope="session")

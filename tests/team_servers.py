@@ -1,18 +1,15 @@
 """The team's shared services for the tests, as real processes on loopback.
 
-PostgreSQL from the machine's own binaries (flows/stack/postgres.py's LocalPostgres, in a temp
-folder the ``postgres`` account can reach) and moto's S3 emulator with a generated
-credential (flows/stack/object_store.py). The test session owns both, so a test can restart
-PostgreSQL under a running pipeline.
+moto's S3 emulator with a generated credential (flows/stack/object_store.py), owned by the
+test session; and a handle on the PostgreSQL the session's stack starts and supervises
+itself (`--local-postgres`), to query it and to kill it under a running pipeline.
 """
 
 from __future__ import annotations
 
-import secrets
-import shutil
+import os
 import signal
 import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,53 +22,35 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
-class PostgresServer:
-    cluster: postgres.LocalPostgres
-    log: Path
-    process: subprocess.Popen | None = None
+class StackPostgres:
+    """The PostgreSQL `flows.serve --local-postgres` started in a project: its URL from the
+    project's secret, its postmaster from the cluster's lock file."""
+
+    url: str
+    data_dir: Path
 
     @classmethod
-    def create(cls) -> PostgresServer:
-        folder = Path(tempfile.mkdtemp(prefix="pipeline-pg-"))
-        folder.chmod(0o755)  # the postgres account runs the server when tests run as root
-        cluster = postgres.LocalPostgres(folder / "data", free_port(), secrets.token_urlsafe(18))
-        try:
-            cluster.init()
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
-        return cls(cluster, folder / "postgres.log")
+    def of(cls, project: Path) -> StackPostgres:
+        password = (project / postgres.PASSWORD_FILE).read_text().strip()
+        data_dir = project / postgres.STATE_DIR / "data"
+        port = int((data_dir / "postmaster.pid").read_text().splitlines()[3])
+        cluster = postgres.LocalPostgres(data_dir, port, password)
+        return cls(cluster.url, data_dir)
 
-    @property
-    def url(self) -> str:
-        return self.cluster.url
+    def postmaster(self) -> int:
+        return int((self.data_dir / "postmaster.pid").read_text().splitlines()[0])
 
-    def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                self.cluster.command(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                **self.cluster.process_user(),
-            )
-        self.cluster.wait_ready(lambda: self.process.poll() is None)
-
-    def stop(self) -> None:
-        """Fast shutdown (SIGINT): clients are disconnected, as in a server restart."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            stop(self.process)
+    def kill(self) -> int:
+        """SIGKILL the postmaster, as a crash would (its backends then exit on their own)."""
+        pid = self.postmaster()
+        os.kill(pid, signal.SIGKILL)
+        return pid
 
     def query(self, database: str, sql: str, *args: Any) -> list[tuple]:
         import psycopg
 
         with psycopg.connect(postgres.with_database(self.url, database)) as connection:
             return connection.execute(sql, args).fetchall()
-
-    def remove(self) -> None:
-        self.stop()
-        shutil.rmtree(self.cluster.data_dir.parent, ignore_errors=True)
 
 
 @dataclass
@@ -84,8 +63,6 @@ class S3Server:
 
     @classmethod
     def start(cls, bucket: str, log: Path) -> S3Server:
-        import os
-
         port = free_port()
         # The emulator needs no AWS settings of the machine's (a real key must not reach it).
         env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}

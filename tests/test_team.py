@@ -56,8 +56,8 @@ def metric_steps(team_postgres, experiment: str, key: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def restarted_run(stack, team_postgres):
-    """A deployment run whose PostgreSQL is restarted (fast shutdown, start) as soon as
-    its first epoch's metrics are stored."""
+    """A deployment run whose PostgreSQL crashes (kill -9 of the postmaster) as soon as its
+    first epoch's metrics are stored; the stack's supervisor starts it again."""
     name = "team-restart"
     overrides = TINY | {
         "mlflow.experiment": name,
@@ -82,17 +82,27 @@ def restarted_run(stack, team_postgres):
         assert process.poll() is None, process.stdout.read()[-3000:]
         assert time.monotonic() < deadline, "no epoch metric reached PostgreSQL"
         time.sleep(0.2)
-    team_postgres.stop()
-    team_postgres.start()
+    killed = team_postgres.kill()
+    while "PostgreSQL is back" not in "".join(stack.output):
+        assert stack.process.poll() is None, stack.logs()
+        assert time.monotonic() < deadline, stack.logs()
+        time.sleep(0.2)
+    assert team_postgres.postmaster() != killed
     restarted_at_step = max(metric_steps(team_postgres, name, "loss"))
     output = process.communicate(timeout=RUN_TIMEOUT_S)[0]
     assert process.returncode == 0, output[-4000:]
+    assert "Flow run finished successfully in 'Completed'" in output, output[-4000:]
     return name, flow_run_id(output), restarted_at_step
 
 
-def test_a_postgres_restart_mid_training_loses_and_duplicates_no_epoch(
-    restarted_run, team_postgres
-):
+def test_a_killed_postgres_is_restarted_by_the_stack_and_said_so(restarted_run, stack):
+    said = "".join(stack.output)
+    assert "PostgreSQL stopped unexpectedly (killed by SIGKILL); restart 1" in said, said
+    log = (stack.root / ".pipeline" / "serve" / "postgres.log").read_text()
+    assert "--- flows.serve: stopped unexpectedly (killed by SIGKILL); restart 1" in log
+
+
+def test_a_postgres_crash_mid_training_loses_and_duplicates_no_epoch(restarted_run, team_postgres):
     name, _, restarted_at_step = restarted_run
     assert restarted_at_step < EPOCHS - 1, "the restart came after the last epoch"
     for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
@@ -226,34 +236,39 @@ def test_promotions_from_two_machines_never_interleave_and_keep_the_best_champio
     assert int(client.get_model_version_by_alias(name, "challenger").version) == newest
 
 
-def test_make_serve_team_starts_its_own_postgres_and_store_and_stops_them(tmp_path):
-    """`make serve-team` (--local-postgres --local-s3), MLflow alone: the throwaway
-    PostgreSQL and the S3 emulator come up on their ports with private credentials, a run's
-    artifact lands in the bucket, and Ctrl-C stops all of it."""
+def test_make_serve_team_starts_its_own_postgres_and_store_and_gives_up_on_a_crash_loop(
+    tmp_path,
+):
+    """`make serve-team` (--local-postgres --local-s3), MLflow alone, one restart allowed:
+    the throwaway PostgreSQL and the S3 emulator come up on their ports with private
+    credentials, a run's artifact lands in the bucket; PostgreSQL killed once is started
+    again and serves the next run; killed again, the stack stops everything with one line
+    saying why, and nothing outlives it."""
     import psutil
 
     from flows.stack.object_store import S3Credentials, list_keys
     from tests.operate import free_port
+    from tests.team_servers import StackPostgres
 
     project = Path(tempfile.mkdtemp(prefix="serve-team-"))  # reachable by the postgres account
     project.chmod(0o755)
     shutil.copy(REPO / "params.yaml", project)
     ports = {"mlflow": free_port(), "postgres": free_port(), "s3": free_port()}
     command = [sys.executable, "-m", "flows.serve", "--mlflow-only", "--local-postgres"]
-    command += ["--local-s3", "--mlflow-port", str(ports["mlflow"])]
+    command += ["--local-s3", "--mlflow-port", str(ports["mlflow"]), "--postgres-restarts", "1"]
     command += ["--postgres-port", str(ports["postgres"]), "--s3-port", str(ports["s3"])]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
     launcher = subprocess.Popen(
         command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     family = []
+    said = []
     try:
-        banner = []
         for line in launcher.stdout:
-            banner.append(line)
+            said.append(line)
             if "MLflow UI login" in line:
                 break
-        banner = "".join(banner)
+        banner = "".join(said)
         assert "pipeline_mlflow" in banner and "s3://pipeline/mlflow" in banner, banner
         secrets_dir = project / ".pipeline" / "secrets"
         password = (secrets_dir / "postgres-password").read_text().strip()
@@ -267,11 +282,17 @@ def test_make_serve_team_starts_its_own_postgres_and_store_and_stops_them(tmp_pa
             "MLFLOW_TRACKING_USERNAME": user,
             "MLFLOW_TRACKING_PASSWORD": secret,
         }
-        script = "import mlflow\nwith mlflow.start_run():\n    mlflow.log_text('hi', 'note.txt')\n"
-        done = subprocess.run(
-            [sys.executable, "-c", script], env=env | client_env, capture_output=True, text=True
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
+
+        def log_a_run(name: str) -> None:
+            script = (
+                f"import mlflow\nwith mlflow.start_run():\n    mlflow.log_text('hi', '{name}')\n"
+            )
+            done = subprocess.run(
+                [sys.executable, "-c", script], env=env | client_env, capture_output=True, text=True
+            )
+            assert done.returncode == 0, done.stderr[-3000:]
+
+        log_a_run("note.txt")
         credentials = S3Credentials(store["AWS_ACCESS_KEY_ID"], store["AWS_SECRET_ACCESS_KEY"])
         keys = list_keys(store["AWS_ENDPOINT_URL"], credentials, "pipeline", "mlflow/")
         assert any(key.endswith("/artifacts/note.txt") for key in keys), keys
@@ -282,10 +303,30 @@ def test_make_serve_team_starts_its_own_postgres_and_store_and_stops_them(tmp_pa
         # Secrets travel in files and environments, never in a process list.
         for hidden in (password, store["AWS_SECRET_ACCESS_KEY"], f"{user}:{secret}"):
             assert not any(hidden in command for command in commands)
+
+        database = StackPostgres.of(project)
+        database.kill()
+        for line in launcher.stdout:
+            said.append(line)
+            if "PostgreSQL is back" in line:
+                break
+        log_a_run("after-restart.txt")  # the MLflow server reconnected to the new postmaster
+        family = psutil.Process(launcher.pid).children(recursive=True)
+        database.kill()
+        said.append(launcher.stdout.read())
+        assert launcher.wait(timeout=60) == 1
     finally:
-        launcher.send_signal(signal.SIGINT)
-        assert launcher.wait(timeout=60) == 0
+        if launcher.poll() is None:
+            launcher.send_signal(signal.SIGINT)
+            launcher.wait(timeout=60)
         shutil.rmtree(project, ignore_errors=True)
+    said = "".join(said)
+    assert "PostgreSQL stopped unexpectedly (killed by SIGKILL); restart 1" in said, said
+    assert (
+        "error: PostgreSQL stopped unexpectedly (killed by SIGKILL) with its 1 restart(s) spent; "
+        "stopping everything" in said
+    ), said
+    assert "Traceback" not in said, said
     _, alive = psutil.wait_procs(family, timeout=10)
     assert not alive, f"processes outlived the launcher: {alive}"
     for port in ports.values():
@@ -331,3 +372,22 @@ def test_mlflows_schema_migration_on_start_is_idempotent(restarted_run, team_pos
     before = state()
     migrate_mlflow(with_database(team_postgres.url, MLFLOW_DB))
     assert state() == before
+
+
+def test_a_flow_run_whose_heartbeats_stop_is_crashed_by_the_stacks_automation(stack):
+    """Prefect's own remedy for zombie flow runs (a host or a stack gone under them), set up
+    by flows.serve on every Prefect database it serves: silent for 300 s means Crashed. Its
+    firing takes those 300 s, so it is measured by hand (closing note), not waited for here."""
+    from flows.serve import UNRESPONSIVE, UNRESPONSIVE_AFTER_S
+
+    command = [str(BIN / "prefect"), "automation", "inspect", UNRESPONSIVE, "--json"]
+    wide = stack.env | {"COLUMNS": "100000"}  # Rich wraps the JSON at the terminal's width
+    done = subprocess.run(command, cwd=stack.root, env=wide, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    [automation] = json.loads(done.stdout)  # by name: a list, one per start would be a bug
+    trigger, [action] = automation["trigger"], automation["actions"]
+    assert automation["enabled"] and trigger["posture"] == "Proactive"
+    assert trigger["after"] == ["prefect.flow-run.heartbeat"]
+    assert {"prefect.flow-run.heartbeat", "prefect.flow-run.Completed"} <= set(trigger["expect"])
+    assert trigger["within"] == UNRESPONSIVE_AFTER_S and trigger["for_each"]
+    assert action["type"] == "change-flow-run-state" and action["state"] == "CRASHED"

@@ -49,7 +49,9 @@ def start_backing(args: argparse.Namespace, project: Path, services: list[Servic
         )
         services.append(service)
         service.start(project)
-        cluster.wait_ready(lambda: service.exit_code() is None)
+        service.ready = lambda: cluster.wait_ready(lambda: service.exit_code() is None)
+        service.ready()
+        service.restarts_left = args.postgres_restarts
         database_url = cluster.url
     if args.local_s3:
         endpoint = f"http://127.0.0.1:{args.s3_port}"

@@ -17,6 +17,8 @@ from pathlib import Path
 from flows.stack import object_store, security
 from tasks import console
 
+HEARTBEAT_S = 60  # seconds between a flow run's heartbeats under the stack's worker
+
 
 @dataclass(frozen=True)
 class Endpoints:
@@ -81,6 +83,7 @@ def client_env(ends: Endpoints, credential: str, mlflow_auth: bool) -> dict[str,
         PREFECT_API_URL=f"{ends.prefect_url}/api",
         PREFECT_API_AUTH_STRING=credential,
         MLFLOW_TRACKING_URI=ends.mlflow_url,  # the worker's flow runs log to the server
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY=str(HEARTBEAT_S),  # flows.serve's zombie automation
         # Artifacts up and down through the server even when it keeps them in a bucket:
         # clients hold no bucket credential and need no route to the store.
         **object_store.MLFLOW_CLIENT_ENV,

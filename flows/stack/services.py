@@ -13,6 +13,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,17 @@ STARTUP_TIMEOUT_S = 180  # each server is up in ~10 s here; generous for a busy 
 STOP_GRACE_S = 10  # between SIGTERM and SIGKILL
 LOG_TAIL_CHARS = 3000
 LOG_DIR = Path(".pipeline") / "serve"
+RESTART_DELAY_S = 1.0
+
+
+def exit_reason(code: int) -> str:
+    """A Popen return code in words: "killed by SIGKILL", "status 1"."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"status {code}"
 
 
 class ServeError(RuntimeError):
@@ -52,6 +64,9 @@ class Service:
     user: dict[str, Any] = field(default_factory=dict)  # Popen's user/groups (PostgreSQL)
     backing: bool = False  # a store the others use: stopped after them, by its own signal
     stop_signal: int = signal.SIGTERM
+    restarts_left: int = 0  # times the launcher starts it again after it dies (PostgreSQL)
+    ready: Callable[[], None] | None = None  # returns once a restarted service answers
+    restarts: int = 0
 
     def start(self, cwd: Path) -> None:
         """Start in its own session, so Ctrl-C reaches the launcher only, which stops it."""
@@ -70,6 +85,33 @@ class Service:
 
     def exit_code(self) -> int | None:
         return None if self.process is None else self.process.poll()
+
+    def restart(self, cwd: Path, code: int) -> None:
+        """Start it again after it died with ``code`` and wait until it answers; each try
+        spends one of ``restarts_left``. Said on the launcher's output and in the service's
+        log, so the outage is on record. Raises ServeError once no try is left."""
+        while self.restarts_left > 0:
+            self.restarts_left -= 1
+            self.restarts += 1
+            what = f"stopped unexpectedly ({exit_reason(code)}); restart {self.restarts}"
+            print(f"{self.name} {what}", flush=True)
+            with self.log.open("a") as log:
+                log.write(f"--- flows.serve: {what}\n")
+            time.sleep(RESTART_DELAY_S)  # a killed server's children need a moment to exit
+            self.start(cwd)
+            try:
+                if self.ready is not None:
+                    self.ready()
+            except Exception:  # whatever the readiness check raises: try again, or give up
+                stop_services([self])
+                code = self.exit_code() if self.exit_code() is not None else -1
+                continue
+            print(f"{self.name} is back", flush=True)
+            return
+        raise self.failure(
+            f"stopped unexpectedly ({exit_reason(code)}) with its {self.restarts} restart(s) "
+            "spent; stopping everything"
+        )
 
     def failure(self, what: str) -> ServeError:
         tail = self.log.read_text(errors="replace")[-LOG_TAIL_CHARS:] if self.log.exists() else ""
