@@ -44,7 +44,13 @@ from pathlib import Path
 from typing import Any
 
 from flows.stack import object_store, postgres, security
-from flows.stack.backing import LOCAL_BUCKET, S3_ENV_FILE, Backing, start_backing
+from flows.stack.backing import (
+    LOCAL_BUCKET,
+    S3_ENV_FILE,
+    Backing,
+    proxy_experiments,
+    start_backing,
+)
 from flows.stack.env import (
     DATABASE_URL_ENV,
     Endpoints,
@@ -176,16 +182,23 @@ def mlflow_store(project: Path, params: str) -> tuple[str, str]:
     return anchored_uri(cfg.tracking_uri, project), anchored_path(cfg.artifact_root, project)
 
 
+def served_store(args: argparse.Namespace, project: Path, backing: Backing) -> tuple[str, str]:
+    """(backend store URI, artifacts destination) of the MLflow server."""
+    backend, artifacts = mlflow_store(project, args.params)
+    store = backing.databases["mlflow"] if backing.databases else backend
+    return store, backing.artifacts or artifacts
+
+
 def build_services(
     args: argparse.Namespace, project: Path, ends: Endpoints, credential: str, backing: Backing
 ) -> list[Service]:
     """The MLflow server, the Prefect server and the worker, in start order (the MLflow
     server alone with --mlflow-only)."""
     bin_dir = Path(sys.executable).parent  # the virtualenv's console scripts
-    backend, artifacts = mlflow_store(project, args.params)
+    store, destination = served_store(args, project, backing)
     log_dir = project / LOG_DIR
     mlflow = [str(bin_dir / "mlflow"), "server"]
-    mlflow += ["--artifacts-destination", backing.artifacts or artifacts]
+    mlflow += ["--artifacts-destination", destination]
     mlflow += ["--serve-artifacts", "--workers", "1"]
     mlflow += ["--host", args.host, "--port", str(args.mlflow_port)]
     mlflow += ["--allowed-hosts", ends.hosts(args.mlflow_port)]
@@ -199,9 +212,7 @@ def build_services(
         worker += ["--limit", str(args.worker_limit)]
     mlflow_env = mlflow_server_env(project, None if args.no_mlflow_auth else credential)
     # The store's URL through the environment, never argv: it may hold a password.
-    mlflow_env |= backing.s3_env | {
-        "MLFLOW_BACKEND_STORE_URI": backing.databases["mlflow"] if backing.databases else backend
-    }
+    mlflow_env |= backing.s3_env | {"MLFLOW_BACKEND_STORE_URI": store}
     mlflow_service = Service("MLflow server", mlflow, log_dir / "mlflow.log", mlflow_env)
     if args.mlflow_only:
         return [mlflow_service]
@@ -334,6 +345,7 @@ def serve(args: argparse.Namespace, project: Path, services: list[Service]) -> N
     ends = Endpoints(args.host, args.prefect_port, args.mlflow_port)
     credential_file, credential = security.ensure_credential(project, dict(os.environ))
     backing = start_backing(args, project, services)
+    proxy_experiments(*served_store(args, project, backing))  # before any client uses them
     stack = build_services(args, project, ends, credential, backing)
     services.extend(stack)
     for service in stack[:2]:

@@ -127,3 +127,89 @@ def test_the_experiment_opens_in_the_ui_as_machine_learning(tiny_cfg, workspace)
     tracking.configure(tiny_cfg, workspace)
     experiment = mlflow.MlflowClient().get_experiment_by_name(tiny_cfg.mlflow.experiment)
     assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+
+LOG_ONE = """
+import sys
+from pathlib import Path
+
+import mlflow
+
+from tasks import tracking
+from tasks.config import load_config
+from tasks.workspace import Workspace
+
+cfg = load_config(Path("params.yaml"))
+tracking.configure(cfg, Workspace(Path.cwd()))  # what every stage does first
+experiment = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
+with mlflow.start_run(experiment_id=experiment.experiment_id) as run:
+    mlflow.log_text(sys.argv[1], sys.argv[1])
+local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=sys.argv[1])
+assert Path(local).read_text() == sys.argv[1]
+print(run.info.run_id, experiment.artifact_location, run.info.artifact_uri)
+"""
+
+
+@pytest.mark.slow
+def test_an_experiment_created_locally_is_proxied_once_the_server_serves_it(tmp_path):
+    """The order that used to break: a run on the local store creates the experiment
+    (file:// location), then `make serve`'s MLflow server serves the store: its runs must
+    upload through the server (mlflow-artifacts:), and a later run on the local store
+    still reads and writes that experiment's artifacts, all in mlflow.artifact_root."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from flows.stack import security
+    from tests.operate import free_port
+
+    (tmp_path / "params.yaml").write_text(PARAMS.read_text())
+    base = {"PATH": str(Path(sys.executable).parent), "PYTHONPATH": str(Path.cwd())}
+
+    def log_one(name: str, env: dict[str, str]) -> list[str]:
+        done = subprocess.run(
+            [sys.executable, "-c", LOG_ONE, name],
+            cwd=tmp_path,
+            env=base | env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout.splitlines()[-1].split()  # the script's own line, after MLflow's
+
+    artifacts = tmp_path / "mlruns" / "artifacts"
+    first, location, _ = log_one("local-before.txt", {})
+    assert location == artifacts.resolve().as_uri()
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "flows.serve", "--mlflow-only", "--mlflow-port", str(port)],
+        cwd=tmp_path,
+        env=base,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        banner = server.stdout.readline() + server.stdout.readline()
+        assert "Serving the MLflow UI" in banner, banner + server.stdout.read()
+        user, password = security.split_credential(
+            (tmp_path / security.CREDENTIAL_FILE).read_text().strip()
+        )
+        client = {
+            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
+            "MLFLOW_TRACKING_USERNAME": user,
+            "MLFLOW_TRACKING_PASSWORD": password,
+        }
+        served, location, artifact_uri = log_one("through-server.txt", client)
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=60)
+    assert location == "mlflow-artifacts:/" and artifact_uri.startswith("mlflow-artifacts:/")
+    assert (artifacts / served / "artifacts" / "through-server.txt").is_file()
+    after, location, artifact_uri = log_one("local-after.txt", {})
+    assert artifact_uri == f"mlflow-artifacts:/{after}/artifacts"
+    assert (artifacts / after / "artifacts" / "local-after.txt").is_file()
+    assert (artifacts / first / "artifacts" / "local-before.txt").is_file()
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlartifacts").exists()

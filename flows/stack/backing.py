@@ -102,3 +102,54 @@ def migrate_mlflow(url: str) -> None:
         raise ServeError(
             f"MLflow's schema migration on {postgres.redacted(url)} failed: {error}"
         ) from error
+
+
+PROXIED = "mlflow-artifacts:/"
+
+
+def proxied_location(location: str, destination: str) -> str | None:
+    """``location`` as the server with ``destination`` serves it (``mlflow-artifacts:/...``),
+    or None when it lies outside ``destination`` (or is proxied already)."""
+    if "://" in destination:
+        prefixes = [destination.rstrip("/")]
+    else:
+        folder = Path(destination).resolve()
+        prefixes = [folder.as_uri(), str(folder)]
+    for prefix in prefixes:
+        if location == prefix or location.startswith(prefix + "/"):
+            return PROXIED + location[len(prefix) :].lstrip("/")
+    return None
+
+
+def proxy_experiments(backend: str, destination: str) -> list[str]:
+    """Give every experiment whose artifacts lie in the server's ``destination`` the proxied
+    location the server would have given it (``mlflow-artifacts:/...``), before the server
+    starts: runs through the server then upload through it, whoever created the experiment
+    first (a run on the local store does). MLflow has no API to change an experiment's
+    location, so its table is updated; the experiment ids changed are returned."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(backend)
+    try:
+        if not sqlalchemy.inspect(engine).has_table("experiments"):
+            return []  # a new store: the server creates it, with proxied locations
+        with engine.begin() as connection:
+            rows = connection.execute(
+                sqlalchemy.text("SELECT experiment_id, artifact_location FROM experiments")
+            ).all()
+            moved = []
+            for experiment_id, location in rows:
+                proxied = proxied_location(location or "", destination)
+                if proxied is None:
+                    continue
+                connection.execute(
+                    sqlalchemy.text(
+                        "UPDATE experiments SET artifact_location = :location "
+                        "WHERE experiment_id = :id"
+                    ),
+                    {"location": proxied, "id": experiment_id},
+                )
+                moved.append(str(experiment_id))
+            return moved
+    finally:
+        engine.dispose()

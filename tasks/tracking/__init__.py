@@ -31,6 +31,7 @@ from typing import Any
 from tasks.config import MlflowConfig, PipelineConfig
 from tasks.errors import DataUnavailableError
 from tasks.tracking import store
+from tasks.tracking.artifacts import LOCAL_ARTIFACTS_ENV
 from tasks.workspace import Workspace, read_json, write_json
 
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
@@ -71,13 +72,19 @@ EXPERIMENT_KIND = "custom_model_development"  # its "Machine learning" kind
 
 
 def tracking_uri(cfg: MlflowConfig, root: Path) -> str:
-    """MLFLOW_TRACKING_URI wins; a relative sqlite path in params.yaml is taken from ``root``."""
+    """MLFLOW_TRACKING_URI wins; a relative sqlite path in params.yaml is taken from ``root``.
+
+    On a store without its server, this process then reads and writes the artifacts of
+    experiments its server proxies (``mlflow-artifacts:``) in ``mlflow.artifact_root``,
+    where that server keeps them (tasks/tracking/artifacts.py)."""
     uri = os.environ.get(TRACKING_ENV) or cfg.tracking_uri
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         db_path = (root / uri[len(prefix) :]).resolve()
         db_path.parent.mkdir(parents=True, exist_ok=True)
         uri = prefix + str(db_path)
+    if not is_server(uri) and "://" not in cfg.artifact_root:
+        os.environ[LOCAL_ARTIFACTS_ENV] = str((root / cfg.artifact_root).resolve())
     return uri
 
 
