@@ -414,6 +414,7 @@ def test_a_tracking_server_lost_mid_training_ends_the_stage_in_bounded_time(
     [run] = client.search_runs([client.get_experiment_by_name("cifar10-pipeline").experiment_id])
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
     assert sorted(steps) == [0, 1, 2], "every epoch's metrics exactly once"
+    assert run.info.status == "FINISHED", "the rerun closed the run the lost server left open"
 
 
 def test_a_tracking_server_restarted_mid_training_loses_and_duplicates_nothing(
