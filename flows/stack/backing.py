@@ -129,6 +129,8 @@ def proxy_experiments(backend: str, destination: str) -> list[str]:
     location, so its table is updated; the experiment ids changed are returned."""
     import sqlalchemy
 
+    if backend.startswith("sqlite:///") and not Path(backend[len("sqlite:///") :]).is_file():
+        return []  # a new store: the server creates it, with proxied locations
     engine = sqlalchemy.create_engine(backend)
     try:
         if not sqlalchemy.inspect(engine).has_table("experiments"):
