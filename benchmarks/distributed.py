@@ -70,8 +70,8 @@ def config(side: str, quick: bool) -> Any:
 def worker(side: str, quick: bool, out: Path) -> None:
     """Train in this process (one worker of the cluster for multi_worker); the chief
     writes the per-epoch timings to ``out``."""
-    from tasks import data, train
-    from tasks.images import augment
+    from tasks.images import augment, data
+    from tasks.stages import train
     from tasks.training import distribute
 
     cfg = config(side, quick)

@@ -212,10 +212,10 @@ def measure_decode(device: str, common_args: list[str], quick: bool, scratch: Pa
 def measure_http(
     model: dict[str, Any], keras_top1: np.ndarray, workdir: Path, quick: bool, scratch: Path
 ) -> dict[str, Any]:
-    from tasks import data
+    from tasks import prepared
 
     load_before = load_average()
-    images, _ = data.load_split(workdir / "data" / "prepared", "test")
+    images, _ = prepared.load_split(workdir / "data" / "prepared", "test")
     probe = inference_http.request_body(images[:1])
     with inference_http.model_server(model["uri"], model["store"], probe, scratch) as server:
         log(f"http: first answer {server['first_answer_s']:.1f} s after start")
@@ -361,9 +361,9 @@ def main(argv: list[str] | None = None) -> int:
         format_worker(variant, args.workdir, model, sizes, args.out)
         return 0
     if args.decode_worker:
-        from tasks import data
+        from tasks import prepared
 
-        images, _ = data.load_split(args.workdir / "data" / "prepared", "test")
+        images, _ = prepared.load_split(args.workdir / "data" / "prepared", "test")
         inference_decode.decode_worker(
             args.decode_worker, images, sizes.warmup_calls, sizes.repeats, args.out
         )

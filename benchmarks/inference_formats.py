@@ -154,9 +154,9 @@ def test_predictions(predict: Callable, pixels: np.ndarray) -> np.ndarray:
 
 def format_worker(variant: Variant, workdir: Path, model: dict, sizes: Sizes, out: Path) -> None:
     """Everything measured for one format, in this process; writes ``out`` (.json, .npy)."""
-    from tasks import data
+    from tasks import prepared
 
-    images, labels = data.load_split(workdir / "data" / "prepared", "test")
+    images, labels = prepared.load_split(workdir / "data" / "prepared", "test")
     pixels = images.astype("float32")  # raw 0..255, what every serving signature takes
     start = time.perf_counter()
     predict = load_predict(variant, workdir, model)

@@ -99,6 +99,7 @@ def epoch_runner(
     ``pre`` is params.yaml's preprocess section (pad, flip_prob, num_threads, device).
     """
     from tasks.images import augment
+    from tasks.training.device import resolve_device
 
     if variant in ("dali_dataset", "tf_data"):
         if variant == "dali_dataset":
@@ -123,7 +124,7 @@ def epoch_runner(
             pad=pre.pad,
             flip_prob=pre.flip_prob,
             seed=0,
-            device=augment.resolve_device(pre.device),
+            device=resolve_device(pre.device),
             num_threads=pre.num_threads,
         )
 

@@ -126,8 +126,9 @@ def bare_pipeline(cfg: Any, root: Path) -> dict[str, dict[str, float]]:
     import keras
     import numpy as np
 
-    from tasks import data, evaluate, models, train
-    from tasks.images import augment
+    from tasks.images import augment, data, evaluate
+    from tasks.models import wrap as models
+    from tasks.stages import train
     from tasks.workspace import Workspace, atomic_path, write_json
 
     done("imports")

@@ -77,7 +77,7 @@ def model_config(model: str, quick: bool) -> Any:
 def test_accuracy(model: Any, cfg: Any, test: tuple, stats: Any, averaged: bool) -> float:
     """Test accuracy through the evaluate stage's code; ``averaged``: score the optimizer's
     weight average (what training ends with) and put the live weights back afterwards."""
-    from tasks import evaluate
+    from tasks.images import evaluate
 
     live = [variable.numpy() for variable in model.trainable_weights] if averaged else []
     if averaged:
@@ -119,8 +119,8 @@ def accuracy_curve(cfg: Any, test: tuple, stats: Any) -> Any:
 
 
 def curve_worker(model: str, quick: bool, out: Path) -> None:
-    from tasks import data, train
-    from tasks.images import augment
+    from tasks.images import augment, data
+    from tasks.stages import train
 
     cfg = model_config(model, quick)
     dataset = data.prepare_dataset(cfg.data, REPO)

@@ -103,7 +103,7 @@ def bare_fit(cfg: Any, train: tuple, val: tuple, num_classes: int, stats: Any, t
     import keras
     import numpy as np
 
-    from tasks.models import seed_cnn
+    from tasks.models.cnn import seed_cnn
 
     keras.utils.set_random_seed(cfg.train.seed)
     mean, std = (np.asarray(v, np.float32) for v in stats)
@@ -128,8 +128,8 @@ def bare_fit(cfg: Any, train: tuple, val: tuple, num_classes: int, stats: Any, t
 
 def worker(side: str, quick: bool, out: Path) -> None:
     """One side, in this process: train, then write the per-epoch timings to ``out``."""
-    from tasks import data, train
-    from tasks.images import augment
+    from tasks.images import augment, data
+    from tasks.stages import train
 
     cfg = config(quick)
     with tempfile.TemporaryDirectory() as root:

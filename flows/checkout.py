@@ -139,7 +139,7 @@ def restore_data(project: Path, checkout: Path, version: str, uri: str) -> str:
     """Bring data/prepared at ``version`` into the checkout: from the project's DVC cache,
     else pulled from its remote. Returns how, for the user; refuses with the hash and the
     way out when neither has it."""
-    from tasks.register import dvc_hash
+    from tasks.tracking.lineage import dvc_hash
 
     storage = share_dvc_storage(project, checkout)
     with data_version_pinned(checkout, version) as pinned:

@@ -43,7 +43,8 @@ from flows.stage import (
 from flows.workdir import RUN_ID_FIELD, run_root, shared_path_overrides
 from tasks import console, tracking
 from tasks.config import ConfigError, PipelineConfig, load_config, load_profile, parse_override
-from tasks.models import check_input_fits, image_size_key
+from tasks.models.build import check_input_fits
+from tasks.models.catalog import image_size_key
 from tasks.tracking import registry
 from tasks.training import distribute
 from tasks.workspace import Workspace, read_json

@@ -42,10 +42,11 @@ from flows.reproduction import (
 from tasks import console, tracking
 from tasks.config import load_config
 from tasks.errors import ReproduceError
+from tasks.tracking import lineage
 from tasks.workspace import read_json, write_json
 
 SUMMARY_KEY = "reproduction-summary"  # the Prefect artifact's key
-CHANGES_ARTIFACT = tracking.CHANGES_ARTIFACT  # what a -dirty version's run recorded
+CHANGES_ARTIFACT = lineage.CHANGES_ARTIFACT  # what a -dirty version's run recorded
 STOP_WAIT_S = 10  # for the pipeline process to end its MLflow run after each SIGTERM
 STOP_ATTEMPTS = 3
 
@@ -263,7 +264,7 @@ def rebuild_metrics(checkout: Path) -> dict[str, float]:
     """The reproduction's test metrics, named as its MLflow metrics are. Older commits kept
     the per-class numbers inside reports/metrics.json, then in reports/per_class.json; a
     language model has none."""
-    from tasks.evaluate import mlflow_metrics
+    from tasks.images.evaluate import mlflow_metrics
     from tasks.workspace import Workspace
 
     ws = Workspace(checkout)

@@ -34,7 +34,7 @@ from flows.pipeline import (
 from flows.stage import STAGE_NAMES
 from flows.workdir import run_root
 from tasks.errors import DataUnavailableError
-from tasks.register import dvc_hash
+from tasks.tracking.lineage import dvc_hash
 from tasks.workspace import Workspace
 
 DATA_OUT = "data/prepared"  # the data stage's output in dvc.yaml

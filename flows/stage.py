@@ -9,6 +9,7 @@ RUNNING (see `close_failed_pipeline_run`).
 from __future__ import annotations
 
 import argparse
+import importlib
 import signal
 import sys
 from collections.abc import Callable
@@ -34,23 +35,24 @@ from tasks.errors import (
 from tasks.tracking import raise_interrupted
 from tasks.workspace import Workspace
 
+STAGE_NAMES = ("data", "preprocess", "train", "evaluate", "register", "export")
+
 
 def stage_functions() -> dict[str, Callable[[PipelineConfig, Workspace], Any]]:
-    """Stage name -> the one function that implements it (shared with the Prefect flow)."""
-    from tasks import data, evaluate, preprocess, register, train
-    from tasks.serving import export
+    """Stage name -> the one function that implements it (shared with the Prefect flow).
 
-    return {
-        "data": data.run,
-        "preprocess": preprocess.run,
-        "train": train.run,
-        "evaluate": evaluate.run,
-        "register": register.run,
-        "export": export.run,
-    }
+    Each stage's module (tasks/stages/<name>.py) is imported when that stage runs, never
+    another's: a process runs only the code its stage's dvc.yaml deps list."""
+
+    def runner(name: str) -> Callable[[PipelineConfig, Workspace], Any]:
+        def run(cfg: PipelineConfig, ws: Workspace) -> Any:
+            return importlib.import_module(f"tasks.stages.{name}").run(cfg, ws)
+
+        return run
+
+    return {name: runner(name) for name in STAGE_NAMES}
 
 
-STAGE_NAMES = ("data", "preprocess", "train", "evaluate", "register", "export")
 CLOSING_STAGE = STAGE_NAMES[-1]  # ends the pipeline's MLflow run
 # Stages that run Keras; data (synthetic, idx) and preprocess (DALI) need no TensorFlow.
 TENSORFLOW_STAGES = ("train", "evaluate", "register", "export")

@@ -55,7 +55,7 @@ def shared_path_overrides(cfg: PipelineConfig, project: Path, root: Path) -> dic
     project, root = project.resolve(), root.resolve()
     if root == project or not root.is_relative_to(project):
         return {}
-    flat = cfg.flat()
+    flat = cfg.flat(everything=True)
     anchored = {key: anchored_path(flat[key], project) for key in SHARED_PATH_KEYS if key in flat}
     anchored |= {key: anchored_uri(flat[key], project) for key in SHARED_URI_KEYS if key in flat}
     return {key: value for key, value in anchored.items() if value != flat[key]}

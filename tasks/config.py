@@ -12,7 +12,7 @@ import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -24,6 +24,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from tasks.models.catalog import family, foreign_keys
 
 
 class ConfigError(ValueError):
@@ -163,21 +165,13 @@ class PreprocessConfig(_Section):
     num_threads: int = Field(ge=1)
 
 
-class ModelConfig(_Section):
-    name: str
-    widths: list[int] = Field(min_length=1)  # fast_cnn's conv-group widths
-    # transfer only
-    base: Literal["vgg16", "resnet50", "mobilenet_v2", "efficientnet_b0"]
-    head: Literal["seed", "pool"]
-    # imagenet | none | <file>.weights.h5 | models:/<name>@<alias>
-    weights: str = Field(min_length=1)
-    input_size: int = Field(ge=32)
-    unfreeze: int = Field(ge=0)
-    # lstm_lm only (dropout also for transfer's pool head)
-    embedding_dim: int = Field(ge=1)
-    units: int = Field(ge=1)
-    layers: int = Field(ge=1)
-    dropout: float = Field(ge=0.0, lt=1.0)
+class SeedCnnConfig(_Section):
+    name: Literal["seed_cnn"]
+
+
+class FastCnnConfig(_Section):
+    name: Literal["fast_cnn"]
+    widths: list[int] = Field(min_length=1)  # conv-group widths
 
     @field_validator("widths")
     @classmethod
@@ -186,13 +180,58 @@ class ModelConfig(_Section):
             raise ValueError("every width must be >= 1")
         return widths
 
-    @model_validator(mode="after")
-    def _known_model(self) -> ModelConfig:
-        from tasks.models import MODEL_BUILDERS  # local: models imports keras
 
-        if self.name not in MODEL_BUILDERS:
-            raise ValueError(f"unknown model {self.name!r}; choose one of {sorted(MODEL_BUILDERS)}")
-        return self
+class TransferConfig(_Section):
+    name: Literal["transfer"]
+    base: Literal["vgg16", "resnet50", "mobilenet_v2", "efficientnet_b0"]
+    head: Literal["seed", "pool"]
+    # imagenet | none | <file>.weights.h5 | models:/<name>@<alias>
+    weights: str = Field(min_length=1)
+    input_size: int = Field(ge=32)
+    unfreeze: int = Field(ge=0)
+    dropout: float = Field(ge=0.0, lt=1.0)  # the pool head's
+
+
+class LstmLmConfig(_Section):
+    name: Literal["lstm_lm"]
+    embedding_dim: int = Field(ge=1)
+    units: int = Field(ge=1)
+    layers: int = Field(ge=1)
+    dropout: float = Field(ge=0.0, lt=1.0)
+
+
+# One pydantic section per family (tasks/models/catalog.py), chosen by model.name: a run's
+# config, and so its MLflow params, holds only its own family's fields. params.yaml keeps
+# every family's settings under model:, the others' are set aside when it is read.
+FAMILY_CONFIGS: dict[str, type[_Section]] = {
+    "seed_cnn": SeedCnnConfig,
+    "fast_cnn": FastCnnConfig,
+    "transfer": TransferConfig,
+    "lstm_lm": LstmLmConfig,
+}
+ModelConfig = Annotated[
+    SeedCnnConfig | FastCnnConfig | TransferConfig | LstmLmConfig, Field(discriminator="name")
+]
+# Keys only some data sources read (a prefix covers a section): logged only for those.
+IMAGE_SOURCES = ("tfds", "idx", "synthetic")
+SOURCE_KEYS = {
+    "data.name": ("tfds", "idx"),
+    "data.tfds_dir": ("tfds",),
+    "data.manual_dir": ("tfds",),
+    "data.idx_dir": ("idx",),
+    "data.synthetic.": ("synthetic",),
+    "data.text.": ("text",),
+    "data.classes": IMAGE_SOURCES,
+    "data.labels_per_class": IMAGE_SOURCES,
+}
+
+
+def _family_section(model: Any) -> Any:
+    """params.yaml's model: section cut to the fields of model.name's family."""
+    if not isinstance(model, Mapping) or model.get("name") not in FAMILY_CONFIGS:
+        return model  # the union's validation says what is missing or unknown
+    fields = FAMILY_CONFIGS[model["name"]].model_fields
+    return {key: value for key, value in model.items() if key in fields}
 
 
 class TrainConfig(_Section):
@@ -293,6 +332,13 @@ with warnings.catch_warnings():
 
         @model_validator(mode="before")
         @classmethod
+        def _own_family_only(cls, tree: Any) -> Any:
+            if isinstance(tree, Mapping) and "model" in tree:
+                return {**tree, "model": _family_section(tree["model"])}
+            return tree
+
+        @model_validator(mode="before")
+        @classmethod
         def _name_the_registered_model(cls, tree: Any) -> Any:
             """``register.model_name: auto`` -> ``<dataset>-<model>`` (synthetic-seed_cnn,
             fashion_mnist-fast_cnn): runs on different data never share a registered
@@ -312,16 +358,14 @@ with warnings.catch_warnings():
         def _model_fits_data(self) -> PipelineConfig:
             """A language model needs text and an image model images: checked here, before
             the data stage spends minutes preparing data the model cannot read."""
-            from tasks.models import MODEL_MODALITIES
-
-            wanted, given = MODEL_MODALITIES[self.model.name], modality(self.data.source)
+            wanted, given = family(self.model.name).modality, modality(self.data.source)
             if wanted != given:
                 fix = "text" if wanted == "text" else "tfds, idx or synthetic"
                 raise ValueError(
                     f"model.name {self.model.name!r} reads {wanted} but data.source "
                     f"{self.data.source!r} gives {given}: set data.source to {fix}"
                 )
-            if self.model.name == "transfer" and not (
+            if family(self.model.name).two_phases and not (
                 self.train.frozen_epochs + self.train.finetune_epochs
             ):
                 raise ValueError(
@@ -330,9 +374,24 @@ with warnings.catch_warnings():
                 )
             return self
 
-        def flat(self) -> dict[str, Any]:
-            """Dotted-key view (``train.epochs``), the form MLflow params and overrides use."""
-            return _flatten(self.model_dump())
+        def flat(self, everything: bool = False) -> dict[str, Any]:
+            """Dotted-key view (``train.epochs``), the form MLflow params and overrides use:
+            the keys this run reads (its data source's and its model family's), or with
+            ``everything`` every key, for checks that must see all of them."""
+            flat = _flatten(self.model_dump())
+            if everything:
+                return flat
+            foreign = foreign_keys(self.model.name)
+            return {
+                key: value
+                for key, value in flat.items()
+                if key not in foreign
+                and all(
+                    self.data.source in sources
+                    for prefix, sources in SOURCE_KEYS.items()
+                    if key == prefix or (prefix.endswith(".") and key.startswith(prefix))
+                )
+            }
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,25 +1,32 @@
-"""The one place the pipeline's stages differ by data modality: images or text.
+"""What a modality's stage parts hand back to their stages (the contract of
+tasks/images/ and tasks/text/).
 
-Every stage keeps one implementation (its MLflow run, its files, its errors); what it
-does with the data comes from a `Modality`, picked from ``data.source``:
-`tasks.images.modality.ImageModality` (DALI-augmented uint8 images, classifiers) or
-`tasks.text.modality.TextModality` (token streams, next-token models). A new modality is
-a new class with these methods, not a branch in each stage.
+A modality (images: uint8 NHWC arrays, DALI augmentation, classifiers; text: token
+streams, next-token models) is a package with one module per stage that differs by
+modality, each with one function the stage calls (tasks/stages/ picks the package from
+``data.source``, the only place that does):
+
+- ``data.prepare(cfg, ws) -> meta``: write data/prepared/ (tasks/prepared.py) as a whole;
+- ``preprocess.preprocess(cfg, ws, data_dir, report_dir) -> tags``: what training derives
+  from the training split, and samples;
+- ``train.training_data(cfg, ws, epoch) -> TrainingData``: batches for fit();
+- ``evaluate.evaluate(cfg, ws, model, out_dir) -> (headline, mlflow metrics)``;
+- ``register.served_model(cfg, ws, scratch) -> ServedModel``: the version's code and files;
+- ``export.export_samples(cfg, ws) -> (test inputs, targets, training inputs)``.
+
+A stage imports only its own part, so `dvc repro` reruns a stage only for code it runs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
-
-from tasks.config import PipelineConfig, modality
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from tasks.training.distribute import Shard
-    from tasks.workspace import Workspace
 
 
 @dataclass(frozen=True)
@@ -48,41 +55,3 @@ class ServedModel:
     params: dict[str, Any] | None = None  # inference params in the signature
     # accuracy(version) of a registered version on this run's test data
     reevaluate: Callable[[str], float] | None = field(default=None, compare=False)
-
-
-class Modality(Protocol):
-    name: str
-
-    def prepare(self, cfg: PipelineConfig, ws: Workspace) -> dict[str, Any]:
-        """Data stage: write data/prepared/ (splits and meta.json) as a whole; return meta."""
-
-    def preprocess(
-        self, cfg: PipelineConfig, ws: Workspace, data_dir: Path, report_dir: Path
-    ) -> dict[str, Any]:
-        """Preprocess stage: what training derives from the training split, and samples."""
-
-    def training_data(self, cfg: PipelineConfig, ws: Workspace, epoch: Any) -> TrainingData:
-        """Train stage: batches for fit(), checked before any work."""
-
-    def evaluate(
-        self, cfg: PipelineConfig, ws: Workspace, model: Any, out_dir: Path
-    ) -> tuple[dict[str, float], dict[str, float]]:
-        """Evaluate stage: write details into ``out_dir``; return the headline metrics
-        (``accuracy`` among them: the number the registry compares) and every metric for
-        MLflow."""
-
-    def served_model(self, cfg: PipelineConfig, ws: Workspace, scratch: Path) -> ServedModel:
-        """Register stage: the version's model code and files (written under ``scratch``)."""
-
-    def export_samples(self, cfg: PipelineConfig, ws: Workspace) -> tuple[Any, Any, Any]:
-        """Export stage: (test inputs, their targets, training inputs for int8 ranges)."""
-
-
-def for_config(cfg: PipelineConfig) -> Modality:
-    if modality(cfg.data.source) == "text":
-        from tasks.text.modality import TextModality
-
-        return TextModality()
-    from tasks.images.modality import ImageModality
-
-    return ImageModality()

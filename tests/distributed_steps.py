@@ -24,9 +24,10 @@ STEPS = 3
 def main(mode: str, out: str) -> None:
     import keras
 
-    from tasks.images.modality import image_training_data
-    from tasks.train import _epoch_variable, fit
+    from tasks.images.train import image_training_data
+    from tasks.stages.train import _epoch_variable, fit
     from tasks.training import distribute
+    from tasks.training.distribute import index_batches
 
     replicas = 2 if mode == "mirrored" else 1
     cfg = load_config(
@@ -60,11 +61,7 @@ def main(mode: str, out: str) -> None:
     shards = [distribute.Shard(r, 1, replicas) for r in range(replicas)]
     seen = [
         np.concatenate(
-            list(
-                augment.index_batches(
-                    len(images), cfg.train.batch_size, 7, shard=s
-                ).as_numpy_iterator()
-            )
+            list(index_batches(len(images), cfg.train.batch_size, 7, shard=s).as_numpy_iterator())
         )
         for s in shards
     ]

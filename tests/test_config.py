@@ -114,7 +114,7 @@ def test_a_synthetic_set_bigger_than_memory_is_refused_before_allocating():
 
 
 def test_an_image_too_small_for_the_model_names_the_key_and_the_smallest_size():
-    from tasks.models import check_input_fits
+    from tasks.models.build import check_input_fits
 
     cfg = load_config(PARAMS, {"data.source": "synthetic", "data.synthetic.image_size": 8})
     with pytest.raises(ConfigError) as refused:

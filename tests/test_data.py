@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import yaml
 
-from tasks import data
+from tasks import prepared
 from tasks.config import ConfigError, DataConfig, SyntheticConfig
 from tasks.errors import DataUnavailableError
+from tasks.images import data
+from tasks.stages import data as data_stage
 from tasks.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -268,11 +270,11 @@ def test_write_and_load_round_trip(data_cfg, tmp_path):
         "image_shape": [32, 32, 3],
         "counts": {"train": 180, "val": 20, "test": 50},
     }
-    assert data.load_meta(out) == meta == json.loads((out / "meta.json").read_text())
+    assert prepared.load_meta(out) == meta == json.loads((out / "meta.json").read_text())
     files = sorted(p.name for p in out.iterdir())
     assert files == ["meta.json", "test.npz", "train.npz", "val.npz"]
-    for split in data.SPLITS:
-        images, labels = data.load_split(out, split)
+    for split in prepared.SPLITS:
+        images, labels = prepared.load_split(out, split)
         expected_images, expected_labels = ds.split(split)
         assert images.dtype == np.uint8 and labels.dtype == np.int64
         assert np.array_equal(images, expected_images)
@@ -320,7 +322,7 @@ def test_rewrite_replaces_previous_output(data_cfg, tmp_path):
     other = data.prepare_dataset(data_cfg.model_copy(update={"seed": 1}), tmp_path)
     data.write_prepared(other, out, data_cfg)
     assert not (out / "stale.txt").exists()
-    assert np.array_equal(data.load_split(out, "train")[0], other.train_images)
+    assert np.array_equal(prepared.load_split(out, "train")[0], other.train_images)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]
 
 
@@ -328,8 +330,8 @@ def test_run_writes_the_workspace_prepared_dir_and_logs_to_mlflow(tiny_cfg, tmp_
     import mlflow
 
     ws = Workspace(tmp_path)
-    meta = data.run(tiny_cfg, ws)
-    assert data.load_meta(ws.prepared) == meta
+    meta = data_stage.run(tiny_cfg, ws)
+    assert prepared.load_meta(ws.prepared) == meta
     assert meta["counts"]["train"] + meta["counts"]["val"] == tiny_cfg.data.synthetic.train_size
     run_id = json.loads(ws.run_handle.read_text())["run_id"]
     run = mlflow.MlflowClient().get_run(run_id)
@@ -341,11 +343,11 @@ def test_run_writes_the_workspace_prepared_dir_and_logs_to_mlflow(tiny_cfg, tmp_
 
 def test_loading_before_the_data_stage_says_what_to_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="dvc repro data"):
-        data.load_meta(tmp_path / "prepared")
+        prepared.load_meta(tmp_path / "prepared")
     with pytest.raises(FileNotFoundError, match="dvc repro data"):
-        data.load_split(tmp_path / "prepared", "train")
+        prepared.load_split(tmp_path / "prepared", "train")
     with pytest.raises(ValueError, match="unknown split 'dev'"):
-        data.load_split(tmp_path, "dev")
+        prepared.load_split(tmp_path, "dev")
 
 
 # ------------------------------------------------------------- class subsets, few labels

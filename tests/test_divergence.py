@@ -21,7 +21,7 @@ def test_json_files_never_hold_bare_nan(tmp_path):
 
 
 def test_a_nan_parity_difference_fails_the_export():
-    from tasks.serving.export import parity_failures
+    from tasks.stages.export import parity_failures
 
     row = {"max_abs_diff": math.nan, "top1_agreement": 1.0, "quantized": False}
     report = {"samples": 8, "formats": {"onnx": row}}

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from flows.retrain import check_out_data, locked_data_version
-from tasks.register import dvc_hash
+from tasks.tracking.lineage import dvc_hash
 from tests.operate import BIN
 
 pytestmark = pytest.mark.slow

@@ -10,9 +10,10 @@ import mlflow
 import numpy as np
 import pytest
 
-from tasks.data import load_split
 from tasks.errors import ExportError
-from tasks.serving import export, formats
+from tasks.prepared import load_split
+from tasks.serving import formats
+from tasks.stages import export
 from tasks.workspace import read_json
 
 pytestmark = pytest.mark.slow
@@ -114,7 +115,8 @@ def test_export_without_a_registration_says_what_to_run(tiny_cfg, workspace):
 def test_fast_cnn_with_exact_gelu_converts_to_onnx(tmp_path):
     """TensorFlow writes exact GELU with Erfc, an op ONNX lacks; the converter's handler
     rewrites it (1 - Erf) and ONNX Runtime answers like the SavedModel."""
-    from tasks.models import fast_cnn, with_normalization
+    from tasks.models.cnn import fast_cnn
+    from tasks.models.wrap import with_normalization
 
     model = formats.probabilities_model(
         with_normalization(fast_cnn((28, 28, 1), 10, (8, 16, 16)), [33.0], [70.0])

@@ -177,8 +177,8 @@ def test_stale_temp_files_of_a_killed_write_are_removed(tmp_path):
 
 
 def test_a_stale_staging_directory_of_the_data_stage_is_removed(tmp_path):
-    from tasks import data
     from tasks.config import load_config
+    from tasks.stages import data as data_stage
     from tests.conftest import PARAMS, tiny_overrides
 
     cfg = load_config(PARAMS, tiny_overrides(tmp_path))
@@ -186,7 +186,7 @@ def test_a_stale_staging_directory_of_the_data_stage_is_removed(tmp_path):
     stale = ws.prepared.parent / ".prepared.tmp-k1ll3d"
     stale.mkdir(parents=True)
     (stale / "train.npz").write_bytes(b"half")
-    data.run(cfg, ws)
+    data_stage.run(cfg, ws)
     assert not stale.exists()
     assert sorted(p.name for p in ws.prepared.parent.iterdir()) == ["prepared"]
     assert (ws.prepared.stat().st_mode & 0o777) == 0o777 & ~current_umask()

@@ -79,7 +79,7 @@ def run_statuses(root: Path) -> list[str]:
 
 def write_synthetic_prepared(root: Path) -> Workspace:
     """data/prepared/ as the data stage writes it, without opening an MLflow run."""
-    from tasks import data
+    from tasks.images import data
 
     cfg, ws = project_config(root), Workspace(root)
     data.write_prepared(data.prepare_dataset(cfg.data, root), ws.prepared, cfg.data)
@@ -157,11 +157,11 @@ def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path):
 def test_a_truncated_prepared_split_is_named_and_closes_the_open_run(tmp_path):
     """As under `dvc repro`: the data stage ran and left the pipeline run open for the
     next stage; preprocess then finds train.npz truncated, before it joins that run."""
-    from tasks import data
+    from tasks.stages import data as data_stage
 
     root = make_project(tmp_path / "project")
     ws = Workspace(root)
-    data.run(project_config(root), ws)
+    data_stage.run(project_config(root), ws)
     assert run_statuses(root) == ["FINISHED"] and ws.run_handle.is_file()
     truncate(ws.prepared / "train.npz")
 
@@ -254,12 +254,12 @@ def test_only_a_tfds_source_checks_the_dataset_name(overrides, accepted):
 
 
 def test_a_corrupt_meta_file_is_named(tmp_path):
-    from tasks import data
+    from tasks import prepared
     from tasks.errors import DataFileError
 
     (tmp_path / "meta.json").write_text('{"class_names": [')
     with pytest.raises(DataFileError, match=rf"{re.escape(str(tmp_path / 'meta.json'))} is not"):
-        data.load_meta(tmp_path)
+        prepared.load_meta(tmp_path)
 
 
 def test_an_offline_download_under_the_stage_cli_ends_its_run_failed(tmp_path):
@@ -304,7 +304,7 @@ def test_a_model_file_naming_a_foreign_function_is_refused_in_one_line(tmp_path)
     """A config asking Keras for `os.system` as a layer: nothing runs, and the loader
     answers with the file's name, not Keras' TypeError."""
     from tasks.errors import ModelFileError
-    from tasks.models import load_model_file
+    from tasks.models.files import load_model_file
 
     def os_system(config):
         layer = config["config"]["layers"][-1]
@@ -318,7 +318,7 @@ def test_a_model_file_naming_a_foreign_function_is_refused_in_one_line(tmp_path)
 
 def test_a_truncated_model_file_says_truncated_not_missing(tmp_path):
     from tasks.errors import ModelFileError
-    from tasks.models import load_model_file
+    from tasks.models.files import load_model_file
 
     path = crafted_keras_file(tmp_path / "model.keras", lambda config: config)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])

@@ -15,7 +15,8 @@ import yaml
 from benchmarks.common import copy_repo, set_params
 from tasks.config import load_config
 from tasks.errors import DataFileError
-from tasks.text import corpus, language, windows
+from tasks.text import data as text_data
+from tasks.text import metrics, windows
 from tasks.workspace import Workspace
 from tests.conftest import PARAMS, TINY, pipeline_env, read_mlflow
 from tests.helpers.readme import check_quiet, check_result
@@ -43,13 +44,13 @@ def test_the_corpus_splits_by_position_and_fits_the_vocabulary_on_train_only(tmp
     (tmp_path / "a.txt").write_text("alpha beta gamma " * 40 + "\n")
     (tmp_path / "b.txt").write_text("delta epsilon zeta eta theta iota kappa " * 3)
     cfg = text_cfg(tmp_path, **{"data.text.path": str(tmp_path), "data.text.vocab_size": 5})
-    ds = corpus.prepare_text(cfg.data, tmp_path)
+    ds = text_data.prepare_text(cfg.data, tmp_path)
     # Train is the first 80% of the text: a.txt only, so b.txt's words are [UNK] (id 1).
     assert set(ds.vocabulary) == {"", "[UNK]", "alpha", "beta", "gamma"}
     assert set(ds.test.tolist()) == {1}
     assert ds.counts["train"] > ds.counts["val"] > 0 and ds.counts["test"] > 0
     whole = cfg.data.text.model_copy(update={"level": "character", "vocab_size": 10})
-    chars = corpus.prepare_text(cfg.data.model_copy(update={"text": whole}), tmp_path)
+    chars = text_data.prepare_text(cfg.data.model_copy(update={"text": whole}), tmp_path)
     assert " " in chars.vocabulary and "a" in chars.vocabulary
 
 
@@ -71,7 +72,7 @@ def test_bad_text_fails_naming_the_file_or_param(tmp_path, content, overrides, n
     path.write_bytes(content)
     cfg = text_cfg(tmp_path, **{"data.text.path": str(path)} | overrides)
     with pytest.raises(DataFileError, match=named):
-        corpus.prepare_text(cfg.data, tmp_path)
+        text_data.prepare_text(cfg.data, tmp_path)
 
 
 def test_a_sequence_longer_than_a_split_fails_naming_the_param():
@@ -101,13 +102,13 @@ def test_every_example_appears_once_per_epoch_in_a_seeded_order():
 
 
 def test_the_unigram_baseline_is_the_training_frequency():
-    unigram = language.unigram_probabilities(np.array([2, 2, 2, 3]), vocab_size=5)
+    unigram = metrics.unigram_probabilities(np.array([2, 2, 2, 3]), vocab_size=5)
     assert unigram[0] == 0.0 and np.isclose(unigram.sum(), 1.0)
     assert unigram[2] == 4 / 8  # 3 counts + 1, over 4 tokens + 4 smoothing counts
-    metrics = language.language_metrics(
+    scores = metrics.language_metrics(
         np.log(np.tile(unigram + 1e-12, (2, 1))), np.array([2, 3]), unigram
     )
-    assert np.isclose(metrics["perplexity"], metrics["unigram_perplexity"], rtol=1e-6)
+    assert np.isclose(scores["perplexity"], scores["unigram_perplexity"], rtol=1e-6)
 
 
 # ------------------------------------------------------------------ the whole pipeline

@@ -22,7 +22,7 @@ import yaml
 
 from benchmarks.common import set_params
 from flows.workdir import RUN_ID_FIELD
-from tasks.register import dvc_hash
+from tasks.tracking.lineage import dvc_hash
 from tasks.workspace import Workspace, read_json
 from tests.conftest import TINY
 from tests.operate import (
@@ -296,10 +296,10 @@ def test_a_killed_flow_run_is_crashed_in_prefect_and_killed_in_mlflow(stack):
 def test_batch_predict_writes_predictions_and_logs_them_with_the_version(stack, served_pipeline):
     """The session's tiny model, registered on the stack's MLflow server by the register
     stage's own log_model (no second training), predicts a folder inside the project."""
-    from tasks import modality
     from tasks.config import load_config
-    from tasks.data import load_split
-    from tasks.register import log_model
+    from tasks.images.register import served_model
+    from tasks.prepared import load_split
+    from tasks.stages.register import log_model
     from tests.conftest import PARAMS
     from tests.test_predict import png_bytes, read_csv
 
@@ -309,7 +309,7 @@ def test_batch_predict_writes_predictions_and_logs_them_with_the_version(stack, 
     named = load_config(PARAMS, cfg.flat() | {"register.model_name": name})
     scratch = stack.root / "data" / "operate-scratch"
     scratch.mkdir(parents=True, exist_ok=True)
-    version = log_model(modality.for_config(named).served_model(named, ws, scratch), named)
+    version = log_model(served_model(named, ws, scratch), named)
     client.set_registered_model_alias(name, "champion", version)
     images, _ = load_split(ws.prepared, "test")
     folder = stack.root / "data" / "predict-operate"  # git-ignored, inside the project

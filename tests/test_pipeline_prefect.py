@@ -44,7 +44,7 @@ def test_flow_runs_all_stages_and_registers_a_champion(prefect_server, tmp_path)
 
     # The registered model takes raw pixels, answers with class names, and agrees with the
     # evaluate stage's predictions.
-    from tasks.data import load_split
+    from tasks.prepared import load_split
 
     images, _ = load_split(ws.prepared, "test")
     model = mlflow.pyfunc.load_model("models:/synthetic-seed_cnn@champion")

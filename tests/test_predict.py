@@ -24,7 +24,7 @@ from nvidia.dali import backend
 from PIL import Image
 
 from flows.predict import find_images, main
-from tasks import data
+from tasks import prepared
 from tasks.errors import ModelRequestError
 from tasks.serving.images import Decoder, read_image
 from tasks.serving.registered import check_model_code, parse_model_uri
@@ -63,7 +63,7 @@ def store(served_pipeline, monkeypatch):
     cfg, ws, registration = served_pipeline
     monkeypatch.setenv("MLFLOW_TRACKING_URI", cfg.mlflow.tracking_uri)
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
-    images, _ = data.load_split(ws.prepared, "test")
+    images, _ = prepared.load_split(ws.prepared, "test")
     return registration, images
 
 

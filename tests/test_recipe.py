@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tasks.config import load_config
-from tasks.train import build_for_training
+from tasks.stages.train import build_for_training
 from tasks.training import recipe
 from tests.conftest import PARAMS
 

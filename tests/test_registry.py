@@ -13,10 +13,12 @@ import pytest
 import requests
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 
-from tasks import modality, register, tracking
+from tasks import tracking
 from tasks.config import ConfigError
 from tasks.errors import DataUnavailableError
+from tasks.images import register as images_register
 from tasks.modality import ServedModel
+from tasks.stages import register
 from tasks.tracking import registry
 
 
@@ -78,15 +80,14 @@ def test_a_retried_registration_reuses_the_runs_version(client, tmp_path, monkey
     run_id = client.create_run(experiment).info.run_id
     calls = []
 
-    class Images:  # what the registry binds the name to; the model itself is faked below
-        def served_model(self, cfg, ws, scratch):
-            return ServedModel(
-                code=Path("unused"),
-                artifacts={},
-                model_config={},
-                input_example=None,
-                binding=registry.binding_of("synthetic", meta["image_shape"], meta["class_names"]),
-            )
+    def served_model(cfg, ws, scratch):  # what the name binds to; the model is faked below
+        return ServedModel(
+            code=Path("unused"),
+            artifacts={},
+            model_config={},
+            input_example=None,
+            binding=registry.binding_of("synthetic", meta["image_shape"], meta["class_names"]),
+        )
 
     def fake_log_model(served, cfg):
         calls.append(1)
@@ -96,7 +97,7 @@ def test_a_retried_registration_reuses_the_runs_version(client, tmp_path, monkey
         return str(client.create_model_version(name, "file:///dev/null", run_id=run_id).version)
 
     monkeypatch.setattr(register, "log_model", fake_log_model)
-    monkeypatch.setattr(modality, "for_config", lambda cfg: Images())
+    monkeypatch.setattr(images_register, "served_model", served_model)
     first = register.log_and_register(tiny_cfg, ws, run_id, 0.5)
     again = register.log_and_register(tiny_cfg, ws, run_id, 0.5)
     assert len(calls) == 1

@@ -82,9 +82,9 @@ def test_a_champion_from_other_data_is_evaluated_again_on_the_candidates(tmp_pat
     assert previous["data_version"] != record["data_version"]
 
     # The champion's accuracy on B's test set, computed here independently.
-    from tasks import data
+    from tasks import prepared
 
-    images, labels = data.load_split(ws_b.prepared, "test")
+    images, labels = prepared.load_split(ws_b.prepared, "test")
     champion = registry.load_version(NAME, "1")
     expected = float(
         (champion.predict(images.astype(np.float32), verbose=0).argmax(1) == labels).mean()

@@ -33,7 +33,7 @@ from flows.reproduction import (
     parse_model_uri,
 )
 from tasks.errors import ReproduceError
-from tasks.register import dvc_hash
+from tasks.tracking.lineage import dvc_hash
 from tests.conftest import REPO, TINY, pipeline_env
 from tests.test_pipeline_dvc import dvc_repro
 

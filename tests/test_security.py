@@ -151,7 +151,9 @@ def crafted_model_project(tmp_path_factory):
     import keras
 
     from benchmarks.common import set_params
-    from tasks import data, preprocess
+    from tasks import prepared
+    from tasks.stages import data as data_stage
+    from tasks.stages import preprocess as preprocess_stage
     from tasks.workspace import Workspace, write_json
 
     root = tmp_path_factory.mktemp("crafted")
@@ -159,9 +161,9 @@ def crafted_model_project(tmp_path_factory):
     set_params(root, tiny_overrides(root))
     cfg = load_config(root / "params.yaml")
     ws = Workspace(root)
-    data.run(cfg, ws)
-    preprocess.run(cfg, ws)
-    inputs = keras.Input(tuple(data.load_meta(ws.prepared)["image_shape"]))
+    data_stage.run(cfg, ws)
+    preprocess_stage.run(cfg, ws)
+    inputs = keras.Input(tuple(prepared.load_meta(ws.prepared)["image_shape"]))
     code = keras.layers.Lambda(lambda x: x * 2.0)(inputs)  # any Python would do
     logits = keras.layers.Dense(10)(keras.layers.Flatten()(code))
     ws.model_file.parent.mkdir(parents=True, exist_ok=True)
@@ -193,7 +195,7 @@ def test_a_model_file_carrying_code_is_refused_by_the_stages(crafted_model_proje
 
 
 def test_load_model_file_names_a_corrupt_file(tmp_path):
-    from tasks.models import load_model_file
+    from tasks.models.files import load_model_file
 
     path = tmp_path / "model.keras"
     path.write_bytes(b"PK\x03\x04 not really a zip")

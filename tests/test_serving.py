@@ -21,7 +21,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from tasks.data import load_split
+from tasks.prepared import load_split
 from tests.conftest import REPO, pipeline_env
 from tests.operate import free_port
 

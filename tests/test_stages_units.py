@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.evaluate import compute_metrics, mlflow_metrics
+from tasks.images.evaluate import compute_metrics, mlflow_metrics
 from tasks.tracking.registry import should_promote
 from tasks.workspace import atomic_path
 

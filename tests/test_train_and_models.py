@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks import data
 from tasks.config import load_config
-from tasks.images import augment
-from tasks.models import build_model, with_normalization
-from tasks.train import train_model
+from tasks.images import augment, data
+from tasks.models.build import build_model
+from tasks.models.wrap import with_normalization
+from tasks.stages.train import train_model
 from tests.conftest import PARAMS, tiny_overrides
 
 
@@ -67,7 +67,7 @@ def test_seed_cnn_is_the_seed_architecture():
 
 
 def model_cfg(name: str):
-    return load_config(PARAMS).model.model_copy(update={"name": name})
+    return load_config(PARAMS, {"model.name": name}).model
 
 
 @pytest.mark.parametrize("name", ["seed_cnn", "fast_cnn"])  # transfer: tests/test_transfer.py

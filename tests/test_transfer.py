@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from tasks.errors import TransferWeightsError
-from tasks.models import seed_cnn, with_normalization
+from tasks.models.cnn import seed_cnn
 from tasks.models.transfer import (
     BASES,
     SCRATCH_BN_MOMENTUM,
@@ -30,6 +30,7 @@ from tasks.models.transfer import (
     transfer_model,
     tunable_layers,
 )
+from tasks.models.wrap import with_normalization
 
 SHAPE = (32, 32, 3)
 CLASSES = 4
@@ -177,10 +178,11 @@ def test_logits_are_float32_under_mixed_precision():
 
 
 def test_build_model_works_before_anything_imports_the_transfer_module():
-    """tasks.models' builder named `transfer` must not shadow the module tasks.models.transfer
-    in a fresh process (train_model, as benchmarks call it, imports nothing else first)."""
+    """The builder named `transfer` must not shadow the module tasks.models.transfer in a
+    fresh process (train_model, as benchmarks call it, imports nothing else first)."""
     code = (
-        "import sys; from tasks.config import load_config; from tasks.models import build_model; "
+        "import sys; from tasks.config import load_config; "
+        "from tasks.models.build import build_model; "
         "assert 'tasks.models.transfer' not in sys.modules; "
         "cfg = load_config('params.yaml', {'model.name': 'transfer', "
         "'model.base': 'mobilenet_v2', 'model.weights': 'none'}); "

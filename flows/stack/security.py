@@ -134,7 +134,7 @@ def check_deployment_stores(
     """Refuse a deployment run whose config writes outside the project: the dataset cache,
     the artifact root and a local tracking store (unless MLFLOW_TRACKING_URI, which the
     worker sets, overrides it). Reading data from anywhere (``data.idx_dir``) is allowed."""
-    flat = cfg.flat()
+    flat = cfg.flat(everything=True)
     for key in WRITE_PATH_KEYS:
         if not _inside(workdir / flat[key], project):
             raise ConfigError(

@@ -39,7 +39,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from tasks.config import PreprocessConfig
-from tasks.training.distribute import Shard, chunk_bounds, steps_per_epoch
+from tasks.training.device import resolve_device
+from tasks.training.distribute import Shard, index_batches, steps_per_epoch
 from tasks.workspace import atomic_path
 
 if TYPE_CHECKING:
@@ -54,23 +55,6 @@ class NormStats(NamedTuple):
 
     mean: list[float]
     std: list[float]
-
-
-def resolve_device(requested: str) -> str:
-    """Map params.yaml `preprocess.device` to "cpu" or "gpu"; fail early if a GPU is missing."""
-    from nvidia.dali import backend
-
-    if requested not in ("auto", "cpu", "gpu"):
-        raise ValueError(f"preprocess.device must be auto, cpu or gpu, got {requested!r}")
-    if requested == "cpu":
-        return "cpu"
-    has_gpu = backend.GetCUDADeviceCount() > 0
-    if requested == "gpu" and not has_gpu:
-        raise RuntimeError(
-            "preprocess.device is 'gpu' but no CUDA GPU is visible to DALI; "
-            "set preprocess.device: cpu (or auto) in params.yaml"
-        )
-    return "gpu" if has_gpu else "cpu"
 
 
 def channel_stats(images: np.ndarray) -> NormStats:
@@ -369,39 +353,6 @@ def _as_numpy(tensor_list) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ tf.data for Keras
-
-
-def index_batches(
-    n: int, batch_size: int, shuffle_seed: int | None, epoch: Any = None, shard: Shard | None = None
-):
-    """Index batches of one pass: in order, or a permutation that is a function of
-    (shuffle_seed, epoch); cut into the chunks ``shard`` takes (tasks/training/distribute.py)."""
-    import tensorflow as tf
-
-    shard = shard or Shard()
-    bounds = chunk_bounds(n, batch_size, shard.replicas)
-    ids = shard.chunk_ids(steps_per_epoch(n, batch_size, shard.replicas))
-    starts, ends = tf.constant(bounds[ids], tf.int64), tf.constant(bounds[ids + 1], tf.int64)
-    if shuffle_seed is None:
-        order = tf.data.Dataset.from_tensors(tf.range(n, dtype=tf.int64))
-    else:
-        if epoch is None:  # iterated by hand: every pass is the next epoch
-            passes = tf.Variable(0, dtype=tf.int64, trainable=False)
-            epoch_of_pass = lambda: passes.assign_add(1) - 1  # noqa: E731
-        else:  # Keras: the epoch a callback stored (the plugin may open several passes per epoch)
-            epoch_of_pass = epoch.read_value
-
-        def permutation(_: tf.Tensor) -> tf.Tensor:
-            # A pure function of (seed, epoch): epoch k is the same after a resume at k.
-            seed = tf.stack([tf.constant(shuffle_seed, tf.int64), epoch_of_pass()])
-            return tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), seed=seed)
-
-        order = tf.data.Dataset.from_tensors(0).map(permutation)
-    return order.flat_map(
-        lambda indices: tf.data.Dataset.from_tensor_slices((starts, ends)).map(
-            lambda start, end: indices[start:end]
-        )
-    )
 
 
 def dali_dataset(

@@ -393,7 +393,7 @@ def _registered_base_weights(uri: str, base: str, dest_dir: Path | None) -> str:
     ``dest_dir``."""
     import mlflow
 
-    from tasks.models import load_model_file  # here: tasks.models may import this module
+    from tasks.models.files import load_model_file
 
     with tempfile.TemporaryDirectory() as scratch:
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=scratch)

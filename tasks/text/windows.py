@@ -59,7 +59,7 @@ def windows_dataset(
     """
     import tensorflow as tf
 
-    from tasks.images.augment import index_batches
+    from tasks.training.distribute import index_batches
 
     shard = shard or Shard()
     count = example_count(tokens, sequence_length)

@@ -10,8 +10,9 @@ new run first, and its stages join it the same way.
 A stage that fails on a transient cause (the tracking server or the network is briefly
 unreachable) leaves the run open, so a retry of that stage continues the same run.
 
-This package also holds what the run stands on: the store (store.py), the registry's
-rules (registry.py) and the lock that serializes them (registry_lock.py).
+This package also holds what the run stands on: the store (store.py), the lineage a
+version is tagged with (lineage.py), the registry's rules (registry.py) and the lock
+that serializes them (registry_lock.py).
 """
 
 from __future__ import annotations
@@ -19,10 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import re
 import signal
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 
 from tasks.config import MlflowConfig, PipelineConfig
 from tasks.errors import DataUnavailableError
-from tasks.tracking import store
+from tasks.tracking import lineage, store
 from tasks.tracking.artifacts import LOCAL_ARTIFACTS_ENV
 from tasks.workspace import Workspace, read_json, write_json
 
@@ -158,57 +157,6 @@ def config_digest(cfg: PipelineConfig) -> str:
     return hashlib.sha256(json.dumps(cfg.flat(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-# `dvc repro` rewrites dvc.lock after every stage, before register: its changes are the
-# run's own outputs (data_version and params tags), not a difference in the code.
-NOT_LOCK = ("--", ".", ":(exclude)dvc.lock")
-CHANGES_ARTIFACT = "lineage/tracked_changes.diff"  # a -dirty run's diff against its commit
-
-
-def _git(root: Path, *args: str) -> str:
-    """``git args`` in the nearest existing directory at or above ``root`` (a run directory
-    may not exist yet when its run starts)."""
-    cwd = next(path for path in (root, *root.resolve().parents) if path.is_dir())
-    return subprocess.run(
-        ["git", *args], cwd=cwd, capture_output=True, text=True, check=True
-    ).stdout
-
-
-def git_commit(root: Path) -> str:
-    """HEAD's commit, with ``-dirty`` when tracked files differ from it; "unknown" outside git."""
-    try:
-        head = _git(root, "rev-parse", "HEAD").strip()
-        dirty = _git(root, "status", "--porcelain", "--untracked-files=no", *NOT_LOCK).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return f"{head}-dirty" if dirty else head
-
-
-def tracked_changes(root: Path) -> str:
-    """The diff of tracked files against HEAD: what a ``-dirty`` commit tag leaves out."""
-    try:
-        return _git(root, "diff", "HEAD", *NOT_LOCK)
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-
-
-def device_description(device: str) -> str:
-    """What trained: the GPU's name, or the CPU model (for a version's lineage)."""
-    if device == "gpu":
-        import tensorflow as tf
-
-        gpus = tf.config.list_physical_devices("GPU")
-        names = [
-            tf.config.experimental.get_device_details(g).get("device_name", "GPU") for g in gpus
-        ]
-        return ", ".join(names) or "GPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return f"CPU: {line.partition(':')[2].strip()} ({os.cpu_count()} cores)"
-    return f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
-
-
 def start_pipeline_run(
     cfg: PipelineConfig,
     ws: Workspace,
@@ -227,7 +175,7 @@ def start_pipeline_run(
     experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
     tags = {
         store.OWNER_TAG: store.owner(),
-        "pipeline.git_commit": git_commit(ws.root),
+        "pipeline.git_commit": lineage.git_commit(ws.root),
         "pipeline.dataset": "synthetic" if cfg.data.source == "synthetic" else cfg.data.name,
         "pipeline.config_digest": config_digest(cfg),
         "pipeline.workdir": str(ws.root),
@@ -243,7 +191,7 @@ def start_pipeline_run(
     )
     client.log_dict(run_id, cfg.model_dump(), "config/resolved_params.json")
     if tags["pipeline.git_commit"].endswith("-dirty"):  # rebuildable: keep what git lacks
-        client.log_text(run_id, tracked_changes(ws.root), CHANGES_ARTIFACT)
+        client.log_text(run_id, lineage.tracked_changes(ws.root), lineage.CHANGES_ARTIFACT)
     write_json(
         ws.run_handle,
         {"run_id": run_id, "tracking_uri": uri, "config_digest": config_digest(cfg)},
@@ -265,7 +213,7 @@ def start_sweep_run(
         run_name=run_name,
         tags={
             "pipeline.role": "sweep",
-            "pipeline.git_commit": git_commit(ws.root),
+            "pipeline.git_commit": lineage.git_commit(ws.root),
             store.OWNER_TAG: store.owner(),
         },
     )

@@ -178,7 +178,7 @@ def load_version(model_name: str, version: str) -> Any:
     """A registered version's Keras model, loaded in Keras' safe mode (never unpickled)."""
     import mlflow
 
-    from tasks.models import load_model_file
+    from tasks.models.files import load_model_file
 
     with tempfile.TemporaryDirectory() as scratch:
         local = mlflow.artifacts.download_artifacts(

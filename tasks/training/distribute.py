@@ -287,3 +287,36 @@ def _logical_cpus(count: int) -> list[str]:
             "its own process (python -m flows.stage train, dvc repro, the Prefect flow)"
         )
     return [device.name for device in logical[:count]]
+
+
+def index_batches(
+    n: int, batch_size: int, shuffle_seed: int | None, epoch: Any = None, shard: Shard | None = None
+):
+    """Index batches of one pass: in order, or a permutation that is a function of
+    (shuffle_seed, epoch); cut into the chunks ``shard`` takes (tasks/training/distribute.py)."""
+    import tensorflow as tf
+
+    shard = shard or Shard()
+    bounds = chunk_bounds(n, batch_size, shard.replicas)
+    ids = shard.chunk_ids(steps_per_epoch(n, batch_size, shard.replicas))
+    starts, ends = tf.constant(bounds[ids], tf.int64), tf.constant(bounds[ids + 1], tf.int64)
+    if shuffle_seed is None:
+        order = tf.data.Dataset.from_tensors(tf.range(n, dtype=tf.int64))
+    else:
+        if epoch is None:  # iterated by hand: every pass is the next epoch
+            passes = tf.Variable(0, dtype=tf.int64, trainable=False)
+            epoch_of_pass = lambda: passes.assign_add(1) - 1  # noqa: E731
+        else:  # Keras: the epoch a callback stored (the plugin may open several passes per epoch)
+            epoch_of_pass = epoch.read_value
+
+        def permutation(_: tf.Tensor) -> tf.Tensor:
+            # A pure function of (seed, epoch): epoch k is the same after a resume at k.
+            seed = tf.stack([tf.constant(shuffle_seed, tf.int64), epoch_of_pass()])
+            return tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), seed=seed)
+
+        order = tf.data.Dataset.from_tensors(0).map(permutation)
+    return order.flat_map(
+        lambda indices: tf.data.Dataset.from_tensor_slices((starts, ends)).map(
+            lambda start, end: indices[start:end]
+        )
+    )

@@ -1,4 +1,5 @@
-"""Data stage: produce uint8 train/val/test arrays and their metadata in data/prepared/.
+"""The data stage's image part: uint8 train/val/test arrays and their metadata in
+data/prepared/ (tasks/prepared.py), from TFDS, IDX files or synthetic patterns.
 
 The pure core (`make_synthetic`, `load_tfds`, `split_train_val`, `prepare_dataset`) returns
 arrays; the shell (`write_prepared`, `load_split`, `load_meta`) owns the files. Every later
@@ -16,29 +17,22 @@ import json
 import os
 import socket
 import urllib.parse
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tasks import modality, tracking
 from tasks.config import ConfigError, DataConfig, PipelineConfig, SyntheticConfig, dataset_identity
 from tasks.errors import DataFileError, DataUnavailableError
 from tasks.images import idx
-from tasks.workspace import Workspace, atomic_dir, read_json
-
-SPLITS = ("train", "val", "test")
-Split = tuple[np.ndarray, np.ndarray]  # (images uint8 NHWC, labels int64 N)
+from tasks.prepared import SPLITS, Split
+from tasks.workspace import Workspace, atomic_dir
 
 # Shown when a name is not a TFDS dataset; any TFDS dataset with an `image` and a
 # ClassLabel `label` feature and train/test splits works, these are the usual ones.
 KNOWN_IMAGE_DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "svhn_cropped", "kmnist")
 OFFLINE_SMOKE_COMMAND = "python -m flows.pipeline data.source=synthetic"
-MISSING_DATA_HINT = "run the data stage first: dvc repro data"
-# DVC reruns a stage whose outputs changed, so the same command rebuilds a damaged file.
-DAMAGED_DATA_HINT = "rebuild it with the data stage: dvc repro data"
 _READ_BATCH = 8192  # images per TFDS read; 8192 CIFAR images are 25 MB
 
 
@@ -451,58 +445,6 @@ def write_prepared(ds: Dataset, out_dir: Path, cfg: DataConfig) -> dict[str, Any
     return meta
 
 
-def load_meta(prepared_dir: Path) -> dict[str, Any]:
-    path = prepared_file(prepared_dir, "meta.json")
-    try:
-        return read_json(path)
-    except ValueError as error:  # json.JSONDecodeError, UnicodeDecodeError
-        raise DataFileError(f"{path} is not valid JSON ({error}); {DAMAGED_DATA_HINT}") from error
-
-
-def load_split(prepared_dir: Path, split: str) -> Split:
-    """(images uint8 NHWC, labels int64) of one split of a prepared directory."""
-    images, labels = load_arrays(prepared_dir, split, "images", "labels")
-    return images, labels
-
-
-def load_arrays(prepared_dir: Path, split: str, *keys: str) -> tuple[np.ndarray, ...]:
-    """The named arrays of one split's ``.npz`` (images and labels, or a text's tokens).
-
-    A truncated or corrupt file fails here, naming it: numpy and zipfile would report
-    "File is not a zip file" or a CRC error without saying which file.
-    """
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
-    path = prepared_file(prepared_dir, f"{split}.npz")
-    try:
-        # Arrays are read lazily: a truncated member fails on access, inside the block.
-        with np.load(path, allow_pickle=False) as arrays:
-            return tuple(arrays[key] for key in keys)
-    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as error:
-        raise DataFileError(
-            f"{path} cannot be read ({type(error).__name__}: {error}), truncated or corrupt? "
-            f"{DAMAGED_DATA_HINT}"
-        ) from error
-
-
-def prepared_file(prepared_dir: Path, name: str) -> Path:
-    path = Path(prepared_dir) / name
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; {MISSING_DATA_HINT}")
-    return path
-
-
-def run(cfg: PipelineConfig, ws: Workspace) -> dict[str, Any]:
-    """The stage as `dvc repro` and the Prefect flow call it; returns meta.json's content.
-
-    Images come from the sources above; text from tasks/text/corpus.py (the modality
-    seam, tasks/modality.py, picks by data.source).
-    """
-    import mlflow
-
-    tracking.check_binding(cfg, ws)  # before any work, and before a run is opened
-    with tracking.stage_run(cfg, ws, "data"):
-        meta = modality.for_config(cfg).prepare(cfg, ws)
-        mlflow.log_artifact(str(ws.prepared / "meta.json"), artifact_path="data")
-        mlflow.log_metrics({f"data_{split}_examples": n for split, n in meta["counts"].items()})
-    return meta
+def prepare(cfg: PipelineConfig, ws: Workspace) -> dict[str, Any]:
+    """data/prepared/ from the configured image source; meta.json's content."""
+    return write_prepared(prepare_dataset(cfg.data, ws.root), ws.prepared, cfg.data)

@@ -1,6 +1,6 @@
 """Register stage: log the model to MLflow, register a version, move the aliases.
 
-What a version serves comes from the data's modality (tasks/modality.py): an image
+What a version serves comes from the data's modality (its register.py part): an image
 model takes raw pixels (its first layers hold the normalization stats and any resize),
 a language model takes prompts (its vocabulary travels with it), so a registry consumer
 needs nothing from this repository. Every version is
@@ -20,25 +20,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from tasks import console, modality, tracking
-from tasks.config import PipelineConfig
+from tasks import console, tracking
+from tasks.config import PipelineConfig, modality
 from tasks.errors import refuse_non_finite
 from tasks.modality import ServedModel
-from tasks.tracking import registry
+from tasks.tracking import lineage, registry
+from tasks.tracking.lineage import dvc_hash
 from tasks.tracking.registry_lock import registry_lock
 from tasks.workspace import Workspace, read_json, write_json
-
-
-def dvc_hash(path: Path) -> str:
-    """The md5 DVC records for this output in dvc.lock (``<md5>.dir`` for a directory)."""
-    from dvc_data.hashfile.build import build
-    from dvc_data.hashfile.db import HashFileDB
-    from dvc_objects.fs.local import LocalFileSystem
-
-    fs = LocalFileSystem()
-    with tempfile.TemporaryDirectory() as scratch:
-        _, _, obj = build(HashFileDB(fs, scratch), str(path), fs, "md5")
-    return obj.hash_info.value
 
 
 def log_model(served: ServedModel, cfg: PipelineConfig) -> str:
@@ -86,14 +75,14 @@ def lineage_tags(cfg: PipelineConfig, ws: Workspace, run_id: str) -> dict[str, s
     """What made this version, enough to rebuild it (flows/reproduce.py)."""
     from importlib.metadata import version as installed
 
-    from tasks.images import augment
     from tasks.training import recipe
+    from tasks.training.device import resolve_device
 
-    device = augment.resolve_device(cfg.preprocess.device)
+    device = resolve_device(cfg.preprocess.device)
     packages = ("tensorflow", "keras", "nvidia-dali-cuda120", "mlflow", "numpy")
     versions = {name: installed(name) for name in packages}
     return {
-        "git_commit": tracking.git_commit(ws.root),
+        "git_commit": lineage.git_commit(ws.root),
         "data_version": dvc_hash(ws.prepared),
         "params": json.dumps(cfg.flat(), sort_keys=True),
         "run_id": run_id,
@@ -101,7 +90,7 @@ def lineage_tags(cfg: PipelineConfig, ws: Workspace, run_id: str) -> dict[str, s
         # tasks/train.py: op determinism is on unless XLA is (Keras drops XLA under it).
         "deterministic": str(not recipe.resolve_xla(cfg.train.xla, device)).lower(),
         "versions": json.dumps(versions | {"python": platform.python_version()}),
-        "device": tracking.device_description(device),
+        "device": lineage.device_description(device),
     }
 
 
@@ -112,16 +101,20 @@ def log_and_register(
     version), tag it, move aliases comparing like with like."""
     import mlflow
 
+    if modality(cfg.data.source) == "text":
+        from tasks.text.register import served_model
+    else:
+        from tasks.images.register import served_model
     client = mlflow.MlflowClient()
     name = cfg.register.model_name
     with tempfile.TemporaryDirectory() as scratch:
-        served = modality.for_config(cfg).served_model(cfg, ws, Path(scratch))
+        served = served_model(cfg, ws, Path(scratch))
         with registry_lock(name, announce=False):  # move_aliases says which lock
             registry.bind_or_check(client, name, served.binding)  # before anything is logged
         version = registry.version_of_run(client, name, run_id) or log_model(served, cfg)
     tags = lineage_tags(cfg, ws, run_id) | {"test_accuracy": repr(test_accuracy)}
     if tags["git_commit"].endswith("-dirty"):  # what git lacks to rebuild this version
-        mlflow.log_text(tracking.tracked_changes(ws.root), tracking.CHANGES_ARTIFACT)
+        mlflow.log_text(lineage.tracked_changes(ws.root), lineage.CHANGES_ARTIFACT)
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     aliases = registry.move_aliases(

@@ -1,10 +1,6 @@
-"""Evaluate stage: test-set metrics for the trained model.
-
-Writes reports/metrics.json (the headline numbers, DVC metrics) and reports/evaluate/
-(what the data's modality adds: for images per_class.json, predictions.csv (a DVC
-confusion plot) and confusion_matrix.png, made by the functions below; for text
-generated samples, tasks/text/modality.py), and logs them to the pipeline's MLflow run.
-"""
+"""The evaluate stage's image part: classification metrics on the test split through the
+DALI evaluation pipeline; reports/evaluate/ gets per_class.json, predictions.csv (a DVC
+confusion plot) and confusion_matrix.png."""
 
 from __future__ import annotations
 
@@ -13,11 +9,29 @@ from typing import Any
 
 import numpy as np
 
-from tasks import modality, models, tracking
 from tasks.config import PipelineConfig
-from tasks.errors import refuse_non_finite
 from tasks.images import augment
-from tasks.workspace import Workspace, atomic_dir, atomic_path, write_json
+from tasks.images.feeding import dataset_stats, model_stats, resize_args
+from tasks.prepared import load_meta, load_split
+from tasks.workspace import Workspace, atomic_path, write_json
+
+
+def evaluate(
+    cfg: PipelineConfig, ws: Workspace, model: Any, out_dir: Path
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Write the details into ``out_dir``; return the headline metrics (``accuracy``: the
+    number the registry compares) and every metric for MLflow."""
+    meta = load_meta(ws.prepared)
+    images, labels = load_split(ws.prepared, "test")
+    stats = model_stats(cfg, dataset_stats(ws))
+    logits = predict_logits(model, images, labels, stats, cfg, **resize_args(cfg, images.shape[1:]))
+    metrics = compute_metrics(logits, labels, meta["class_names"])
+    predicted = logits.argmax(axis=1)
+    names = meta["class_names"]
+    save_confusion_matrix(labels, predicted, names, out_dir / ws.confusion_png.name)
+    write_predictions(labels, predicted, names, out_dir / ws.predictions.name)
+    write_json(out_dir / ws.per_class.name, metrics["per_class"])
+    return metrics["test"], mlflow_metrics(metrics)
 
 
 def predict_logits(
@@ -124,39 +138,3 @@ def mlflow_metrics(metrics: dict) -> dict[str, float]:
         for score in ("precision", "recall", "f1"):
             flat[f"test_{score}_{safe}"] = scores[score]
     return flat
-
-
-def champion_margin(model_name: str, headline: dict[str, float]) -> dict[str, Any]:
-    """``{"previous_champion": {"version", "accuracy_margin"}}``: this model's test accuracy
-    minus the champion's of when evaluate ran, as registered (the number the registry
-    promotes by; the register stage re-evaluates the champion when its data version
-    differs); empty without one. "previous": register may promote this model, and `dvc
-    metrics show` must not read as if that version were still the champion."""
-    import mlflow
-
-    from tasks.tracking import registry
-
-    client = mlflow.MlflowClient()
-    champion = registry.alias_version(client, model_name, "champion")
-    recorded = champion and registry.recorded_accuracy(client, champion)
-    if recorded is None:
-        return {}
-    margin = headline["accuracy"] - recorded
-    version = int(champion.version)
-    return {"previous_champion": {"version": version, "accuracy_margin": round(margin, 6)}}
-
-
-def run(cfg: PipelineConfig, ws: Workspace) -> dict:
-    """The stage as `dvc repro` and the Prefect flow call it."""
-    import mlflow
-
-    model = models.load_model_file(ws.model_file)  # inference only, safe mode
-    with tracking.stage_run(cfg, ws, "evaluate"), atomic_dir(ws.evaluation) as details:
-        headline, logged = modality.for_config(cfg).evaluate(cfg, ws, model, details)
-        refuse_non_finite(headline, "evaluate")
-        summary = {"test": headline} | champion_margin(cfg.register.model_name, headline)
-        write_json(ws.metrics, summary)  # `dvc metrics show`: headline only
-        mlflow.log_metrics(logged)
-        mlflow.log_artifact(str(ws.metrics), artifact_path="evaluate")
-        mlflow.log_artifacts(str(details), artifact_path="evaluate")
-    return {"test": headline}

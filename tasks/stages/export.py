@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from tasks import modality, tracking
-from tasks.config import PipelineConfig
+from tasks import tracking
+from tasks.config import PipelineConfig, modality
 from tasks.errors import ExportError
 from tasks.serving import formats
 from tasks.tracking import registry
@@ -99,7 +99,11 @@ def export(cfg: PipelineConfig, ws: Workspace, name: str, version: str) -> dict[
     settings = cfg.export
     model = formats.probabilities_model(registry.load_version(name, version))
     # Raw pixels (images) or token-id contexts (text), as the registered Keras model takes.
-    inputs, labels, representative = modality.for_config(cfg).export_samples(cfg, ws)
+    if modality(cfg.data.source) == "text":
+        from tasks.text.export import export_samples
+    else:
+        from tasks.images.export import export_samples
+    inputs, labels, representative = export_samples(cfg, ws)
     with atomic_dir(ws.exports) as staging, tempfile.TemporaryDirectory() as scratch:
         started = time.perf_counter()
         exported, unsupported = formats.write_formats(

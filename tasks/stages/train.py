@@ -1,4 +1,5 @@
-"""Train stage: fit the configured Keras model on DALI-augmented batches.
+"""Train stage: fit the configured Keras model on the modality's batches (images:
+DALI-augmented, tasks/images/train.py; text: token windows, tasks/text/train.py).
 
 Reads data/prepared and the preprocess stage's normalization stats; writes
 models/model.keras and reports/history.csv (per-epoch metrics, a DVC plot). Per-epoch
@@ -14,22 +15,15 @@ from typing import Any
 
 import numpy as np
 
-from tasks import modality, tracking
-from tasks.config import PipelineConfig
+from tasks import tracking
+from tasks.config import PipelineConfig, modality
 from tasks.errors import DivergedError
-from tasks.images import augment
 from tasks.modality import TrainingData
-from tasks.models import (
-    Phase,
-    build_model,
-    check_input_fits,
-    check_weights,
-    enter_phase,
-    image_size_key,
-    training_phases,
-)
+from tasks.models.build import build_model, check_input_fits, check_weights, enter_phase
+from tasks.models.catalog import Phase, image_size_key, training_phases
 from tasks.training import distribute, recipe
 from tasks.training.checkpoint import TrainCheckpoint, epoch_metrics_logger
+from tasks.training.device import resolve_device
 from tasks.training.divergence import non_finite_loss_guard, raise_if_diverged
 from tasks.training.progress import epoch_progress
 from tasks.workspace import Workspace, atomic_path
@@ -60,7 +54,7 @@ def build_for_training(
 
 
 def _xla(cfg: PipelineConfig) -> bool:
-    return recipe.resolve_xla(cfg.train.xla, augment.resolve_device(cfg.preprocess.device))
+    return recipe.resolve_xla(cfg.train.xla, resolve_device(cfg.preprocess.device))
 
 
 def _build(cfg: PipelineConfig, input_shape: tuple[int, ...], outputs: int) -> Any:
@@ -71,7 +65,7 @@ def _build(cfg: PipelineConfig, input_shape: tuple[int, ...], outputs: int) -> A
 
     seed_everything(cfg.train.seed, deterministic_ops=not _xla(cfg))
     previous = keras.config.dtype_policy()
-    device = augment.resolve_device(cfg.preprocess.device)
+    device = resolve_device(cfg.preprocess.device)
     keras.config.set_dtype_policy(recipe.resolve_precision(cfg.train.precision, device))
     try:
         return build_model(cfg.model, input_shape, outputs)
@@ -163,12 +157,12 @@ def train_model(
     train_split: tuple[np.ndarray, np.ndarray],
     val_split: tuple[np.ndarray, np.ndarray],
     num_classes: int,
-    stats: augment.NormStats,
+    stats: Any,
     callbacks: list[Any] | None = None,
 ) -> tuple[Any, dict[str, list[float]]]:
     """Fit an image model on in-memory splits (tests and benchmarks; the stage reads the
     workspace through `run`)."""
-    from tasks.images.modality import image_training_data
+    from tasks.images.train import image_training_data
 
     dist = distribute.for_config(cfg.train)  # before the first TensorFlow op
     epoch = _epoch_variable()
@@ -199,7 +193,11 @@ def run(cfg: PipelineConfig, ws: Workspace) -> dict[str, list[float]]:
     dist = distribute.for_config(cfg.train)  # before TensorFlow runs anything
     check_weights(cfg.model)  # pretrained weights reachable? before any work
     epoch = _epoch_variable()
-    data = modality.for_config(cfg).training_data(cfg, ws, epoch)
+    if modality(cfg.data.source) == "text":
+        from tasks.text.train import training_data
+    else:
+        from tasks.images.train import training_data
+    data = training_data(cfg, ws, epoch)
     check_input_fits(cfg.model, data.input_shape, data.outputs, image_size_key(cfg))
     summary = dist.describe(cfg.train.batch_size)
     if not dist.chief:  # trains in step with the chief; writes only its own checkpoint

@@ -1,0 +1,28 @@
+"""Data stage: data/prepared/ (tasks/prepared.py) from the configured source, as a whole.
+
+Images: tasks/images/data.py (TFDS, IDX files, synthetic); text: tasks/text/data.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tasks import tracking
+from tasks.config import PipelineConfig, modality
+from tasks.workspace import Workspace
+
+
+def run(cfg: PipelineConfig, ws: Workspace) -> dict[str, Any]:
+    """The stage as `dvc repro` and the Prefect flow call it; returns meta.json's content."""
+    import mlflow
+
+    if modality(cfg.data.source) == "text":
+        from tasks.text.data import prepare
+    else:
+        from tasks.images.data import prepare
+    tracking.check_binding(cfg, ws)  # before any work, and before a run is opened
+    with tracking.stage_run(cfg, ws, "data"):
+        meta = prepare(cfg, ws)
+        mlflow.log_artifact(str(ws.prepared / "meta.json"), artifact_path="data")
+        mlflow.log_metrics({f"data_{split}_examples": n for split, n in meta["counts"].items()})
+    return meta

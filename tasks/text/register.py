@@ -1,0 +1,46 @@
+"""The register stage's text part: the version a registry consumer loads, a prompt-in
+model (tasks/serving/text_model.py) with its vocabulary beside it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from tasks.config import PipelineConfig, dataset_identity
+from tasks.modality import ServedModel
+from tasks.prepared import load_meta
+from tasks.text.corpus import tokenizer_config
+from tasks.workspace import Workspace
+
+MODEL_CODE = Path(__file__).resolve().parents[1] / "serving" / "text_model.py"
+
+
+def served_model(cfg: PipelineConfig, ws: Workspace, scratch: Path) -> ServedModel:
+    import pandas as pd
+
+    from tasks.serving.text_model import DEFAULT_PARAMS, KERAS_ARTIFACT, VOCABULARY_ARTIFACT
+
+    meta = load_meta(ws.prepared)
+    keras_file, vocabulary_file = scratch / "model.keras", scratch / "vocabulary.json"
+    shutil.copyfile(ws.model_file, keras_file)  # token ids in: nothing to wrap
+    shutil.copyfile(ws.prepared / "vocabulary.json", vocabulary_file)
+    digest = hashlib.sha256(vocabulary_file.read_bytes()).hexdigest()[:16]
+    return ServedModel(
+        code=MODEL_CODE,
+        artifacts={KERAS_ARTIFACT: keras_file, VOCABULARY_ARTIFACT: vocabulary_file},
+        model_config=tokenizer_config(meta["level"]),
+        input_example=pd.DataFrame({"prompt": list(cfg.evaluate.prompts)}),
+        params=dict(DEFAULT_PARAMS),
+        binding={
+            "dataset": dataset_identity(cfg.data.source, cfg.data.name),
+            "input_shape": json.dumps([-1]),  # one prompt per row
+            "input_dtype": "string",
+            # The vocabulary is the label space; a digest (it is too long for a tag).
+            "classes": f"{meta['level']} vocabulary of {meta['vocab_size']}, sha256 {digest}",
+        },
+        # Versions tokenize with their own vocabularies: ids of one data version mean
+        # nothing to a model of another, so the recorded accuracy is compared.
+        reevaluate=None,
+    )
