@@ -31,6 +31,7 @@ from prefect.runtime import deployment, flow_run
 from prefect.tasks import exponential_backoff
 
 from flows import reporting
+from flows.reporting import outcome_line
 from flows.stack import security
 from flows.stage import (
     CLOSING_STAGE,
@@ -106,7 +107,7 @@ def training_pipeline(
                 f"parent_run_id {parent_run_id!r} is not an MLflow run id (32 hex digits)"
             )
         if names[0] == "data":
-            tracking.check_binding(cfg, ws)  # before a run is opened or any data is read
+            registry.check_binding(cfg, ws)  # before a run is opened or any data is read
         preflight = "train" in names and not distribute.launches_workers(cfg.train)
         if preflight and cfg.data.source == "synthetic":  # its image size is known already
             distribute.prepare_devices(cfg.train)  # before the check's model starts TensorFlow
@@ -130,7 +131,7 @@ def training_pipeline(
         return results[names[-1]]
     record = results["register"] | ({"exports": results["export"]} if "export" in results else {})
     reporting.publish_pipeline_summary(ws, run_id, metrics, record)
-    get_run_logger().info("%s", registry.outcome_line(record))
+    get_run_logger().info("%s", outcome_line(record))
     return record
 
 
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pipeline stopped by {name}", file=sys.stderr)
         return 130
     if "register" in names:
-        print(registry.outcome_line(record))  # the result, as the last line
+        print(outcome_line(record))  # the result, as the last line
     else:
         print(f"ran {', '.join(names)} in {Path(args.workdir).resolve()}")
     return 0

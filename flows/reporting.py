@@ -190,3 +190,14 @@ def ui_links(tracking_uri: str, run: Any, record: dict | None) -> dict[str, str 
         "run": f"{base}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}",
         "model": model,
     }
+
+
+def outcome_line(record: dict[str, Any]) -> str:
+    """The result a long command ends with (`dvc repro`, `make smoke`, a deployment run
+    watched with `--watch`): test accuracy, the version and its aliases, where the run is."""
+    mlflow = record.get("mlflow") or {}
+    where = mlflow.get("ui_url") or f"run {record['run_id']} in {mlflow.get('tracking_uri')}"
+    return (
+        f"test accuracy {record['test_accuracy']:.4f}; registered {record['model_name']} "
+        f"version {record['version']} ({', '.join(record['aliases'])}); MLflow: {where}"
+    )

@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             console.import_tensorflow()
         stage_functions()[args.stage](cfg, ws)
         if args.stage == CLOSING_STAGE and ws.registration.is_file():
-            from tasks.tracking.registry import outcome_line
+            from flows.reporting import outcome_line
             from tasks.workspace import read_json
 
             print(outcome_line(read_json(ws.registration)), flush=True)  # `dvc repro`'s result

@@ -29,10 +29,10 @@ from flows.pipeline import (
     resolve_run_config,
     run_stage,
 )
+from flows.reporting import outcome_line
 from flows.stage import STAGE_NAMES
 from tasks import tracking
 from tasks.config import ConfigError, PipelineConfig
-from tasks.tracking.registry import outcome_line
 from tasks.workspace import Workspace, read_json
 
 PIPELINE_DEPLOYMENT = "training-pipeline/local"

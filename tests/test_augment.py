@@ -17,7 +17,6 @@ from nvidia.dali import backend
 from tasks.config import PreprocessConfig
 from tasks.images import augment
 from tasks.images.augment import (
-    NormStats,
     augment_reference,
     build_eval_pipeline,
     build_train_pipeline,
@@ -29,6 +28,7 @@ from tasks.images.augment import (
     sample_augmented,
     save_image_grid,
 )
+from tasks.images.feeding import NormStats
 
 PAD = 4
 MEAN = [120.0, 110.0, 100.0]  # pixel units

@@ -123,3 +123,32 @@ def test_an_image_too_small_for_the_model_names_the_key_and_the_smallest_size():
     assert message.startswith("data.synthetic.image_size=8 is too small for model.name 'seed_cnn'")
     assert "needs at least 18x18" in message and "\x1b" not in message
     check_input_fits(cfg.model, (18, 18, 3), 10, "unused")  # the size it names does fit
+
+
+@pytest.mark.parametrize(
+    ("overrides", "own", "foreign"),
+    [
+        ({}, {"model.name"}, {"model.base", "model.units", "train.frozen_epochs", "evaluate.seed"}),
+        (
+            {"model.name": "transfer"},
+            {"model.base", "model.unfreeze", "train.frozen_epochs"},
+            {"model.widths", "model.units", "train.epochs", "evaluate.prompts"},
+        ),
+        (
+            {"model.name": "lstm_lm", "data.source": "text"},
+            {"model.units", "evaluate.prompts", "data.text.vocab_size"},
+            {"model.base", "evaluate.tta_flip", "data.classes", "data.synthetic.noise"},
+        ),
+    ],
+)
+def test_a_run_config_holds_its_own_family_and_source_only(overrides, own, foreign):
+    """What a run logs as MLflow params (PipelineConfig.flat): its model family's fields
+    (a pydantic section per family) and its data source's, never another's."""
+    flat = load_config(PARAMS, overrides).flat()
+    assert own <= set(flat), sorted(flat)
+    assert not foreign & set(flat), sorted(foreign & set(flat))
+
+
+def test_another_familys_setting_is_not_part_of_a_model_config():
+    cfg = load_config(PARAMS, {"model.name": "seed_cnn", "model.base": "resnet50"})
+    assert cfg.model.model_dump() == {"name": "seed_cnn"}

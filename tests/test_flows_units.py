@@ -147,7 +147,7 @@ def test_a_cpu_only_process_gets_one_calm_line_and_no_telemetry(monkeypatch):
 
 
 def test_the_last_log_line_of_a_flow_run_says_what_came_out():
-    from tasks.tracking.registry import outcome_line
+    from flows.reporting import outcome_line
 
     record = {
         "test_accuracy": 0.91234,

@@ -31,6 +31,12 @@ def test_stages_share_one_run_until_the_last_closes_it(tiny_cfg, workspace):
     assert run.info.status == "FINISHED"
     assert run.data.metrics == {"a": 1.0, "b": 2.0}
     assert run.data.params["train.epochs"] == "1"
+    # A seed_cnn run on synthetic data: no other family's or data source's settings.
+    params = set(run.data.params)
+    assert {"model.name", "data.synthetic.image_size"} <= params
+    foreign = ("model.base", "model.weights", "model.widths", "model.units", "train.frozen_")
+    foreign += ("evaluate.prompts", "evaluate.temperatures", "data.text.", "data.name")
+    assert not [key for key in params if key.startswith(foreign)], sorted(params)
     assert run.data.tags["pipeline.stage.train"] == "done"
     assert not workspace.run_handle.exists()
 

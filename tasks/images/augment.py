@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from tasks.config import PreprocessConfig
+from tasks.images.feeding import NormStats
 from tasks.training.device import resolve_device
 from tasks.training.distribute import Shard, index_batches, steps_per_epoch
 from tasks.workspace import atomic_path
@@ -48,13 +49,6 @@ if TYPE_CHECKING:
     from nvidia.dali.pipeline import Pipeline
 
 _STATS_CHUNK = 4096  # images per chunk in channel_stats: 4096 CIFAR images ~ 100 MB float64
-
-
-class NormStats(NamedTuple):
-    """Per-channel mean and std in pixel units (0..255), as written to norm_stats.json."""
-
-    mean: list[float]
-    std: list[float]
 
 
 def channel_stats(images: np.ndarray) -> NormStats:

@@ -11,7 +11,7 @@ import numpy as np
 
 from tasks.config import PipelineConfig
 from tasks.images import augment
-from tasks.images.feeding import dataset_stats, model_stats, resize_args
+from tasks.images.feeding import NormStats, dataset_stats, model_stats, resize_args
 from tasks.prepared import load_meta, load_split
 from tasks.workspace import Workspace, atomic_path, write_json
 
@@ -38,7 +38,7 @@ def predict_logits(
     model: Any,
     images: np.ndarray,
     labels: np.ndarray,
-    stats: augment.NormStats,
+    stats: NormStats,
     cfg: PipelineConfig,
     **resize: Any,
 ) -> np.ndarray:

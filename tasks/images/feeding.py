@@ -4,12 +4,18 @@ raw pixels itself)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from tasks.config import PipelineConfig
-from tasks.images.augment import NormStats
 from tasks.models.catalog import input_shape_for, normalizes_itself
 from tasks.workspace import Workspace, read_json
+
+
+class NormStats(NamedTuple):
+    """Per-channel mean and std in pixel units (0..255), as written to norm_stats.json."""
+
+    mean: list[float]
+    std: list[float]
 
 
 def model_input_shape(cfg: PipelineConfig, data_shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -6,7 +6,13 @@ from typing import Any
 
 from tasks.config import PipelineConfig
 from tasks.images import augment
-from tasks.images.feeding import dataset_stats, model_input_shape, model_stats, resize_args
+from tasks.images.feeding import (
+    NormStats,
+    dataset_stats,
+    model_input_shape,
+    model_stats,
+    resize_args,
+)
 from tasks.modality import TrainingData
 from tasks.prepared import Split, load_meta, load_split
 from tasks.workspace import Workspace
@@ -17,7 +23,7 @@ def image_training_data(
     train_split: Split,
     val_split: Split,
     num_classes: int,
-    stats: augment.NormStats,
+    stats: NormStats,
     epoch: Any,
 ) -> TrainingData:
     """Augmented, reshuffled per (seed, epoch) for training; in order for validation;

@@ -9,6 +9,7 @@ from typing import Any
 
 from tasks import tracking
 from tasks.config import PipelineConfig, modality
+from tasks.tracking import registry
 from tasks.workspace import Workspace
 
 
@@ -20,7 +21,7 @@ def run(cfg: PipelineConfig, ws: Workspace) -> dict[str, Any]:
         from tasks.text.data import prepare
     else:
         from tasks.images.data import prepare
-    tracking.check_binding(cfg, ws)  # before any work, and before a run is opened
+    registry.check_binding(cfg, ws)  # before any work, and before a run is opened
     with tracking.stage_run(cfg, ws, "data"):
         meta = prepare(cfg, ws)
         mlflow.log_artifact(str(ws.prepared / "meta.json"), artifact_path="data")

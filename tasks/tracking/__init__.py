@@ -128,19 +128,6 @@ def configure(cfg: PipelineConfig, ws: Workspace) -> str:
     return uri
 
 
-def check_binding(cfg: PipelineConfig, ws: Workspace) -> None:
-    """The registry check that needs nothing but the config: is register.model_name bound
-    to this run's dataset? Called before the data stage and the flow do any work."""
-    import mlflow
-
-    from tasks.config import dataset_identity
-    from tasks.tracking import registry
-
-    configure(cfg, ws)
-    dataset = dataset_identity(cfg.data.source, cfg.data.name, cfg.data.classes)
-    registry.check_dataset(mlflow.MlflowClient(), cfg.register.model_name, dataset)
-
-
 def end_orphans(cfg: PipelineConfig, keep: str | None = None) -> list[str]:
     """End KILLED the runs of this experiment left RUNNING by processes that are gone."""
     import mlflow

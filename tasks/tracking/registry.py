@@ -22,8 +22,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tasks.config import PipelineConfig, dataset_identity
 from tasks.errors import RegistryBindingError
 from tasks.tracking.registry_lock import registry_lock
+from tasks.workspace import Workspace
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -188,12 +190,13 @@ def load_version(model_name: str, version: str) -> Any:
         return load_model_file(model_file)
 
 
-def outcome_line(record: dict[str, Any]) -> str:
-    """The result a long command ends with (`dvc repro`, `make smoke`, a deployment run
-    watched with `--watch`): test accuracy, the version and its aliases, where the run is."""
-    mlflow = record.get("mlflow") or {}
-    where = mlflow.get("ui_url") or f"run {record['run_id']} in {mlflow.get('tracking_uri')}"
-    return (
-        f"test accuracy {record['test_accuracy']:.4f}; registered {record['model_name']} "
-        f"version {record['version']} ({', '.join(record['aliases'])}); MLflow: {where}"
-    )
+def check_binding(cfg: PipelineConfig, ws: Workspace) -> None:
+    """The registry check that needs nothing but the config: is register.model_name bound
+    to this run's dataset? Called before the data stage and the flow do any work."""
+    import mlflow
+
+    from tasks.tracking import configure
+
+    configure(cfg, ws)
+    dataset = dataset_identity(cfg.data.source, cfg.data.name, cfg.data.classes)
+    check_dataset(mlflow.MlflowClient(), cfg.register.model_name, dataset)
