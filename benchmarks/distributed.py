@@ -1,6 +1,6 @@
 """Train-stage images/s on one device, 2 mirrored CPU replicas and 2 local workers.
 
-Each side is `tasks.train.train_model` (DALI batches, seed_cnn, params.yaml's recipe) on
+Each side is `tasks.stages.train.train_model` (DALI batches, seed_cnn, params.yaml's recipe) on
 the same synthetic CIFAR-shaped images, in its own process(es): ``one_device`` at batch 64
 and at batch 128 (the others' global batch), ``mirrored`` (`train.distribute=mirrored`,
 2 logical CPU devices, 64 per replica), ``multi_worker`` (2 worker processes on loopback

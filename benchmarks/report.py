@@ -147,7 +147,7 @@ def train_section(result: dict[str, Any] | None, quick: bool) -> str:
     text = """## 2. Train stage vs the bare seed Keras script
 
 seed_cnn, Adam 1e-3, same synthetic CIFAR-shaped data, same batch, same validation split.
-*Stage*: `tasks.train.train_model` (DALI-augmented batches, op determinism on). *Bare*: the
+*Stage*: `tasks.stages.train.train_model` (DALI-augmented batches, op determinism on). *Bare*: the
 TensorFlow-tutorial script, `model.fit` on float32 arrays normalized once in memory, no
 augmentation. Each run is its own process, alternating bare/stage; the first epoch of each
 run is not timed. Ratio = stage images/s / bare images/s, per repeat.
@@ -369,7 +369,7 @@ def accuracy_section(result: dict[str, Any] | None, quick: bool, out_dir: Path) 
 
 Data per model below; a full run uses Debian's `dataset-fashion-mnist` IDX files
 (`data.source=idx`). One run per model (these take minutes each). The curve run is
-`tasks.train.train_model` with the model's config plus a callback that scores the test set
+`tasks.stages.train.train_model` with the model's config plus a callback that scores the test set
 after each epoch with the evaluate stage's code (flip TTA and averaged weights when the
 config uses them); its clock is train_model's wall time (model build, input pipeline, fit
 with per-epoch validation) minus the callback's own time. The pipeline run is the real
@@ -720,7 +720,7 @@ def transfer_row_text(row: dict[str, Any]) -> str:
 def distributed_section(result: dict[str, Any] | None, quick: bool) -> str:
     text = """## 8. Several CPU replicas and local workers
 
-Train-stage images/s (`tasks.train.train_model`: DALI batches, seed_cnn, params.yaml's
+Train-stage images/s (`tasks.stages.train.train_model`: DALI batches, seed_cnn, params.yaml's
 recipe, augmentation on) on synthetic CIFAR-shaped images, each side in its own
 process(es): one device at batch 64 and at batch 128, `train.distribute=mirrored` on 2
 logical CPU devices and `multi_worker` with 2 local worker processes (TF_CONFIG on

@@ -127,7 +127,7 @@ def bare_pipeline(cfg: Any, root: Path) -> dict[str, dict[str, float]]:
     import numpy as np
 
     from tasks.images import augment, data, evaluate
-    from tasks.models import wrap as models
+    from tasks.models.wrap import with_normalization
     from tasks.stages import train
     from tasks.workspace import Workspace, atomic_path, write_json
 
@@ -170,7 +170,7 @@ def bare_pipeline(cfg: Any, root: Path) -> dict[str, dict[str, float]]:
     write_json(ws.metrics, metrics)
     done("evaluate")
 
-    raw = models.with_normalization(model, stats.mean, stats.std, cfg.evaluate.tta_flip)
+    raw = with_normalization(model, stats.mean, stats.std, cfg.evaluate.tta_flip)
     raw.predict(test_images[:4].astype(np.float32), verbose=0)  # what the signature needs
     raw.save(ws.model_file.with_name("model_raw_pixels.keras"))
     done("register")

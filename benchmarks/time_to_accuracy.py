@@ -2,7 +2,7 @@
 
 For each model, two runs, one after the other:
 
-1. the curve: `tasks.train.train_model` with the model's config, plus a callback that
+1. the curve: `tasks.stages.train.train_model` with the model's config, plus a callback that
    scores the test set after every epoch with the evaluate stage's own code
    (`predict_logits`, flip TTA when the config has it; the averaged weights when it uses
    weight averaging, as the final model does). The clock is train_model's wall time

@@ -1,10 +1,10 @@
 """Train-stage images/s vs the bare seed Keras script, as a ratio measured in the same run.
 
-Both sides train seed_cnn (`tasks.models.seed_cnn`) with params.yaml's seed recipe (Adam,
+Both sides train seed_cnn (`tasks.models.cnn.seed_cnn`) with params.yaml's seed recipe (Adam,
 learning rate 1e-3, batch 64) on the same synthetic CIFAR-shaped data, with the same
 validation split evaluated after every epoch:
 
-* ``stage``: `tasks.train.train_model`, what the train stage runs: DALI-augmented batches
+* ``stage``: `tasks.stages.train.train_model`, what the train stage runs: DALI-augmented batches
   from uint8 arrays (`dali_dataset`), op determinism on (`seed_everything`);
 * ``bare``: the TensorFlow-tutorial script, `model.fit(x, y, batch_size=64)` on float32
   arrays normalized once in memory, no augmentation, no determinism.

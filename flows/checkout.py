@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from flows.retrain import DATA_OUT, locked_data_version
+from flows.common import DATA_OUT, locked_data_version
 from tasks.errors import DataUnavailableError, ReproduceError
 
 GIT_TIMEOUT_S = 120

@@ -31,6 +31,12 @@ from prefect.runtime import deployment, flow_run
 from prefect.tasks import exponential_backoff
 
 from flows import reporting
+from flows.common import (
+    RETRY_BACKOFF_S,
+    STAGE_RETRIES,
+    failed_without_traceback,
+    retry_if_transient,
+)
 from flows.reporting import outcome_line
 from flows.stack import security
 from flows.stage import (
@@ -38,7 +44,6 @@ from flows.stage import (
     STAGE_NAMES,
     StageFailed,
     expected_errors,
-    is_expected,
     stage_functions,
 )
 from flows.workdir import RUN_ID_FIELD, run_root, shared_path_overrides
@@ -50,14 +55,7 @@ from tasks.tracking import registry
 from tasks.training import distribute
 from tasks.workspace import Workspace, read_json
 
-STAGE_RETRIES = 2  # after the first attempt, for transient causes only
 MLFLOW_RUN_ID = re.compile(r"[0-9a-f]{32}")
-RETRY_BACKOFF_S = 5  # retries wait about 5 s, then 10 s (jittered by up to half)
-
-
-def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect's retry_condition_fn: retry network and tracking hiccups, not bugs or bad data."""
-    return isinstance(state.data, BaseException) and tracking.is_transient(state.data)
 
 
 @task(
@@ -133,18 +131,6 @@ def training_pipeline(
     reporting.publish_pipeline_summary(ws, run_id, metrics, record)
     get_run_logger().info("%s", outcome_line(record))
     return record
-
-
-def failed_without_traceback(error: Exception) -> Any:
-    """The flow run's Failed state for a problem the user fixes (bad config or input): the
-    message says it all, so Prefect logs no traceback; anything else is re-raised as a bug.
-    A caller of the flow function gets prefect.exceptions.FailedRun with that message."""
-    from prefect.exceptions import FailedRun
-    from prefect.states import Failed
-
-    if is_expected(error) or isinstance(error, FailedRun):  # a subflow's, already reported
-        return Failed(message=str(error))
-    raise error
 
 
 def run_stages(

@@ -46,8 +46,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows import reporting
-from flows.pipeline import failed_without_traceback
-from flows.reproduce import mlflow_client
+from flows.common import failed_without_traceback, mlflow_client
 from flows.workdir import RUN_ID_FIELD, run_root
 from tasks import console, tracking
 from tasks.config import load_config

@@ -27,6 +27,7 @@ from typing import Any
 from prefect import flow
 
 from flows.checkout import check_commit_known, restore_data, temporary_checkout
+from flows.common import mlflow_client
 from flows.reproduction import (
     DEFAULT_TOLERANCE,
     REPRODUCES_TAG,
@@ -89,18 +90,6 @@ def project_tracking_uri(project: Path) -> str:
     return tracking.tracking_uri(load_config(project / "params.yaml").mlflow, project)
 
 
-def mlflow_client(uri: str) -> Any:
-    """A client of ``uri`` that fails in bounded time when a tracking server is down."""
-    import mlflow
-
-    from tasks.tracking import store
-
-    store.client_defaults()
-    if tracking.is_server(uri):
-        store.wait_for_server(uri)
-    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
 def read_version(client: Any, name: str, version: str, uri: str) -> VersionRecord:
     """The version's tags, validated; a version that does not exist is refused by name."""
     from mlflow.exceptions import MlflowException
@@ -125,7 +114,7 @@ def not_found(client: Any, name: str, version: str, uri: str) -> str:
 
 
 def original_metrics(client: Any, record: VersionRecord) -> dict[str, float]:
-    """The test metrics the version's own run logged (tasks/evaluate.py mlflow_metrics)."""
+    """The test metrics the version's own run logged (tasks/images/evaluate.py mlflow_metrics)."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -324,7 +313,7 @@ def reproduce(model_uri: str, tolerance: float = DEFAULT_TOLERANCE) -> dict[str,
     from prefect.artifacts import create_markdown_artifact
     from prefect.states import Failed
 
-    from flows.pipeline import failed_without_traceback
+    from flows.common import failed_without_traceback
 
     try:
         outcome = reproduce_version(model_uri, Path.cwd(), tolerance)

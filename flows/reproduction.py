@@ -34,15 +34,15 @@ MODEL_URI = re.compile(
 COMMIT = re.compile(r"(?P<sha>[0-9a-f]{40})(?P<dirty>-dirty)?")
 DATA_VERSION = re.compile(r"[0-9a-f]{32}(\.dir)?")  # DVC md5, ".dir" for a directory
 RUN_ID = re.compile(r"[0-9a-f]{32}")
-# What tasks/register.py log_and_register tags every version with.
+# What tasks/stages/register.py log_and_register tags every version with.
 REQUIRED_TAGS = ("git_commit", "data_version", "params", "run_id", "test_accuracy")
 REPRODUCES_TAG = "reproduces"  # on the reproduction's MLflow run: <name>/<version>
 DETERMINISTIC_TAG = "deterministic"  # "true" / "false": TF op determinism in that training
-VERSIONS_TAG = "versions"  # JSON {package: version} (tasks/register.py lineage_tags)
+VERSIONS_TAG = "versions"  # JSON {package: version} (tasks/stages/register.py lineage_tags)
 LIBRARY_TAGS = {"tensorflow": VERSIONS_TAG, "keras": VERSIONS_TAG}  # what exactness needs
 DEFAULT_TOLERANCE = 1e-6  # absolute, per metric; see the module docstring
 HEADLINE_METRICS = ("test_accuracy", "test_loss", "test_macro_f1")
-CLASS_F1_PREFIX = "test_f1_"  # tasks/evaluate.py mlflow_metrics: test_f1_<class>
+CLASS_F1_PREFIX = "test_f1_"  # tasks/images/evaluate.py mlflow_metrics: test_f1_<class>
 MAX_QUOTED_CHARS = 200  # of a caller's text quoted back in an error
 
 

@@ -18,43 +18,26 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
-from flows.pipeline import (
+from flows.common import (
+    DATA_OUT,
     RETRY_BACKOFF_S,
     STAGE_RETRIES,
     failed_without_traceback,
-    resolve_run_config,
+    locked_data_version,
     retry_if_transient,
-    training_pipeline,
 )
+from flows.pipeline import resolve_run_config, training_pipeline
 from flows.stage import STAGE_NAMES
 from flows.workdir import run_root
 from tasks.errors import DataUnavailableError
 from tasks.tracking.lineage import dvc_hash
 from tasks.workspace import Workspace
 
-DATA_OUT = "data/prepared"  # the data stage's output in dvc.yaml
 DVC_TAIL_CHARS = 2000  # of dvc's output, quoted in an error
-
-
-def locked_data_version(project: Path) -> str:
-    """The md5 dvc.lock records for data/prepared: the current data version."""
-    lock = project / "dvc.lock"
-    outs = []
-    if lock.is_file():
-        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-        outs = stages.get("data", {}).get("outs", [])
-    for out in outs:
-        if out.get("path") == DATA_OUT:
-            return out["md5"]
-    raise DataUnavailableError(
-        f"{lock} pins no version of {DATA_OUT}: run `dvc repro data` (or `git pull` and "
-        "`dvc pull`) and commit dvc.lock before retraining"
-    )
 
 
 @task(

@@ -23,12 +23,8 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows import reporting
-from flows.pipeline import (
-    failed_without_traceback,
-    resolve_config,
-    resolve_run_config,
-    run_stage,
-)
+from flows.common import failed_without_traceback
+from flows.pipeline import resolve_config, resolve_run_config, run_stage
 from flows.reporting import outcome_line
 from flows.stage import STAGE_NAMES
 from tasks import tracking

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.retrain import check_out_data, locked_data_version
+from flows.common import locked_data_version
+from flows.retrain import check_out_data
 from tasks.tracking.lineage import dvc_hash
 from tests.operate import BIN
 

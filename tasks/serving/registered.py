@@ -27,7 +27,7 @@ MODEL_URI = re.compile(
 )
 MAX_QUOTED_CHARS = 200  # of a caller's text quoted back in an error
 REPO = Path(__file__).resolve().parents[2]
-MODEL_CODE = "tasks/serving/classifier_model.py"  # what tasks/register.py logs as model code
+MODEL_CODE = "tasks/serving/classifier_model.py"  # what tasks/images/register.py logs as model code
 TEXT_MODEL_CODE = "tasks/serving/text_model.py"  # ... for a language model
 CODE_LOADER = "mlflow.pyfunc.loaders.code_model"  # MLflow's loader for models-from-code
 

@@ -87,7 +87,7 @@ def lineage_tags(cfg: PipelineConfig, ws: Workspace, run_id: str) -> dict[str, s
         "params": json.dumps(cfg.flat(), sort_keys=True),
         "run_id": run_id,
         "seed": str(cfg.train.seed),
-        # tasks/train.py: op determinism is on unless XLA is (Keras drops XLA under it).
+        # tasks/stages/train.py: op determinism is on unless XLA is (Keras drops XLA under it).
         "deterministic": str(not recipe.resolve_xla(cfg.train.xla, device)).lower(),
         "versions": json.dumps(versions | {"python": platform.python_version()}),
         "device": lineage.device_description(device),

@@ -1,0 +1,67 @@
+"""What the entry points share (they import it from here, never from each other): how a
+stage is retried, how an expected failure ends a flow run, a bounded MLflow client, and
+the data version dvc.lock pins."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flows.stage import is_expected
+from tasks import tracking
+from tasks.errors import DataUnavailableError
+
+STAGE_RETRIES = 2  # after the first attempt, for transient causes only
+
+
+RETRY_BACKOFF_S = 5  # retries wait about 5 s, then 10 s (jittered by up to half)
+
+
+def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's retry_condition_fn: retry network and tracking hiccups, not bugs or bad data."""
+    return isinstance(state.data, BaseException) and tracking.is_transient(state.data)
+
+
+def failed_without_traceback(error: Exception) -> Any:
+    """The flow run's Failed state for a problem the user fixes (bad config or input): the
+    message says it all, so Prefect logs no traceback; anything else is re-raised as a bug.
+    A caller of the flow function gets prefect.exceptions.FailedRun with that message."""
+    from prefect.exceptions import FailedRun
+    from prefect.states import Failed
+
+    if is_expected(error) or isinstance(error, FailedRun):  # a subflow's, already reported
+        return Failed(message=str(error))
+    raise error
+
+
+def mlflow_client(uri: str) -> Any:
+    """A client of ``uri`` that fails in bounded time when a tracking server is down."""
+    import mlflow
+
+    from tasks.tracking import store
+
+    store.client_defaults()
+    if tracking.is_server(uri):
+        store.wait_for_server(uri)
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+DATA_OUT = "data/prepared"  # the data stage's output in dvc.yaml
+
+
+def locked_data_version(project: Path) -> str:
+    """The md5 dvc.lock records for data/prepared: the current data version."""
+    lock = project / "dvc.lock"
+    outs = []
+    if lock.is_file():
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        outs = stages.get("data", {}).get("outs", [])
+    for out in outs:
+        if out.get("path") == DATA_OUT:
+            return out["md5"]
+    raise DataUnavailableError(
+        f"{lock} pins no version of {DATA_OUT}: run `dvc repro data` (or `git pull` and "
+        "`dvc pull`) and commit dvc.lock before retraining"
+    )
