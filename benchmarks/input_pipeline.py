@@ -79,7 +79,7 @@ def tf_data_baseline(
 
 def tf_max_error(images: np.ndarray, stats: Any, pad: int) -> float:
     """Max |tf_augment - augment_reference| over one batch with the same random draws."""
-    from tasks.images.augment import augment_reference
+    from tasks.images.reference import augment_reference
 
     rng = np.random.default_rng(1)
     batch = images[:256]
@@ -99,6 +99,7 @@ def epoch_runner(
     ``pre`` is params.yaml's preprocess section (pad, flip_prob, num_threads, device).
     """
     from tasks.images import augment
+    from tasks.images.reference import augment_reference
     from tasks.training.device import resolve_device
 
     if variant in ("dali_dataset", "tf_data"):
@@ -141,7 +142,7 @@ def epoch_runner(
             index = order[start : start + batch_size]
             offsets = rng.integers(-pre.pad, pre.pad + 1, size=(len(index), 2))
             flips = rng.random(len(index)) < pre.flip_prob
-            augment.augment_reference(images[index], offsets, flips, stats.mean, stats.std)
+            augment_reference(images[index], offsets, flips, stats.mean, stats.std)
             labels[index]  # noqa: B018 (the label gather every batch pays)
 
     return run_numpy

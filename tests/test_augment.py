@@ -17,18 +17,17 @@ from nvidia.dali import backend
 from tasks.config import PreprocessConfig
 from tasks.images import augment
 from tasks.images.augment import (
-    augment_reference,
     build_eval_pipeline,
     build_train_pipeline,
     channel_stats,
     dali_dataset,
     iterate_numpy,
-    resize_reference,
     resolve_device,
     sample_augmented,
     save_image_grid,
 )
 from tasks.images.feeding import NormStats
+from tasks.images.reference import augment_reference, resize_reference
 
 PAD = 4
 MEAN = [120.0, 110.0, 100.0]  # pixel units

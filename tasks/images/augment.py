@@ -10,7 +10,7 @@ repeats a gray channel three times; mean/std then have one value per model chann
 
 Keras consumes `dali_dataset`, a `tf.data.Dataset` built with the DALI TensorFlow plugin
 (`DALIDatasetWithInputs`); on a GPU its batches are produced on, and stay on, the GPU.
-`augment_reference` is the same transform in NumPy, for tests and as a benchmark baseline.
+tasks/images/reference.py is the same transform in NumPy, for tests and as a benchmark baseline.
 
 Facts about the plugin this module relies on (measured with DALI 2.4 / TF 2.21, CPU):
 
@@ -83,7 +83,7 @@ class _Reshape(NamedTuple):
     gray_to_rgb: bool
 
 
-def _reshape_for(data_shape: tuple[int, ...], input_shape: tuple[int, int, int] | None) -> _Reshape:
+def reshape_for(data_shape: tuple[int, ...], input_shape: tuple[int, int, int] | None) -> _Reshape:
     """The reshape from ``data_shape`` (H, W, C) to the model's ``input_shape`` (None: same)."""
     if input_shape is None:
         return _Reshape(None, False)
@@ -279,7 +279,7 @@ def build_train_pipeline(
     (H, W, C), when given), int32 labels. Augmentation is a function of ``seed``. (Keras
     uses `dali_dataset`, which shuffles; this one does not.)
     """
-    reshape = _reshape_for(images.shape[1:], input_shape)
+    reshape = reshape_for(images.shape[1:], input_shape)
     _check_stats(mean, std, _output_shape(images.shape[1:], input_shape)[2])
     return _pipeline(
         _train_graph,
@@ -310,7 +310,7 @@ def build_eval_pipeline(
 ) -> Pipeline:
     """DALI eval pipeline: normalize only (after resizing to ``input_shape``, the model's
     (H, W, C), when given), data order kept, last partial batch kept."""
-    reshape = _reshape_for(images.shape[1:], input_shape)
+    reshape = reshape_for(images.shape[1:], input_shape)
     _check_stats(mean, std, _output_shape(images.shape[1:], input_shape)[2])
     return _pipeline(
         _eval_graph,
@@ -383,7 +383,7 @@ def dali_dataset(
     mean, std = stats
     if images.ndim != 4 or images.dtype != np.uint8 or len(images) != len(labels):
         raise ValueError(f"expected uint8 NHWC images and one label each, got {images.shape}")
-    reshape = _reshape_for(images.shape[1:], input_shape)
+    reshape = reshape_for(images.shape[1:], input_shape)
     out_height, out_width, out_channels = _output_shape(images.shape[1:], input_shape)
     _check_stats(mean, std, out_channels)
     device = resolve_device(preprocess.device)
@@ -448,57 +448,6 @@ def dali_dataset(
 
 
 # ------------------------------------------------------------ reference and samples
-
-
-def augment_reference(
-    images: np.ndarray,
-    offsets: np.ndarray,
-    flips: np.ndarray,
-    mean: Sequence[float],
-    std: Sequence[float],
-    input_shape: tuple[int, int, int] | None = None,
-) -> np.ndarray:
-    """NumPy version of the train transform with explicit randomness.
-
-    ``offsets[i] = (dy, dx)`` is the crop anchor: output[y, x] = image[y + dy, x + dx],
-    0 outside the image; then the crop is mirrored left-right where ``flips[i]``, resized
-    to ``input_shape`` with `resize_reference` and gray repeated as RGB when the model
-    wants that (DALI mirrors after resizing; the two commute), then normalized to float32
-    (pixel - mean) / std.
-    """
-    n, height, width, _ = images.shape
-    offsets = np.asarray(offsets, dtype=np.int64).reshape(n, 2)
-    pad = int(np.abs(offsets).max(initial=0))
-    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    rows = np.arange(height)[None, :] + offsets[:, :1] + pad  # (n, H)
-    cols = np.arange(width)[None, :] + offsets[:, 1:] + pad  # (n, W)
-    flips = np.asarray(flips, dtype=bool).reshape(n)
-    cols = np.where(flips[:, None], cols[:, ::-1], cols)
-    out = padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
-    reshape = _reshape_for(images.shape[1:], input_shape)
-    if reshape.size is not None:
-        out = resize_reference(out, reshape.size)
-    if reshape.gray_to_rgb:
-        out = np.repeat(out, 3, axis=-1)
-    mean_arr = np.asarray(mean, dtype=np.float64)
-    std_arr = np.asarray(std, dtype=np.float64)
-    return ((out - mean_arr) / std_arr).astype(np.float32)
-
-
-def resize_reference(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of NHWC images to ``size`` (H, W), float64: sample points at pixel
-    centers, (i + 0.5) * in / out - 0.5, clamped to the edge pixels. This is
-    keras.layers.Resizing(interpolation="bilinear") / tf.image.resize, and DALI's linear
-    resize without antialiasing (tests/test_augment.py measures both)."""
-    out = images.astype(np.float64)
-    for axis, new in ((1, size[0]), (2, size[1])):
-        old = out.shape[axis]
-        source = np.clip((np.arange(new) + 0.5) * old / new - 0.5, 0, old - 1)
-        low = np.floor(source).astype(np.int64)
-        high = np.minimum(low + 1, old - 1)
-        weight = (source - low).reshape([-1 if a == axis else 1 for a in range(out.ndim)])
-        out = np.take(out, low, axis) * (1 - weight) + np.take(out, high, axis) * weight
-    return out
 
 
 def sample_augmented(
