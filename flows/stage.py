@@ -18,20 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from tasks import console
-from tasks.config import ConfigError, PipelineConfig, load_config
-from tasks.errors import (
-    DataFileError,
-    DataUnavailableError,
-    DistributeError,
-    DivergedError,
-    ExportError,
-    ModelFileError,
-    RegistryBindingError,
-    RegistryLockError,
-    TransferWeightsError,
-    os_error_line,
-    user_fixable_os_error,
-)
+from tasks.config import PipelineConfig, load_config
+from tasks.errors import UserFixableError, os_error_line, user_fixable_os_error
 from tasks.tracking import raise_interrupted
 from tasks.workspace import Workspace
 
@@ -93,27 +81,10 @@ def describe(error: BaseException, with_type: bool = True) -> str:
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
-    """Failures a user fixes (config, input files), reported as one line without a traceback.
-
-    Anything else is a bug and keeps its traceback.
-    """
-    from tasks.tracking.store import TrackingUnreachable
-
-    return (
-        ConfigError,
-        DataFileError,
-        DataUnavailableError,
-        DistributeError,
-        DivergedError,
-        ExportError,
-        FileNotFoundError,
-        ModelFileError,
-        RegistryBindingError,
-        RegistryLockError,
-        StageFailed,
-        TransferWeightsError,
-        TrackingUnreachable,
-    )
+    """Failures a user fixes (config, input files, a server to start), reported as one line
+    without a traceback: tasks.errors.UserFixableError and its kin, a missing file, a stage
+    that failed on one. Anything else is a bug and keeps its traceback."""
+    return (UserFixableError, FileNotFoundError, StageFailed)
 
 
 def close_failed_pipeline_run(ws: Workspace, stage: str, error: BaseException) -> None:

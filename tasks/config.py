@@ -25,10 +25,11 @@ from pydantic import (
     model_validator,
 )
 
+from tasks.errors import UserFixableError
 from tasks.models.catalog import family, foreign_keys
 
 
-class ConfigError(ValueError):
+class ConfigError(UserFixableError, ValueError):
     """A params.yaml value or an override is wrong; the message names the key."""
 
 

@@ -8,11 +8,17 @@ import math
 import os
 
 
-class ModelFileError(ValueError):
+class UserFixableError(Exception):
+    """A failure the user fixes (a setting, an input file, a server to start): every entry
+    point prints its message as one line, without a traceback, and exits 2. Every error
+    type below is one; anything else is a bug and keeps its traceback."""
+
+
+class ModelFileError(UserFixableError, ValueError):
     """A model file that cannot be loaded safely; the message names the file and the fix."""
 
 
-class DataFileError(ValueError):
+class DataFileError(UserFixableError, ValueError):
     """An input data file is missing, truncated, corrupt, or not the expected one.
 
     Raised where the file is read, the only place that knows its path, so the message can
@@ -21,54 +27,54 @@ class DataFileError(ValueError):
     """
 
 
-class DataUnavailableError(RuntimeError):
+class DataUnavailableError(UserFixableError, RuntimeError):
     """The dataset is neither prepared nor downloadable (offline) nor in the manual dir.
     Transient for retries: the network may come back (tasks/tracking/__init__.py is_transient)."""
 
 
-class RegistryBindingError(ValueError):
+class RegistryBindingError(UserFixableError, ValueError):
     """A version for another task (dataset, input signature, classes) than the registered
     model name serves; the message names the model, both values and the fix."""
 
 
-class ReproduceError(ValueError):
+class ReproduceError(UserFixableError, ValueError):
     """A registered model version cannot be rebuilt: a malformed or unknown URI, missing
     tags, a commit git cannot restore, data DVC cannot restore (all refused before any
     work), or its pipeline failed; the message says why and what to do."""
 
 
-class ExportError(ValueError):
+class ExportError(UserFixableError, ValueError):
     """An export cannot be made or does not answer like the trained model: a converter
     package is missing (the message names it), there is no registered version to export,
     or a float format's probabilities or labels differ beyond the parity bound (the
     message names the format and the numbers)."""
 
 
-class ModelRequestError(ValueError):
+class ModelRequestError(UserFixableError, ValueError):
     """A request to predict or serve cannot start: a bad path, model URI or top-k, a model
     the registry does not have or that this project did not register; the message says
     which and why."""
 
 
-class TransferWeightsError(ValueError):
+class TransferWeightsError(UserFixableError, ValueError):
     """The starting weights of a transfer model (``model.weights``) cannot be had: ImageNet
     weights neither cached nor downloadable, a missing or misnamed weights file, or a
     registered model without a matching base; the message names the file, directory or URI
     and the alternatives."""
 
 
-class DistributeError(ValueError):
+class DistributeError(UserFixableError, ValueError):
     """Distributed training cannot start as configured (TF_CONFIG, devices, data too small
     for the replicas) or a worker process died; the message names the setting or worker."""
 
 
-class RegistryLockError(RuntimeError):
+class RegistryLockError(UserFixableError, RuntimeError):
     """The lock that serializes a registered model's alias moves could not be taken: its
     server is unreachable, it stayed held past the timeout, or it was reconfigured; the
     message names the lock and how to inspect it."""
 
 
-class DivergedError(ValueError):
+class DivergedError(UserFixableError, ValueError):
     """Training produced a non-finite loss, or a model's test metrics are not finite: the
     model is useless and must never be registered, promoted or exported; the message names
     the epoch (or metric) and the likely cause."""

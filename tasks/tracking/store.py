@@ -27,6 +27,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tasks.errors import UserFixableError
+
 TIMEOUT_ENV = "PIPELINE_TRACKING_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 30.0
 CLIENT_DEFAULTS = {
@@ -45,7 +47,7 @@ SQLITE = "sqlite:///"
 LOCK_TIMEOUT_S = 120
 
 
-class TrackingUnreachable(ConnectionError):
+class TrackingUnreachable(UserFixableError, ConnectionError):
     """The tracking server did not answer in time; the message names its URL."""
 
 
