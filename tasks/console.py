@@ -41,7 +41,7 @@ def has_nvidia_gpu() -> bool:
 
 def process_defaults() -> dict[str, str]:
     """The environment defaults of every pipeline process (a child process started with
-    another environment gets them too: flows/reproduce.py)."""
+    another environment gets them too: flows/reproduce/runner.py)."""
     return NO_TELEMETRY | {
         # Progress bars for millisecond downloads of local artifacts only clutter stage logs.
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",

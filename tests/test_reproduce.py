@@ -1,4 +1,4 @@
-"""Rebuild a registered version with one command (flows/reproduce.py).
+"""Rebuild a registered version with one command (flows/reproduce/).
 
 End to end: the real `dvc repro` registers version 1 in a temporary git copy of the
 repository (tiny synthetic data, its own SQLite store and DVC cache), then
@@ -19,9 +19,8 @@ import pytest
 import yaml
 
 from benchmarks.common import copy_repo, set_params
-from flows.checkout import restore_data, temporary_checkout, with_data_version
-from flows.reproduce import main, reproduce
-from flows.reproduction import (
+from flows.reproduce.checkout import restore_data, temporary_checkout, with_data_version
+from flows.reproduce.rules import (
     REPRODUCES_TAG,
     Rebuilt,
     Row,
@@ -32,6 +31,7 @@ from flows.reproduction import (
     matches,
     parse_model_uri,
 )
+from flows.reproduce.runner import main, reproduce
 from tasks.errors import ReproduceError
 from tasks.tracking.lineage import dvc_hash
 from tests.conftest import REPO, TINY, pipeline_env
@@ -132,7 +132,7 @@ def test_the_flow_and_its_deployment_run_the_same_checked_function():
     state = reproduce.fn("models:/cifar10-cnn/1; rm -rf ~")
     assert state.is_failed() and "not a model version URI" in state.message
     deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
-    (entry,) = [d for d in deployments if d["entrypoint"] == "flows/reproduce.py:reproduce"]
+    (entry,) = [d for d in deployments if d["entrypoint"] == "flows/reproduce/runner.py:reproduce"]
     assert reproduce.name == "reproduce-version" and entry["name"] == "local"
     assert "model_uri" in reproduce.parameters.properties
 

@@ -72,7 +72,7 @@ def serving_requirements() -> list[str]:
 
 
 def lineage_tags(cfg: PipelineConfig, ws: Workspace, run_id: str) -> dict[str, str]:
-    """What made this version, enough to rebuild it (flows/reproduce.py)."""
+    """What made this version, enough to rebuild it (flows/reproduce/)."""
     from importlib.metadata import version as installed
 
     from tasks.training import recipe

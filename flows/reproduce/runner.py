@@ -9,7 +9,7 @@ with DVC (the project's cache, else its remote), and the commit's own pipeline r
 stages after data, without register, with the version's params as overrides, logging to
 the same tracking store in a run of its own tagged ``reproduces=<name>/<version>``. Then
 the original run's test metrics and the reproduction's are printed side by side and
-judged by the rule in flows/reproduction.py: exit 0 on a match, 1 on a difference, 2 when
+judged by the rule in flows/reproduce/rules.py: exit 0 on a match, 1 on a difference, 2 when
 the version cannot be rebuilt (refused before any work, nothing left RUNNING).
 """
 
@@ -26,9 +26,9 @@ from typing import Any
 
 from prefect import flow
 
-from flows.checkout import check_commit_known, restore_data, temporary_checkout
 from flows.common import mlflow_client
-from flows.reproduction import (
+from flows.reproduce.checkout import check_commit_known, restore_data, temporary_checkout
+from flows.reproduce.rules import (
     DEFAULT_TOLERANCE,
     REPRODUCES_TAG,
     Outcome,
@@ -359,7 +359,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reproduction stopped by {str(error) or 'SIGINT'}", file=sys.stderr)
         return 130
     return 0 if outcome.matched else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
