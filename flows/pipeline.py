@@ -47,7 +47,7 @@ from flows.stage import (
     stage_functions,
 )
 from flows.workdir import RUN_ID_FIELD, run_root, shared_path_overrides
-from tasks import console, tracking
+from tasks import startup, tracking
 from tasks.config import ConfigError, PipelineConfig, load_config, load_profile, parse_override
 from tasks.models.build import check_input_fits
 from tasks.models.catalog import image_size_key
@@ -232,9 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     args.profile = args.profile and str(Path(args.profile).resolve())
     # Before TensorFlow loads: calm logs on CPU; no telemetry (Prefect's temporary server
     # phones home by default, and logs an error offline).
-    if note := console.prepare_process():
+    if note := startup.prepare_process():
         print(note, file=sys.stderr)
-    console.import_tensorflow()
+    startup.import_tensorflow()
     # SIGTERM unwinds like Ctrl-C (also when SIGINT starts ignored, as in a background job
     # of a script): the MLflow run ends KILLED and Prefect's temporary server is stopped.
     signal.signal(signal.SIGTERM, tracking.raise_interrupted)

@@ -48,7 +48,7 @@ from prefect.runtime import flow_run
 from flows import reporting
 from flows.common import failed_without_traceback, mlflow_client
 from flows.workdir import RUN_ID_FIELD, run_root
-from tasks import console, tracking
+from tasks import startup, tracking
 from tasks.config import load_config
 from tasks.errors import ModelRequestError
 from tasks.serving import images as image_files
@@ -107,11 +107,11 @@ class Outcome:
 
 
 def prepare_process() -> str | None:
-    """console.prepare_process (calm logs, no telemetry, no progress bars), and TensorFlow
+    """startup.prepare_process (calm logs, no telemetry, no progress bars), and TensorFlow
     growing its GPU memory: it takes nearly all of it when it starts on a GPU, and DALI's
     decoder needs some in the same process. Returns the CPU-only note to print."""
     os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
-    return console.prepare_process()
+    return startup.prepare_process()
 
 
 def check_top_k(top_k: Any) -> int:
@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         request = prepare(args.images, args.model, args.top_k, Path.cwd())
         if note:
             print(note, file=sys.stderr)
-        console.import_tensorflow()  # without its loading banners on a CPU-only machine
+        startup.import_tensorflow()  # without its loading banners on a CPU-only machine
         with open_model(request) as model:
             outcome = predict_files(model, request, out, errors)
     except (ModelRequestError, *expected_errors()) as error:

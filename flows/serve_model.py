@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.stack import security
-from tasks import console
+from tasks import startup
 from tasks.errors import ModelRequestError
 from tasks.serving.registered import (
     check_model_code,
@@ -202,9 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         help="largest request body accepted, in MB (413 above it; default %(default)g)",
     )
     args = parser.parse_args(argv)
-    if note := console.prepare_process():
+    if note := startup.prepare_process():
         print(note, file=sys.stderr)
-    console.import_tensorflow()
+    startup.import_tensorflow()
     import uvicorn
 
     from tasks.config import ConfigError

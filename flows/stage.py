@@ -17,7 +17,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-from tasks import console
+from tasks import startup
 from tasks.config import PipelineConfig, load_config
 from tasks.errors import UserFixableError, os_error_line, user_fixable_os_error
 from tasks.tracking import raise_interrupted
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stage", choices=STAGE_NAMES)
     parser.add_argument("--params", default="params.yaml", help="path to params.yaml")
     args = parser.parse_args(argv)
-    if note := console.prepare_process():
+    if note := startup.prepare_process():
         print(note, file=sys.stderr)
     ws = Workspace(Path.cwd())
     # SIGTERM (dvc's or a scheduler's stop) unwinds like Ctrl-C: the MLflow run ends KILLED.
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.params)
         if uses_tensorflow(args.stage, cfg):  # quietly now: it loads it anyway
-            console.import_tensorflow()
+            startup.import_tensorflow()
         stage_functions()[args.stage](cfg, ws)
         if args.stage == CLOSING_STAGE and ws.registration.is_file():
             from flows.reporting import outcome_line

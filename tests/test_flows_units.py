@@ -116,17 +116,17 @@ def test_a_cpu_only_process_gets_one_calm_line_and_no_telemetry(monkeypatch):
     import subprocess
     import sys
 
-    from tasks import console
+    from tasks import startup
 
-    if console.has_nvidia_gpu():
+    if startup.has_nvidia_gpu():
         pytest.skip("this machine has a GPU: the CPU-only message does not apply")
     code = (
-        "import os; from tasks import console; print(console.prepare_process());"
-        "console.import_tensorflow(); import tensorflow as tf; tf.constant(1.0) + 1;"
+        "import os; from tasks import startup; print(startup.prepare_process());"
+        "startup.import_tensorflow(); import tensorflow as tf; tf.constant(1.0) + 1;"
         "env = os.environ; print(env['MLFLOW_DISABLE_TELEMETRY'],"
         "env['PREFECT_SERVER_ANALYTICS_ENABLED'], env['TF_CPP_MIN_LOG_LEVEL'])"
     )
-    env = {k: v for k, v in os.environ.items() if k not in console.NO_TELEMETRY}
+    env = {k: v for k, v in os.environ.items() if k not in startup.NO_TELEMETRY}
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)
     done = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120

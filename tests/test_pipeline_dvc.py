@@ -12,7 +12,7 @@ import yaml
 
 from benchmarks.common import set_params
 from flows.stage import STAGE_NAMES
-from tasks import console
+from tasks import startup
 from tasks.config import load_config
 from tasks.workspace import Workspace
 from tests.conftest import pipeline_env, read_mlflow
@@ -186,7 +186,7 @@ def test_a_default_flow_run_leaves_dvc_outputs_and_git_untouched(repro):
     assert done.returncode == 0, done.stderr[-3000:]
     output = done.stdout + done.stderr
     assert "Traceback" not in output
-    if not console.has_nvidia_gpu():  # calm on CPU: one line instead of CUDA's E-lines
+    if not startup.has_nvidia_gpu():  # calm on CPU: one line instead of CUDA's E-lines
         assert "no GPU found: TensorFlow and DALI run on the CPU" in output
         assert "E0000" not in output and "cuInit" not in output and "I0000" not in output
     [run_dir] = (root / "runs").iterdir()

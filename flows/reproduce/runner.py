@@ -40,7 +40,7 @@ from flows.reproduce.rules import (
     parse_model_uri,
     verdict,
 )
-from tasks import console, tracking
+from tasks import startup, tracking
 from tasks.config import load_config
 from tasks.errors import ReproduceError
 from tasks.tracking import lineage
@@ -183,7 +183,7 @@ def child_env(tracking_uri: str) -> dict[str, str]:
     worker's per-flow-run variables (PREFECT__FLOW_RUN_ID...): its flow run is its own."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT__")}
     env[tracking.TRACKING_ENV] = tracking_uri
-    return console.process_defaults() | env  # what the user set wins
+    return startup.process_defaults() | env  # what the user set wins
 
 
 def run_to_end(command: list[str], cwd: Path, env: dict[str, str]) -> int:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flows.stack import object_store, security
-from tasks import console
+from tasks import startup
 
 HEARTBEAT_S = 60  # seconds between a flow run's heartbeats under the stack's worker
 
@@ -67,7 +67,7 @@ def base_env() -> dict[str, str]:
     for secret in (security.USER_CREDENTIAL_ENV, "PREFECT_API_AUTH_STRING"):
         env.pop(secret, None)  # each service gets exactly the credential it needs, below
     env.update(
-        console.NO_TELEMETRY,
+        startup.NO_TELEMETRY,
         # MLflow's job runner (GenAI scorers) adds six processes the pipeline never uses.
         MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
     )

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks import console
+from tasks import startup
 from tasks.errors import ExportError
 
 SIGNATURE = "serving_default"  # float32 pixels (token ids: int32); "serve_uint8" takes uint8
@@ -121,7 +121,7 @@ def without_litert_chatter(line: str) -> bool:
 def convert_litert(saved_model: Path, variant: str, representative: np.ndarray) -> bytes:
     """LiteRT flatbuffer: fp32, dynamic-range (int8 weights), or full integer (int8 ops,
     uint8 raw-pixel input, float32 probabilities out), calibrated on ``representative``."""
-    with console.routed_stderr_lines(without_litert_chatter):
+    with startup.routed_stderr_lines(without_litert_chatter):
         return _convert_litert(saved_model, variant, representative)
 
 
@@ -240,13 +240,13 @@ def run_saved_model(path: Path) -> Callable[[np.ndarray], np.ndarray]:
 def run_litert(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     from ai_edge_litert.interpreter import Interpreter
 
-    with console.routed_stderr_lines(without_litert_chatter):
+    with startup.routed_stderr_lines(without_litert_chatter):
         interpreter = Interpreter(model_path=str(path))
     [source] = interpreter.get_input_details()
     [result] = interpreter.get_output_details()
 
     def predict(pixels: np.ndarray) -> np.ndarray:
-        with console.routed_stderr_lines(without_litert_chatter):  # the delegate's INFO line
+        with startup.routed_stderr_lines(without_litert_chatter):  # the delegate's INFO line
             interpreter.resize_tensor_input(source["index"], pixels.shape)
             interpreter.allocate_tensors()
             interpreter.set_tensor(source["index"], pixels.astype(source["dtype"]))

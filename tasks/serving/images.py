@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.console import routed_stderr_lines
+from tasks.startup import routed_stderr_lines
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"

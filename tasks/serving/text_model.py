@@ -56,7 +56,7 @@ def quiet_tensorflow_on_cpu() -> None:
     use logs "failed call to cuInit" as an error that is none for a CPU model server; a
     level the caller set (TF_CPP_MIN_LOG_LEVEL) wins, and a TensorFlow already loaded keeps
     its own. (This file is the model's code, loaded without this repository: the same rule
-    lives in tasks/console.py for the pipeline's processes.)"""
+    lives in tasks/startup.py for the pipeline's processes.)"""
     if "tensorflow" not in sys.modules and not os.path.exists("/dev/nvidia0"):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 

@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from tasks import console, tracking
+from tasks import startup, tracking
 from tasks.config import PipelineConfig, modality
 from tasks.errors import refuse_non_finite
 from tasks.modality import ServedModel
@@ -48,7 +48,7 @@ def log_model(served: ServedModel, cfg: PipelineConfig) -> str:
         warnings.filterwarnings("ignore", message=".*type hint", category=UserWarning)
         # MLflow's register_model prints "Registered model ... already exists. Creating a new
         # version" for every version: bind_or_check created the model first, on purpose.
-        with console.routed_stderr_lines(lambda line: "already exists. Creating" in line):
+        with startup.routed_stderr_lines(lambda line: "already exists. Creating" in line):
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(served.code),
