@@ -15,41 +15,9 @@ import pytest
 
 from tasks.config import PipelineConfig, load_config
 from tasks.workspace import Workspace
-
-REPO = Path(__file__).resolve().parents[1]
-PARAMS = REPO / "params.yaml"
-
-# Small enough for seconds per stage on 2 CPU cores, big enough that training improves.
-TINY = {
-    "data.source": "synthetic",
-    "data.synthetic.train_size": 1200,
-    "data.synthetic.test_size": 300,
-    "train.epochs": 1,
-    "train.batch_size": 64,
-    "preprocess.grid_samples": 16,
-    # The SavedModel alone: every format and quantization is tested once, in test_export.py.
-    "export.formats": ["saved_model"],
-    "export.quantize": "none",
-    "export.parity_samples": 64,
-}
+from tests.helpers.project import PARAMS, TINY, tiny_overrides
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # as the pipeline sets it on CPU
-
-
-def pipeline_env() -> dict[str, str]:
-    """The environment for a pipeline subprocess: the virtualenv first on PATH (dvc.yaml's
-    `python -m ...`) and no MLFLOW_* setting of this process (tests use their own stores)."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
-    bin_dir = Path(sys.executable).parent
-    return env | {"PATH": f"{bin_dir}{os.pathsep}{env['PATH']}", "PYTHONUNBUFFERED": "1"}
-
-
-def tiny_overrides(root: Path) -> dict:
-    store = root / "mlruns"
-    return TINY | {
-        "mlflow.tracking_uri": f"sqlite:///{store / 'mlflow.db'}",
-        "mlflow.artifact_root": str(store / "artifacts"),
-    }
 
 
 # Test files that share an expensive session fixture run in one xdist worker, so it is
@@ -128,21 +96,10 @@ def tiny_cfg(tmp_path) -> PipelineConfig:
     return load_config(PARAMS, tiny_overrides(tmp_path))
 
 
-def read_mlflow(tracking_uri: str, experiment: str):
-    """(client, runs of the experiment, newest first) from a real MLflow store."""
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    assert exp is not None, f"experiment {experiment!r} missing from {tracking_uri}"
-    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
-    return client, runs
-
-
 @pytest.fixture(scope="session")
 def s3_store(tmp_path_factory):
     """moto's S3 emulator on a free loopback port, with a generated credential and a bucket."""
-    from tests.team_servers import S3Server
+    from tests.helpers.team_servers import S3Server
 
     server = S3Server.start("team", tmp_path_factory.mktemp("s3") / "moto.log")
     try:
@@ -162,7 +119,7 @@ def stack(s3_store):
     banner's export lines give, as a user's shell would.
     """
     from benchmarks.common import copy_repo
-    from tests.operate import CLIENT_KEYS, free_port, start_stack, start_worker, stop_stack
+    from tests.helpers.operate import CLIENT_KEYS, free_port, start_stack, start_worker, stop_stack
 
     # The postgres account runs the cluster under the copy when tests run as root.
     top = Path(tempfile.mkdtemp(prefix="team-stack-"))
@@ -201,7 +158,7 @@ def stack(s3_store):
 @pytest.fixture(scope="session")
 def team_postgres(stack):
     """The stack's own PostgreSQL (--local-postgres), to query and to kill."""
-    from tests.team_servers import StackPostgres
+    from tests.helpers.team_servers import StackPostgres
 
     return StackPostgres.of(stack.root)
 
@@ -250,7 +207,7 @@ def tiny_repro(tmp_path_factory) -> TinyRepro:
     that has run every stage, not a second training.
     """
     from benchmarks.common import copy_repo, set_params
-    from tests.test_pipeline_dvc import dvc_repro
+    from tests.helpers.project import dvc_repro
 
     root = copy_repo(tmp_path_factory.mktemp("repo"))
     set_params(root, TINY)

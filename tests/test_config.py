@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from tasks.config import ConfigError, apply_overrides, load_config, load_profile, parse_override
-from tests.conftest import PARAMS
+from tests.helpers.project import PARAMS
 
 
 def test_real_params_yaml_loads_with_expected_defaults():

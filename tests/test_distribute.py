@@ -25,7 +25,7 @@ from benchmarks.common import copy_repo, set_params
 from tasks.config import load_config
 from tasks.errors import DistributeError
 from tasks.training import distribute, recipe
-from tests.conftest import PARAMS, TINY, pipeline_env, read_mlflow
+from tests.helpers.project import PARAMS, TINY, pipeline_env, read_mlflow
 
 EXPERIMENT = "cifar10-pipeline"
 
@@ -131,7 +131,7 @@ def test_mirrored_on_two_cpu_devices_matches_one_device_step_for_step(tmp_path):
     for mode in ("none", "mirrored"):
         out = tmp_path / f"{mode}.npz"
         subprocess.run(
-            [sys.executable, "-m", "tests.distributed_steps", mode, str(out)],
+            [sys.executable, "-m", "tests.helpers.distributed_steps", mode, str(out)],
             env=pipeline_env() | {"TF_ENABLE_ONEDNN_OPTS": "0"},
             cwd=Path(__file__).resolve().parents[1],
             check=True,

@@ -9,7 +9,7 @@ import mlflow
 import pytest
 
 from tasks.workspace import Workspace, write_json
-from tests.test_input_errors import make_project, run_entry_point, run_statuses
+from tests.helpers.project import make_project, run_entry_point, run_statuses
 
 
 def test_json_files_never_hold_bare_nan(tmp_path):

@@ -19,7 +19,7 @@ import yaml
 from flows.common import locked_data_version
 from flows.retrain import check_out_data
 from tasks.tracking.lineage import dvc_hash
-from tests.operate import BIN
+from tests.helpers.operate import BIN
 
 pytestmark = pytest.mark.slow
 DEFAULT_REMOTE = "gpu-train-pipeline-dvc-storage"  # .dvc/config: ../../<this>

@@ -16,7 +16,7 @@ import pytest
 from flows.stage import STAGE_NAMES, stage_functions
 from tasks.config import load_config, load_profile
 from tasks.workspace import Workspace
-from tests.conftest import PARAMS, REPO, tiny_overrides
+from tests.helpers.project import PARAMS, REPO, tiny_overrides
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = [

@@ -19,7 +19,7 @@ import pytest
 from benchmarks.common import copy_repo, set_params
 from tasks.training.checkpoint import CHECKPOINTS
 from tasks.workspace import Workspace
-from tests.conftest import TINY, pipeline_env, read_mlflow
+from tests.helpers.project import TINY, pipeline_env, read_mlflow
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -179,7 +179,7 @@ def test_stale_temp_files_of_a_killed_write_are_removed(tmp_path):
 def test_a_stale_staging_directory_of_the_data_stage_is_removed(tmp_path):
     from tasks.config import load_config
     from tasks.stages import data as data_stage
-    from tests.conftest import PARAMS, tiny_overrides
+    from tests.helpers.project import PARAMS, tiny_overrides
 
     cfg = load_config(PARAMS, tiny_overrides(tmp_path))
     ws = Workspace(tmp_path)
@@ -206,7 +206,7 @@ def test_two_first_runs_on_a_new_sqlite_store_both_succeed(tmp_path):
         "from tasks import tracking\n"
         "from tasks.config import load_config\n"
         "from tasks.workspace import Workspace\n"
-        "from tests.conftest import PARAMS, tiny_overrides\n"
+        "from tests.helpers.project import PARAMS, tiny_overrides\n"
         "root = Path(sys.argv[1])\n"
         "cfg = load_config(PARAMS, tiny_overrides(root.parent))\n"
         "print(tracking.start_pipeline_run(cfg, Workspace(root)))\n"
@@ -235,7 +235,7 @@ def test_a_stopped_flow_leaves_no_process_and_no_open_run(tmp_path, signum):
     mid-training: it exits within 10 s, its temporary Prefect server with it."""
     import psutil
 
-    from tests.conftest import PARAMS, tiny_overrides
+    from tests.helpers.project import PARAMS, tiny_overrides
 
     (tmp_path / "params.yaml").write_text(PARAMS.read_text())
     overrides = tiny_overrides(tmp_path) | KILLABLE
@@ -273,7 +273,7 @@ def test_a_stopped_flow_leaves_no_process_and_no_open_run(tmp_path, signum):
 
 def tiny_project(root: Path, **extra) -> Path:
     """A project directory holding params.yaml shrunk to tiny synthetic data."""
-    from tests.conftest import PARAMS, tiny_overrides
+    from tests.helpers.project import PARAMS, tiny_overrides
 
     root.mkdir(parents=True, exist_ok=True)
     (root / "params.yaml").write_text(PARAMS.read_text())
@@ -303,7 +303,7 @@ def with_repo(env: dict[str, str]) -> dict[str, str]:
 @pytest.mark.parametrize("scheme", ["http", "postgresql"])
 def test_a_dead_tracking_server_at_start_fails_in_bounded_time(tmp_path, scheme):
     from tasks.tracking.store import TIMEOUT_ENV
-    from tests.operate import free_port
+    from tests.helpers.operate import free_port
 
     root = tiny_project(tmp_path / "project")
     port = free_port()  # nothing listens there
@@ -326,7 +326,7 @@ def test_a_dead_tracking_server_at_start_fails_in_bounded_time(tmp_path, scheme)
 @pytest.fixture
 def tracking_server(tmp_path):
     """A real `mlflow server` on a free loopback port; yields (url, stop, start)."""
-    from tests.operate import free_port
+    from tests.helpers.operate import free_port
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"

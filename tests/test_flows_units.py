@@ -14,7 +14,7 @@ from flows.workdir import run_root, shared_path_overrides
 from tasks.config import ConfigError, load_config
 from tasks.errors import DataUnavailableError
 from tasks.workspace import Workspace
-from tests.conftest import PARAMS, TINY
+from tests.helpers.project import PARAMS, TINY
 
 
 def test_run_root_fills_in_the_flow_run_id(tmp_path, monkeypatch):
@@ -173,7 +173,7 @@ def test_data_and_preprocess_stages_never_load_tensorflow_or_prefect(tmp_path):
     import sys
 
     from benchmarks.common import set_params
-    from tests.conftest import PARAMS, REPO, pipeline_env, tiny_overrides
+    from tests.helpers.project import PARAMS, REPO, pipeline_env, tiny_overrides
 
     (tmp_path / "params.yaml").write_text(PARAMS.read_text())
     set_params(tmp_path, tiny_overrides(tmp_path))

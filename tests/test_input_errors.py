@@ -12,69 +12,23 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from benchmarks.common import set_params
 from tasks.config import PipelineConfig, load_config
 from tasks.workspace import Workspace, write_json
-from tests.conftest import PARAMS, REPO, tiny_overrides
-
-STAGE_TIMEOUT_S = 300
-
-
-def make_project(root: Path, **params: object) -> Path:
-    """A project directory whose params.yaml is the real one, shrunk, with ``params`` set."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "params.yaml").write_text(PARAMS.read_text())
-    set_params(root, tiny_overrides(root) | params)
-    return root
+from tests.helpers.project import (
+    PARAMS,
+    make_project,
+    run_entry_point,
+    run_statuses,
+    the_error_line,
+)
 
 
 def project_config(root: Path) -> PipelineConfig:
     return load_config(root / "params.yaml")
-
-
-def run_entry_point(root: Path, module: str, *args: str) -> subprocess.CompletedProcess:
-    """``python -m module args`` in ``root`` with this checkout's code, as dvc.yaml runs it."""
-    env = {
-        "PATH": str(Path(sys.executable).parent),
-        "PYTHONPATH": str(REPO),
-        "HOME": str(root),  # ~/.keras, ~/.config and the like stay inside the project
-        "PREFECT_HOME": str(root / ".prefect"),
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-    }
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=STAGE_TIMEOUT_S,
-    )
-
-
-def the_error_line(done: subprocess.CompletedProcess, prefix: str) -> str:
-    """The one line starting with ``prefix``, after checking exit status 2 and no traceback."""
-    assert done.returncode == 2, done.stderr[-3000:]
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
-    lines = [line for line in done.stderr.splitlines() if line.startswith(prefix)]
-    assert len(lines) == 1, done.stderr[-3000:]
-    return lines[0]
-
-
-def run_statuses(root: Path) -> list[str]:
-    """The status of every run in the project's MLflow store (none when it was never made)."""
-    db = root / "mlruns" / "mlflow.db"  # tiny_overrides' store
-    if not db.is_file():
-        return []
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    return [run.info.status for run in client.search_runs(experiments)] if experiments else []
 
 
 def write_synthetic_prepared(root: Path) -> Workspace:

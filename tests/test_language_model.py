@@ -18,9 +18,8 @@ from tasks.errors import DataFileError
 from tasks.text import data as text_data
 from tasks.text import metrics, windows
 from tasks.workspace import Workspace
-from tests.conftest import PARAMS, TINY, pipeline_env, read_mlflow
+from tests.helpers.project import PARAMS, TINY, dvc_repro, pipeline_env, read_mlflow, stages_run
 from tests.helpers.readme import check_quiet, check_result
-from tests.test_pipeline_dvc import dvc_repro, stages_run
 
 LICENSES = Path("/usr/share/common-licenses")
 TEXT = {

@@ -11,7 +11,7 @@ import pytest
 
 from flows.stack import object_store
 from flows.stack.object_store import S3Credentials
-from tests.team_servers import S3Server
+from tests.helpers.team_servers import S3Server
 
 BUCKET = "pipeline-store"
 

@@ -24,14 +24,14 @@ from benchmarks.common import set_params
 from flows.workdir import RUN_ID_FIELD
 from tasks.tracking.lineage import dvc_hash
 from tasks.workspace import Workspace, read_json
-from tests.conftest import TINY
-from tests.operate import (
+from tests.helpers.operate import (
     BIN,
     RUN_TIMEOUT_S,
     deployment_run_args,
     flow_run_id,
 )
-from tests.pipeline_checks import check_pipeline_run
+from tests.helpers.pipeline_checks import check_pipeline_run
+from tests.helpers.project import TINY
 
 pytestmark = pytest.mark.slow
 
@@ -300,8 +300,8 @@ def test_batch_predict_writes_predictions_and_logs_them_with_the_version(stack, 
     from tasks.images.register import served_model
     from tasks.prepared import load_split
     from tasks.stages.register import log_model
-    from tests.conftest import PARAMS
-    from tests.test_predict import png_bytes, read_csv
+    from tests.helpers.files import png_bytes, read_csv
+    from tests.helpers.project import PARAMS
 
     cfg, ws, _ = served_pipeline
     name = "operate-predict"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -15,25 +14,12 @@ from flows.stage import STAGE_NAMES
 from tasks import startup
 from tasks.config import load_config
 from tasks.workspace import Workspace
-from tests.conftest import pipeline_env, read_mlflow
+from tests.helpers.pipeline_checks import check_pipeline_run
+from tests.helpers.project import dvc_repro, pipeline_env, read_mlflow, stages_run
 from tests.helpers.readme import check_quiet, check_result
-from tests.pipeline_checks import check_pipeline_run
 
 pytestmark = pytest.mark.slow
 STAGES = STAGE_NAMES
-
-
-def dvc_repro(root: Path) -> str:
-    env = pipeline_env()
-    result = subprocess.run(
-        ["dvc", "repro"], cwd=root, env=env, capture_output=True, text=True, timeout=900
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return result.stderr + result.stdout  # DVC's own lines (stdout) last
-
-
-def stages_run(output: str) -> list[str]:
-    return [stage for stage in STAGES if f"Running stage '{stage}'" in output]
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from tasks.workspace import Workspace, read_json
-from tests.conftest import PARAMS, read_mlflow, tiny_overrides
-from tests.pipeline_checks import check_pipeline_run
+from tests.helpers.pipeline_checks import check_pipeline_run
+from tests.helpers.project import PARAMS, read_mlflow, tiny_overrides
 
 pytestmark = pytest.mark.slow
 

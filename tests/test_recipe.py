@@ -9,7 +9,7 @@ import pytest
 from tasks.config import load_config
 from tasks.stages.train import build_for_training
 from tasks.training import recipe
-from tests.conftest import PARAMS
+from tests.helpers.project import PARAMS
 
 
 def fast_cfg(tmp_path, **train):

@@ -132,7 +132,7 @@ def test_transient_errors_are_retried_and_others_are_not(error, expected):
 def test_an_unreachable_prefect_server_fails_the_lock_naming_it_and_is_transient(monkeypatch):
     from tasks.errors import RegistryLockError
     from tasks.tracking.registry_lock import registry_lock
-    from tests.operate import free_port
+    from tests.helpers.operate import free_port
 
     url = f"http://127.0.0.1:{free_port()}/api"  # nothing listens there
     monkeypatch.setenv("PREFECT_API_URL", url)

@@ -13,7 +13,7 @@ from tasks.config import load_config
 from tasks.errors import RegistryBindingError
 from tasks.tracking import registry
 from tasks.workspace import Workspace, read_json
-from tests.conftest import PARAMS, TINY, tiny_overrides
+from tests.helpers.project import PARAMS, TINY, tiny_overrides
 
 pytestmark = pytest.mark.slow
 NAME = "rules"
@@ -120,7 +120,7 @@ def test_every_version_carries_its_lineage(tmp_path):
 def test_a_name_bound_to_other_data_is_refused_before_the_data_stage(tmp_path, entry):
     """`register.model_name=fashion_mnist-fast_cnn` on synthetic data: refused from the config
     alone, before any data is read or an MLflow run opened, and said once."""
-    from tests.test_input_errors import make_project, run_entry_point
+    from tests.helpers.project import make_project, run_entry_point
 
     root = make_project(tmp_path / "project", **{"register.model_name": "fashion_mnist-fast_cnn"})
     client = store(root)

@@ -34,8 +34,7 @@ from flows.reproduce.rules import (
 from flows.reproduce.runner import main, reproduce
 from tasks.errors import ReproduceError
 from tasks.tracking.lineage import dvc_hash
-from tests.conftest import REPO, TINY, pipeline_env
-from tests.test_pipeline_dvc import dvc_repro
+from tests.helpers.project import REPO, TINY, dvc_repro, pipeline_env
 
 MODEL = "synthetic-seed_cnn"  # register.model_name: auto, on TINY synthetic data
 COMPARED = ("test_accuracy", "test_loss", "test_macro_f1")

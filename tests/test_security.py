@@ -22,8 +22,8 @@ from flows.serve import lock_work_pool
 from flows.stack import security
 from tasks.config import ConfigError, load_config
 from tasks.errors import ModelFileError
-from tests.conftest import PARAMS, REPO, tiny_overrides
-from tests.operate import RUN_TIMEOUT_S, deployment_run_args, flow_run_id
+from tests.helpers.operate import RUN_TIMEOUT_S, deployment_run_args, flow_run_id
+from tests.helpers.project import PARAMS, REPO, tiny_overrides
 
 PIPELINE = "training-pipeline/local"
 EVIL = "http://evil.example"
@@ -354,7 +354,7 @@ def test_the_credential_file_is_private_and_never_logged(stack):
 
 @pytest.mark.slow
 def test_make_ui_serves_mlflow_alone_behind_the_same_credential(tmp_path):
-    from tests.operate import free_port
+    from tests.helpers.operate import free_port
 
     (tmp_path / "params.yaml").write_text(PARAMS.read_text())
     port = free_port()

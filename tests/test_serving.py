@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 from tasks.prepared import load_split
-from tests.conftest import REPO, pipeline_env
-from tests.operate import free_port
+from tests.helpers.operate import free_port
+from tests.helpers.project import REPO, pipeline_env
 
 pytestmark = pytest.mark.slow
 STARTUP_S = 180  # ~7 s here when idle

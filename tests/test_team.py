@@ -25,8 +25,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import TINY
-from tests.operate import BIN, RUN_TIMEOUT_S, deployment_run_args, flow_run_id
+from tests.helpers.operate import BIN, RUN_TIMEOUT_S, deployment_run_args, flow_run_id
+from tests.helpers.project import TINY
 
 pytestmark = pytest.mark.slow
 MLFLOW_DB, PREFECT_DB = "pipeline_mlflow", "pipeline_prefect"
@@ -201,7 +201,14 @@ def test_promotions_from_two_machines_never_interleave_and_keep_the_best_champio
     for seed in (1, 2):
         folder = tmp_path / f"machine-{seed}"
         folder.mkdir()
-        command = [sys.executable, "-m", "tests.promote_many", name, source, run.info.run_id]
+        command = [
+            sys.executable,
+            "-m",
+            "tests.helpers.promote_many",
+            name,
+            source,
+            run.info.run_id,
+        ]
         command += [str(seed), "20", str(folder / "promotions.json")]
         env = clients | {"TMPDIR": str(folder), "PYTHONPATH": str(REPO)}
         if seed == 2:  # the other machine names the servers differently
@@ -247,8 +254,8 @@ def test_make_serve_team_starts_its_own_postgres_and_store_and_gives_up_on_a_cra
     import psutil
 
     from flows.stack.object_store import S3Credentials, list_keys
-    from tests.operate import free_port
-    from tests.team_servers import StackPostgres
+    from tests.helpers.operate import free_port
+    from tests.helpers.team_servers import StackPostgres
 
     project = Path(tempfile.mkdtemp(prefix="serve-team-"))  # reachable by the postgres account
     project.chmod(0o755)
@@ -342,7 +349,7 @@ def test_make_serve_team_starts_its_own_postgres_and_store_and_gives_up_on_a_cra
     ],
 )
 def test_a_bad_database_url_stops_serve_before_any_server_starts(tmp_path, url, expected):
-    from tests.operate import free_port
+    from tests.helpers.operate import free_port
 
     shutil.copy(REPO / "params.yaml", tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}

@@ -9,7 +9,7 @@ from tasks import tracking
 from tasks.config import load_config
 from tasks.tracking import store
 from tasks.workspace import Workspace
-from tests.conftest import PARAMS, tiny_overrides
+from tests.helpers.project import PARAMS, tiny_overrides
 
 
 def run_status(run_id: str) -> str:
@@ -116,7 +116,7 @@ def test_a_failure_between_stages_marks_the_closed_run_failed(tiny_cfg, workspac
 def test_an_unreachable_tracking_server_fails_in_bounded_time(tiny_cfg, workspace, monkeypatch):
     import time
 
-    from tests.operate import free_port
+    from tests.helpers.operate import free_port
 
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
@@ -168,7 +168,7 @@ def test_an_experiment_created_locally_is_proxied_once_the_server_serves_it(tmp_
     from pathlib import Path
 
     from flows.stack import security
-    from tests.operate import free_port
+    from tests.helpers.operate import free_port
 
     (tmp_path / "params.yaml").write_text(PARAMS.read_text())
     base = {"PATH": str(Path(sys.executable).parent), "PYTHONPATH": str(Path.cwd())}

@@ -10,7 +10,7 @@ from tasks.images import augment, data
 from tasks.models.build import build_model
 from tasks.models.wrap import with_normalization
 from tasks.stages.train import train_model
-from tests.conftest import PARAMS, tiny_overrides
+from tests.helpers.project import PARAMS, tiny_overrides
 
 
 @pytest.fixture(scope="module")

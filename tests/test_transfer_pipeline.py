@@ -18,8 +18,7 @@ import yaml
 
 from benchmarks.common import copy_repo, set_params
 from tasks.workspace import Workspace
-from tests.conftest import TINY, pipeline_env, read_mlflow
-from tests.test_pipeline_dvc import dvc_repro
+from tests.helpers.project import TINY, dvc_repro, pipeline_env, read_mlflow
 
 pytestmark = pytest.mark.slow
 

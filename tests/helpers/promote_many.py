@@ -1,6 +1,6 @@
 """One "machine" of the concurrent-promotion test: register and promote COUNT versions.
 
-    python -m tests.promote_many MODEL_NAME SOURCE RUN_ID SEED COUNT OUT_JSON
+    python -m tests.helpers.promote_many MODEL_NAME SOURCE RUN_ID SEED COUNT OUT_JSON
 
 Each version gets a random test accuracy (seeded) and goes through the pipeline's own
 promotion (tasks.tracking.registry.move_aliases, under the registry lock in force: the Prefect

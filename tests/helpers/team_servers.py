@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from flows.stack import object_store, postgres
-from tests.operate import free_port
+from tests.helpers.operate import free_port
 
 STOP_TIMEOUT_S = 30
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Three training steps of the seed CNN, on one device or mirrored over logical CPUs.
 
-Run as ``python -m tests.distributed_steps MODE OUT.npz`` (one process per mode: logical
+Run as ``python -m tests.helpers.distributed_steps MODE OUT.npz`` (one process per mode: logical
 CPU devices exist only if configured before TensorFlow starts). Same data, seed and
 global batch (128) in both modes, augmentation off: what tests/test_distribute.py
 compares. Writes the first step's loss, the weights after the last step and the indices
@@ -15,7 +15,7 @@ import numpy as np
 
 from tasks.config import load_config
 from tasks.images import augment
-from tests.conftest import PARAMS
+from tests.helpers.project import PARAMS
 
 GLOBAL_BATCH = 128
 STEPS = 3
