@@ -250,3 +250,7 @@ def as_cli_overrides(overrides: Mapping[str, Any]) -> list[str]:
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def report_path(quick: bool) -> Path:
+    return results_dir(True) / "BENCHMARKS.md" if quick else REPO / "BENCHMARKS.md"

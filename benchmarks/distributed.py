@@ -34,6 +34,7 @@ from benchmarks.common import (
     summarize,
     write_rows,
 )
+from benchmarks.markdown import code, load, missing, spread, table
 from benchmarks.train_throughput import epoch_timer, steady_rate
 
 SIDES = {  # name -> (train.distribute, per-replica batch)
@@ -165,6 +166,48 @@ def main(argv: list[str] | None = None) -> int:
     )
     log(f"wrote {path}")
     return 0
+
+
+def distributed_section(result: dict[str, Any] | None, quick: bool) -> str:
+    text = """## 8. Several CPU replicas and local workers
+
+Train-stage images/s (`tasks.stages.train.train_model`: DALI batches, seed_cnn, params.yaml's
+recipe, augmentation on) on synthetic CIFAR-shaped images, each side in its own
+process(es): one device at batch 64 and at batch 128, `train.distribute=mirrored` on 2
+logical CPU devices and `multi_worker` with 2 local worker processes (TF_CONFIG on
+loopback ports), both 64 per replica (global batch 128). The first epoch (tracing,
+strategy start-up) is not timed. Both replicas share the machine's two cores, so no side
+can be a speed-up here: this is what distribution costs. On GPUs: not measured (no GPU
+here); on a multi-GPU machine `python -m flows.pipeline train.distribute=mirrored` trains
+on every GPU.
+
+"""
+    if not result:
+        return text + missing("distributed", quick)
+    rows = [
+        [
+            code(row["key"]),
+            str(row["replicas"]),
+            f"{row['global_batch']}",
+            spread(row["img_per_s"]),
+            load(row),
+        ]
+        for row in result["rows"]
+    ]
+    headers = ["side", "replicas", "global batch", "img/s (wall)", "load (1 min, before/after)"]
+    first = result["rows"][0]
+    by_key = {row["key"]: row["img_per_s"]["median"] for row in result["rows"]}
+    same_batch = by_key["one_device_128"]
+    return (
+        text
+        + table(headers, rows)
+        + f"\n\nAgainst one device at the same global batch (medians): mirrored "
+        f"{by_key['mirrored_2x64'] / same_batch:.2f}x, two local workers "
+        f"{by_key['multi_worker_2x64'] / same_batch:.2f}x (two TensorFlow runtimes on two "
+        "cores, gradients all-reduced over loopback gRPC)."
+        + f"\n\n{first['train_images']:,} training images, {first['timed_epochs']} timed "
+        f"epoch(s) per side and repeat, sides alternating. Command: {code(result['command'])}\n"
+    )
 
 
 if __name__ == "__main__":

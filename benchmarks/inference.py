@@ -67,6 +67,7 @@ from benchmarks.inference_formats import (
     percentiles,
     variants,
 )
+from benchmarks.markdown import code, load, missing, ms, size, spread, table
 
 TRAIN_OVERRIDES = {"data.source": "idx", "data.name": "fashion_mnist", "train.epochs": 3}
 QUICK_OVERRIDES = {
@@ -380,6 +381,146 @@ def main(argv: list[str] | None = None) -> int:
     path = write_rows("inference", args.quick, rows, invoked_as=invoked, **record)
     log(f"wrote {path.relative_to(REPO)}")
     return 0
+
+
+def format_rows(result: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for row in result["rows"]:
+        if "latency_ms_batch1" not in row:
+            continue
+        latency = row["latency_ms_batch1"]
+        rates = row["images_per_s"]
+        rows.append(
+            [
+                code(row["key"]) + (" (quantized)" if row["quantized"] else ""),
+                f"{row['runtime']}: {row['threads']}",
+                size(row["bytes"]),
+                f"{100 * row['accuracy']:.2f}%",
+                f"{100 * row['top1_agreement_with_keras']:.2f}%",
+                f"{ms(latency['p50'])} / {ms(latency['p99'])}",
+                *(spread(rates[str(b)]) for b in (1, 32, 256)),
+                f"{row['load_s']:.2f}",
+                f"{row['peak_rss_mib']:,.0f}",
+                load(row),
+            ]
+        )
+    return rows
+
+
+def http_text(row: dict[str, Any]) -> str:
+    rows = [
+        [
+            batch,
+            f"{ms(b['latency_ms']['p50'])} / {ms(b['latency_ms']['p99'])}",
+            str(b["latency_ms"]["n"]),
+            f"{b['images_per_s_sequential']:,.0f}",
+            f"{b['request_bytes_mean'] / 1024:,.1f} KiB",
+            f"{100 * b['top1_agreement_with_keras']:.2f}%",
+        ]
+        for batch, b in row["batches"].items()
+    ]
+    headers = ["batch", "round trip ms p50 / p99", "n", "images/s", "request", "top-1 = Keras"]
+    return (
+        f"HTTP: {code(row['server_command'])} (uvicorn, one worker), a client POSTing to "
+        "/invocations over one kept-alive loopback connection, JSON bodies of integer pixels "
+        "encoded before timing, each answer read in full. First answer "
+        f"{row['first_answer_s']:.1f} s after the server process started; "
+        f"{row['server_rss_mib']:,.0f} MiB resident after the calls; the MLflow model "
+        f"directory is {size(row['bytes'])}. Load {load(row)}.\n\n" + table(headers, rows) + "\n"
+    )
+
+
+def decode_text(row: dict[str, Any]) -> str:
+    return (
+        f'- {code(row["key"])}: DALI `fn.decoders.image(device="{row["device"]}")` on the '
+        f"test images as JPEG (quality {row['jpeg_quality']}, {row['jpeg_bytes_mean']:.0f} bytes "
+        f"each on average), batch {row['batch_size']}, {row['threads']}: "
+        f"{spread(row['images_per_s'])} images/s; decoded pixels differ from Pillow's by at "
+        f"most {row['max_abs_diff_vs_pillow']}. Load {load(row)}.\n"
+    )
+
+
+def gpu_text(result: dict[str, Any], gpu: dict[str, Any] | None) -> str:
+    text = (
+        "GPU rows, **not measured here** (this machine has no GPU). Run them in `$WORK`, a "
+        "directory holding a trained model (`python -m benchmarks.inference --workdir "
+        '"$WORK"` trains into an empty one and keeps it):\n'
+    )
+    for item in result["gpu_not_measured"]:
+        text += f"\n- {item['what']}: not measured here.\n\n  ```\n  {item['command']}\n  ```\n"
+    if gpu:
+        text += "\nMeasured on a GPU machine (benchmarks/results/inference_gpu.json):\n\n"
+        text += "".join(decode_text(row) for row in gpu["rows"])
+    return text
+
+
+def inference_section(
+    result: dict[str, Any] | None, gpu: dict[str, Any] | None, quick: bool
+) -> str:
+    text = """## 6. Inference on this CPU: export formats and `mlflow models serve`
+
+One registered model, trained by the real pipeline (all six stages, so the export stage
+wrote every format), run every way the project ships it, one after another. Each format
+runs in its own process: `keras` is the registered raw-pixel model with a softmax
+(`predict_on_batch`), `keras_predict` the same model through `model.predict`, which the
+registered pyfunc (`tasks/serving/classifier_model.py`) now calls only for batches over 256
+(one direct call below that: the HTTP batch-1 row); the other rows
+are the export stage's files run by `tasks/serving/formats.py`'s runners. Latency: batch 1,
+p50 / p99 over *n* timed calls after warm-up, each call on the next test image. Images/s:
+back-to-back calls at that batch size, median (min-max) over *n* windows; at batch 1 it
+follows the mean latency, so a heavy tail (contention for the two cores) pulls it below
+1000 / p50. Accuracy and top-1 agreement with `keras`: the whole test split. Size: the
+file or directory on disk (`keras`: the registered .keras file). Model load s: loading
+plus the first answer. Peak RSS: the measuring process (runtime, model and the test set as float32).
+"""
+    if not result:
+        return text + missing("inference", quick)
+    model = result["model"]
+    data = model["dataset"]
+    counts = ", ".join(f"{n:,} {split}" for split, n in data["counts"].items())
+    trained = model["trained_here"]
+    how = (
+        f"trained for this run by {code(model['pipeline_command'])} in {trained['wall_s']:.0f} s"
+        if trained
+        else "taken from an existing work directory (--workdir)"
+    )
+    rows = [r for r in result["rows"] if "latency_ms_batch1" in r]
+    calls = rows[0]["latency_ms_batch1"]["n"] if rows else 0
+    loads = result["load_avg_1min"]
+    runtimes = ", ".join(f"{k} {v}" for k, v in result["runtimes"].items())
+    text += (
+        f"\nModel: {code(model['uri'])} on {data['name']} (data.source={data['source']}: "
+        f"{counts}), {how}; test accuracy {100 * model['test_accuracy_evaluate_stage']:.2f}% "
+        f"by the evaluate stage. Command: {code(result['invoked_as'])} "
+        f"({result['measurement_s']:.0f} s of measurement, training excluded). 1-minute load "
+        f"average: {loads['start']:.2f} at the start, {loads['end']:.2f} at the end. Threads: "
+        "nothing in the project sets them, so LiteRT runs one (`formats.run_litert` passes no "
+        "`num_threads`) and the others take their runtime's default. Runtimes: "
+        f"{runtimes}.\n\n"
+    )
+    headers = [
+        "format",
+        "runtime: threads",
+        "size",
+        "test accuracy",
+        "top-1 = Keras",
+        f"batch-1 ms p50 / p99 (n={calls})",
+        "images/s batch 1",
+        "batch 32",
+        "batch 256",
+        "model load s",
+        "peak RSS MiB",
+        "load",
+    ]
+    text += table(headers, format_rows(result)) + "\n"
+    by_key = {row["key"]: row for row in result["rows"]}
+    if "http" in by_key:
+        text += "\n" + http_text(by_key["http"])
+    decoders = [row for row in result["rows"] if row["key"].startswith("dali_decode")]
+    if decoders:
+        text += "\nDecoding uploads (not part of the model):\n\n"
+        text += "".join(decode_text(row) for row in decoders)
+    return text + "\n" + gpu_text(result, gpu)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import PARAMS, command, load_average, log, stamp_row, summarize, write_rows
+from benchmarks.markdown import code, load, missing, spread, table
 
 VARIANTS = ("dali_dataset", "dali_pipeline", "tf_data", "numpy")
 BATCH_SIZES = (64, 256)  # the seed recipe's batch and the fast profile's
@@ -204,6 +205,45 @@ def main(argv: list[str] | None = None) -> int:
     ]
     write_rows("input_pipeline", args.quick, rows)
     return 0
+
+
+def input_section(result: dict[str, Any] | None, quick: bool) -> str:
+    text = """## 1. Input pipeline: images/s
+
+One epoch of augmented training batches from uint8 32x32x3 images in RAM (shuffle, pad-4
+random integer translate, horizontal flip p=0.5, normalize to float32), after one untimed
+warm-up epoch. `dali_dataset` is what Keras trains on (`tasks.images.augment.dali_dataset`: index
+shuffle + gather in tf.data, augmentation in DALI via its TF plugin); `dali_pipeline` is
+DALI alone (`build_train_pipeline` + `iterate_numpy`, input order, output to NumPy);
+`tf_data` is the vectorized batched-map baseline in `benchmarks/input_pipeline.py`;
+`numpy` is `augment_reference` with random offsets/flips plus the batch gather, one thread.
+DALI runs `preprocess.num_threads` CPU threads.
+
+"""
+    if not result:
+        return text + missing("input_pipeline", quick)
+    rows = [
+        [
+            code(row["variant"]),
+            str(row["batch_size"]),
+            f"{row['images']:,}",
+            spread(row["images_per_s"]),
+            load(row),
+            code(row["command"]),
+        ]
+        for row in result["rows"]
+    ]
+    headers = ["variant", "batch", "images/epoch", "images/s", "load", "command"]
+    text += table(headers, rows) + "\n"
+    errors = [
+        row["max_abs_error_vs_numpy"] for row in result["rows"] if row["variant"] == "tf_data"
+    ]
+    if errors:
+        text += (
+            f"\nThe tf.data baseline's output matches `augment_reference` for the same offsets "
+            f"and flips to within {max(errors):.1e} (max absolute error, checked each run).\n"
+        )
+    return text
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import shlex
 import sys
 import tempfile
@@ -37,11 +38,14 @@ from benchmarks.common import (
     load_average,
     log,
     python_module,
+    report_path,
+    results_dir,
     run_measured,
     stamp_row,
     warm_prefect,
     write_rows,
 )
+from benchmarks.markdown import code, load, missing, table, verdict
 
 MODELS: dict[str, dict[str, Any]] = {
     "fast": {"profile": "profiles/fast_fashion_mnist.yaml", "overrides": {}},
@@ -226,6 +230,119 @@ def main(argv: list[str] | None = None) -> int:
         rows = [measure(model, args.quick, Path(tmp)) for model in args.model or MODELS]
     write_rows("time_to_accuracy", args.quick, rows, target=TARGET)
     return 0
+
+
+def plot_curves(result: dict[str, Any], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for row in result["rows"]:
+        points = row["curve"]["points"]
+        ax.plot(
+            [p["train_s"] for p in points],
+            [100 * p["test_accuracy"] for p in points],
+            marker="o",
+            label=f"{row['key']} ({row['model']}, batch {row['batch_size']})",
+        )
+    target = result.get("target") or {}
+    if target:
+        ax.axhline(100 * target["test_accuracy"], color="grey", linestyle="--", linewidth=0.8)
+        ax.axvline(target["train_s"], color="grey", linestyle=":", linewidth=0.8)
+    cpus = result["machine"]["logical_cpus"]
+    ax.set_xlabel(f"cumulative training seconds (train_model, {cpus} CPU cores)")
+    ax.set_ylabel("test accuracy, %")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=90)
+
+
+def accuracy_section(result: dict[str, Any] | None, quick: bool, out_dir: Path) -> str:
+    text = """## 5. Time to accuracy on Fashion-MNIST
+
+Data per model below; a full run uses Debian's `dataset-fashion-mnist` IDX files
+(`data.source=idx`). One run per model (these take minutes each). The curve run is
+`tasks.stages.train.train_model` with the model's config plus a callback that scores the test set
+after each epoch with the evaluate stage's code (flip TTA and averaged weights when the
+config uses them); its clock is train_model's wall time (model build, input pipeline, fit
+with per-epoch validation) minus the callback's own time. The pipeline run is the real
+Prefect flow; its test accuracy is the registered model's (reports/metrics.json).
+
+"""
+    if not result:
+        return text + missing("time_to_accuracy", quick)
+    target = result.get("target") or {}
+    for row in result["rows"]:
+        counts = ", ".join(f"{n:,} {split}" for split, n in row["curve"]["counts"].items())
+        data = row["data"]
+        where = f" from {data['idx_dir']}" if data["source"] == "idx" else ""
+        text += f"- {row['key']}: data.source={data['source']} ({data['name']}{where}): {counts}\n"
+    text += "\n"
+    rows = []
+    for row in result["rows"]:
+        curve, pipeline, first = row["curve"], row["pipeline"], row["first_reaching_target"]
+        reached = f"epoch {first['epoch']}, {first['train_s']:.0f} s" if first else "never"
+        goal = "-"
+        if row["target"]:
+            met = bool(first) and first["train_s"] <= target["train_s"]
+            met = met and pipeline["test_accuracy"] >= target["test_accuracy"]
+            goal = f">= {100 * target['test_accuracy']:.1f}% in <= {target['train_s']:.0f} s: "
+            goal += verdict(met)
+        rows.append(
+            [
+                f"{row['key']}: {code(row['model'])}",
+                f"{row['epochs']} x batch {row['batch_size']}",
+                f"{100 * curve['final_test_accuracy']:.2f}%",
+                f"{curve['train_model_s']:.0f}",
+                reached,
+                f"{100 * pipeline['test_accuracy']:.2f}% ({pipeline['registered']})",
+                f"{pipeline['wall_s']:.0f}",
+                goal,
+                code(row["command"]),
+            ]
+        )
+    headers = [
+        "model",
+        "epochs",
+        "test acc. (curve run)",
+        "train s",
+        f"first >= {100 * target.get('test_accuracy', 0.93):.0f}%",
+        "pipeline test acc.",
+        "pipeline wall s",
+        "target",
+        "command",
+    ]
+    text += table(headers, rows) + "\n\nPipeline runs: "
+    text += "; ".join(code(row["pipeline"]["command"]) for row in result["rows"]) + ".\n"
+    for row in result["rows"]:
+        curve_val = [p["val_accuracy"] for p in row["curve"]["points"]]
+        same = curve_val == row["pipeline"]["val_accuracy"]
+        text += (
+            f"\n{row['key']}: the pipeline's per-epoch validation accuracy "
+            + ("is identical to" if same else "**differs** from")
+            + " the curve run's (same seed, deterministic ops)."
+        )
+    text += "\n"
+    plot = out_dir / "time_to_accuracy.png"
+    plot_curves(result, plot)
+    link = os.path.relpath(plot, report_path(out_dir == results_dir(True)).parent)
+    text += f"\n![test accuracy vs training seconds]({link})\n"
+    for row in result["rows"]:
+        points = [
+            [
+                str(p["epoch"]),
+                f"{p['train_s']:.0f}",
+                f"{100 * p['test_accuracy']:.2f}",
+                f"{100 * p['val_accuracy']:.2f}",
+            ]
+            for p in row["curve"]["points"]
+        ]
+        text += f"\n{row['key']} ({code(row['model'])}), load {load(row)}:\n\n"
+        text += table(["epoch", "train s", "test acc. %", "val acc. %"], points) + "\n"
+    return text
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from benchmarks.common import (
     summarize,
     write_rows,
 )
+from benchmarks.markdown import code, load, missing, spread, table, verdict
 
 SIDES = ("bare", "stage")
 # synthetic images before the 10% validation hold-out; epochs include one untimed warm-up
@@ -210,6 +211,47 @@ def main(argv: list[str] | None = None) -> int:
     write_rows("train_throughput", args.quick, [stamp_row(row, load_before)])
     log(f"train ratio median {statistics.median(ratios['train']):.3f}")
     return 0
+
+
+def train_section(result: dict[str, Any] | None, quick: bool) -> str:
+    text = """## 2. Train stage vs the bare seed Keras script
+
+seed_cnn, Adam 1e-3, same synthetic CIFAR-shaped data, same batch, same validation split.
+*Stage*: `tasks.stages.train.train_model` (DALI-augmented batches, op determinism on). *Bare*: the
+TensorFlow-tutorial script, `model.fit` on float32 arrays normalized once in memory, no
+augmentation. Each run is its own process, alternating bare/stage; the first epoch of each
+run is not timed. Ratio = stage images/s / bare images/s, per repeat.
+
+"""
+    if not result:
+        return text + missing("train_throughput", quick)
+    row = result["rows"][0]
+    rates, ratios = row["images_per_s"], row["ratio_stage_over_bare"]
+    labels = {
+        "train": "training part of each epoch (wall)",
+        "epoch": "whole epoch incl. validation (wall)",
+        "train_per_cpu_s": "training part, per CPU-second (all threads)",
+    }
+    rows = [
+        [
+            label,
+            spread(rates["stage"][kind]),
+            spread(rates["bare"][kind]),
+            spread(ratios[kind], "{:.3f}"),
+            ", ".join(f"{v:.3f}" for v in ratios[kind]["values"]),
+        ]
+        for kind, label in labels.items()
+    ]
+    text += (
+        f"{row['train_images']:,} training images, batch {row['batch_size']}, "
+        f"{row['timed_epochs_per_run']} timed epoch(s) per run. Load {load(row)}. "
+        f"Command: {code(row['command'])}\n\n"
+    )
+    headers = ["images/s over", "stage", "bare", "ratio", "ratio per repeat"]
+    text += table(headers, rows) + "\n"
+    met = ratios["train"]["median"] >= row["target_ratio"]
+    text += f"\nTarget: ratio >= {row['target_ratio']} (training part, wall): {verdict(met)}.\n"
+    return text
 
 
 if __name__ == "__main__":
