@@ -25,7 +25,7 @@ from benchmarks.common import copy_repo, set_params
 from tasks.config import load_config
 from tasks.errors import DistributeError
 from tasks.training import distribute, recipe
-from tests.helpers.project import PARAMS, TINY, pipeline_env, read_mlflow
+from tests.helpers.project import PARAMS, TINY, module_command, pipeline_env, read_mlflow
 
 EXPERIMENT = "cifar10-pipeline"
 
@@ -131,7 +131,7 @@ def test_mirrored_on_two_cpu_devices_matches_one_device_step_for_step(tmp_path):
     for mode in ("none", "mirrored"):
         out = tmp_path / f"{mode}.npz"
         subprocess.run(
-            [sys.executable, "-m", "tests.helpers.distributed_steps", mode, str(out)],
+            module_command("tests.helpers.distributed_steps", mode, str(out)),
             env=pipeline_env() | {"TF_ENABLE_ONEDNN_OPTS": "0"},
             cwd=Path(__file__).resolve().parents[1],
             check=True,
@@ -198,7 +198,7 @@ def train_until_checkpoint(root: Path, folder: str, output: int) -> subprocess.P
     """`python -m flows.stage train`, returned once a checkpoint folder matching
     ``folder`` holds its first epoch."""
     stage = subprocess.Popen(
-        [sys.executable, "-m", "flows.stage", "train"],
+        module_command("flows.stage", "train"),
         cwd=root,
         env=pipeline_env(),
         stdout=output,
@@ -237,7 +237,7 @@ def test_a_killed_worker_stops_all_and_the_rerun_resumes(two_workers):
     _, alive = psutil.wait_procs(family, timeout=15)
     assert not alive, f"left behind: {[p.cmdline() for p in alive]}"
 
-    rerun = run(root, sys.executable, "-m", "flows.stage", "train")
+    rerun = run(root, *module_command("flows.stage", "train"))
     assert re.search(r"resuming from epoch [23] of 3", rerun.stdout), rerun.stdout[-3000:]
     latest = assert_three_epochs_logged_once(root)
     assert latest.info.status == "FINISHED"
@@ -250,7 +250,7 @@ def test_a_killed_mirrored_run_resumes_from_its_checkpoint(two_workers):
     stage = train_until_checkpoint(root, "train-*", subprocess.DEVNULL)
     stage.kill()
     stage.wait(timeout=30)
-    rerun = run(root, sys.executable, "-m", "flows.stage", "train")
+    rerun = run(root, *module_command("flows.stage", "train"))
     assert "training on 2 replica(s) (mirrored" in rerun.stdout
     assert re.search(r"resuming from epoch [23] of 3", rerun.stdout), rerun.stdout[-3000:]
     assert_three_epochs_logged_once(root)

@@ -19,7 +19,7 @@ import pytest
 from benchmarks.common import copy_repo, set_params
 from tasks.training.checkpoint import CHECKPOINTS
 from tasks.workspace import Workspace
-from tests.helpers.project import TINY, pipeline_env, read_mlflow
+from tests.helpers.project import TINY, module_command, pipeline_env, read_mlflow
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -124,7 +124,7 @@ def test_a_stop_signal_ends_the_stage_quickly_and_the_run_killed(tmp_path, signu
     upstream = run(root, str(BIN / "dvc"), "repro", "preprocess")
     assert upstream.returncode == 0, upstream.stderr[-3000:]
     process = subprocess.Popen(
-        [sys.executable, "-m", "flows.stage", "train"],
+        module_command("flows.stage", "train"),
         cwd=root,
         env=pipeline_env(),
         stdout=subprocess.PIPE,
@@ -150,7 +150,7 @@ def test_a_stop_signal_ends_the_stage_quickly_and_the_run_killed(tmp_path, signu
     assert killed.info.status == "KILLED"
     assert name in killed.data.tags["pipeline.end_reason"]
     # The next attempt resumes training and records every epoch once.
-    rerun = run(root, sys.executable, "-m", "flows.stage", "train")
+    rerun = run(root, *module_command("flows.stage", "train"))
     assert rerun.returncode == 0 and "resuming from epoch" in rerun.stdout, rerun.stderr[-3000:]
     client, runs = read_mlflow(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}", "cifar10-pipeline")
     resumed = runs[0]
@@ -241,7 +241,7 @@ def test_a_stopped_flow_leaves_no_process_and_no_open_run(tmp_path, signum):
     overrides = tiny_overrides(tmp_path) | KILLABLE
     process = subprocess.Popen(
         [
-            *(sys.executable, "-m", "flows.pipeline", "--workdir", "."),
+            *module_command("flows.pipeline", "--workdir", "."),
             *(f"{k}={v}" for k, v in overrides.items()),
         ],
         cwd=tmp_path,
@@ -283,7 +283,7 @@ def tiny_project(root: Path, **extra) -> Path:
 
 def stage(root: Path, name: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "flows.stage", name],
+        module_command("flows.stage", name),
         cwd=root,
         env=env,
         capture_output=True,
@@ -384,7 +384,7 @@ def test_a_tracking_server_lost_mid_training_ends_the_stage_in_bounded_time(
         done = stage(root, name, env)
         assert done.returncode == 0, done.stderr[-3000:]
     training = subprocess.Popen(
-        [sys.executable, "-m", "flows.stage", "train"],
+        module_command("flows.stage", "train"),
         cwd=root,
         env=env,
         stdout=subprocess.PIPE,
@@ -428,7 +428,7 @@ def test_a_tracking_server_restarted_mid_training_loses_and_duplicates_nothing(
     for name in ("data", "preprocess"):
         assert stage(root, name, env).returncode == 0
     training = subprocess.Popen(
-        [sys.executable, "-m", "flows.stage", "train"],
+        module_command("flows.stage", "train"),
         cwd=root,
         env=env,
         stdout=subprocess.PIPE,

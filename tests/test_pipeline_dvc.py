@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 import yaml
@@ -15,7 +14,7 @@ from tasks import startup
 from tasks.config import load_config
 from tasks.workspace import Workspace
 from tests.helpers.pipeline_checks import check_pipeline_run
-from tests.helpers.project import dvc_repro, pipeline_env, read_mlflow, stages_run
+from tests.helpers.project import dvc_repro, module_command, pipeline_env, read_mlflow, stages_run
 from tests.helpers.readme import check_quiet, check_result
 
 pytestmark = pytest.mark.slow
@@ -166,7 +165,7 @@ def test_a_default_flow_run_leaves_dvc_outputs_and_git_untouched(repro):
 
     before = git_status()
     done = subprocess.run(
-        [sys.executable, "-m", "flows.pipeline"],
+        module_command("flows.pipeline"),
         cwd=root, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from flows.reproduce.rules import (
 from flows.reproduce.runner import main, reproduce
 from tasks.errors import ReproduceError
 from tasks.tracking.lineage import dvc_hash
-from tests.helpers.project import REPO, TINY, dvc_repro, pipeline_env
+from tests.helpers.project import REPO, TINY, dvc_repro, module_command, pipeline_env
 
 MODEL = "synthetic-seed_cnn"  # register.model_name: auto, on TINY synthetic data
 COMPARED = ("test_accuracy", "test_loss", "test_macro_f1")
@@ -207,7 +206,7 @@ def test_a_registered_version_is_rebuilt_from_its_tags_and_matches(project, clie
     versions = version_count(client)
     env = pipeline_env()
     done = subprocess.run(
-        [sys.executable, "-m", "flows.reproduce", f"models:/{MODEL}/1"],
+        module_command("flows.reproduce", f"models:/{MODEL}/1"),
         cwd=project,
         env=env,
         capture_output=True,
@@ -246,7 +245,7 @@ def test_a_stopped_reproduction_stops_its_pipeline_and_removes_its_checkout(
     env = pipeline_env()
     with (tmp_path / "output.log").open("w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "flows.reproduce", f"models:/{MODEL}/1"],
+            module_command("flows.reproduce", f"models:/{MODEL}/1"),
             cwd=project,
             env=env,
             stdout=log,
@@ -309,7 +308,7 @@ def test_a_version_that_cannot_be_rebuilt_is_refused_in_one_line(
 def test_the_command_line_refuses_with_one_line_and_status_2(project):
     env = pipeline_env()
     done = subprocess.run(
-        [sys.executable, "-m", "flows.reproduce", f"models:/{MODEL}/999"],
+        module_command("flows.reproduce", f"models:/{MODEL}/999"),
         cwd=project,
         env=env,
         capture_output=True,
@@ -346,9 +345,7 @@ def data_version_gone(project, client, tmp_path):
 
 
 def dvc(root: Path, *args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True
-    )
+    done = subprocess.run(module_command("dvc", *args), cwd=root, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -422,7 +419,7 @@ def test_a_version_trained_from_a_dirty_tree_is_rebuilt_with_its_recorded_change
         tags = client.get_model_version(MODEL, version).tags
         assert tags["git_commit"].endswith("-dirty")
         done = subprocess.run(
-            [sys.executable, "-m", "flows.reproduce", f"models:/{MODEL}/{version}"],
+            module_command("flows.reproduce", f"models:/{MODEL}/{version}"),
             cwd=project,
             env=env,
             capture_output=True,

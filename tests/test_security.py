@@ -23,7 +23,7 @@ from flows.stack import security
 from tasks.config import ConfigError, load_config
 from tasks.errors import ModelFileError
 from tests.helpers.operate import RUN_TIMEOUT_S, deployment_run_args, flow_run_id
-from tests.helpers.project import PARAMS, REPO, tiny_overrides
+from tests.helpers.project import PARAMS, REPO, module_command, tiny_overrides
 
 PIPELINE = "training-pipeline/local"
 EVIL = "http://evil.example"
@@ -65,7 +65,7 @@ def test_a_credential_from_the_environment_wins_and_bad_ones_are_refused(tmp_pat
 def test_a_bad_credential_stops_serve_before_anything_starts(tmp_path):
     env = {"PATH": str(Path(sys.executable).parent), security.USER_CREDENTIAL_ENV: "short"}
     done = subprocess.run(
-        [sys.executable, "-m", "flows.serve", "--prefect-port", "1", "--mlflow-port", "2"],
+        module_command("flows.serve", "--prefect-port", "1", "--mlflow-port", "2"),
         cwd=tmp_path,
         env=env | {"PYTHONPATH": str(REPO)},
         capture_output=True,
@@ -176,7 +176,7 @@ def crafted_model_project(tmp_path_factory):
 def test_a_model_file_carrying_code_is_refused_by_the_stages(crafted_model_project, stage):
     root, cfg, ws = crafted_model_project
     done = subprocess.run(
-        [sys.executable, "-m", "flows.stage", stage],
+        module_command("flows.stage", stage),
         cwd=root,
         env={"PATH": str(Path(sys.executable).parent), "PYTHONPATH": str(REPO)},
         capture_output=True,
@@ -359,7 +359,7 @@ def test_make_ui_serves_mlflow_alone_behind_the_same_credential(tmp_path):
     (tmp_path / "params.yaml").write_text(PARAMS.read_text())
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "flows.serve", "--mlflow-only", "--mlflow-port", str(port)],
+        module_command("flows.serve", "--mlflow-only", "--mlflow-port", str(port)),
         cwd=tmp_path,
         env={"PATH": str(Path(sys.executable).parent), "PYTHONPATH": str(REPO)},
         stdout=subprocess.PIPE,

@@ -9,7 +9,6 @@ import base64
 import json
 import secrets
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -23,7 +22,7 @@ import pytest
 
 from tasks.prepared import load_split
 from tests.helpers.operate import free_port
-from tests.helpers.project import REPO, pipeline_env
+from tests.helpers.project import REPO, module_command, pipeline_env
 
 pytestmark = pytest.mark.slow
 STARTUP_S = 180  # ~7 s here when idle
@@ -118,10 +117,10 @@ def check_answers(base: str, served, headers: dict[str, str] | None = None) -> N
 
 def test_mlflow_models_serve_answers_with_names_and_refuses_bad_input(served):
     port = free_port()
-    command = [
-        sys.executable, "-m", "mlflow", "models", "serve", "-m", served[0],
+    command = module_command(
+        "mlflow", "models", "serve", "-m", served[0],
         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port),
-    ]  # fmt: skip
+    )  # fmt: skip
     with server(command, port, served[3], REPO) as base:
         check_answers(base, served)
         _, answer = post(f"{base}/invocations", bad_requests((28, 28, 1))["outside 0..255"])
@@ -132,7 +131,7 @@ def test_serve_model_requires_the_credential(served, tmp_path):
     port = free_port()
     credential = f"pipeline:{secrets.token_urlsafe(24)}"
     env = served[3] | {"PREFECT_SERVER_API_AUTH_STRING": credential, "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "flows.serve_model", served[0], "--port", str(port)]
+    command = module_command("flows.serve_model", served[0], "--port", str(port))
     with server(command, port, env, tmp_path) as base:
         body = bad_requests((28, 28, 1))["good"]
         assert post(f"{base}/invocations", body)[0] == 401
@@ -233,7 +232,7 @@ def test_json_depth_counts_nesting_not_size():
 def test_serve_model_refuses_a_malformed_uri_before_loading(served, tmp_path):
     env = served[3] | {"PYTHONPATH": str(REPO)}
     done = subprocess.run(
-        [sys.executable, "-m", "flows.serve_model", "runs:/abc/model"],
+        module_command("flows.serve_model", "runs:/abc/model"),
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 2

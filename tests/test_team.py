@@ -26,7 +26,7 @@ import mlflow
 import pytest
 
 from tests.helpers.operate import BIN, RUN_TIMEOUT_S, deployment_run_args, flow_run_id
-from tests.helpers.project import TINY
+from tests.helpers.project import TINY, module_command
 
 pytestmark = pytest.mark.slow
 MLFLOW_DB, PREFECT_DB = "pipeline_mlflow", "pipeline_prefect"
@@ -261,7 +261,7 @@ def test_make_serve_team_starts_its_own_postgres_and_store_and_gives_up_on_a_cra
     project.chmod(0o755)
     shutil.copy(REPO / "params.yaml", project)
     ports = {"mlflow": free_port(), "postgres": free_port(), "s3": free_port()}
-    command = [sys.executable, "-m", "flows.serve", "--mlflow-only", "--local-postgres"]
+    command = module_command("flows.serve", "--mlflow-only", "--local-postgres")
     command += ["--local-s3", "--mlflow-port", str(ports["mlflow"]), "--postgres-restarts", "1"]
     command += ["--postgres-port", str(ports["postgres"]), "--s3-port", str(ports["s3"])]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
@@ -354,7 +354,7 @@ def test_a_bad_database_url_stops_serve_before_any_server_starts(tmp_path, url, 
     shutil.copy(REPO / "params.yaml", tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["PIPELINE_DATABASE_URL"] = url.format(port=free_port())  # nothing listens there
-    command = [sys.executable, "-m", "flows.serve", "--mlflow-port", str(free_port())]
+    command = module_command("flows.serve", "--mlflow-port", str(free_port()))
     done = subprocess.run(
         command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
     )

@@ -9,7 +9,7 @@ from tasks import tracking
 from tasks.config import load_config
 from tasks.tracking import store
 from tasks.workspace import Workspace
-from tests.helpers.project import PARAMS, tiny_overrides
+from tests.helpers.project import PARAMS, module_command, tiny_overrides
 
 
 def run_status(run_id: str) -> str:
@@ -190,7 +190,7 @@ def test_an_experiment_created_locally_is_proxied_once_the_server_serves_it(tmp_
     assert location == artifacts.resolve().as_uri()
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "flows.serve", "--mlflow-only", "--mlflow-port", str(port)],
+        module_command("flows.serve", "--mlflow-only", "--mlflow-port", str(port)),
         cwd=tmp_path,
         env=base,
         stdout=subprocess.PIPE,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ import yaml
 
 from benchmarks.common import copy_repo, set_params
 from tasks.workspace import Workspace
-from tests.helpers.project import TINY, dvc_repro, pipeline_env, read_mlflow
+from tests.helpers.project import TINY, dvc_repro, module_command, pipeline_env, read_mlflow
 
 pytestmark = pytest.mark.slow
 
@@ -136,7 +135,7 @@ def test_imagenet_weights_offline_fail_before_any_work_naming_the_file(pretraine
     keras_home = tmp_path / "keras"
     env = pipeline_env() | {"KERAS_HOME": str(keras_home)}
     done = subprocess.run(
-        [sys.executable, "-m", "flows.stage", "train", "--params", str(tmp_path / "params.yaml")],
+        module_command("flows.stage", "train", "--params", str(tmp_path / "params.yaml")),
         cwd=root, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     weights_file = keras_home / "models" / IMAGENET_FILE

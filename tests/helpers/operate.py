@@ -25,6 +25,8 @@ from typing import Any
 
 import httpx
 
+from tests.helpers.project import module_command
+
 BIN = Path(sys.executable).parent
 READY_TIMEOUT_S = 240  # servers start in ~15 s here; a cold, loaded CI machine gets slack
 RUN_TIMEOUT_S = 420  # one tiny pipeline run takes ~30 s; concurrent ones share 2 cores
@@ -149,7 +151,7 @@ def start_stack(
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
         "PYTHONUNBUFFERED": "1",
     }
-    command = [sys.executable, "-m", "flows.serve", "--prefect-port", str(prefect_port)]
+    command = module_command("flows.serve", "--prefect-port", str(prefect_port))
     command += ["--mlflow-port", str(mlflow_port), *args]
     process = subprocess.Popen(
         command,

@@ -84,6 +84,27 @@ def make_project(root: Path, **params: object) -> Path:
     return root
 
 
+def module_command(module: str, *args: str) -> list[str]:
+    """``python -m module args`` with the suite's interpreter (the project's virtualenv):
+    how every test starts an entry point, a server or a helper process."""
+    return [sys.executable, "-m", module, *args]
+
+
+def run_module(
+    module: str, *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """``python -m module args`` in ``cwd`` to its end, its output captured as text;
+    ``env`` is a pipeline subprocess's (`pipeline_env`) unless given."""
+    return subprocess.run(
+        module_command(module, *args),
+        cwd=cwd,
+        env=pipeline_env() if env is None else env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def run_entry_point(root: Path, module: str, *args: str) -> subprocess.CompletedProcess:
     """``python -m module args`` in ``root`` with this checkout's code, as dvc.yaml runs it."""
     env = {
@@ -93,14 +114,7 @@ def run_entry_point(root: Path, module: str, *args: str) -> subprocess.Completed
         "PREFECT_HOME": str(root / ".prefect"),
         "TF_CPP_MIN_LOG_LEVEL": "2",
     }
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=STAGE_TIMEOUT_S,
-    )
+    return run_module(module, *args, cwd=root, env=env, timeout=STAGE_TIMEOUT_S)
 
 
 def the_error_line(done: subprocess.CompletedProcess, prefix: str) -> str:
