@@ -11,6 +11,8 @@ import pytest
 from tests.helpers.readme import Shell, readme_sybil
 
 pytest_collect_file = readme_sybil().pytest()
+# The suite's shared fixtures, by concern (pytest reads pytest_plugins in the root conftest).
+pytest_plugins = ["tests.fixtures.pipeline", "tests.fixtures.servers"]
 
 
 def pytest_collection_modifyitems(items):

@@ -66,7 +66,7 @@ def assert_restored(clone: Path, origin: Path) -> None:
 
 def test_push_then_pull_in_a_fresh_clone_restores_identical_outputs(tiny_repro, s3_store, tmp_path):
     # A copy of the session's repository right after `dvc repro` of the tiny params
-    # (conftest.py), in a parent folder of its own that the clones share.
+    # (tests/fixtures/pipeline.py), in a parent folder of its own that the clones share.
     origin = tiny_repro.origin
     team = origin.parent
     assert "up to date" in dvc(origin, "status"), "the copy is what the repro left"

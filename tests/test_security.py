@@ -1,7 +1,7 @@
 """The served stack tested as an attacker would: without the credential, from a foreign
 page, through job variables and parameters, with a crafted model file.
 
-The server tests use the session's `make serve` stack (conftest.py `stack`, shared with
+The server tests use the session's `make serve` stack (tests/fixtures/servers.py `stack`, shared with
 tests/test_operate.py); the rest run without servers.
 """
 

@@ -1,6 +1,6 @@
 """The README's "Team setup" against real servers on loopback.
 
-The session's stack (conftest.py `stack`) runs on PostgreSQL (the `team_postgres`
+The session's stack (tests/fixtures/servers.py `stack`) runs on PostgreSQL (the `team_postgres`
 fixture: the machine's own binaries, a temp cluster, password login), keeps MLflow's
 artifacts in an S3 bucket (`s3_store`: moto's emulator, generated credential), and has two
 workers, the second started as on another machine. These tests check what lands where,

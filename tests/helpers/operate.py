@@ -58,7 +58,7 @@ class Stack:
     mlflow_uri: str
     process: subprocess.Popen
     output: list[str] = field(default_factory=list)
-    second_worker_log: Path | None = None  # the other machine's worker (conftest.py)
+    second_worker_log: Path | None = None  # the other machine's worker (tests/fixtures/servers.py)
 
     def prefect(self, *args: str, timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
         return subprocess.run(
