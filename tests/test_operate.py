@@ -138,8 +138,8 @@ def test_two_deployment_runs_at_once_are_tracked_registered_and_kept_apart(stack
     assert accuracy[champion] == max(accuracy.values())
     assert str(client.get_model_version_by_alias(name, "challenger").version) == "2"
 
-    # Two workers, as on two machines (tests/fixtures/servers.py): each took one of the runs, and one
-    # lock on the Prefect server serialized their alias moves.
+    # Two workers, as on two machines (tests/fixtures/servers.py): each took one of the
+    # runs, and one lock on the Prefect server serialized their alias moves.
     worker_logs = [stack.root / ".pipeline" / "serve" / "worker.log", stack.second_worker_log]
     # A flow run's own output (its "View at .../flow-run/<id>" line) goes to its worker's log.
     taken = [sum(f"flow-run/{i}" in log.read_text() for i in ids) for log in worker_logs]

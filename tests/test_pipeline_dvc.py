@@ -23,8 +23,8 @@ STAGES = STAGE_NAMES
 
 @pytest.fixture(scope="module")
 def repro(tiny_repro):
-    """The session's repository after one `dvc repro` of the tiny params (tests/fixtures/pipeline.py);
-    shared by the tests below, which change it."""
+    """The session's repository after one `dvc repro` of the tiny params
+    (tests/fixtures/pipeline.py); shared by the tests below, which change it."""
     return tiny_repro.root, tiny_repro.output
 
 

@@ -1,10 +1,10 @@
 """Batch prediction (flows/predict.py, tasks/serving/images.py) with real components.
 
-The model is the session's tiny registered version (tests/fixtures/servers.py `served_pipeline`: 28x28
-grayscale synthetic data, a real SQLite MLflow store); the images are PNG files written
-from its test split, decoded by DALI on the CPU. The answers are compared with what
-`mlflow.pyfunc.load_model(uri).predict` gives for the same pixels. The deployment is run
-on the real Prefect server in tests/test_operate.py.
+The model is the session's tiny registered version (tests/fixtures/servers.py
+`served_pipeline`: 28x28 grayscale synthetic data, a real SQLite MLflow store); the images
+are PNG files written from its test split, decoded by DALI on the CPU. The answers are
+compared with what `mlflow.pyfunc.load_model(uri).predict` gives for the same pixels. The
+deployment is run on the real Prefect server in tests/test_operate.py.
 """
 
 from __future__ import annotations

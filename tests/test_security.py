@@ -1,8 +1,8 @@
 """The served stack tested as an attacker would: without the credential, from a foreign
 page, through job variables and parameters, with a crafted model file.
 
-The server tests use the session's `make serve` stack (tests/fixtures/servers.py `stack`, shared with
-tests/test_operate.py); the rest run without servers.
+The server tests use the session's `make serve` stack (tests/fixtures/servers.py `stack`,
+shared with tests/test_operate.py); the rest run without servers.
 """
 
 from __future__ import annotations
