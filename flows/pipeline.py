@@ -10,7 +10,7 @@ overrides of params.yaml, validated by the same schema before any work starts:
 
 A stage whose failure is transient (tracking server or network unreachable) is retried
 with backoff; a failure names the stage and its cause. Each stage's log and a run summary
-become Prefect artifacts. Deployments write to runs/<flow-run-id>/ (flows/workdir.py).
+become Prefect artifacts. Deployments write to runs/<flow-run-id>/ (flows/rundir.py).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from flows.common import (
     retry_if_transient,
 )
 from flows.reporting import outcome_line
+from flows.rundir import RUN_ID_FIELD, run_root, shared_path_overrides
 from flows.stack import security
 from flows.stage import (
     CLOSING_STAGE,
@@ -46,7 +47,6 @@ from flows.stage import (
     expected_errors,
     stage_functions,
 )
-from flows.workdir import RUN_ID_FIELD, run_root, shared_path_overrides
 from tasks import startup, tracking
 from tasks.config import ConfigError, PipelineConfig, load_config, load_profile, parse_override
 from tasks.models.build import check_input_fits

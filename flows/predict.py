@@ -5,7 +5,7 @@
     prefect deployment run 'batch-predict/local' -p images=data/incoming --watch
 
 IMAGES is a PNG or JPEG file or a directory (every file under it, sorted). Each file is
-decoded and resized to the model's input with DALI (tasks/serving/images.py, which says
+decoded and resized to the model's input with DALI (tasks/serving/image_files.py, which says
 how gray, color, alpha and 16-bit files are converted) and predicted by the version's
 MLflow pyfunc. Predictions go to one CSV (path, label, score, top_k, converted), files
 that could not be used to another (path, reason); each file appears only when complete.
@@ -47,11 +47,11 @@ from prefect.runtime import flow_run
 
 from flows import reporting
 from flows.common import failed_without_traceback, mlflow_client
-from flows.workdir import RUN_ID_FIELD, run_root
+from flows.rundir import RUN_ID_FIELD, run_root
 from tasks import startup, tracking
 from tasks.config import load_config
 from tasks.errors import ModelRequestError
-from tasks.serving import images as image_files
+from tasks.serving import image_files
 from tasks.serving.registered import (
     MAX_QUOTED_CHARS,
     ModelRef,

@@ -31,8 +31,8 @@ from flows.common import (
     retry_if_transient,
 )
 from flows.pipeline import resolve_run_config, training_pipeline
+from flows.rundir import run_root
 from flows.stage import STAGE_NAMES
-from flows.workdir import run_root
 from tasks.errors import DataUnavailableError
 from tasks.tracking.lineage import dvc_hash
 from tasks.workspace import Workspace

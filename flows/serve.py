@@ -175,7 +175,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def mlflow_store(project: Path, params: str) -> tuple[str, str]:
     """(backend store URI, artifact directory) from params.yaml, relative to the project."""
-    from flows.workdir import anchored_path, anchored_uri
+    from flows.rundir import anchored_path, anchored_uri
     from tasks.config import load_config
 
     cfg = load_config(project / params).mlflow

@@ -9,8 +9,8 @@ import pytest
 
 from flows.common import locked_data_version
 from flows.pipeline import resolve_config, select_stages
+from flows.rundir import run_root, shared_path_overrides
 from flows.sweep import expand_points, validate_points
-from flows.workdir import run_root, shared_path_overrides
 from tasks.config import ConfigError, load_config
 from tasks.errors import DataUnavailableError
 from tasks.workspace import Workspace

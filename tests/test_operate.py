@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from benchmarks.common import set_params
-from flows.workdir import RUN_ID_FIELD
+from flows.rundir import RUN_ID_FIELD
 from tasks.tracking.lineage import dvc_hash
 from tasks.workspace import Workspace, read_json
 from tests.helpers.operate import (
