@@ -10,8 +10,8 @@ from typing import Any
 import yaml
 
 from flows.stage import is_expected
-from tasks import tracking
 from tasks.errors import DataUnavailableError
+from tasks.tracking import store
 
 STAGE_RETRIES = 2  # after the first attempt, for transient causes only
 
@@ -21,7 +21,7 @@ RETRY_BACKOFF_S = 5  # retries wait about 5 s, then 10 s (jittered by up to half
 
 def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect's retry_condition_fn: retry network and tracking hiccups, not bugs or bad data."""
-    return isinstance(state.data, BaseException) and tracking.is_transient(state.data)
+    return isinstance(state.data, BaseException) and store.is_transient(state.data)
 
 
 def failed_without_traceback(error: Exception) -> Any:
@@ -43,7 +43,7 @@ def mlflow_client(uri: str) -> Any:
     from tasks.tracking import store
 
     store.client_defaults()
-    if tracking.is_server(uri):
+    if store.is_server(uri):
         store.wait_for_server(uri)
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 

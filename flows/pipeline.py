@@ -47,11 +47,11 @@ from flows.stage import (
     expected_errors,
     stage_functions,
 )
-from tasks import startup, tracking
+from tasks import startup
 from tasks.config import ConfigError, PipelineConfig, load_config, load_profile, parse_override
 from tasks.models.build import check_input_fits
 from tasks.models.catalog import image_size_key
-from tasks.tracking import registry
+from tasks.tracking import registry, runs, store
 from tasks.training import distribute
 from tasks.workspace import Workspace, read_json
 
@@ -116,7 +116,7 @@ def training_pipeline(
                 synthetic.num_classes,
                 image_size_key(cfg),
             )
-        run_id = tracking.start_pipeline_run(
+        run_id = runs.start_pipeline_run(
             cfg, ws, run_name=f"prefect-{flow_run.get_name()}", parent_run_id=parent_run_id
         )
         get_run_logger().info("MLflow run %s, outputs in %s", run_id, ws.root)
@@ -138,19 +138,19 @@ def run_stages(
 ) -> dict[str, Any]:
     """Run ``names`` in order inside the pipeline's MLflow run; close the run however it ends."""
     if names[0] != "data":
-        tracking.log_upstream_outputs(ws, run_id)
+        runs.log_upstream_outputs(ws, run_id)
     try:
         results = {name: run_stage(name, cfg, ws) for name in names}
     except BaseException as error:
         with suppress(Exception):  # the stage's own error is the one to report
-            if name := tracking.stop_signal(error):  # Ctrl-C, SIGTERM
+            if name := startup.stop_signal(error):  # Ctrl-C, SIGTERM
                 status, reason = "KILLED", f"stopped by {name}"
             else:
                 status, reason = "FAILED", f"{type(error).__name__}: {error}"
-            tracking.end_pipeline_run(ws, status, keep_handle=False, reason=reason)
+            runs.end_pipeline_run(ws, status, keep_handle=False, reason=reason)
         raise
     if CLOSING_STAGE not in names:
-        tracking.end_pipeline_run(ws, "FINISHED", keep_handle=True)
+        runs.end_pipeline_run(ws, "FINISHED", keep_handle=True)
     return results
 
 
@@ -192,7 +192,7 @@ def resolve_run_config(
     files = {"params_path": params_path, "profile": profile}
     security.check_deployment_files(project, ws.root, files)
     cfg = resolve_config(ws, params_path, profile, overrides)
-    security.check_deployment_stores(project, ws.root, cfg, os.environ.get(tracking.TRACKING_ENV))
+    security.check_deployment_stores(project, ws.root, cfg, os.environ.get(store.TRACKING_ENV))
     return cfg
 
 
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     startup.import_tensorflow()
     # SIGTERM unwinds like Ctrl-C (also when SIGINT starts ignored, as in a background job
     # of a script): the MLflow run ends KILLED and Prefect's temporary server is stopped.
-    signal.signal(signal.SIGTERM, tracking.raise_interrupted)
+    signal.signal(signal.SIGTERM, startup.raise_interrupted)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     one_error_line_on_the_terminal()
     try:
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except BaseException as error:
-        if not (name := tracking.stop_signal(error)):
+        if not (name := startup.stop_signal(error)):
             raise
         print(f"pipeline stopped by {name}", file=sys.stderr)
         return 130

@@ -48,7 +48,7 @@ from prefect.runtime import flow_run
 from flows import reporting
 from flows.common import failed_without_traceback, mlflow_client
 from flows.rundir import RUN_ID_FIELD, run_root
-from tasks import startup, tracking
+from tasks import startup
 from tasks.config import load_config
 from tasks.errors import ModelRequestError
 from tasks.serving import image_files
@@ -61,6 +61,7 @@ from tasks.serving.registered import (
     parse_model_uri,
     resolve_version,
 )
+from tasks.tracking import runs, store
 from tasks.tracking.registry import CHAMPION
 from tasks.workspace import Workspace, atomic_path
 
@@ -160,7 +161,7 @@ def prepare(
     files = find_images(images, within)
     cfg = load_config(project / "params.yaml")
     ref = ref or ModelRef(cfg.register.model_name, None, CHAMPION)
-    uri = tracking.tracking_uri(cfg.mlflow, project)
+    uri = store.tracking_uri(cfg.mlflow, project)
     version = resolve_version(mlflow_client(uri), ref, uri)
     return Request(files, ref, version, top_k, uri, resolve_device(cfg.preprocess.device))
 
@@ -309,7 +310,7 @@ def predict_and_log(
     import mlflow
 
     cfg = load_config(project / "params.yaml", {"mlflow.experiment": EXPERIMENT})
-    tracking.configure(cfg, Workspace(project))
+    runs.configure(cfg, Workspace(project))
     experiment = mlflow.MlflowClient().get_experiment_by_name(EXPERIMENT)
     tags = {
         "model_name": request.ref.name,
@@ -404,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out, errors = Path(args.out), Path(args.errors)
     note = prepare_process()  # printed once the request is accepted: a refusal is one line
-    signal.signal(signal.SIGTERM, tracking.raise_interrupted)
+    signal.signal(signal.SIGTERM, startup.raise_interrupted)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     from flows.stage import expected_errors
 

@@ -40,14 +40,14 @@ OPEN_PATHS = ("/ping", "/health")  # liveness probes: they reveal nothing about 
 def model_uri_and_store(uri: str | None, params: Path) -> tuple[str, str]:
     """The model URI to serve (default: the champion of params.yaml's model) and the
     tracking URI to resolve it in."""
-    from tasks import tracking
     from tasks.config import load_config
+    from tasks.tracking import store
 
-    cfg = load_config(params) if uri is None or not os.environ.get(tracking.TRACKING_ENV) else None
+    cfg = load_config(params) if uri is None or not os.environ.get(store.TRACKING_ENV) else None
     if uri is None:
         uri = f"models:/{cfg.register.model_name}@champion"
     parse_model_uri(uri)  # the plain form only, before anything is contacted
-    store = os.environ.get(tracking.TRACKING_ENV) or tracking.tracking_uri(cfg.mlflow, Path.cwd())
+    store = os.environ.get(store.TRACKING_ENV) or store.tracking_uri(cfg.mlflow, Path.cwd())
     return uri, store
 
 

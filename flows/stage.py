@@ -20,7 +20,6 @@ from typing import Any
 from tasks import startup
 from tasks.config import PipelineConfig, load_config
 from tasks.errors import UserFixableError, os_error_line, user_fixable_os_error
-from tasks.tracking import raise_interrupted
 from tasks.workspace import Workspace
 
 STAGE_NAMES = ("data", "preprocess", "train", "evaluate", "register", "export")
@@ -92,17 +91,17 @@ def close_failed_pipeline_run(ws: Workspace, stage: str, error: BaseException) -
     handle, with the cause in the run's end-reason tag.
 
     Under `dvc repro` the run stays open between stage processes, and a transient failure
-    (an offline download) leaves it RUNNING inside `tracking.stage_run` so that a Prefect
+    (an offline download) leaves it RUNNING inside `runs.stage_run` so that a Prefect
     retry in the same flow can join it. A stage process that exits has no retry to come:
     the run ends FAILED now, and the next `dvc repro` starts a run of its own.
     """
-    from tasks import tracking
+    from tasks.tracking import runs
 
     if not ws.run_handle.is_file():
         return
     reason = f"stage {stage}: {describe(error)}"
     with suppress(Exception):  # the stage's own error is the one to report
-        tracking.end_pipeline_run(ws, "FAILED", keep_handle=False, reason=reason)
+        runs.end_pipeline_run(ws, "FAILED", keep_handle=False, reason=reason)
 
 
 def uses_tensorflow(stage: str, cfg: PipelineConfig) -> bool:
@@ -119,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         print(note, file=sys.stderr)
     ws = Workspace(Path.cwd())
     # SIGTERM (dvc's or a scheduler's stop) unwinds like Ctrl-C: the MLflow run ends KILLED.
-    signal.signal(signal.SIGTERM, raise_interrupted)
+    signal.signal(signal.SIGTERM, startup.raise_interrupted)
     # Ctrl-C too when started with SIGINT ignored (a background job of a script).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:

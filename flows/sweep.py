@@ -27,8 +27,8 @@ from flows.common import failed_without_traceback
 from flows.pipeline import resolve_config, resolve_run_config, run_stage
 from flows.reporting import outcome_line
 from flows.stage import STAGE_NAMES
-from tasks import tracking
 from tasks.config import ConfigError, PipelineConfig
+from tasks.tracking import runs
 from tasks.workspace import Workspace, read_json
 
 PIPELINE_DEPLOYMENT = "training-pipeline/local"
@@ -104,7 +104,7 @@ def training_sweep(
         check_deployment(pipeline_deployment)
     except Exception as error:  # a bad point or parameter: one message, no traceback
         return failed_without_traceback(error)
-    parent_id = tracking.start_sweep_run(
+    parent_id = runs.start_sweep_run(
         base_cfg, Workspace(Path.cwd()), f"sweep-{flow_run.get_name()}", point_list
     )
     get_run_logger().info("MLflow parent run %s, %d points", parent_id, len(point_list))
@@ -119,7 +119,7 @@ def training_sweep(
         best = max(range(len(results)), key=lambda i: results[i]["test_accuracy"])
         record = register_point(results[best], base, params_path, profile)
     except BaseException:
-        tracking.end_run_quietly(parent_id, "FAILED")
+        runs.end_run_quietly(parent_id, "FAILED")
         raise
     record_sweep(parent_id, results, best, record)
     publish_sweep_summary(parent_id, results, best, record)
@@ -211,7 +211,7 @@ def collect_results(
                 "flow_run": run.name,
                 "flow_run_id": str(run.id),
                 "workdir": str(ws.root),
-                "run_id": tracking.handle_run_id(ws),
+                "run_id": runs.handle_run_id(ws),
                 "test_accuracy": read_json(ws.metrics)["test"]["accuracy"],
             }
         )
@@ -225,7 +225,7 @@ def register_point(
     point's own MLflow run; return the registration record with the export's parity."""
     ws = Workspace(Path(result["workdir"]))
     cfg = resolve_config(ws, params_path, profile, base | result["point"])
-    tracking.reopen_pipeline_run(ws)
+    runs.reopen_pipeline_run(ws)
     record = run_stage("register", cfg, ws)
     return record | {"exports": run_stage("export", cfg, ws)}
 

@@ -29,7 +29,7 @@ class DataFileError(UserFixableError, ValueError):
 
 class DataUnavailableError(UserFixableError, RuntimeError):
     """The dataset is neither prepared nor downloadable (offline) nor in the manual dir.
-    Transient for retries: the network may come back (tasks/tracking/__init__.py is_transient)."""
+    Transient for retries: the network may come back (tasks/tracking/store.py is_transient)."""
 
 
 class RegistryBindingError(UserFixableError, ValueError):

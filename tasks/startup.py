@@ -14,11 +14,13 @@ A leaf module: standard library only, safe to call before TensorFlow is imported
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 # What TensorFlow's libraries print while loading on a machine without CUDA (TF 2.21),
 # before its log level applies.
@@ -84,3 +86,26 @@ def import_tensorflow() -> None:
         return
     with routed_stderr_lines(lambda line: any(text in line for text in LOADING_BANNERS)):
         import tensorflow  # noqa: F401
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (SIGTERM) turned into the same unwinding as Ctrl-C; names the signal."""
+
+
+def stop_signal(error: BaseException) -> str | None:
+    """The signal's name when ``error`` is a stop (Ctrl-C, SIGTERM), else None.
+
+    Ctrl-C is KeyboardInterrupt (ours for SIGTERM too, see raise_interrupted); inside a
+    Prefect flow, Prefect turns SIGTERM into its TerminationSignal, which carries the number.
+    """
+    if isinstance(error, KeyboardInterrupt):
+        return str(error) or "SIGINT"
+    number = getattr(error, "signal", None)
+    if type(error).__name__ == "TerminationSignal" and isinstance(number, int):
+        return signal.Signals(number).name
+    return None
+
+
+def raise_interrupted(signum: int, frame: Any) -> None:
+    """A signal handler: stop like Ctrl-C, so every `finally` and run-closing path runs."""
+    raise Interrupted(signal.Signals(signum).name)

@@ -209,7 +209,7 @@ def test_two_first_runs_on_a_new_sqlite_store_both_succeed(tmp_path):
         "from tests.helpers.project import PARAMS, tiny_overrides\n"
         "root = Path(sys.argv[1])\n"
         "cfg = load_config(PARAMS, tiny_overrides(root.parent))\n"
-        "print(tracking.start_pipeline_run(cfg, Workspace(root)))\n"
+        "print(runs.start_pipeline_run(cfg, Workspace(root)))\n"
     )
     env = pipeline_env() | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     launched = [

@@ -72,10 +72,10 @@ def test_bad_override_fails_before_any_work(prefect_server, tmp_path):
 
 def _flaky_train(calls: list, error: BaseException):
     """A train stage that fails once with ``error`` inside the pipeline's MLflow run."""
-    from tasks import tracking
+    from tasks.tracking import runs
 
     def train(cfg, ws):
-        with tracking.stage_run(cfg, ws, "train") as run_id:
+        with runs.stage_run(cfg, ws, "train") as run_id:
             calls.append(run_id)
             if len(calls) == 1:
                 raise error

@@ -13,13 +13,12 @@ import pytest
 import requests
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 
-from tasks import tracking
 from tasks.config import ConfigError
 from tasks.errors import DataUnavailableError
 from tasks.images import register as images_register
 from tasks.modality import ServedModel
 from tasks.stages import register
-from tasks.tracking import registry
+from tasks.tracking import registry, runs, store
 
 
 @pytest.fixture
@@ -126,7 +125,7 @@ def test_a_retried_registration_reuses_the_runs_version(client, tmp_path, monkey
     ],
 )
 def test_transient_errors_are_retried_and_others_are_not(error, expected):
-    assert tracking.is_transient(error) is expected
+    assert store.is_transient(error) is expected
 
 
 def test_an_unreachable_prefect_server_fails_the_lock_naming_it_and_is_transient(monkeypatch):
@@ -140,7 +139,7 @@ def test_an_unreachable_prefect_server_fails_the_lock_naming_it_and_is_transient
     with pytest.raises(RegistryLockError, match=expected) as failed, registry_lock("m"):
         pass
     assert url in str(failed.value)
-    assert tracking.is_transient(failed.value), "the stage retry may find it back"
+    assert store.is_transient(failed.value), "the stage retry may find it back"
 
 
 def test_a_wrapped_connection_error_counts_as_transient():
@@ -151,16 +150,16 @@ def test_a_wrapped_connection_error_counts_as_transient():
             raise mlflow.exceptions.MlflowException("API request failed") from None
     except mlflow.exceptions.MlflowException as wrapped:
         # `from None` hides the context from tracebacks; it is still the cause here.
-        assert tracking.is_transient(wrapped)
+        assert store.is_transient(wrapped)
 
 
 def test_a_transient_failure_keeps_the_run_open_for_the_retry(tiny_cfg, workspace):
     with (
         pytest.raises(ConnectionRefusedError),
-        tracking.stage_run(tiny_cfg, workspace, "train") as first,
+        runs.stage_run(tiny_cfg, workspace, "train") as first,
     ):
         raise ConnectionRefusedError("tracking server restarting")
     assert mlflow.MlflowClient().get_run(first).info.status == "RUNNING"
-    with tracking.stage_run(tiny_cfg, workspace, "train") as retried:
+    with runs.stage_run(tiny_cfg, workspace, "train") as retried:
         pass
     assert retried == first

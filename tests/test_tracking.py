@@ -5,9 +5,8 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-from tasks import tracking
 from tasks.config import load_config
-from tasks.tracking import store
+from tasks.tracking import runs, store
 from tasks.workspace import Workspace
 from tests.helpers.project import PARAMS, module_command, tiny_overrides
 
@@ -17,14 +16,14 @@ def run_status(run_id: str) -> str:
 
 
 def test_stages_share_one_run_until_the_last_closes_it(tiny_cfg, workspace):
-    with tracking.stage_run(tiny_cfg, workspace, "data") as first:
+    with runs.stage_run(tiny_cfg, workspace, "data") as first:
         mlflow.log_metric("a", 1.0)
         assert run_status(first) == "RUNNING"
     # Between stages the run is closed: a pipeline that stops here leaves nothing open.
     assert run_status(first) == "FINISHED" and workspace.run_handle.is_file()
-    with tracking.stage_run(tiny_cfg, workspace, "train") as second:
+    with runs.stage_run(tiny_cfg, workspace, "train") as second:
         mlflow.log_metric("b", 2.0)
-    with tracking.stage_run(tiny_cfg, workspace, "register", last=True) as third:
+    with runs.stage_run(tiny_cfg, workspace, "register", last=True) as third:
         pass
     assert first == second == third
     run = mlflow.MlflowClient().get_run(first)
@@ -40,16 +39,16 @@ def test_stages_share_one_run_until_the_last_closes_it(tiny_cfg, workspace):
     assert run.data.tags["pipeline.stage.train"] == "done"
     assert not workspace.run_handle.exists()
 
-    with tracking.stage_run(tiny_cfg, workspace, "train") as next_run:
+    with runs.stage_run(tiny_cfg, workspace, "train") as next_run:
         pass
     assert next_run != first, "a finished pipeline run is never reopened"
 
 
 def test_changed_config_opens_a_new_run(tiny_cfg, workspace, tmp_path):
-    with tracking.stage_run(tiny_cfg, workspace, "data") as first:
+    with runs.stage_run(tiny_cfg, workspace, "data") as first:
         pass
     changed = load_config(PARAMS, tiny_overrides(tmp_path) | {"train.epochs": 2})
-    with tracking.stage_run(changed, workspace, "train") as second:
+    with runs.stage_run(changed, workspace, "train") as second:
         pass
     assert first != second
     assert mlflow.MlflowClient().get_run(second).data.params["train.epochs"] == "2"
@@ -58,7 +57,7 @@ def test_changed_config_opens_a_new_run(tiny_cfg, workspace, tmp_path):
 def test_failing_stage_marks_the_run_failed(tiny_cfg, workspace):
     with (
         pytest.raises(RuntimeError, match="boom"),
-        tracking.stage_run(tiny_cfg, workspace, "train") as run_id,
+        runs.stage_run(tiny_cfg, workspace, "train") as run_id,
     ):
         raise RuntimeError("boom")
     assert run_status(run_id) == "FAILED"
@@ -69,12 +68,12 @@ def test_failing_stage_marks_the_run_failed(tiny_cfg, workspace):
 def test_environment_tracking_uri_wins(tiny_cfg, workspace, tmp_path, monkeypatch):
     other = f"sqlite:///{tmp_path / 'other.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
-    assert tracking.tracking_uri(tiny_cfg.mlflow, workspace.root) == other
+    assert store.tracking_uri(tiny_cfg.mlflow, workspace.root) == other
 
 
 def test_relative_sqlite_uri_resolves_against_the_workspace(workspace):
     cfg = load_config(PARAMS)
-    uri = tracking.tracking_uri(cfg.mlflow, workspace.root)
+    uri = store.tracking_uri(cfg.mlflow, workspace.root)
     assert uri == f"sqlite:///{workspace.root.resolve() / 'mlruns' / 'mlflow.db'}"
 
 
@@ -82,7 +81,7 @@ def test_a_run_orphaned_by_a_dead_process_is_ended_killed(tiny_cfg, workspace, t
     """kill -9 leaves a run RUNNING; the next pipeline start on this host ends it KILLED."""
     import psutil
 
-    tracking.configure(tiny_cfg, workspace)
+    runs.configure(tiny_cfg, workspace)
     orphan = mlflow.MlflowClient().create_run(
         mlflow.get_experiment_by_name(tiny_cfg.mlflow.experiment).experiment_id
     )
@@ -95,7 +94,7 @@ def test_a_run_orphaned_by_a_dead_process_is_ended_killed(tiny_cfg, workspace, t
     client.set_tag(live.info.run_id, store.OWNER_TAG, store.owner())
     client.set_tag(foreign.info.run_id, store.OWNER_TAG, "another-host:1:1.00")
 
-    new_run = tracking.start_pipeline_run(tiny_cfg, Workspace(tmp_path / "elsewhere"))
+    new_run = runs.start_pipeline_run(tiny_cfg, Workspace(tmp_path / "elsewhere"))
 
     assert run_status(orphan.info.run_id) == "KILLED"
     reason = client.get_run(orphan.info.run_id).data.tags[store.END_REASON]
@@ -106,9 +105,9 @@ def test_a_run_orphaned_by_a_dead_process_is_ended_killed(tiny_cfg, workspace, t
 
 
 def test_a_failure_between_stages_marks_the_closed_run_failed(tiny_cfg, workspace):
-    with tracking.stage_run(tiny_cfg, workspace, "data") as run_id:
+    with runs.stage_run(tiny_cfg, workspace, "data") as run_id:
         pass
-    tracking.end_pipeline_run(workspace, "FAILED", keep_handle=False, reason="bad input")
+    runs.end_pipeline_run(workspace, "FAILED", keep_handle=False, reason="bad input")
     run = mlflow.MlflowClient().get_run(run_id)
     assert run.info.status == "FAILED" and run.data.tags[store.END_REASON] == "bad input"
 
@@ -123,16 +122,16 @@ def test_an_unreachable_tracking_server_fails_in_bounded_time(tiny_cfg, workspac
     monkeypatch.setenv(store.TIMEOUT_ENV, "3")
     started = time.monotonic()
     with pytest.raises(store.TrackingUnreachable, match=url):
-        tracking.configure(tiny_cfg, workspace)
+        runs.configure(tiny_cfg, workspace)
     assert time.monotonic() - started < 10
 
 
 def test_the_experiment_opens_in_the_ui_as_machine_learning(tiny_cfg, workspace):
     """MLflow 3's UI picks its layout from the experiment's kind: ours is the classic one
     (runs table, metric charts, models), not the GenAI traces view."""
-    tracking.configure(tiny_cfg, workspace)
+    runs.configure(tiny_cfg, workspace)
     experiment = mlflow.MlflowClient().get_experiment_by_name(tiny_cfg.mlflow.experiment)
-    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert experiment.tags[runs.EXPERIMENT_KIND_TAG] == "custom_model_development"
 
 
 LOG_ONE = """
@@ -141,12 +140,12 @@ from pathlib import Path
 
 import mlflow
 
-from tasks import tracking
+from tasks.tracking import runs, store
 from tasks.config import load_config
 from tasks.workspace import Workspace
 
 cfg = load_config(Path("params.yaml"))
-tracking.configure(cfg, Workspace(Path.cwd()))  # what every stage does first
+runs.configure(cfg, Workspace(Path.cwd()))  # what every stage does first
 experiment = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
 with mlflow.start_run(experiment_id=experiment.experiment_id) as run:
     mlflow.log_text(sys.argv[1], sys.argv[1])

@@ -40,10 +40,10 @@ from flows.reproduce.rules import (
     parse_model_uri,
     verdict,
 )
-from tasks import startup, tracking
+from tasks import startup
 from tasks.config import load_config
 from tasks.errors import ReproduceError
-from tasks.tracking import lineage
+from tasks.tracking import lineage, store
 from tasks.workspace import read_json, write_json
 
 SUMMARY_KEY = "reproduction-summary"  # the Prefect artifact's key
@@ -87,7 +87,7 @@ Path(sys.argv[2]).write_text(json.dumps(result))
 
 def project_tracking_uri(project: Path) -> str:
     """The store the pipeline logs to: MLFLOW_TRACKING_URI, else params.yaml's, from ``project``."""
-    return tracking.tracking_uri(load_config(project / "params.yaml").mlflow, project)
+    return store.tracking_uri(load_config(project / "params.yaml").mlflow, project)
 
 
 def read_version(client: Any, name: str, version: str, uri: str) -> VersionRecord:
@@ -182,7 +182,7 @@ def child_env(tracking_uri: str) -> dict[str, str]:
     """The pipeline process's environment: the same tracking store, and none of a Prefect
     worker's per-flow-run variables (PREFECT__FLOW_RUN_ID...): its flow run is its own."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT__")}
-    env[tracking.TRACKING_ENV] = tracking_uri
+    env[store.TRACKING_ENV] = tracking_uri
     return startup.process_defaults() | env  # what the user set wins
 
 
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C: the pipeline process is stopped, the checkout removed.
-    signal.signal(signal.SIGTERM, tracking.raise_interrupted)
+    signal.signal(signal.SIGTERM, startup.raise_interrupted)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     from flows.stage import expected_errors
 

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks import tracking
 from tasks.config import PipelineConfig, modality
-from tasks.tracking import registry
+from tasks.tracking import registry, runs
 from tasks.workspace import Workspace
 
 
@@ -22,7 +21,7 @@ def run(cfg: PipelineConfig, ws: Workspace) -> dict[str, Any]:
     else:
         from tasks.images.data import prepare
     registry.check_binding(cfg, ws)  # before any work, and before a run is opened
-    with tracking.stage_run(cfg, ws, "data"):
+    with runs.stage_run(cfg, ws, "data"):
         meta = prepare(cfg, ws)
         mlflow.log_artifact(str(ws.prepared / "meta.json"), artifact_path="data")
         mlflow.log_metrics({f"data_{split}_examples": n for split, n in meta["counts"].items()})

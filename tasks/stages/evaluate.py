@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks import tracking
 from tasks.config import PipelineConfig, modality
 from tasks.errors import refuse_non_finite
 from tasks.models.files import load_model_file
+from tasks.tracking import runs
 from tasks.workspace import Workspace, atomic_dir, write_json
 
 
@@ -45,7 +45,7 @@ def run(cfg: PipelineConfig, ws: Workspace) -> dict:
     else:
         from tasks.images.evaluate import evaluate
     model = load_model_file(ws.model_file)  # inference only, safe mode
-    with tracking.stage_run(cfg, ws, "evaluate"), atomic_dir(ws.evaluation) as details:
+    with runs.stage_run(cfg, ws, "evaluate"), atomic_dir(ws.evaluation) as details:
         headline, logged = evaluate(cfg, ws, model, details)
         refuse_non_finite(headline, "evaluate")
         summary = {"test": headline} | champion_margin(cfg.register.model_name, headline)

@@ -18,11 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from tasks import tracking
 from tasks.config import PipelineConfig, modality
 from tasks.errors import ExportError
 from tasks.serving import formats
-from tasks.tracking import registry
+from tasks.tracking import registry, runs
 from tasks.workspace import Workspace, atomic_dir, read_json
 
 PARITY_BOUND = 1e-4  # max |probability difference| allowed for a float format
@@ -140,7 +139,7 @@ def run(cfg: PipelineConfig, ws: Workspace) -> dict[str, Any]:
     formats.check_converters(cfg.export.formats)  # before any work
     name, version, registered_by = registered_version(ws)
     # The run that registered the version: its page lists the version's exports.
-    with tracking.stage_run(cfg, ws, "export", last=True, run_id=registered_by) as run_id:
+    with runs.stage_run(cfg, ws, "export", last=True, run_id=registered_by) as run_id:
         report = export(cfg, ws, name, version)
         publish(name, version, run_id, report, ws)
     return report

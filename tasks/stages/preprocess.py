@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks import tracking
 from tasks.config import PipelineConfig, modality
+from tasks.tracking import runs
 from tasks.workspace import Workspace, atomic_dir
 
 
@@ -19,7 +19,7 @@ def run(cfg: PipelineConfig, ws: Workspace) -> dict[str, Any]:
     else:
         from tasks.images.preprocess import preprocess
     with (
-        tracking.stage_run(cfg, ws, "preprocess"),
+        runs.stage_run(cfg, ws, "preprocess"),
         atomic_dir(ws.preprocessed) as data_dir,
         atomic_dir(ws.preprocess_reports) as report_dir,
     ):

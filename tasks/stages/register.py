@@ -20,11 +20,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from tasks import startup, tracking
+from tasks import startup
 from tasks.config import PipelineConfig, modality
 from tasks.errors import refuse_non_finite
 from tasks.modality import ServedModel
-from tasks.tracking import lineage, registry
+from tasks.tracking import lineage, registry, runs
 from tasks.tracking.lineage import dvc_hash
 from tasks.tracking.registry_lock import registry_lock
 from tasks.workspace import Workspace, read_json, write_json
@@ -158,9 +158,9 @@ def run(cfg: PipelineConfig, ws: Workspace) -> dict[str, Any]:
     refuse_non_finite(  # null in metrics.json is a NaN evaluate wrote
         {k: math.nan if v is None else v for k, v in metrics["test"].items()}, "register"
     )
-    with tracking.stage_run(cfg, ws, "register") as run_id:
+    with runs.stage_run(cfg, ws, "register") as run_id:
         record = log_and_register(cfg, ws, run_id, metrics["test"]["accuracy"])
-        record["mlflow"] = tracking.run_url(run_id)
+        record["mlflow"] = runs.run_url(run_id)
         write_json(ws.registration, record)
         mlflow.log_artifact(str(ws.registration), artifact_path="register")
         mlflow.set_tags(

@@ -15,12 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from tasks import tracking
 from tasks.config import PipelineConfig, modality
 from tasks.errors import DivergedError
 from tasks.modality import TrainingData
 from tasks.models.build import build_model, check_input_fits, check_weights, enter_phase
 from tasks.models.catalog import Phase, image_size_key, training_phases
+from tasks.tracking import runs
 from tasks.training import distribute, recipe
 from tasks.training.checkpoint import TrainCheckpoint, epoch_metrics_logger
 from tasks.training.device import resolve_device
@@ -189,7 +189,7 @@ def run(cfg: PipelineConfig, ws: Workspace) -> dict[str, list[float]]:
 
         workers.run_local_workers(cfg, ws)
         return TrainCheckpoint.read_history_file(ws.history)
-    tracking.configure(cfg, ws)  # the registry a models:/ base is read from
+    runs.configure(cfg, ws)  # the registry a models:/ base is read from
     dist = distribute.for_config(cfg.train)  # before TensorFlow runs anything
     check_weights(cfg.model)  # pretrained weights reachable? before any work
     epoch = _epoch_variable()
@@ -208,9 +208,9 @@ def run(cfg: PipelineConfig, ws: Workspace) -> dict[str, list[float]]:
         ckpt.remove()
         return {}
     total = training_phases(cfg)[-1].end_epoch
-    with tracking.stage_run(cfg, ws, "train") as run_id:
+    with runs.stage_run(cfg, ws, "train") as run_id:
         print(summary)
-        tracking.log_params_once(
+        runs.log_params_once(
             {
                 "train.replicas_in_sync": dist.replicas_in_sync,
                 "train.global_batch_size": cfg.train.batch_size * dist.replicas_in_sync,
@@ -240,8 +240,8 @@ def run(cfg: PipelineConfig, ws: Workspace) -> dict[str, list[float]]:
         save_training_curves(history, ws.training_curves)
         metrics.flush()  # a dead tracking server fails here; the checkpoint stays for the rerun
         ckpt.remove()
-        tracking.log_artifact_if_exists(ws.history, "train")
-        tracking.log_artifact_if_exists(ws.training_curves, "train")
+        runs.log_artifact_if_exists(ws.history, "train")
+        runs.log_artifact_if_exists(ws.training_curves, "train")
     return history
 
 

@@ -195,7 +195,7 @@ def check_binding(cfg: PipelineConfig, ws: Workspace) -> None:
     to this run's dataset? Called before the data stage and the flow do any work."""
     import mlflow
 
-    from tasks.tracking import configure
+    from tasks.tracking.runs import configure
 
     configure(cfg, ws)
     dataset = dataset_identity(cfg.data.source, cfg.data.name, cfg.data.classes)

@@ -25,9 +25,13 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tasks.errors import UserFixableError
+from tasks.errors import DataUnavailableError, UserFixableError
+from tasks.tracking.artifacts import LOCAL_ARTIFACTS_ENV
+
+if TYPE_CHECKING:
+    from tasks.config import MlflowConfig
 
 TIMEOUT_ENV = "PIPELINE_TRACKING_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 30.0
@@ -184,3 +188,88 @@ def end_orphaned_runs(client: Any, experiment_id: str, keep: str | None = None) 
         client.set_terminated(run.info.run_id, "KILLED")
         ended.append(run.info.run_id)
     return ended
+
+
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
+
+
+def tracking_uri(cfg: MlflowConfig, root: Path) -> str:
+    """MLFLOW_TRACKING_URI wins; a relative sqlite path in params.yaml is taken from ``root``.
+
+    On a store without its server, this process then reads and writes the artifacts of
+    experiments its server proxies (``mlflow-artifacts:``) in ``mlflow.artifact_root``,
+    where that server keeps them (tasks/tracking/artifacts.py)."""
+    uri = os.environ.get(TRACKING_ENV) or cfg.tracking_uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        db_path = (root / uri[len(prefix) :]).resolve()
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        uri = prefix + str(db_path)
+    if not is_server(uri) and "://" not in cfg.artifact_root:
+        os.environ[LOCAL_ARTIFACTS_ENV] = str((root / cfg.artifact_root).resolve())
+    return uri
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+# MLflow REST error codes that mean "try again" rather than "this request is wrong".
+TRANSIENT_MLFLOW_CODES = frozenset(
+    {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
+)
+
+
+def is_transient(error: BaseException | None) -> bool:
+    """Whether ``error`` (or what caused it) is worth retrying: network or store hiccups.
+
+    Connection failures, timeouts, a failed DNS lookup, an MLflow server answering "try
+    again", SQLite's "database is locked", PostgreSQL's connection errors (OperationalError)
+    and a dataset download that found no network.
+    Wrong configs, missing files and bugs are not transient and fail at once.
+    """
+    import mlflow
+
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        name = type(error).__name__
+        if isinstance(error, ConnectionError | TimeoutError | DataUnavailableError):
+            return True
+        if isinstance(error, OSError) and name == "gaierror":
+            return True
+        if isinstance(error, mlflow.exceptions.MlflowException) and (
+            error.error_code in TRANSIENT_MLFLOW_CODES
+        ):
+            return True
+        if "database is locked" in str(error):  # SQLite store busy with another writer
+            return True
+        if _database_unavailable(error):
+            return True
+        # requests/urllib3/httpx connection errors do not subclass the builtin ones.
+        if type(error).__module__.split(".")[0] in ("requests", "urllib3", "httpx") and any(
+            word in name for word in ("Connect", "Timeout", "MaxRetry", "Protocol")
+        ):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+# PostgreSQL error classes that mean "the server is away": 08 connection exceptions, 57P0x
+# shutdowns and "cannot connect now" (a restart); a psycopg error without a SQLSTATE is one
+# raised client-side on a lost or refused connection.
+TRANSIENT_SQLSTATES = ("08", "57P01", "57P02", "57P03")
+
+
+def _database_unavailable(error: BaseException) -> bool:
+    """A PostgreSQL store restarting or unreachable, not a wrong password or a bad query.
+    SQLAlchemy's wrapper says so itself (connection_invalidated) or carries psycopg's error
+    as its cause, which the caller's walk reaches."""
+    import psycopg
+
+    if getattr(error, "connection_invalidated", False):
+        return True
+    if not isinstance(error, psycopg.OperationalError):
+        return False
+    state = getattr(error, "sqlstate", None)
+    return state is None or state.startswith(TRANSIENT_SQLSTATES)

@@ -1,0 +1,343 @@
+"""One MLflow run per pipeline execution, shared by stages in separate processes.
+
+`dvc repro` runs each stage as its own process, so the run id travels in a small
+handle file (``.pipeline/mlflow_run.json``). A stage joins the run named there when
+that run is still open and was opened for the same resolved config; otherwise it opens
+a new one. The register stage closes the run, so the next `dvc repro` (which may rerun
+only train, evaluate and register) gets a fresh run. The Prefect flow always opens a
+new run first, and its stages join it the same way.
+
+A stage that fails on a transient cause (the tracking server or the network is briefly
+unreachable) leaves the run open, so a retry of that stage continues the same run.
+
+The store this stands on (URI, client defaults, transient errors) is store.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+from tasks import startup
+from tasks.config import PipelineConfig
+from tasks.tracking import lineage, store
+from tasks.workspace import Workspace, read_json, write_json
+
+PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests such runs under it
+END_REASON = store.END_REASON  # why a run ended FAILED or KILLED
+MAX_TAG_CHARS = 5000  # MLflow's limit on a tag value is 8000
+
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by the MLflow 3 UI
+EXPERIMENT_KIND = "custom_model_development"  # its "Machine learning" kind
+
+
+def configure(cfg: PipelineConfig, ws: Workspace) -> str:
+    """Point MLflow at the configured store and make sure the experiment exists.
+
+    With a tracking server the server picks the artifact location (it proxies uploads),
+    so clients on other machines need no access to its disk; with a local store,
+    artifacts go to ``mlflow.artifact_root``.
+    """
+    import mlflow
+
+    uri = store.tracking_uri(cfg.mlflow, ws.root)
+    store.client_defaults()
+    if store.is_server(uri):
+        store.wait_for_server(uri)  # a dead server fails here, in bounded time
+    elif store.is_database(uri):
+        store.wait_for_database(uri)
+    mlflow.set_tracking_uri(uri)
+    with store.first_use_lock(uri):  # a new SQLite store's schema is created once
+        client = mlflow.MlflowClient()
+        if client.get_experiment_by_name(cfg.mlflow.experiment) is None:
+            location = None
+            if not store.is_server(uri):
+                location = ws.resolve(cfg.mlflow.artifact_root).resolve().as_uri()
+            try:
+                # The MLflow 3 UI shows an experiment of this kind with the classic runs
+                # table, charts and model views instead of its GenAI (traces) layout.
+                client.create_experiment(
+                    cfg.mlflow.experiment,
+                    artifact_location=location,
+                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+                )
+            except mlflow.exceptions.MlflowException:
+                # Another process created it between our lookup and create; theirs is fine.
+                if client.get_experiment_by_name(cfg.mlflow.experiment) is None:
+                    raise
+    return uri
+
+
+def end_orphans(cfg: PipelineConfig, keep: str | None = None) -> list[str]:
+    """End KILLED the runs of this experiment left RUNNING by processes that are gone."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    ended = store.end_orphaned_runs(client, experiment.experiment_id, keep=keep)
+    for run_id in ended:
+        print(f"ended MLflow run {run_id} KILLED: its process was gone (orphaned)")
+    return ended
+
+
+def config_digest(cfg: PipelineConfig) -> str:
+    return hashlib.sha256(json.dumps(cfg.flat(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def start_pipeline_run(
+    cfg: PipelineConfig,
+    ws: Workspace,
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
+) -> str:
+    """Open a new pipeline run, log the resolved config, and write the handle file.
+
+    ``parent_run_id`` nests the run under another (a sweep's parent run).
+    """
+    import mlflow
+
+    uri = configure(cfg, ws)
+    end_orphans(cfg)
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    tags = {
+        store.OWNER_TAG: store.owner(),
+        "pipeline.git_commit": lineage.git_commit(ws.root),
+        "pipeline.dataset": "synthetic" if cfg.data.source == "synthetic" else cfg.data.name,
+        "pipeline.config_digest": config_digest(cfg),
+        "pipeline.workdir": str(ws.root),
+        "pipeline.role": "sweep-point" if parent_run_id else "pipeline",
+    }
+    if parent_run_id:
+        tags[PARENT_RUN_TAG] = parent_run_id
+    run = client.create_run(experiment.experiment_id, run_name=run_name, tags=tags)
+    run_id = run.info.run_id
+    client.log_batch(
+        run_id,
+        params=[mlflow.entities.Param(k, str(v)) for k, v in sorted(cfg.flat().items())],
+    )
+    client.log_dict(run_id, cfg.model_dump(), "config/resolved_params.json")
+    if tags["pipeline.git_commit"].endswith("-dirty"):  # rebuildable: keep what git lacks
+        client.log_text(run_id, lineage.tracked_changes(ws.root), lineage.CHANGES_ARTIFACT)
+    write_json(
+        ws.run_handle,
+        {"run_id": run_id, "tracking_uri": uri, "config_digest": config_digest(cfg)},
+    )
+    return run_id
+
+
+def start_sweep_run(
+    cfg: PipelineConfig, ws: Workspace, run_name: str, points: list[dict[str, Any]]
+) -> str:
+    """Open a sweep's parent run; the points' pipeline runs nest under it."""
+    import mlflow
+
+    configure(cfg, ws)
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    run = client.create_run(
+        experiment.experiment_id,
+        run_name=run_name,
+        tags={
+            "pipeline.role": "sweep",
+            "pipeline.git_commit": lineage.git_commit(ws.root),
+            store.OWNER_TAG: store.owner(),
+        },
+    )
+    client.log_param(run.info.run_id, "sweep.points", len(points))
+    client.log_dict(run.info.run_id, {"points": points}, "sweep/points.json")
+    return run.info.run_id
+
+
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # colours Keras puts in its messages
+
+
+def end_reason(text: str) -> str:
+    """A run's end-reason tag: plain text (no terminal colour codes), cut to a tag's size."""
+    return ANSI_ESCAPE.sub("", text)[:MAX_TAG_CHARS]
+
+
+def end_run_quietly(run_id: str, status: str) -> None:
+    """Close a run on the way out of a failure, without masking that failure."""
+    import mlflow
+
+    with suppress(Exception):
+        mlflow.MlflowClient().set_terminated(run_id, status)
+
+
+def _joinable_run(cfg: PipelineConfig, ws: Workspace, uri: str) -> str | None:
+    import mlflow
+
+    if not ws.run_handle.is_file():
+        return None
+    handle = read_json(ws.run_handle)
+    if handle.get("tracking_uri") != uri or handle.get("config_digest") != config_digest(cfg):
+        return None
+    try:
+        run = mlflow.MlflowClient().get_run(handle["run_id"])
+    except mlflow.exceptions.MlflowException:
+        return None
+    # Between stages the run is FINISHED; RUNNING means a stage died (kill -9): resume it.
+    return run.info.run_id if run.info.status in ("RUNNING", "FINISHED") else None
+
+
+@contextmanager
+def stage_run(
+    cfg: PipelineConfig,
+    ws: Workspace,
+    stage: str,
+    *,
+    last: bool = False,
+    run_id: str | None = None,
+) -> Iterator[str]:
+    """Make the pipeline run the active MLflow run while one stage executes.
+
+    The run is RUNNING only while a stage executes (stamped with this process as its
+    owner) and FINISHED between stages, so a pipeline that stops after any stage (a
+    data-only `dvc repro`) leaves no run open; the handle lets the next stage reopen it.
+    A failing stage marks it FAILED, a stop signal KILLED (the reason in a tag), and
+    drops the handle so the next attempt starts clean. ``run_id`` joins that run instead
+    (the export stage joins the run that registered the version it exports, also when
+    only the export params changed and the stage runs alone).
+    """
+    import mlflow
+
+    uri = configure(cfg, ws)
+    run_id = run_id or _joinable_run(cfg, ws, uri)
+    joined = run_id is not None
+    end_orphans(cfg, keep=run_id)
+    run_id = run_id or start_pipeline_run(cfg, ws)
+    mlflow.start_run(run_id=run_id)
+    mlflow.set_tag(store.OWNER_TAG, store.owner())
+    if not joined:
+        # Upstream stages were up to date and did not run: show their outputs here too,
+        # so every pipeline run carries the data description and augmentation grid.
+        log_upstream_outputs(ws, run_id)
+    try:
+        yield run_id
+    except BaseException as error:
+        if name := startup.stop_signal(error):
+            reason = f"stopped by {name} in stage {stage}"
+            _end_quietly("KILLED", tags={f"pipeline.stage.{stage}": "killed", END_REASON: reason})
+            ws.run_handle.unlink(missing_ok=True)
+            raise
+        if store.is_transient(error):
+            # Leave the run open and the handle in place: a retry of this stage joins it.
+            _end_quietly("RUNNING")
+            raise
+        reason = end_reason(f"stage {stage}: {type(error).__name__}: {error}")
+        _end_quietly("FAILED", tags={f"pipeline.stage.{stage}": "failed", END_REASON: reason})
+        ws.run_handle.unlink(missing_ok=True)
+        raise
+    mlflow.set_tag(f"pipeline.stage.{stage}", "done")
+    mlflow.end_run(status="FINISHED")
+    if last:
+        ws.run_handle.unlink(missing_ok=True)
+
+
+def _end_quietly(status: str, tags: dict[str, str] | None = None) -> None:
+    """End the active run with ``status``; never hide the stage's own error behind ours.
+
+    mlflow.end_run pops the active run before it calls the server, so even when the
+    server is unreachable the process is left with no active run.
+    """
+    import mlflow
+
+    if tags:
+        with suppress(Exception):
+            mlflow.set_tags(tags)
+    with suppress(Exception):
+        mlflow.end_run(status=status)
+
+
+def log_upstream_outputs(ws: Workspace, run_id: str) -> None:
+    """Log the data and preprocess outputs already on disk to run ``run_id``.
+
+    For runs whose earlier stages did not execute in this run (up to date under DVC,
+    or skipped by the flow), so every run still shows its data and augmentation.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    if (meta := ws.prepared / "meta.json").is_file():
+        client.log_artifact(run_id, str(meta), artifact_path="data")
+    for folder in (ws.preprocessed, ws.preprocess_reports):
+        if folder.is_dir():
+            client.log_artifacts(run_id, str(folder), artifact_path="preprocess")
+
+
+def handle_run_id(ws: Workspace) -> str | None:
+    """The pipeline run named in ``ws``'s handle file, if there is one."""
+    return read_json(ws.run_handle)["run_id"] if ws.run_handle.is_file() else None
+
+
+def end_pipeline_run(
+    ws: Workspace, status: str, *, keep_handle: bool, reason: str | None = None
+) -> None:
+    """Close the run named in the handle unless already closed; FAILED and KILLED win over
+    FINISHED (the state between stages), and ``reason`` goes into a tag.
+
+    ``keep_handle`` leaves the handle file so the run can be reopened later for one more
+    stage (a sweep registers its best point's run after all points have finished).
+    """
+    import mlflow
+
+    run_id = handle_run_id(ws)
+    if run_id is None:
+        return
+    client = mlflow.MlflowClient(tracking_uri=read_json(ws.run_handle)["tracking_uri"])
+    current = client.get_run(run_id).info.status
+    if current == "RUNNING" or (current == "FINISHED" and status != "FINISHED"):
+        if reason:
+            client.set_tag(run_id, END_REASON, end_reason(reason))
+        client.set_terminated(run_id, status)
+    if not keep_handle:
+        ws.run_handle.unlink(missing_ok=True)
+
+
+def reopen_pipeline_run(ws: Workspace) -> str:
+    """The run named in the handle, for one more stage: stage_run joins a FINISHED run and
+    marks it RUNNING (owned by its process) only while that stage executes."""
+    run_id = handle_run_id(ws)
+    if run_id is None:
+        raise FileNotFoundError(f"{ws.run_handle} not found: no pipeline run to reopen")
+    return run_id
+
+
+def log_params_once(params: dict[str, Any]) -> None:
+    """Params of the active run that a stage derives (not in params.yaml). A rerun of the
+    stage joining the same run logs the same values; MLflow refuses a changed one, which
+    then keeps the first (the run's config digest pins everything they derive from)."""
+    import mlflow
+
+    with suppress(mlflow.exceptions.MlflowException):
+        mlflow.log_params(params)
+
+
+def log_artifact_if_exists(path: Path, artifact_path: str | None = None) -> None:
+    import mlflow
+
+    if path.is_file():
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def run_url(run_id: str) -> dict[str, Any]:
+    """Where to find the run: tracking URI, ids, and the UI address when a server serves it."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    run = mlflow.MlflowClient().get_run(run_id)
+    path = f"#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    return {
+        "tracking_uri": uri,
+        "experiment_id": run.info.experiment_id,
+        "run_id": run_id,
+        "ui_path": path,
+        "ui_url": f"{uri.rstrip('/')}/{path}" if store.is_server(uri) else None,
+    }
