@@ -5,7 +5,7 @@
     prefect deployment run 'batch-predict/local' -p images=data/incoming --watch
 
 IMAGES is a PNG or JPEG file or a directory (every file under it, sorted). Each file is
-decoded and resized to the model's input with DALI (tasks/serving/image_files.py, which says
+decoded and resized to the model's input with DALI (tasks/images/decode.py, which says
 how gray, color, alpha and 16-bit files are converted) and predicted by the version's
 MLflow pyfunc. Predictions go to one CSV (path, label, score, top_k, converted), files
 that could not be used to another (path, reason); each file appears only when complete.
@@ -51,7 +51,7 @@ from flows.rundir import RUN_ID_FIELD, run_root
 from tasks import startup
 from tasks.config import load_config
 from tasks.errors import ModelRequestError
-from tasks.serving import image_files
+from tasks.images import decode
 from tasks.serving.registered import (
     MAX_QUOTED_CHARS,
     ModelRef,
@@ -140,9 +140,9 @@ def find_images(images: str, within: Path | None) -> list[Path]:
         )
     if not path.exists():
         raise ModelRequestError(f"images {quoted}: no such file or directory")
-    files = image_files.list_files(path)
+    files = decode.list_files(path)
     readable = [f for f in files if within is None or f.resolve().is_relative_to(within.resolve())]
-    if not any(image_files.has_image_signature(f) for f in readable):
+    if not any(decode.has_image_signature(f) for f in readable):
         what = f"{len(files)} files, none of them" if path.is_dir() else "it is not"
         raise ModelRequestError(
             f"images {quoted}: no PNG or JPEG file ({what} a PNG or JPEG image)"
@@ -193,7 +193,7 @@ def prediction_row(path: Path, answer: Any, note: str, k: int) -> tuple[list[str
 
 def predict_chunk(
     model: LoadedModel,
-    decoder: image_files.Decoder,
+    decoder: decode.Decoder,
     paths: list[Path],
     within: Path | None,
 ) -> dict[Path, tuple[Any, str] | str]:
@@ -201,7 +201,7 @@ def predict_chunk(
     results: dict[Path, tuple[Any, str] | str] = {}
     readable = []
     for path in paths:
-        loaded = image_files.read_image(path, within)
+        loaded = decode.read_image(path, within)
         if isinstance(loaded, str):
             results[path] = loaded
         else:
@@ -213,7 +213,7 @@ def predict_chunk(
         if isinstance(pixels, str):
             results[path] = pixels
         else:
-            decoded.append((path, image_files.conversions(encoded.info, model.shape), pixels))
+            decoded.append((path, decode.conversions(encoded.info, model.shape), pixels))
     if decoded:
         batch = np.stack([pixels for _, _, pixels in decoded]).astype(np.float32)
         answers = model.pyfunc.predict(batch)
@@ -231,7 +231,7 @@ def predict_files(
     echo: Callable[[str], None] | None = print,
 ) -> Outcome:
     """Predict ``request.files`` in chunks; write both CSVs (each replaced only when done)."""
-    decoder = image_files.Decoder(model.shape, request.device)
+    decoder = decode.Decoder(model.shape, request.device)
     outcome = Outcome(files=len(request.files))
     with (
         atomic_path(out) as out_tmp,

@@ -1,4 +1,4 @@
-"""Batch prediction (flows/predict.py, tasks/serving/image_files.py) with real components.
+"""Batch prediction (flows/predict.py, tasks/images/decode.py) with real components.
 
 The model is the session's tiny registered version (tests/fixtures/servers.py
 `served_pipeline`: 28x28 grayscale synthetic data, a real SQLite MLflow store); the images
@@ -23,7 +23,7 @@ from PIL import Image
 from flows.predict import find_images, main
 from tasks import prepared
 from tasks.errors import ModelRequestError
-from tasks.serving.image_files import Decoder, read_image
+from tasks.images.decode import Decoder, read_image
 from tasks.serving.registered import check_model_code, parse_model_uri
 from tests.helpers.files import png_bytes, read_csv
 
