@@ -4,6 +4,9 @@ the data version dvc.lock pins."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -65,3 +68,23 @@ def locked_data_version(project: Path) -> str:
         f"{lock} pins no version of {DATA_OUT}: run `dvc repro data` (or `git pull` and "
         "`dvc pull`) and commit dvc.lock before retraining"
     )
+
+
+EPHEMERAL_STARTUP_S = 120
+
+
+@contextmanager
+def patient_ephemeral_server() -> Iterator[None]:
+    """Without PREFECT_API_URL, a flow call starts Prefect's temporary server, which gives up
+    after 20 s (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); on a busy two-core
+    machine its start has taken longer (`Timed out while attempting to connect to ephemeral
+    Prefect API server`, seen in the suite under load). Wait up to EPHEMERAL_STARTUP_S;
+    the user's own setting wins."""
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as setting
+    from prefect.settings import temporary_settings
+
+    if setting.name in os.environ:
+        yield
+        return
+    with temporary_settings(updates={setting: max(setting.value(), EPHEMERAL_STARTUP_S)}):
+        yield

@@ -35,6 +35,7 @@ from flows.common import (
     RETRY_BACKOFF_S,
     STAGE_RETRIES,
     failed_without_traceback,
+    patient_ephemeral_server,
     retry_if_transient,
 )
 from flows.reporting import outcome_line
@@ -245,13 +246,14 @@ def main(argv: list[str] | None = None) -> int:
         # Validate here too, so a typo fails before a Prefect API is even started.
         resolve_config(Workspace(Path(args.workdir)), args.params, args.profile, overrides)
         names = select_stages(args.stages)
-        record = training_pipeline(
-            overrides=overrides,
-            params_path=args.params,
-            workdir=args.workdir,
-            profile=args.profile,
-            stages=list(names),
-        )
+        with patient_ephemeral_server():
+            record = training_pipeline(
+                overrides=overrides,
+                params_path=args.params,
+                workdir=args.workdir,
+                profile=args.profile,
+                stages=list(names),
+            )
     except expected_errors() as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

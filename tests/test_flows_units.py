@@ -214,3 +214,17 @@ def test_every_error_a_user_fixes_is_reported_without_a_traceback():
         assert is_expected(kind("a message naming the fix")), kind
     assert not is_expected(KeyError("a bug"))
     assert not is_expected(TypeError("a bug"))
+
+
+def test_a_flow_called_without_a_server_waits_longer_for_prefects_temporary_one(monkeypatch):
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as setting
+
+    from flows.common import EPHEMERAL_STARTUP_S, patient_ephemeral_server
+
+    monkeypatch.delenv(setting.name, raising=False)
+    with patient_ephemeral_server():
+        assert setting.value() == EPHEMERAL_STARTUP_S > 20
+    assert setting.value() == 20  # Prefect's default, outside
+    monkeypatch.setenv(setting.name, "7")  # the user's own setting (Prefect read it at start)
+    with patient_ephemeral_server():
+        assert setting.value() == 20  # left as Prefect has it
