@@ -203,7 +203,7 @@ def test_two_first_runs_on_a_new_sqlite_store_both_succeed(tmp_path):
     store = tmp_path / "mlruns" / "mlflow.db"
     script = (
         "import sys; from pathlib import Path\n"
-        "from tasks import tracking\n"
+        "from tasks.tracking import runs\n"
         "from tasks.config import load_config\n"
         "from tasks.workspace import Workspace\n"
         "from tests.helpers.project import PARAMS, tiny_overrides\n"
