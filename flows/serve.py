@@ -364,7 +364,7 @@ def serve(args: argparse.Namespace, project: Path, services: list[Service]) -> N
         for service in services:
             if (code := service.exit_code()) is None:
                 continue
-            if service.restarts_left <= 0 and not service.restarts:
+            if not service.max_restarts:
                 raise service.failure(f"stopped unexpectedly ({exit_reason(code)})")
             service.restart(project, code)  # PostgreSQL: its clients reconnect on their own
         time.sleep(1)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import math
 import os
+import socket
+import urllib.parse
 
 
 class UserFixableError(Exception):
@@ -120,3 +122,13 @@ def os_error_line(error: OSError) -> str:
     path = error.filename or "a file"
     name = errno.errorcode.get(error.errno, str(error.errno))
     return f"{path}: {os.strerror(error.errno)} ({name}): {USER_FIXABLE_ERRNOS[error.errno]}"
+
+
+def dns_error(url: str) -> OSError | None:
+    """The DNS error for ``url``'s host, or None if it resolves: a fast offline probe
+    before a download is blamed on anything else."""
+    try:
+        socket.getaddrinfo(urllib.parse.urlsplit(url).hostname, None)
+    except OSError as error:  # socket.gaierror
+        return error
+    return None

@@ -221,7 +221,7 @@ def test_load_tfds_wraps_a_failed_download(tmp_path, monkeypatch):
     import requests
     from tensorflow_datasets.core.download import downloader
 
-    monkeypatch.setattr(data, "_resolve_error", lambda url: None)  # skip the DNS probe
+    monkeypatch.setattr(data, "dns_error", lambda url: None)  # skip the DNS probe
     monkeypatch.setattr(downloader, "MAX_RETRIES", 0)  # TFDS would retry for ~3.5 minutes
     with pytest.raises(DataUnavailableError, match="cifar-10-binary.tar.gz") as caught:
         data.load_tfds("cifar10", tmp_path / "tfds", tmp_path)

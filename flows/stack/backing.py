@@ -51,7 +51,7 @@ def start_backing(args: argparse.Namespace, project: Path, services: list[Servic
         service.start(project)
         service.ready = lambda: cluster.wait_ready(lambda: service.exit_code() is None)
         service.ready()
-        service.restarts_left = args.postgres_restarts
+        service.max_restarts = args.postgres_restarts
         database_url = cluster.url
     if args.local_s3:
         endpoint = f"http://127.0.0.1:{args.s3_port}"

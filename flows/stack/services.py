@@ -64,9 +64,9 @@ class Service:
     user: dict[str, Any] = field(default_factory=dict)  # Popen's user/groups (PostgreSQL)
     backing: bool = False  # a store the others use: stopped after them, by its own signal
     stop_signal: int = signal.SIGTERM
-    restarts_left: int = 0  # times the launcher starts it again after it dies (PostgreSQL)
+    max_restarts: int = 0  # times the launcher starts it again after it dies (PostgreSQL)
     ready: Callable[[], None] | None = None  # returns once a restarted service answers
-    restarts: int = 0
+    restarts: int = 0  # spent so far
 
     def start(self, cwd: Path) -> None:
         """Start in its own session, so Ctrl-C reaches the launcher only, which stops it."""
@@ -88,10 +88,9 @@ class Service:
 
     def restart(self, cwd: Path, code: int) -> None:
         """Start it again after it died with ``code`` and wait until it answers; each try
-        spends one of ``restarts_left``. Said on the launcher's output and in the service's
+        spends one of ``max_restarts``. Said on the launcher's output and in the service's
         log, so the outage is on record. Raises ServeError once no try is left."""
-        while self.restarts_left > 0:
-            self.restarts_left -= 1
+        while self.restarts < self.max_restarts:
             self.restarts += 1
             what = f"stopped unexpectedly ({exit_reason(code)}); restart {self.restarts}"
             print(f"{self.name} {what}", flush=True)
@@ -104,7 +103,8 @@ class Service:
                     self.ready()
             except Exception:  # whatever the readiness check raises: try again, or give up
                 stop_services([self])
-                code = self.exit_code() if self.exit_code() is not None else -1
+                code = self.exit_code()
+                code = -1 if code is None else code
                 continue
             print(f"{self.name} is back", flush=True)
             return

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from tasks.config import ConfigError, DataConfig, PipelineConfig, SyntheticConfig, dataset_identity
-from tasks.errors import DataFileError, DataUnavailableError
+from tasks.errors import DataFileError, DataUnavailableError, dns_error
 from tasks.images import idx
 from tasks.prepared import SPLITS, Split
 from tasks.workspace import Workspace, atomic_dir
@@ -263,8 +262,8 @@ def _download_and_prepare(builder: Any, name: str, manual_dir: Path) -> None:
     }
     if not builder.is_prepared():
         for url in missing:
-            if dns_error := _resolve_error(url):
-                raise _unavailable(name, missing, manual_dir) from dns_error
+            if unresolved := dns_error(url):
+                raise _unavailable(name, missing, manual_dir) from unresolved
     try:
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir))
@@ -304,15 +303,6 @@ def _checksum_mismatch(
 
 def _url_basename(url: str) -> str:
     return Path(urllib.parse.urlsplit(url).path).name
-
-
-def _resolve_error(url: str) -> OSError | None:
-    """The DNS error for ``url``'s host, or None if it resolves (a fast offline probe)."""
-    try:
-        socket.getaddrinfo(urllib.parse.urlsplit(url).hostname, None)
-    except OSError as error:  # socket.gaierror
-        return error
-    return None
 
 
 def _unavailable(name: str, missing: dict[str, str], manual_dir: Path) -> DataUnavailableError:

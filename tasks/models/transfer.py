@@ -24,14 +24,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import socket
 import tempfile
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import ModelFileError, TransferWeightsError
+from tasks.errors import ModelFileError, TransferWeightsError, dns_error
 
 MIN_SIZE = 32  # px: the smallest input every keras.applications base here accepts
 HEADS = ("seed", "pool")
@@ -303,22 +301,13 @@ def _md5_matches(path: Path, md5: str | None) -> bool:
     return digest.hexdigest() == md5
 
 
-def _resolve_error(url: str) -> OSError | None:
-    """The DNS error for ``url``'s host, or None if it resolves (a fast offline probe)."""
-    try:
-        socket.getaddrinfo(urllib.parse.urlsplit(url).hostname, None)
-    except OSError as error:  # socket.gaierror
-        return error
-    return None
-
-
 def _imagenet_offline_check(base: str, image_size: int) -> None:
     """Pass when the cached file is whole or its host resolves (then Keras downloads it)."""
     fname, url, md5 = imagenet_file(base, image_size)
     cached = keras_models_dir() / fname
     if cached.is_file() and _md5_matches(cached, md5):
         return
-    if _resolve_error(url) is None:
+    if dns_error(url) is None:
         return
     problem = "is not the file Keras expects (md5 differs)" if cached.exists() else "is missing"
     raise TransferWeightsError(
