@@ -6,7 +6,7 @@ two ways of running the pipeline cannot drift apart. Flow parameters are dotted-
 overrides of params.yaml, validated by the same schema before any work starts:
 
     python -m flows.pipeline train.epochs=3 data.source=synthetic
-    prefect deployment run 'training-pipeline/local' -p overrides='{"train.epochs": 3}'
+    prefect deployment run 'training-pipeline/train' -p overrides='{"train.epochs": 3}'
 
 A stage whose failure is transient (tracking server or network unreachable) is retried
 with backoff; a failure names the stage and its cause. Each stage's log and a run summary
@@ -118,7 +118,7 @@ def training_pipeline(
                 image_size_key(cfg),
             )
         run_id = runs.start_pipeline_run(
-            cfg, ws, run_name=f"prefect-{flow_run.get_name()}", parent_run_id=parent_run_id
+            cfg, ws, run_origin(), label=flow_run.get_name(), parent_run_id=parent_run_id
         )
         get_run_logger().info("MLflow run %s, outputs in %s", run_id, ws.root)
         results = run_stages(names, cfg, ws, run_id)
@@ -134,14 +134,27 @@ def training_pipeline(
     return record
 
 
+def run_origin() -> str:
+    """The MLflow run's Source: the deployment that started this flow run, or the CLI."""
+    name = deployment.get_name()
+    return f"deployment training-pipeline/{name}" if name else "python -m flows.pipeline"
+
+
 def run_stages(
     names: tuple[str, ...], cfg: PipelineConfig, ws: Workspace, run_id: str
 ) -> dict[str, Any]:
     """Run ``names`` in order inside the pipeline's MLflow run; close the run however it ends."""
     if names[0] != "data":
         runs.log_upstream_outputs(ws, run_id)
+    results: dict[str, Any] = {}
     try:
-        results = {name: run_stage(name, cfg, ws) for name in names}
+        upstream: list[Any] = []
+        for name in names:
+            # wait_for names the stage before: the Prefect UI draws the chain of stages
+            # (stages take the config and workspace, no result of the one before).
+            state = run_stage(name, cfg, ws, wait_for=upstream, return_state=True)
+            results[name] = state.result()  # a failed stage raises its error here
+            upstream = [state]
     except BaseException as error:
         with suppress(Exception):  # the stage's own error is the one to report
             if name := startup.stop_signal(error):  # Ctrl-C, SIGTERM

@@ -2,7 +2,7 @@
 
     python -m flows.predict data/incoming          # make predict IMAGES=data/incoming
     python -m flows.predict photo.png --model models:/cifar10-seed_cnn/3 --top-k 5
-    prefect deployment run 'batch-predict/local' -p images=data/incoming --watch
+    prefect deployment run 'batch-predict/predict' -p images=data/incoming --watch
 
 IMAGES is a PNG or JPEG file or a directory (every file under it, sorted). Each file is
 decoded and resized to the model's input with DALI (tasks/images/decode.py, which says
@@ -20,7 +20,7 @@ or in any commit) are loaded.
 Refused before any work with one line and exit 2 (a flow run: Failed with the message):
 a missing path, no PNG or JPEG file, a malformed model URI, a model, version or alias the
 registry does not have, a top-k below 1. Exit 1 when files were found but none could be
-predicted. The `batch-predict/local` deployment reads images only inside the project,
+predicted. The `batch-predict/predict` deployment reads images only inside the project,
 writes predictions.csv and errors.csv to runs/<flow-run-id>/ and logs them to the MLflow
 experiment `batch-predict`, tagged with the model name and version.
 """
@@ -294,10 +294,12 @@ def publish_summary(request: Request, outcome: Outcome, outdir: Path, run: Any) 
         ("Outputs", f"`{outdir}` (predictions.csv, errors.csv)"),
         ("MLflow run", run_cell),
     ]
-    markdown = "## Batch prediction\n\n" + reporting.markdown_table(rows)
+    markdown = "## Batch prediction\n\n" + reporting.markdown_table(rows, ("Batch", "Value"))
     if outcome.failures:
         shown = outcome.failures[:SUMMARY_ERRORS]
-        table = reporting.markdown_table([(f"`{cell(p)}`", cell(r)) for p, r in shown])
+        table = reporting.markdown_table(
+            [(f"`{cell(p)}`", cell(r)) for p, r in shown], ("File", "Why it was not predicted")
+        )
         markdown += f"\n### Files not predicted (first {len(shown)})\n\n{table}"
     create_markdown_artifact(key=SUMMARY_KEY, markdown=markdown, description="Batch prediction")
     return markdown

@@ -1,8 +1,9 @@
 """What a flow run shows in the Prefect UI: each stage's log, and a summary of the run.
 
 Stages write to stdout (Keras prints one line per epoch) and to Python loggers (MLflow,
-Prefect's run logger); neither reaches the Prefect UI as a whole. While a stage runs,
-both are copied into a buffer whose tail becomes a markdown artifact of that task run.
+Prefect's run logger). While a stage runs as a task, its stdout lines become records of
+the task run's logger (the flow run's Logs tab), and every record, with stderr, is
+copied into a buffer whose tail becomes a markdown artifact of that task run.
 The summary artifact (test metrics, registered version and aliases, links) is keyed, so
 the Artifacts page keeps its history across runs.
 """
@@ -53,6 +54,59 @@ class _Tee:
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # colours, cursor moves
 
 
+class _LinesToLogger:
+    """sys.stdout while a stage runs as a Prefect task: each complete line (Keras' epoch
+    lines) becomes a record of the task run's logger, so it shows in the flow run's Logs
+    tab, and Prefect's console handler prints it on the terminal (once)."""
+
+    def __init__(self, stream: TextIO, logger: Any) -> None:
+        self._stream, self._logger, self._partial = stream, logger, ""
+
+    def write(self, text: str) -> int:
+        *lines, self._partial = (self._partial + text).split("\n")
+        for line in lines:
+            line = ANSI_ESCAPE.sub("", line).rpartition("\r")[2]  # a bar's last redraw
+            if line.strip():
+                self._logger.info(line)
+        return len(text)
+
+    def close_line(self) -> None:
+        if self._partial:
+            self.write("\n")
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+class _OncePerRecord(logging.StreamHandler):
+    """Attached to several loggers of one chain (a task run's logger propagates to the
+    root), it would write a record once per logger: it writes each record once."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._last: logging.LogRecord | None = None
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        if record is self._last:
+            return False
+        self._last = record
+        return super().handle(record)
+
+
+def _run_logger() -> Any:
+    """The Prefect task run's logger, or None outside a task run."""
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return None
+
+
 @dataclass
 class StageReport:
     name: str
@@ -76,19 +130,23 @@ def captured_stage_log(name: str) -> Iterator[StageReport]:
     the artifact never replaces the stage's own error.
     """
     report = StageReport(name)
-    handler = logging.StreamHandler(report.buffer)
+    handler = _OncePerRecord(report.buffer)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     loggers = [logging.getLogger(name) for name in CAPTURED_LOGGERS]
     for logger in loggers:
         logger.addHandler(handler)
     stdout, stderr = sys.stdout, sys.stderr
-    sys.stdout = _Tee(stdout, report.buffer)
+    logger = _run_logger()
+    # In a task run, stdout lines become log records (the handler above keeps them).
+    sys.stdout = _LinesToLogger(stdout, logger) if logger else _Tee(stdout, report.buffer)
     sys.stderr = _Tee(stderr, report.buffer)
     outcome = "failed"
     try:
         yield report
         outcome = "completed"
     finally:
+        if isinstance(sys.stdout, _LinesToLogger):
+            sys.stdout.close_line()
         sys.stdout, sys.stderr = stdout, stderr
         for logger in loggers:
             logger.removeHandler(handler)
@@ -129,6 +187,7 @@ def publish_pipeline_summary(
         ("Prefect flow run", _link(flow_run.get_name() or "-", flow_run.ui_url)),
         ("Outputs", f"`{ws.root}`"),
         ("MLflow run", _link(run_id, links["run"])),
+        ("MLflow experiment", _link(run.info.experiment_id, links["experiment"])),
         ("Tracking URI", f"`{uri}`"),
     ]
     params = run.data.params
@@ -162,16 +221,18 @@ def publish_pipeline_summary(
         for variant, row in exports["formats"].items():
             parity = f"max diff {row['max_abs_diff']:.2g}, accuracy {row['accuracy']:.4f}"
             rows.append((f"Export {variant}", parity))
-    markdown = "## Training pipeline summary\n\n" + markdown_table(rows)
+    markdown = "## Training pipeline summary\n\n" + markdown_table(rows, ("Run", "Value"))
     if ws.samples.is_file():  # a language model's generated text
         markdown += "\n\n## Generated samples\n\n```text\n" + ws.samples.read_text() + "```\n"
     create_markdown_artifact(key=SUMMARY_KEY, markdown=markdown, description="Run summary")
     return markdown
 
 
-def markdown_table(rows: list[tuple[str, str]]) -> str:
+def markdown_table(rows: list[tuple[str, str]], header: tuple[str, str] = ("", "Value")) -> str:
+    """A two-column table; ``header`` names the columns (Prefect's UI draws an empty header
+    row as a blank bar above the table)."""
     body = "\n".join(f"| {name} | {value} |" for name, value in rows)
-    return f"| | |\n|---|---|\n{body}\n"
+    return f"| {header[0]} | {header[1]} |\n|---|---|\n{body}\n"
 
 
 def _link(text: str, url: str | None) -> str:
@@ -179,16 +240,18 @@ def _link(text: str, url: str | None) -> str:
 
 
 def ui_links(tracking_uri: str, run: Any, record: dict | None) -> dict[str, str | None]:
-    """MLflow UI addresses of the run and the registered version (None without a server)."""
+    """MLflow UI addresses (Model training layout) of the run, its experiment's runs table
+    and the registered version; None without a server."""
+    from tasks.tracking import views
+
     if not tracking_uri.startswith(("http://", "https://")):
-        return {"run": None, "model": None}
-    base = tracking_uri.rstrip("/")
-    model = None
-    if record:
-        model = f"{base}/#/models/{record['model_name']}/versions/{record['version']}"
+        return {"run": None, "experiment": None, "model": None}
+    experiment = run.info.experiment_id
     return {
-        "run": f"{base}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}",
-        "model": model,
+        "run": views.run_url(tracking_uri, experiment, run.info.run_id),
+        "experiment": views.experiment_url(tracking_uri, experiment),
+        "model": record
+        and views.model_version_url(tracking_uri, record["model_name"], record["version"]),
     }
 
 

@@ -69,6 +69,7 @@ from flows.stack.services import (
     stop_all,
     wait_for,
 )
+from tasks.tracking import views
 
 POOL = "local-process"  # the work pool prefect.yaml's deployments name
 # Prefect's recipe for zombie flow runs (docs: "Detect and respond to zombie flows"): a flow
@@ -293,6 +294,10 @@ def stores(args: argparse.Namespace, backing: Backing, project: Path) -> str:
     return "".join(f"\n{line}" for line in lines)
 
 
+# MLflow 3 starts a new browser in its GenAI layout; the switch is stored per browser.
+LAYOUT_NOTE = 'a new browser starts in GenAI: click "Model training" at the top left once'
+
+
 def banner(
     args: argparse.Namespace,
     ends: Endpoints,
@@ -320,6 +325,8 @@ def banner(
     if args.mlflow_only:
         return f"""
 Serving the MLflow UI on {ends.mlflow_url} over the project's store; Ctrl-C stops it.{kept}
+  open         {ends.mlflow_url}/#/experiments?{views.MODEL_TRAINING}
+               {LAYOUT_NOTE}
   credential   {credential_file} (user:password, mode 0600)
                MLflow UI login: {mlflow_login}
 """.rstrip()
@@ -327,7 +334,8 @@ Serving the MLflow UI on {ends.mlflow_url} over the project's store; Ctrl-C stop
 Serving on {args.host}; Ctrl-C stops everything.{kept}
   Prefect UI   {ends.prefect_url}
   Prefect API  {ends.prefect_url}/api
-  MLflow UI    {ends.mlflow_url}
+  MLflow UI    {ends.mlflow_url}/#/experiments?{views.MODEL_TRAINING}
+               {LAYOUT_NOTE}
   worker       polling work pool {args.pool!r}; flow runs write to {project}/runs/<flow-run-id>/
   logs         {project / LOG_DIR}/{{mlflow,prefect-server,worker}}.log
   credential   {credential_file} (user:password, mode 0600)
@@ -336,7 +344,7 @@ Serving on {args.host}; Ctrl-C stops everything.{kept}
 In another shell (virtualenv active, in {project}):
   export PREFECT_API_URL={ends.prefect_url}/api MLFLOW_TRACKING_URI={ends.mlflow_url}
   export PREFECT_API_AUTH_STRING="$(cat {credential_file})"{mlflow_exports}
-  prefect deployment run 'training-pipeline/local' -p overrides='{{"train.epochs": 3}}' --watch
+  prefect deployment run 'training-pipeline/train' -p overrides='{{"train.epochs": 3}}' --watch
 """.rstrip()
 
 

@@ -31,7 +31,7 @@ from tasks.config import ConfigError, PipelineConfig
 from tasks.tracking import runs
 from tasks.workspace import Workspace, read_json
 
-PIPELINE_DEPLOYMENT = "training-pipeline/local"
+PIPELINE_DEPLOYMENT = "training-pipeline/train"
 POINT_STAGES = [name for name in STAGE_NAMES if name not in ("register", "export")]
 POLL_S = 2.0  # how often the sweep looks at its points' flow runs
 # A sweep compares points within one tracking store and registers one model: points may
@@ -269,5 +269,5 @@ def publish_sweep_summary(
         ("MLflow parent run", f"`{parent_id}`"),
         ("Registered", f"{record['model_name']} v{record['version']} ({aliases})"),
     ]
-    markdown = "## Sweep summary\n\n" + reporting.markdown_table(rows)
+    markdown = "## Sweep summary\n\n" + reporting.markdown_table(rows, ("Sweep", "Result"))
     create_markdown_artifact(key="sweep-summary", markdown=markdown, description="Sweep summary")

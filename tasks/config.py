@@ -271,7 +271,7 @@ class EvaluateConfig(_Section):
     seed: int
 
 
-AUTO_MODEL_NAME = "auto"
+AUTO_MODEL_NAME = "auto"  # register.model_name and mlflow.experiment: named by the data
 
 
 def modality(source: str) -> str:
@@ -354,6 +354,21 @@ with warnings.catch_warnings():
             except (TypeError, KeyError, AttributeError):
                 return tree  # field validation reports what is missing or malformed
             return {**tree, "register": {**register, "model_name": name}}
+
+        @model_validator(mode="before")
+        @classmethod
+        def _name_the_experiment(cls, tree: Any) -> Any:
+            """``mlflow.experiment: auto`` -> the dataset's identity (cifar10, synthetic,
+            fashion_mnist): an experiment holds the runs that can be compared, every model
+            trained on one dataset, and its name says which. A name given is kept."""
+            try:
+                tracking, data = tree["mlflow"], tree["data"]
+                if tracking.get("experiment") != AUTO_MODEL_NAME:
+                    return tree
+                name = dataset_identity(data["source"], data["name"], data.get("classes", ()))
+            except (TypeError, KeyError, AttributeError):
+                return tree
+            return {**tree, "mlflow": {**tracking, "experiment": name}}
 
         @model_validator(mode="after")
         def _model_fits_data(self) -> PipelineConfig:

@@ -10,7 +10,7 @@ modality, each with one function the stage calls (tasks/stages/ picks the packag
 - ``preprocess.preprocess(cfg, ws, data_dir, report_dir) -> tags``: what training derives
   from the training split, and samples;
 - ``train.training_data(cfg, ws, epoch) -> TrainingData``: batches for fit();
-- ``evaluate.evaluate(cfg, ws, model, out_dir) -> (headline, mlflow metrics)``;
+- ``evaluate.evaluate(cfg, ws, model, out_dir) -> headline metrics``;
 - ``register.served_model(cfg, ws, scratch) -> ServedModel``: the version's code and files;
 - ``export.export_samples(cfg, ws) -> (test inputs, targets, training inputs)``.
 
@@ -52,6 +52,9 @@ class ServedModel:
     model_config: dict[str, Any]
     input_example: Any
     binding: dict[str, str]
+    output_schema: Any = None  # mlflow.types.Schema of what predict() answers
+    interface: str = ""  # input and output in a sentence each, for the model's description
+    classes: str = ""  # the label space in words, for the model's description
     params: dict[str, Any] | None = None  # inference params in the signature
     # accuracy(version) of a registered version on this run's test data
     reevaluate: Callable[[str], float] | None = field(default=None, compare=False)

@@ -24,6 +24,7 @@ SHARED_FIXTURE_GROUPS = {
     "test_export": "servers",
     "test_predict": "servers",
     "test_serving": "servers",
+    "test_ui_prefect": "servers",
     "test_pipeline_dvc": "tiny-repro",
     "test_dvc_remote": "tiny-repro",
 }

@@ -335,7 +335,7 @@ def test_run_writes_the_workspace_prepared_dir_and_logs_to_mlflow(tiny_cfg, tmp_
     assert meta["counts"]["train"] + meta["counts"]["val"] == tiny_cfg.data.synthetic.train_size
     run_id = json.loads(ws.run_handle.read_text())["run_id"]
     run = mlflow.MlflowClient().get_run(run_id)
-    assert run.data.metrics["data_test_examples"] == tiny_cfg.data.synthetic.test_size
+    assert run.data.params["data.test_examples"] == str(tiny_cfg.data.synthetic.test_size)
     assert [a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "data")] == [
         "data/meta.json"
     ]

@@ -27,7 +27,7 @@ from tasks.errors import DistributeError
 from tasks.training import distribute, recipe
 from tests.helpers.project import PARAMS, TINY, module_command, pipeline_env, read_mlflow
 
-EXPERIMENT = "cifar10-pipeline"
+EXPERIMENT = "synthetic"
 
 
 # ------------------------------------------------------------------ sharding rules

@@ -90,7 +90,7 @@ def test_the_resumed_attempt_continues_one_mlflow_run_without_duplicate_steps(
 ):
     root, _, _ = killed_and_resumed
     store = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
-    client, runs = read_mlflow(store, "cifar10-pipeline")
+    client, runs = read_mlflow(store, "synthetic")
     registered = [run for run in runs if run.data.tags.get("pipeline.stage.register") == "done"]
     [run] = registered
     for metric in ("loss", "accuracy", "val_loss", "val_accuracy"):
@@ -145,14 +145,14 @@ def test_a_stop_signal_ends_the_stage_quickly_and_the_run_killed(tmp_path, signu
     name = signal.Signals(signum).name
     assert f"stage 'train' stopped by {name}" in output
     assert "Traceback" not in output
-    client, runs = read_mlflow(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}", "cifar10-pipeline")
+    client, runs = read_mlflow(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}", "synthetic")
     [killed] = runs
     assert killed.info.status == "KILLED"
     assert name in killed.data.tags["pipeline.end_reason"]
     # The next attempt resumes training and records every epoch once.
     rerun = run(root, *module_command("flows.stage", "train"))
     assert rerun.returncode == 0 and "resuming from epoch" in rerun.stdout, rerun.stderr[-3000:]
-    client, runs = read_mlflow(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}", "cifar10-pipeline")
+    client, runs = read_mlflow(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}", "synthetic")
     resumed = runs[0]
     steps = [m.step for m in client.get_metric_history(resumed.info.run_id, "val_loss")]
     assert sorted(steps) == [0, 1, 2]
@@ -225,7 +225,7 @@ def test_two_first_runs_on_a_new_sqlite_store_both_succeed(tmp_path):
     results = [process.communicate(timeout=300) for process in launched]
     for process, (_, err) in zip(launched, results, strict=True):
         assert process.returncode == 0, err[-3000:]
-    client, runs = read_mlflow(f"sqlite:///{store}", "cifar10-pipeline")
+    client, runs = read_mlflow(f"sqlite:///{store}", "synthetic")
     assert len(runs) == 2
 
 
@@ -265,7 +265,7 @@ def test_a_stopped_flow_leaves_no_process_and_no_open_run(tmp_path, signum):
     assert f"pipeline stopped by {signal.Signals(signum).name}" in output
     _, alive = psutil.wait_procs(family, timeout=5)
     assert not alive, f"left behind: {[p.cmdline() for p in alive]}"
-    _, runs = read_mlflow(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", "cifar10-pipeline")
+    _, runs = read_mlflow(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", "synthetic")
     [run] = runs
     assert run.info.status == "KILLED"
     assert signal.Signals(signum).name in run.data.tags["pipeline.end_reason"]
@@ -411,7 +411,7 @@ def test_a_tracking_server_lost_mid_training_ends_the_stage_in_bounded_time(
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=url)
-    [run] = client.search_runs([client.get_experiment_by_name("cifar10-pipeline").experiment_id])
+    [run] = client.search_runs([client.get_experiment_by_name("synthetic").experiment_id])
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
     assert sorted(steps) == [0, 1, 2], "every epoch's metrics exactly once"
     assert run.info.status == "FINISHED", "the rerun closed the run the lost server left open"
@@ -445,7 +445,7 @@ def test_a_tracking_server_restarted_mid_training_loses_and_duplicates_nothing(
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=url)
-    [run] = client.search_runs([client.get_experiment_by_name("cifar10-pipeline").experiment_id])
+    [run] = client.search_runs([client.get_experiment_by_name("synthetic").experiment_id])
     for key in ("loss", "val_loss"):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert sorted(steps) == [0, 1, 2], f"{key}: every epoch's metrics exactly once"

@@ -58,9 +58,9 @@ def runs_of(client, experiment: str) -> list:
 
 def test_deployments_are_registered_and_the_retrain_schedule_is_paused(stack):
     listed = stack.prefect("deployment", "ls").stdout
-    for name in ("training-pipeline/local", "scheduled-retrain/nightly", "training-sweep/sweep"):
+    for name in ("training-pipeline/train", "scheduled-retrain/nightly", "training-sweep/sweep"):
         assert name in listed
-    local = stack.api("deployments/name/training-pipeline/local")
+    local = stack.api("deployments/name/training-pipeline/train")
     assert local["parameters"]["workdir"] == f"runs/{RUN_ID_FIELD}"
     # No pull section in prefect.yaml: flow runs start in the directory deployed from.
     [step] = local["pull_steps"]
@@ -86,7 +86,7 @@ def test_two_deployment_runs_at_once_are_tracked_registered_and_kept_apart(stack
             [
                 str(BIN / "prefect"),
                 *deployment_run_args(
-                    "training-pipeline/local",
+                    "training-pipeline/train",
                     {"overrides": tiny(name, **{"train.seed": seed, "train.epochs": 2})},
                 ),
             ],
@@ -144,10 +144,11 @@ def test_two_deployment_runs_at_once_are_tracked_registered_and_kept_apart(stack
     # A flow run's own output (its "View at .../flow-run/<id>" line) goes to its worker's log.
     taken = [sum(f"flow-run/{i}" in log.read_text() for i in ids) for log in worker_logs]
     assert taken == [1, 1], taken
-    held = sorted(tuple(map(float, v.tags["registry.lock_held"].split("-"))) for v in versions)
+    tags = [client.get_run(v.run_id).data.tags for v in versions]  # bookkeeping: on the runs
+    held = sorted(tuple(map(float, t["registry.lock_held"].split("-"))) for t in tags)
     assert held[0][1] <= held[1][0], f"alias moves overlapped: {held}"
-    for version in versions:
-        assert version.tags["registry.lock"] == f"prefect: registry-{name}"
+    for run_tags in tags:
+        assert run_tags["registry.lock"] == f"prefect: registry-{name}"
 
     # Per-stage logs and the run summary are artifacts of each flow run.
     for run_id, registered in zip(ids, registrations, strict=True):
@@ -186,11 +187,11 @@ def test_a_sweep_nests_its_points_and_registers_only_the_best(stack):
     for child in children:
         assert child.info.status == "FINISHED"
         assert child.data.tags["pipeline.workdir"].startswith(str(stack.root / "runs" / sweep_id))
-    best = max(child.data.metrics["test_accuracy"] for child in children)
+    best = max(child.data.metrics["test/accuracy"] for child in children)
     [version] = client.search_model_versions(f"name = '{name}'")
     winner = client.get_run(version.run_id)
     assert winner.data.tags["mlflow.parentRunId"] == parent.info.run_id
-    assert winner.data.metrics["test_accuracy"] == best
+    assert winner.data.metrics["test/accuracy"] == best
     assert parent.data.tags["registered.version"] == str(version.version) == "1"
     assert parent.data.tags["sweep.best_run_id"] == version.run_id
 
@@ -199,7 +200,7 @@ def test_a_bad_override_fails_fast_with_the_key_and_leaves_nothing(stack):
     name = "operate-bad"
     before = len(stack.api_flow_runs())
     result, run_id = run_deployment(
-        stack, "training-pipeline/local", {"overrides": tiny(name, **{"train.epoch": 3})}
+        stack, "training-pipeline/train", {"overrides": tiny(name, **{"train.epoch": 3})}
     )
     assert result.returncode != 0
     # what the README shows `--watch` printing
@@ -259,7 +260,7 @@ def test_a_killed_flow_run_is_crashed_in_prefect_and_killed_in_mlflow(stack):
     name = "operate-crash-retrain"
     slow = tiny(name, **{"data.synthetic.train_size": 3000, "train.epochs": 3})
     started = stack.prefect(
-        "deployment", "run", "training-pipeline/local", "--param", f"overrides={json.dumps(slow)}"
+        "deployment", "run", "training-pipeline/train", "--param", f"overrides={json.dumps(slow)}"
     )
     assert started.returncode == 0, started.stdout + started.stderr
     run_id = flow_run_id(started.stdout)
@@ -320,7 +321,7 @@ def test_batch_predict_writes_predictions_and_logs_them_with_the_version(stack, 
 
     # As the README writes it: plain -p values are strings to the Prefect CLI.
     result = stack.prefect(
-        *("deployment", "run", "batch-predict/local", "-p", "images=data/predict-operate"),
+        *("deployment", "run", "batch-predict/predict", "-p", "images=data/predict-operate"),
         *("-p", f"model_uri=models:/{name}@champion", "--watch"),
     )
     run_id = flow_run_id(result.stdout)
@@ -344,7 +345,7 @@ def test_batch_predict_writes_predictions_and_logs_them_with_the_version(stack, 
     assert f"models:/{name}/{version}" in summary["data"] and "broken.png" in summary["data"]
 
     # Parameters come from anyone with API access: nothing outside the project is read.
-    result, run_id = run_deployment(stack, "batch-predict/local", {"images": "/etc"})
+    result, run_id = run_deployment(stack, "batch-predict/predict", {"images": "/etc"})
     state = stack.flow_run(run_id)["state"]
     assert result.returncode != 0 and state["type"] == "FAILED"
     assert "only inside the project" in state["message"]

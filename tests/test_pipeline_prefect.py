@@ -22,6 +22,7 @@ def prefect_server():
 
 def test_flow_runs_all_stages_and_registers_a_champion(prefect_server, tmp_path):
     import mlflow
+    from prefect import get_client
 
     from flows.pipeline import training_pipeline
 
@@ -31,9 +32,13 @@ def test_flow_runs_all_stages_and_registers_a_champion(prefect_server, tmp_path)
     )
     assert state.is_completed(), state
     record = state.result()
-    client, runs = read_mlflow(overrides["mlflow.tracking_uri"], "cifar10-pipeline")
+    client, runs = read_mlflow(overrides["mlflow.tracking_uri"], "synthetic")
     assert len(runs) == 1
-    assert runs[0].info.run_name.startswith("prefect-")
+    with get_client(sync_client=True) as prefect:
+        flow_run = prefect.read_flow_run(state.state_details.flow_run_id)
+    # model, dataset, then the flow run's name: the two UIs point at each other
+    assert runs[0].info.run_name == f"seed_cnn-synthetic-{flow_run.name}"
+    assert runs[0].data.tags["mlflow.source.name"] == "python -m flows.pipeline"
     ws = Workspace(tmp_path)
     name = "synthetic-seed_cnn"  # register.model_name: auto, on synthetic data
     registration = check_pipeline_run(client, runs[0], epochs=1, model_name=name, ws=ws)
@@ -118,7 +123,7 @@ def test_a_transient_stage_failure_is_retried_in_the_same_mlflow_run(
     assert state.is_completed(), state
     assert state.result() == {"attempts": 2}
     assert calls[0] == calls[1], "the retry continues the pipeline's MLflow run"
-    client, runs = read_mlflow(tiny_overrides(tmp_path)["mlflow.tracking_uri"], "cifar10-pipeline")
+    client, runs = read_mlflow(tiny_overrides(tmp_path)["mlflow.tracking_uri"], "synthetic")
     assert [run.info.run_id for run in runs] == [calls[0]]
     assert runs[0].info.status == "FINISHED"
 
@@ -142,5 +147,5 @@ def test_a_failing_stage_is_not_retried_and_names_itself(prefect_server, tmp_pat
     assert len(calls) == 1, "a bug is not retried"
     with pytest.raises(StageFailed, match=r"stage 'train' failed: ValueError: bad shapes"):
         state.result()
-    _, runs = read_mlflow(tiny_overrides(tmp_path)["mlflow.tracking_uri"], "cifar10-pipeline")
+    _, runs = read_mlflow(tiny_overrides(tmp_path)["mlflow.tracking_uri"], "synthetic")
     assert [run.info.status for run in runs] == ["FAILED"]

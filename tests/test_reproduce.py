@@ -36,7 +36,7 @@ from tasks.tracking.lineage import dvc_hash
 from tests.helpers.project import REPO, TINY, dvc_repro, module_command, pipeline_env
 
 MODEL = "synthetic-seed_cnn"  # register.model_name: auto, on TINY synthetic data
-COMPARED = ("test_accuracy", "test_loss", "test_macro_f1")
+COMPARED = ("test/accuracy", "test/loss", "test/macro_f1")
 COMMIT = "4d7f1a53b6f8c87ceac391c5ad7ba3764dd8954c"
 TAGS = {
     "git_commit": COMMIT,
@@ -101,16 +101,19 @@ def test_exact_only_when_determinism_and_library_versions_are_recorded_and_equal
 
 
 def test_a_match_needs_every_metric_within_the_rule():
-    original = {"test_accuracy": 0.5, "test_loss": 1.0, "test_f1_cat": 0.25, "loss": 9.0}
-    close = {"test_accuracy": 0.5, "test_loss": 1.0 + 5e-7, "test_f1_cat": 0.25}
+    original = {"test/accuracy": 0.5, "test/loss": 1.0, "per_class/f1_cat": 0.25, "loss": 9.0}
+    close = {"test/accuracy": 0.5, "test/loss": 1.0 + 5e-7, "per_class/f1_cat": 0.25}
     rows = compare(original, close)
-    assert [row.metric for row in rows] == ["test_accuracy", "test_loss", "test_f1_cat"]
+    assert [row.metric for row in rows] == ["test/accuracy", "test/loss", "per_class/f1_cat"]
+    # A version registered before the chart sections logged test_accuracy, test_f1_<class>.
+    legacy = {"test_accuracy": 0.5, "test_loss": 1.0, "test_f1_cat": 0.25, "loss": 9.0}
+    assert compare(legacy, close) == rows
     record = VersionRecord.from_tags(MODEL, "1", TAGS)
     tolerant = choose_rule(record, Rebuilt(True, SAME_LIBRARIES), 1e-6)
     assert matches(rows, tolerant)
     exact = Rule(exact=True, tolerance=0.0, reason="test")
     assert not matches(rows, exact)
-    assert not matches(compare(original, close | {"test_f1_dog": 0.5}), tolerant), "missing"
+    assert not matches(compare(original, close | {"per_class/f1_dog": 0.5}), tolerant), "missing"
     assert Row("m", None, 1.0).difference is None
 
 
@@ -131,7 +134,7 @@ def test_the_flow_and_its_deployment_run_the_same_checked_function():
     assert state.is_failed() and "not a model version URI" in state.message
     deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
     (entry,) = [d for d in deployments if d["entrypoint"] == "flows/reproduce/runner.py:reproduce"]
-    assert reproduce.name == "reproduce-version" and entry["name"] == "local"
+    assert reproduce.name == "reproduce-version" and entry["name"] == "reproduce"
     assert "model_uri" in reproduce.parameters.properties
 
 
@@ -165,7 +168,7 @@ def client(project):
 
 
 def runs(client) -> list:
-    experiment = client.get_experiment_by_name("cifar10-pipeline")
+    experiment = client.get_experiment_by_name("synthetic")
     return client.search_runs([experiment.experiment_id])
 
 
@@ -226,7 +229,7 @@ def test_a_registered_version_is_rebuilt_from_its_tags_and_matches(project, clie
     assert new.data.tags[f"{REPRODUCES_TAG}.match"] == "true"
     original = client.get_run(client.get_model_version(MODEL, "1").run_id)
     assert new.data.tags["pipeline.git_commit"] == original.data.tags["pipeline.git_commit"]
-    compared = [k for k in original.data.metrics if k in COMPARED or k.startswith("test_f1_")]
+    compared = [k for k in original.data.metrics if k in COMPARED or k.startswith("per_class/f1_")]
     assert len(compared) == 3 + 10
     for key in compared:
         assert new.data.metrics[key] == original.data.metrics[key], key

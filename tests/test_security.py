@@ -25,7 +25,7 @@ from tasks.errors import ModelFileError
 from tests.helpers.operate import RUN_TIMEOUT_S, deployment_run_args, flow_run_id
 from tests.helpers.project import PARAMS, REPO, module_command, tiny_overrides
 
-PIPELINE = "training-pipeline/local"
+PIPELINE = "training-pipeline/train"
 EVIL = "http://evil.example"
 
 

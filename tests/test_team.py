@@ -67,7 +67,7 @@ def restarted_run(stack, team_postgres):
     }
     command = [
         str(BIN / "prefect"),
-        *deployment_run_args("training-pipeline/local", {"overrides": overrides}),
+        *deployment_run_args("training-pipeline/train", {"overrides": overrides}),
     ]
     process = subprocess.Popen(
         command,
@@ -130,9 +130,12 @@ def test_the_run_version_and_aliases_are_in_postgresql_and_the_flow_run_in_prefe
         name,
     )
     assert aliases == [("challenger", 1), ("champion", 1)]
-    tags = dict(
+    tags = dict(  # the registry lock is the run's bookkeeping, not the version's
         team_postgres.query(
-            MLFLOW_DB, "SELECT key, value FROM model_version_tags WHERE name = %s", name
+            MLFLOW_DB,
+            "SELECT t.key, t.value FROM tags t JOIN model_versions v ON t.run_uuid = v.run_id "
+            "WHERE v.name = %s",
+            name,
         )
     )
     assert tags["registry.lock"] == "prefect: registry-team-restart", tags

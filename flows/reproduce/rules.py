@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tasks.errors import ReproduceError
+from tasks.tracking.runs import LEGACY_TEST_PREFIX, TEST_PREFIX
 
 # Same name rule as params.yaml register.model_name; versions are positive integers.
 MODEL_URI = re.compile(
@@ -41,8 +42,9 @@ DETERMINISTIC_TAG = "deterministic"  # "true" / "false": TF op determinism in th
 VERSIONS_TAG = "versions"  # JSON {package: version} (tasks/stages/register.py lineage_tags)
 LIBRARY_TAGS = {"tensorflow": VERSIONS_TAG, "keras": VERSIONS_TAG}  # what exactness needs
 DEFAULT_TOLERANCE = 1e-6  # absolute, per metric; see the module docstring
-HEADLINE_METRICS = ("test_accuracy", "test_loss", "test_macro_f1")
-CLASS_F1_PREFIX = "test_f1_"  # tasks/images/evaluate.py mlflow_metrics: test_f1_<class>
+HEADLINE_METRICS = ("test/accuracy", "test/loss", "test/macro_f1")  # tasks/stages/evaluate.py
+CLASS_F1_PREFIX = "per_class/f1_"  # per-class F1, from reports/evaluate/per_class.json
+LEGACY_CLASS_F1_PREFIX = "test_f1_"  # the same, as runs logged them before chart sections
 MAX_QUOTED_CHARS = 200  # of a caller's text quoted back in an error
 
 
@@ -206,8 +208,31 @@ class Row:
         return abs(self.reproduced - self.original)
 
 
-def compared_metrics(flat: Mapping[str, float]) -> dict[str, float]:
+def current_name(key: str) -> str:
+    """A metric's name as runs log it now; a version registered before the MLflow chart
+    sections (``test_accuracy``, ``test_f1_<class>``) is compared under the same names."""
+    if key.startswith(LEGACY_CLASS_F1_PREFIX):
+        return CLASS_F1_PREFIX + key.removeprefix(LEGACY_CLASS_F1_PREFIX)
+    if (
+        key.startswith(LEGACY_TEST_PREFIX)
+        and TEST_PREFIX + key.removeprefix(LEGACY_TEST_PREFIX) in HEADLINE_METRICS
+    ):
+        return TEST_PREFIX + key.removeprefix(LEGACY_TEST_PREFIX)
+    return key
+
+
+def class_f1_metrics(per_class: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """Per-class F1 (per_class.json) under the names compared, ``per_class/f1_<class>``
+    (the name as runs once logged it as ``test_f1_<class>``)."""
+    safe = {
+        name: "".join(c if c.isalnum() or c in "_-." else "_" for c in name) for name in per_class
+    }
+    return {CLASS_F1_PREFIX + safe[name]: float(scores["f1"]) for name, scores in per_class.items()}
+
+
+def compared_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
     """The metrics a reproduction is judged on: accuracy, loss, macro F1, per-class F1."""
+    flat = {current_name(key): value for key, value in metrics.items()}
     keys = [key for key in HEADLINE_METRICS if key in flat]
     keys += [key for key in flat if key.startswith(CLASS_F1_PREFIX)]
     return {key: float(flat[key]) for key in keys}

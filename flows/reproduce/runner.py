@@ -1,7 +1,8 @@
 """Rebuild a registered model version from what it records, and compare it with the original.
 
     python -m flows.reproduce models:/cifar10-seed_cnn/3
-    prefect deployment run 'reproduce-version/local' -p model_uri=models:/cifar10-seed_cnn/3 --watch
+    prefect deployment run 'reproduce-version/reproduce' \
+        -p model_uri=models:/cifar10-seed_cnn/3 --watch
 
 The version's tags name its commit, data version (DVC hash) and resolved params. That
 commit is checked out in a temporary git worktree, the data version is restored there
@@ -20,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ from flows.reproduce.rules import (
     VersionRecord,
     check_tolerance,
     choose_rule,
+    class_f1_metrics,
     compare,
     parse_model_uri,
     verdict,
@@ -48,6 +51,7 @@ from tasks.workspace import read_json, write_json
 
 SUMMARY_KEY = "reproduction-summary"  # the Prefect artifact's key
 CHANGES_ARTIFACT = lineage.CHANGES_ARTIFACT  # what a -dirty version's run recorded
+PER_CLASS_ARTIFACT = "evaluate/per_class.json"  # logged by the evaluate stage
 STOP_WAIT_S = 10  # for the pipeline process to end its MLflow run after each SIGTERM
 STOP_ATTEMPTS = 3
 
@@ -114,16 +118,23 @@ def not_found(client: Any, name: str, version: str, uri: str) -> str:
 
 
 def original_metrics(client: Any, record: VersionRecord) -> dict[str, float]:
-    """The test metrics the version's own run logged (tasks/images/evaluate.py mlflow_metrics)."""
+    """The test metrics the version's own run logged, and its per-class F1 from the run's
+    evaluate/per_class.json (older runs logged them as metrics too: compare reads both)."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return dict(client.get_run(record.run_id).data.metrics)
+        metrics = dict(client.get_run(record.run_id).data.metrics)
     except MlflowException:
         raise ReproduceError(
             f"{record.uri}: its run {record.run_id} is not in the tracking store any more, "
             "so there are no original metrics to compare with"
         ) from None
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            path = client.download_artifacts(record.run_id, PER_CLASS_ARTIFACT, scratch)
+        except (MlflowException, OSError):
+            return metrics  # a language model, or a run from before that artifact
+        return metrics | class_f1_metrics(read_json(Path(path)))
 
 
 def check_rebuildable(project: Path, record: VersionRecord, uri: str) -> str | None:
@@ -250,10 +261,10 @@ def reproduction_run(client: Any, checkout: Path, record: VersionRecord) -> str 
 
 
 def rebuild_metrics(checkout: Path) -> dict[str, float]:
-    """The reproduction's test metrics, named as its MLflow metrics are. Older commits kept
-    the per-class numbers inside reports/metrics.json, then in reports/per_class.json; a
-    language model has none."""
-    from tasks.images.evaluate import mlflow_metrics
+    """The reproduction's test metrics, named as original_metrics names them. Older commits
+    kept the per-class numbers inside reports/metrics.json, then in reports/per_class.json;
+    a language model has none."""
+    from tasks.tracking.runs import test_metrics
     from tasks.workspace import Workspace
 
     ws = Workspace(checkout)
@@ -262,7 +273,7 @@ def rebuild_metrics(checkout: Path) -> dict[str, float]:
         places = (ws.per_class, ws.reports / "per_class.json")
         found = next((path for path in places if path.is_file()), None)
         metrics["per_class"] = read_json(found) if found else {}
-    return mlflow_metrics(metrics)
+    return test_metrics(metrics["test"]) | class_f1_metrics(metrics["per_class"])
 
 
 def reproduce_version(

@@ -16,11 +16,10 @@ from tasks.prepared import load_meta, load_split
 from tasks.workspace import Workspace, atomic_path, write_json
 
 
-def evaluate(
-    cfg: PipelineConfig, ws: Workspace, model: Any, out_dir: Path
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Write the details into ``out_dir``; return the headline metrics (``accuracy``: the
-    number the registry compares) and every metric for MLflow."""
+def evaluate(cfg: PipelineConfig, ws: Workspace, model: Any, out_dir: Path) -> dict[str, float]:
+    """Write the details into ``out_dir`` (per-class scores among them: an artifact, not
+    3 x classes single-value charts in the MLflow UI); return the headline metrics
+    (``accuracy``: the number the registry compares)."""
     meta = load_meta(ws.prepared)
     images, labels = load_split(ws.prepared, "test")
     stats = model_stats(cfg, dataset_stats(ws))
@@ -31,7 +30,7 @@ def evaluate(
     save_confusion_matrix(labels, predicted, names, out_dir / ws.confusion_png.name)
     write_predictions(labels, predicted, names, out_dir / ws.predictions.name)
     write_json(out_dir / ws.per_class.name, metrics["per_class"])
-    return metrics["test"], mlflow_metrics(metrics)
+    return metrics["test"]
 
 
 def predict_logits(
@@ -128,13 +127,3 @@ def write_predictions(labels: np.ndarray, predicted: np.ndarray, names: list[str
     lines += [f"{names[a]},{names[p]}" for a, p in zip(labels, predicted, strict=True)]
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
-
-
-def mlflow_metrics(metrics: dict) -> dict[str, float]:
-    """Flat metric names for MLflow: test_accuracy, test_f1_<class>, ..."""
-    flat = {f"test_{key}": value for key, value in metrics["test"].items()}
-    for name, scores in metrics["per_class"].items():
-        safe = "".join(c if c.isalnum() or c in "_-." else "_" for c in name)
-        for score in ("precision", "recall", "f1"):
-            flat[f"test_{score}_{safe}"] = scores[score]
-    return flat

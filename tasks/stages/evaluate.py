@@ -46,11 +46,11 @@ def run(cfg: PipelineConfig, ws: Workspace) -> dict:
         from tasks.images.evaluate import evaluate
     model = load_model_file(ws.model_file)  # inference only, safe mode
     with runs.stage_run(cfg, ws, "evaluate"), atomic_dir(ws.evaluation) as details:
-        headline, logged = evaluate(cfg, ws, model, details)
+        headline = evaluate(cfg, ws, model, details)
         refuse_non_finite(headline, "evaluate")
         summary = {"test": headline} | champion_margin(cfg.register.model_name, headline)
         write_json(ws.metrics, summary)  # `dvc metrics show`: headline only
-        mlflow.log_metrics(logged)
+        mlflow.log_metrics(runs.test_metrics(headline))  # the UI's `test` chart section
         mlflow.log_artifact(str(ws.metrics), artifact_path="evaluate")
         mlflow.log_artifacts(str(details), artifact_path="evaluate")
     return {"test": headline}

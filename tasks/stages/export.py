@@ -5,7 +5,7 @@ Float formats must match the Keras model's probabilities within PARITY_BOUND and
 on every top-1 label, or the stage fails naming the format and its numbers (and the
 previous exports/ stays); quantized LiteRT variants are reported, not judged: their
 accuracy next to the float model's is the number to decide on. The files are logged to
-the pipeline's MLflow run under exports/ and listed in tags of the model version.
+the pipeline's MLflow run under exports/ and listed in the model version's description.
 """
 
 from __future__ import annotations
@@ -21,11 +21,10 @@ import numpy as np
 from tasks.config import PipelineConfig, modality
 from tasks.errors import ExportError
 from tasks.serving import formats
-from tasks.tracking import registry, runs
+from tasks.tracking import describe, registry, runs
 from tasks.workspace import Workspace, atomic_dir, read_json
 
 PARITY_BOUND = 1e-4  # max |probability difference| allowed for a float format
-TAG_PREFIX = "export."  # model version tag per variant: export.onnx, export.litert_int8, ...
 
 
 def parity_row(
@@ -118,20 +117,26 @@ def export(cfg: PipelineConfig, ws: Workspace, name: str, version: str) -> dict[
 
 
 def publish(name: str, version: str, run_id: str, report: dict[str, Any], ws: Workspace) -> None:
-    """Log exports/ to the run and list each file, with its parity, on the model version."""
+    """Log exports/ to the run (parity.json among them) and list each file with its parity
+    in the version's description, where a person browsing the registry looks (as run
+    metrics they would be single-value charts, two per format)."""
     import mlflow
 
     mlflow.log_artifacts(str(ws.exports), artifact_path="exports")
     client = mlflow.MlflowClient()
+    rows = []
     for variant, row in report["formats"].items():
-        summary = {"artifact": f"runs:/{run_id}/exports/{row['file']}"} | {
-            key: row[key] for key in ("bytes", "max_abs_diff", "top1_agreement", "accuracy")
-        }
-        client.set_model_version_tag(name, version, TAG_PREFIX + variant, json.dumps(summary))
-        mlflow.log_metric(f"export.{variant}.max_abs_diff", row["max_abs_diff"])
-        mlflow.log_metric(f"export.{variant}.accuracy", row["accuracy"])
-    for variant, reason in report["unsupported"].items():
-        client.set_model_version_tag(name, version, TAG_PREFIX + variant, f"unsupported: {reason}")
+        rows.append(
+            f"{variant}: `runs:/{run_id}/exports/{row['file']}` ({row['bytes']} bytes), "
+            f"test accuracy {row['accuracy']:.4f}, top-1 agreement "
+            f"{row['top1_agreement']:.4f}, max |probability difference| "
+            f"{row['max_abs_diff']:.2g}"
+        )
+    rows += [
+        f"{variant}: unsupported: {reason}" for variant, reason in report["unsupported"].items()
+    ]
+    described = client.get_model_version(name, version).description
+    client.update_model_version(name, version, describe.with_exports(described, rows))
 
 
 def run(cfg: PipelineConfig, ws: Workspace) -> dict[str, Any]:

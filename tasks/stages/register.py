@@ -24,7 +24,7 @@ from tasks import startup
 from tasks.config import PipelineConfig, modality
 from tasks.errors import refuse_non_finite
 from tasks.modality import ServedModel
-from tasks.tracking import lineage, registry, runs
+from tasks.tracking import describe, lineage, registry, runs, views
 from tasks.tracking.lineage import dvc_hash
 from tasks.tracking.registry_lock import registry_lock
 from tasks.workspace import Workspace, read_json, write_json
@@ -40,9 +40,12 @@ def log_model(served: ServedModel, cfg: PipelineConfig) -> str:
     generated text), and loading it needs nothing from this repository.
     """
     import mlflow
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature, infer_signature
 
     example = served.input_example
+    inferred = infer_signature(example, params=served.params)
+    # Declared, not inferred: the outputs are what the model code answers (the UI's schema).
+    signature = ModelSignature(inferred.inputs, served.output_schema, inferred.params)
     with warnings.catch_warnings():
         # The signature is given; MLflow would still ask for type hints on predict().
         warnings.filterwarnings("ignore", message=".*type hint", category=UserWarning)
@@ -54,7 +57,7 @@ def log_model(served: ServedModel, cfg: PipelineConfig) -> str:
                 python_model=str(served.code),
                 artifacts={key: str(path) for key, path in served.artifacts.items()},
                 model_config=served.model_config,
-                signature=infer_signature(example, params=served.params),
+                signature=signature,
                 input_example=(example, served.params) if served.params else example,
                 registered_model_name=cfg.register.model_name,
                 # Stated, not inferred: inference reloads the model in a subprocess (~6 s of ~7).
@@ -126,15 +129,18 @@ def log_and_register(
         data_version=tags["data_version"],
         reevaluate=served.reevaluate,
     )
-    lock = aliases["lock"]  # which lock serialized the alias moves, and when
-    client.set_model_version_tag(name, version, "registry.lock", f"{lock['kind']}: {lock['name']}")
-    client.set_model_version_tag(name, version, "registry.lock_held", lock["held"])
-    previous = aliases["previous_champion"]
+    describe_version(client, cfg, served, version, test_accuracy, aliases, tags)
+    lock = aliases["lock"]  # which lock serialized the alias moves, and when: bookkeeping,
+    run_tags = {
+        "registry.lock": f"{lock['kind']}: {lock['name']}",
+        "registry.lock_held": lock["held"],
+    }
+    previous = aliases["previous_champion"]  # so on the run, not among the version's tags
     if previous.get("reevaluated"):
-        on_this_data = repr(previous["compared_accuracy"])
-        client.set_model_version_tag(name, version, "champion_compared", previous["version"])
-        client.set_model_version_tag(name, version, "champion_accuracy_on_this_data", on_this_data)
-        mlflow.log_metric("champion_accuracy_on_this_data", previous["compared_accuracy"])
+        run_tags["registry.champion_compared"] = previous["version"]
+        run_tags["registry.champion_accuracy_on_this_data"] = repr(previous["compared_accuracy"])
+    for key, value in run_tags.items():
+        client.set_tag(run_id, key, value)
     return {
         "model_name": name,
         "version": version,
@@ -148,6 +154,35 @@ def log_and_register(
         "git_commit": tags["git_commit"],
         "data_version": tags["data_version"],
     }
+
+
+def describe_version(
+    client: Any,
+    cfg: PipelineConfig,
+    served: ServedModel,
+    version: str,
+    test_accuracy: float,
+    aliases: dict[str, Any],
+    lineage: dict[str, str],
+) -> None:
+    """The descriptions the registry UI shows: the model's (what it serves, how to load it)
+    and the version's (how good, on which data, why it is or is not the champion)."""
+    name = cfg.register.model_name
+    what = f"A `{cfg.model.name}` model for {served.binding['dataset']}"
+    client.update_registered_model(
+        name, describe.model_description(name, what, served.interface, served.classes)
+    )
+    client.update_model_version(
+        name,
+        version,
+        describe.version_description(
+            f"models:/{name}/{version}",
+            test_accuracy,
+            aliases,
+            lineage,
+            cfg.register.promote_margin,
+        ),
+    )
 
 
 def run(cfg: PipelineConfig, ws: Workspace) -> dict[str, Any]:
@@ -165,5 +200,9 @@ def run(cfg: PipelineConfig, ws: Workspace) -> dict[str, Any]:
         mlflow.log_artifact(str(ws.registration), artifact_path="register")
         mlflow.set_tags(
             {"registered.version": record["version"], "registered.promoted": record["promoted"]}
+        )
+        experiment = record["mlflow"]["experiment_id"]
+        views.refresh_runs_view(
+            mlflow.MlflowClient(), experiment, list(runs.test_metrics(metrics["test"]))
         )
     return record

@@ -210,6 +210,7 @@ def run(cfg: PipelineConfig, ws: Workspace) -> dict[str, list[float]]:
     total = training_phases(cfg)[-1].end_epoch
     with runs.stage_run(cfg, ws, "train") as run_id:
         print(summary)
+        runs.log_dataset(cfg, ws)
         runs.log_params_once(
             {
                 "train.replicas_in_sync": dist.replicas_in_sync,

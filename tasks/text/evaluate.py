@@ -16,9 +16,7 @@ from tasks.text.corpus import load_tokens, load_vocabulary, tokenizer_config
 from tasks.workspace import Workspace, read_json
 
 
-def evaluate(
-    cfg: PipelineConfig, ws: Workspace, model: Any, out_dir: Path
-) -> tuple[dict[str, float], dict[str, float]]:
+def evaluate(cfg: PipelineConfig, ws: Workspace, model: Any, out_dir: Path) -> dict[str, float]:
     test = load_tokens(ws.prepared, "test")
     length = int(model.input_shape[1])
     windows.check_length({"test": test}, length)
@@ -28,7 +26,7 @@ def evaluate(
     unigram = np.asarray(read_json(ws.unigram)["probabilities"])
     headline = metrics.language_metrics(logits, targets, unigram)
     (out_dir / ws.samples.name).write_text(samples(cfg, ws, model))
-    return headline, {f"test_{key}": value for key, value in headline.items()}
+    return headline
 
 
 def samples(cfg: PipelineConfig, ws: Workspace, model: Any) -> str:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 from tasks.config import PipelineConfig, dataset_identity
 from tasks.modality import ServedModel
@@ -33,6 +34,15 @@ def served_model(cfg: PipelineConfig, ws: Workspace, scratch: Path) -> ServedMod
         model_config=tokenizer_config(meta["level"]),
         input_example=pd.DataFrame({"prompt": list(cfg.evaluate.prompts)}),
         params=dict(DEFAULT_PARAMS),
+        output_schema=output_schema(),
+        interface=(
+            "Input: a `prompt` column of strings. Output: one row per prompt: with "
+            "`max_tokens` 0, the `next_token` and the `probabilities` of the `top_k` "
+            "likeliest; with `max_tokens` > 0, the `text` generated after it. Params: "
+            + ", ".join(f"`{key}` ({value})" for key, value in DEFAULT_PARAMS.items())
+            + "."
+        ),
+        classes=f"a {meta['level']}-level vocabulary of {meta['vocab_size']} tokens",
         binding={
             "dataset": dataset_identity(cfg.data.source, cfg.data.name),
             "input_shape": json.dumps([-1]),  # one prompt per row
@@ -43,4 +53,19 @@ def served_model(cfg: PipelineConfig, ws: Workspace, scratch: Path) -> ServedMod
         # Versions tokenize with their own vocabularies: ids of one data version mean
         # nothing to a model of another, so the recorded accuracy is compared.
         reevaluate=None,
+    )
+
+
+def output_schema() -> Any:
+    """What tasks/serving/text_model.py answers, one row per prompt: generated text, or
+    the next token's probabilities (max_tokens 0)."""
+    from mlflow.types.schema import ColSpec, DataType, Map, Schema
+
+    return Schema(
+        [
+            ColSpec(DataType.string, "prompt"),
+            ColSpec(DataType.string, "text", required=False),
+            ColSpec(DataType.string, "next_token", required=False),
+            ColSpec(Map(DataType.double), "probabilities", required=False),
+        ]
     )

@@ -25,6 +25,7 @@ from typing import Any
 from tasks.config import PipelineConfig, dataset_identity
 from tasks.errors import RegistryBindingError
 from tasks.tracking.registry_lock import registry_lock
+from tasks.tracking.runs import test_metric
 from tasks.workspace import Workspace
 
 CHAMPION = "champion"
@@ -110,7 +111,7 @@ def alias_version(client: Any, model_name: str, alias: str) -> Any:
 def recorded_accuracy(client: Any, version: Any) -> float | None:
     accuracy = version.tags.get("test_accuracy")
     if accuracy is None:  # registered by something else: fall back to its run's metric
-        accuracy = client.get_run(version.run_id).data.metrics.get("test_accuracy")
+        accuracy = test_metric(client.get_run(version.run_id).data.metrics, "accuracy")
     return None if accuracy is None else float(accuracy)
 
 

@@ -14,7 +14,7 @@ every client of the registry, and the widest thing all of them already reach is 
   which serializes the processes of this machine only. The log says so.
 
 Which lock is in force is printed when it is taken and kept on the registered version
-(tags ``registry.lock`` and ``registry.lock_held``).
+(tags ``registry.lock`` and ``registry.lock_held`` of the run that registered).
 """
 
 from __future__ import annotations

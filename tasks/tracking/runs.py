@@ -24,13 +24,31 @@ from pathlib import Path
 from typing import Any
 
 from tasks import startup
-from tasks.config import PipelineConfig
-from tasks.tracking import lineage, store
+from tasks.config import PipelineConfig, dataset_identity
+from tasks.tracking import lineage, store, views
 from tasks.workspace import Workspace, read_json, write_json
 
 PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests such runs under it
 END_REASON = store.END_REASON  # why a run ended FAILED or KILLED
 MAX_TAG_CHARS = 5000  # MLflow's limit on a tag value is 8000
+DIGEST_CHARS = 36  # MLflow's limit on a dataset digest; a DVC directory hash is 36
+
+
+# Metric names: the MLflow UI draws a chart section per name prefix before "/", and the
+# unprefixed ones (Keras' per-epoch loss, accuracy, val_loss, val_accuracy) first.
+TEST_PREFIX = "test/"  # the headline test metrics: test/accuracy, test/loss, ...
+LEGACY_TEST_PREFIX = "test_"  # how runs logged them before the sections
+
+
+def test_metrics(headline: dict[str, float]) -> dict[str, float]:
+    return {f"{TEST_PREFIX}{key}": value for key, value in headline.items()}
+
+
+def test_metric(metrics: dict[str, float], name: str) -> float | None:
+    """A run's headline test metric ``name``, under its current or its legacy name (runs
+    of existing stores keep being compared, promoted against and reproduced)."""
+    value = metrics.get(TEST_PREFIX + name)
+    return metrics.get(LEGACY_TEST_PREFIX + name) if value is None else value
 
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by the MLflow 3 UI
@@ -90,23 +108,51 @@ def config_digest(cfg: PipelineConfig) -> str:
     return hashlib.sha256(json.dumps(cfg.flat(), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def run_name(cfg: PipelineConfig, label: str) -> str:
+    """What the runs table shows first: model family, dataset, and ``label`` (the Prefect
+    flow run's name, so the two UIs point at each other, or a short random id)."""
+    dataset = dataset_identity(cfg.data.source, cfg.data.name, cfg.data.classes)
+    return f"{cfg.model.name}-{dataset}-{label}"
+
+
+def source_tags(ws: Workspace, origin: str) -> dict[str, str]:
+    """MLflow's own tags for a run's "Created by" and "Source" (the UI's columns), which a
+    run created through MlflowClient does not get by itself. ``origin``: what started it
+    (``dvc repro``, ``python -m flows.pipeline``, a deployment's name)."""
+    import getpass
+
+    commit = lineage.git_commit(ws.root)
+    tags = {
+        "mlflow.user": getpass.getuser(),
+        "mlflow.source.name": origin,
+        "mlflow.source.type": "JOB" if origin.startswith("deployment") else "LOCAL",
+    }
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit.removesuffix("-dirty")
+    return tags
+
+
 def start_pipeline_run(
     cfg: PipelineConfig,
     ws: Workspace,
-    run_name: str | None = None,
+    origin: str = "dvc repro",
+    label: str | None = None,
     parent_run_id: str | None = None,
 ) -> str:
     """Open a new pipeline run, log the resolved config, and write the handle file.
 
-    ``parent_run_id`` nests the run under another (a sweep's parent run).
+    ``origin`` says what started it (the run's Source), ``label`` ends its name
+    (`run_name`); ``parent_run_id`` nests the run under another (a sweep's parent run).
     """
+    import secrets
+
     import mlflow
 
     uri = configure(cfg, ws)
     end_orphans(cfg)
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
-    tags = {
+    tags = source_tags(ws, origin) | {
         store.OWNER_TAG: store.owner(),
         "pipeline.git_commit": lineage.git_commit(ws.root),
         "pipeline.dataset": "synthetic" if cfg.data.source == "synthetic" else cfg.data.name,
@@ -116,7 +162,8 @@ def start_pipeline_run(
     }
     if parent_run_id:
         tags[PARENT_RUN_TAG] = parent_run_id
-    run = client.create_run(experiment.experiment_id, run_name=run_name, tags=tags)
+    name = run_name(cfg, label or secrets.token_hex(3))
+    run = client.create_run(experiment.experiment_id, run_name=name, tags=tags)
     run_id = run.info.run_id
     client.log_batch(
         run_id,
@@ -130,6 +177,32 @@ def start_pipeline_run(
         {"run_id": run_id, "tracking_uri": uri, "config_digest": config_digest(cfg)},
     )
     return run_id
+
+
+def log_dataset(cfg: PipelineConfig, ws: Workspace) -> None:
+    """The prepared data as the active run's MLflow dataset input (the runs table's Dataset
+    column and the run page's Datasets): its name, the DVC hash of data/prepared as its
+    digest (the version's data_version), and where it came from."""
+    import mlflow
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    data = cfg.data
+    if data.source == "tfds":
+        source = HTTPDatasetSource(f"https://www.tensorflow.org/datasets/catalog/{data.name}")
+    elif data.source in ("idx", "text"):
+        files = data.idx_dir if data.source == "idx" else data.text.path
+        source = resolve_dataset_source(str(ws.resolve(files).resolve()))  # MLflow's "local"
+    else:
+        source = CodeDatasetSource({"generator": "tasks/images/data.py", "seed": str(data.seed)})
+    dataset = MetaDataset(
+        source,
+        name=dataset_identity(data.source, data.name, data.classes),
+        digest=lineage.dvc_hash(ws.prepared)[:DIGEST_CHARS],
+    )
+    mlflow.log_input(dataset, context="training")
 
 
 def start_sweep_run(
@@ -328,16 +401,19 @@ def log_artifact_if_exists(path: Path, artifact_path: str | None = None) -> None
 
 
 def run_url(run_id: str) -> dict[str, Any]:
-    """Where to find the run: tracking URI, ids, and the UI address when a server serves it."""
+    """Where to find the run: tracking URI, ids, and, when a server serves the store, its
+    UI addresses (the run, and the experiment's runs table), in the Model training layout."""
     import mlflow
 
     uri = mlflow.get_tracking_uri()
     run = mlflow.MlflowClient().get_run(run_id)
-    path = f"#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    experiment = run.info.experiment_id
+    served = store.is_server(uri)
     return {
         "tracking_uri": uri,
-        "experiment_id": run.info.experiment_id,
+        "experiment_id": experiment,
         "run_id": run_id,
-        "ui_path": path,
-        "ui_url": f"{uri.rstrip('/')}/{path}" if store.is_server(uri) else None,
+        "ui_path": f"#/experiments/{experiment}/runs/{run_id}",
+        "ui_url": views.run_url(uri, experiment, run_id) if served else None,
+        "experiment_url": views.experiment_url(uri, experiment) if served else None,
     }
