@@ -29,6 +29,7 @@ from prefect import flow, get_run_logger, task
 from prefect.exceptions import FailedRun
 from prefect.runtime import deployment, flow_run
 from prefect.tasks import exponential_backoff
+from prefect.utilities.annotations import quote
 
 from flows import reporting
 from flows.common import (
@@ -150,9 +151,10 @@ def run_stages(
     try:
         upstream: list[Any] = []
         for name in names:
-            # wait_for names the stage before: the Prefect UI draws the chain of stages
-            # (stages take the config and workspace, no result of the one before).
-            state = run_stage(name, cfg, ws, wait_for=upstream, return_state=True)
+            # The Prefect UI draws the chain of stages from wait_for. quote(): Prefect would
+            # otherwise take any value in the config equal by identity to a value an earlier
+            # stage returned (small ints, interned strings) for an input from that stage.
+            state = run_stage(name, quote(cfg), quote(ws), wait_for=upstream, return_state=True)
             results[name] = state.result()  # a failed stage raises its error here
             upstream = [state]
     except BaseException as error:

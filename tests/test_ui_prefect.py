@@ -6,6 +6,8 @@ and every deployment must have a name of its own.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from flows.stage import STAGE_NAMES
@@ -46,6 +48,11 @@ def test_the_prefect_ui_draws_the_chain_of_stages_and_the_summary(stack, request
         page.locator("input[type=password]").fill(stack.credential)
         page.keyboard.press("Enter")
         page.wait_for_url(lambda url: "/login" not in url)
+        # Prefect 3.8's login page calls the API before it has the credential and leaves
+        # the 401 uncaught (a minified error object); what counts starts after the login.
+        problems.found[:] = [
+            p for p in problems.found if not p.startswith(f"page error at {ui}/login")
+        ]
 
         page.goto(f"{ui}/runs/flow-run/{flow_run}")
         page.locator("canvas").first.wait_for()  # the graph is drawn on a canvas
@@ -55,16 +62,19 @@ def test_the_prefect_ui_draws_the_chain_of_stages_and_the_summary(stack, request
         names = {node_id: node["label"] for node_id, node in nodes.items()}
         assert sorted(names.values()) == sorted(STAGE_NAMES), names
         for node in nodes.values():
-            parents = [names[parent["id"]] for parent in node["parents"]]
+            # The API lists an edge once per row joined; the UI draws one line per pair.
+            parents = sorted({names[parent["id"]] for parent in node["parents"]})
             index = STAGE_NAMES.index(node["label"])
             assert parents == list(STAGE_NAMES[index - 1 : index]), (node["label"], parents)
 
         # Keras' per-epoch lines in the flow run's Logs tab.
-        page.get_by_role("tab", name="Logs").click()
-        page.get_by_text(f"Epoch {EPOCHS}/{EPOCHS}").first.wait_for()
+        epoch_line = page.get_by_text(f"Epoch {EPOCHS}/{EPOCHS}").first  # the default tab
+        epoch_line.scroll_into_view_if_needed()
+        epoch_line.wait_for()
 
         # The summary artifact renders as a table with a header.
-        page.goto(f"{ui}/artifacts/key/pipeline-summary")
+        page.goto(f"{ui}/artifacts/key/pipeline-summary")  # its history, newest first
+        page.get_by_role("link", name=re.compile(r"^[0-9a-f]{8}$")).first.click()
         page.get_by_text("Training pipeline summary").first.wait_for()
         header = page.locator("table thead").first.inner_text()
         assert "Run" in header and "Value" in header, header

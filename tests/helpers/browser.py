@@ -43,7 +43,7 @@ class Problems:
     found: list[str] = field(default_factory=list)
 
     def watch(self, page: Any) -> None:
-        page.on("pageerror", lambda error: self.found.append(f"page error: {error}"))
+        page.on("pageerror", lambda error: self.found.append(f"page error at {page.url}: {error}"))
         page.on(
             "response",
             lambda response: (
