@@ -136,9 +136,10 @@ def training_pipeline(
 
 
 def run_origin() -> str:
-    """The MLflow run's Source: the deployment that started this flow run, or the CLI."""
+    """The MLflow run's Source: the deployment that started this flow run (train, or nightly
+    and sweep, whose flows run this one), or the command line."""
     name = deployment.get_name()
-    return f"deployment training-pipeline/{name}" if name else "python -m flows.pipeline"
+    return f"deployment {name}" if name else "python -m flows.pipeline"
 
 
 def run_stages(

@@ -128,6 +128,7 @@ def test_two_deployment_runs_at_once_are_tracked_registered_and_kept_apart(stack
         version = client.get_model_version(name, registered["version"])
         assert version.tags["git_commit"].startswith(head)
         assert run.data.tags["pipeline.git_commit"].startswith(head)
+        assert run.data.tags["mlflow.source.name"] == "deployment train"  # the Source column
 
     versions = client.search_model_versions(f"name = '{name}'")
     assert sorted(str(v.version) for v in versions) == ["1", "2"]
@@ -159,6 +160,7 @@ def test_two_deployment_runs_at_once_are_tracked_registered_and_kept_apart(stack
             assert f"{stage} stage log (completed)" in descriptions
         train_log = next(a for a in artifacts if a["description"].startswith("train"))["data"]
         assert "Epoch 2/2" in train_log, train_log  # Keras' per-epoch lines
+        assert train_log.count("training on 1 replica(s)") == 1, train_log  # each line once
         summary = next(a for a in artifacts if a["key"] == "pipeline-summary")["data"]
         version = registered["version"]
         assert f"{name} v{version}" in summary and "Test accuracy" in summary

@@ -147,6 +147,10 @@ def test_the_mlflow_ui_shows_the_runs_their_curves_and_the_champion(ui_project, 
         assert re.search(r"@\s*champion", aliases), aliases
         accuracy = float(champion.tags["test_accuracy"])
         assert f"{accuracy:.4f}" in shown, shown
+        # The registered models list names the champion's version first.
+        page.goto(f"{base}/#/models?{views.MODEL_TRAINING}")
+        listed = page.get_by_role("row").filter(has_text=name).first.inner_text()
+        assert re.search(rf"@\s*champion\s*:\s*Version {champion.version}", listed), listed
         page.goto(f"{base}/#/models/{name}?{views.MODEL_TRAINING}")
         page.get_by_text("Input: raw pixels").first.wait_for()
         row = page.get_by_role("row").filter(has_text=f"Version {champion.version}").first
