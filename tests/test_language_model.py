@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from benchmarks.common import copy_repo, set_params
 from tasks.config import load_config
@@ -18,7 +17,15 @@ from tasks.errors import DataFileError
 from tasks.text import data as text_data
 from tasks.text import metrics, windows
 from tasks.workspace import Workspace
-from tests.helpers.project import PARAMS, TINY, dvc_repro, pipeline_env, read_mlflow, stages_run
+from tests.helpers.project import (
+    PARAMS,
+    TINY,
+    dvc_repro,
+    experiment_of,
+    pipeline_env,
+    read_mlflow,
+    stages_run,
+)
 from tests.helpers.readme import check_quiet, check_result
 
 LICENSES = Path("/usr/share/common-licenses")
@@ -140,9 +147,8 @@ def test_the_language_model_pipeline_beats_the_unigram_baseline_and_serves_promp
     samples = ws.samples.read_text()
     assert samples.count("[temperature") == 4  # 2 prompts x 2 temperatures
 
-    params = yaml.safe_load((root / "params.yaml").read_text())
     uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
-    client, runs = read_mlflow(uri, params["mlflow"]["experiment"])
+    client, runs = read_mlflow(uri, experiment_of(root))
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_loss")]
     assert steps == [0, 1, 2]

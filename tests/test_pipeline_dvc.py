@@ -14,7 +14,14 @@ from tasks import startup
 from tasks.config import load_config
 from tasks.workspace import Workspace
 from tests.helpers.pipeline_checks import check_pipeline_run
-from tests.helpers.project import dvc_repro, module_command, pipeline_env, read_mlflow, stages_run
+from tests.helpers.project import (
+    dvc_repro,
+    experiment_of,
+    module_command,
+    pipeline_env,
+    read_mlflow,
+    stages_run,
+)
 from tests.helpers.readme import check_quiet, check_result
 
 pytestmark = pytest.mark.slow
@@ -33,9 +40,8 @@ def test_first_repro_runs_every_stage_and_records_everything(repro):
     assert stages_run(output) == list(STAGES)
     check_result(output)  # it ends with the result line, after DVC's two
     check_quiet(output)  # and says nothing that reads as a failure
-    params = yaml.safe_load((root / "params.yaml").read_text())
     tracking_uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"  # the default store
-    client, runs = read_mlflow(tracking_uri, params["mlflow"]["experiment"])
+    client, runs = read_mlflow(tracking_uri, experiment_of(root))
     assert len(runs) == 1, "one MLflow run per pipeline execution"
     ws = Workspace(root)
     model_name = load_config(root / "params.yaml").register.model_name  # auto: resolved
@@ -69,10 +75,7 @@ def test_editing_epochs_reruns_train_evaluate_register_export_only(repro):
     set_params(root, {"train.epochs": 2})
     output = dvc_repro(root)
     assert stages_run(output) == ["train", "evaluate", "register", "export"]
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    client, runs = read_mlflow(
-        f"sqlite:///{root / 'mlruns' / 'mlflow.db'}", params["mlflow"]["experiment"]
-    )
+    client, runs = read_mlflow(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}", experiment_of(root))
     assert len(runs) == 2
     registration = check_pipeline_run(
         client,
@@ -106,7 +109,7 @@ def test_a_data_only_repro_leaves_no_run_open(repro):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert stages_run(result.stdout) == ["data"]
-    experiment = yaml.safe_load((root / "params.yaml").read_text())["mlflow"]["experiment"]
+    experiment = experiment_of(root)
     _, runs = read_mlflow(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}", experiment)
     assert [run.info.status for run in runs if run.info.status == "RUNNING"] == []
     assert runs[0].data.tags["pipeline.stage.data"] == "done"
@@ -123,7 +126,7 @@ def test_editing_export_params_reruns_export_only_into_the_registering_run(repro
     parity = json.loads(Workspace(root).parity.read_text())
     assert parity["samples"] == 32
     assert parity["model"] == registration["model_uri"]
-    experiment = yaml.safe_load((root / "params.yaml").read_text())["mlflow"]["experiment"]
+    experiment = experiment_of(root)
     client, runs = read_mlflow(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}", experiment)
     registering = client.get_run(registration["run_id"])
     assert registering.info.status == "FINISHED"

@@ -17,7 +17,14 @@ import yaml
 
 from benchmarks.common import copy_repo, set_params
 from tasks.workspace import Workspace
-from tests.helpers.project import TINY, dvc_repro, module_command, pipeline_env, read_mlflow
+from tests.helpers.project import (
+    TINY,
+    dvc_repro,
+    experiment_of,
+    module_command,
+    pipeline_env,
+    read_mlflow,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -89,7 +96,7 @@ def test_a_registered_base_is_transferred_under_dvc_repro(pretrained):
     # Two phases in one run, epochs numbered on, each epoch marked with its phase.
     rows = list(csv.DictReader((Workspace(root).history).open()))
     assert [(r["epoch"], r["phase"]) for r in rows] == [("0", "0.0"), ("1", "1.0")]
-    experiment = yaml.safe_load((root / "params.yaml").read_text())["mlflow"]["experiment"]
+    experiment = experiment_of(root)
     client, runs = read_mlflow(uri, experiment)
     phases = client.get_metric_history(runs[0].info.run_id, "phase")
     assert [(m.step, m.value) for m in phases] == [(0, 0.0), (1, 1.0)]
@@ -145,6 +152,6 @@ def test_imagenet_weights_offline_fail_before_any_work_naming_the_file(pretraine
     assert done.returncode == 2, done.stderr[-3000:]
     assert IMAGENET_FILE in done.stderr and str(weights_file.parent) in done.stderr
     assert "Traceback" not in done.stderr
-    _, runs = read_mlflow(uri, params["mlflow"]["experiment"])
+    _, runs = read_mlflow(uri, experiment_of(root))
     assert all(run.info.status != "RUNNING" for run in runs)
     assert not weights_file.exists(), "nothing half-downloaded is left in the cache"

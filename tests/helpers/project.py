@@ -49,6 +49,14 @@ def tiny_overrides(root: Path) -> dict:
     }
 
 
+def experiment_of(root: Path) -> str:
+    """The experiment a project's runs go to: its params.yaml resolved (``auto`` names it
+    after the dataset)."""
+    from tasks.config import load_config
+
+    return load_config(root / "params.yaml").mlflow.experiment
+
+
 def read_mlflow(tracking_uri: str, experiment: str):
     """(client, runs of the experiment, newest first) from a real MLflow store."""
     import mlflow
