@@ -24,6 +24,5 @@ def run(cfg: PipelineConfig, ws: Workspace) -> dict[str, Any]:
     with runs.stage_run(cfg, ws, "data"):
         meta = prepare(cfg, ws)
         mlflow.log_artifact(str(ws.prepared / "meta.json"), artifact_path="data")
-        # Sizes are facts about the run's data, not measurements: params, not single-bar charts.
-        runs.log_params_once({f"data.{split}_examples": n for split, n in meta["counts"].items()})
+        runs.log_params_once(runs.data_size_params(meta))
     return meta

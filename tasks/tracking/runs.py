@@ -340,9 +340,20 @@ def log_upstream_outputs(ws: Workspace, run_id: str) -> None:
     client = mlflow.MlflowClient()
     if (meta := ws.prepared / "meta.json").is_file():
         client.log_artifact(run_id, str(meta), artifact_path="data")
+        sizes = data_size_params(read_json(meta))
+        with suppress(mlflow.exceptions.MlflowException):  # logged already: the same values
+            client.log_batch(
+                run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in sizes.items()]
+            )
     for folder in (ws.preprocessed, ws.preprocess_reports):
         if folder.is_dir():
             client.log_artifacts(run_id, str(folder), artifact_path="preprocess")
+
+
+def data_size_params(meta: dict[str, Any]) -> dict[str, int]:
+    """The prepared splits' sizes as params (``data.train_examples``, ...): facts about the
+    run's data, not measurements, so not single-value charts among the metrics."""
+    return {f"data.{split}_examples": n for split, n in meta["counts"].items()}
 
 
 def handle_run_id(ws: Workspace) -> str | None:
