@@ -115,13 +115,12 @@ def run_name(cfg: PipelineConfig, label: str) -> str:
     return f"{cfg.model.name}-{dataset}-{label}"
 
 
-def source_tags(ws: Workspace, origin: str) -> dict[str, str]:
+def source_tags(commit: str, origin: str) -> dict[str, str]:
     """MLflow's own tags for a run's "Created by" and "Source" (the UI's columns), which a
     run created through MlflowClient does not get by itself. ``origin``: what started it
     (``dvc repro``, ``python -m flows.pipeline``, a deployment's name)."""
     import getpass
 
-    commit = lineage.git_commit(ws.root)
     tags = {
         "mlflow.user": getpass.getuser(),
         "mlflow.source.name": origin,
@@ -152,9 +151,10 @@ def start_pipeline_run(
     end_orphans(cfg)
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
-    tags = source_tags(ws, origin) | {
+    commit = lineage.git_commit(ws.root)  # one `git status`: it reads every tracked file
+    tags = source_tags(commit, origin) | {
         store.OWNER_TAG: store.owner(),
-        "pipeline.git_commit": lineage.git_commit(ws.root),
+        "pipeline.git_commit": commit,
         "pipeline.dataset": "synthetic" if cfg.data.source == "synthetic" else cfg.data.name,
         "pipeline.config_digest": config_digest(cfg),
         "pipeline.workdir": str(ws.root),
