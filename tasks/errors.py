@@ -34,6 +34,12 @@ class DataUnavailableError(UserFixableError, RuntimeError):
     Transient for retries: the network may come back (tasks/tracking/store.py is_transient)."""
 
 
+class DataStorageError(DataUnavailableError):
+    """The data a version trains on could not be put into the project's DVC cache or pushed
+    to its DVC remote, so another clone could not rebuild it; the message names the remote
+    and the fix. Transient like its parent: a remote over the network may come back."""
+
+
 class RegistryBindingError(UserFixableError, ValueError):
     """A version for another task (dataset, input signature, classes) than the registered
     model name serves; the message names the model, both values and the fix."""

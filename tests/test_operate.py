@@ -13,8 +13,11 @@ stopped with Ctrl-C (SIGINT) and no process it started may survive.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -168,12 +171,41 @@ def test_two_deployment_runs_at_once_are_tracked_registered_and_kept_apart(stack
         assert f"{stack.mlflow_uri}/#/models/{name}/versions/{version}" in summary
 
 
-def test_a_sweep_nests_its_points_and_registers_only_the_best(stack):
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+# The real Fashion-MNIST files, shrunk: three classes (3,000 test images), 40 labels each.
+REAL = {
+    "data.source": "idx",
+    "data.name": "fashion_mnist",
+    "data.classes": [0, 1, 2],
+    "data.labels_per_class": 40,
+}
+
+
+@pytest.fixture(scope="module")
+def real_source(stack) -> Path:
+    """A copy of the IDX files beside the stack's project, deleted before the rebuilds."""
+    if not FASHION.is_dir():
+        assert not os.environ.get("CI"), "CI installs dataset-fashion-mnist: never skip there"
+        pytest.skip("apt-get install dataset-fashion-mnist (.ci/run installs it)")
+    source = stack.root.parent / "fashion-idx"
+    shutil.copytree(FASHION, source)
+    return source
+
+
+@pytest.fixture(scope="module")
+def sweep(stack, real_source) -> tuple[str, subprocess.CompletedProcess, str]:
+    """A sweep of two points on the real files: (model name, its CLI result, flow run id)."""
     name = "operate-sweep"
     points = [{"train.learning_rate": 0.001}, {"train.learning_rate": 0.003}]
+    overrides = tiny(name, **REAL, **{"data.idx_dir": str(real_source)})
     result, sweep_id = run_deployment(
-        stack, "training-sweep/sweep", {"points": points, "overrides": tiny(name)}
+        stack, "training-sweep/sweep", {"points": points, "overrides": overrides}
     )
+    return name, result, sweep_id
+
+
+def test_a_sweep_nests_its_points_and_registers_only_the_best(stack, sweep):
+    name, result, sweep_id = sweep
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # `--watch` says each point's end and the winner with its registered version
     said = " ".join(result.stdout.split())
@@ -196,6 +228,56 @@ def test_a_sweep_nests_its_points_and_registers_only_the_best(stack):
     assert winner.data.metrics["test/accuracy"] == best
     assert parent.data.tags["registered.version"] == str(version.version) == "1"
     assert parent.data.tags["sweep.best_run_id"] == version.run_id
+
+
+def test_deployment_and_sweep_versions_are_rebuilt_after_their_source_is_gone(
+    stack, sweep, real_source
+):
+    """A deployment run's version, rebuilt by `python -m flows.reproduce` in another clone
+    (a fresh `git clone` beside the stack's project: same DVC remote, empty cache), and
+    the sweep's winner, rebuilt by the reproduce deployment on the stack's worker; both
+    after the IDX files they were trained from are deleted."""
+    name = "operate-origin"
+    overrides = tiny(name, **REAL, **{"data.idx_dir": str(real_source)})
+    result, _ = run_deployment(stack, "training-pipeline/train", {"overrides": overrides})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client = client_for(stack)
+    for model in (name, sweep[0]):
+        tags = client.get_model_version(model, "1").tags
+        assert tags["data_storage"].startswith("DVC remote 'storage'"), tags["data_storage"]
+    shutil.rmtree(real_source)
+
+    clone = stack.root.parent / "clone-b"
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    subprocess.run([*git, "clone", "-q", str(stack.root), str(clone)], check=True)
+    done = subprocess.run(
+        [str(BIN / "python"), "-m", "flows.reproduce", f"models:/{name}/1"],
+        cwd=clone,
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "from DVC remote 'storage'" in output and "rule: exact" in output, output[-2000:]
+    assert "result: MATCH" in output
+
+    result, reproduce_id = run_deployment(
+        stack, "reproduce-version/reproduce", {"model_uri": f"models:/{sweep[0]}/1"}
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert stack.flow_run(reproduce_id)["state"]["type"] == "COMPLETED"
+    (summary,) = [
+        a for a in stack.api_post_artifacts(reproduce_id) if a["key"] == "reproduction-summary"
+    ]
+    assert "result: MATCH" in summary["data"] and "rule: exact" in summary["data"]
+    reproductions = [
+        run
+        for run in runs_of(client, sweep[0])
+        if run.data.tags.get("reproduces") == f"{sweep[0]}/1"
+    ]
+    assert [run.data.tags["reproduces.match"] for run in reproductions] == ["true"]
 
 
 def test_a_bad_override_fails_fast_with_the_key_and_leaves_nothing(stack):

@@ -97,8 +97,12 @@ def test_a_retried_registration_reuses_the_runs_version(client, tmp_path, monkey
 
     monkeypatch.setattr(register, "log_model", fake_log_model)
     monkeypatch.setattr(images_register, "served_model", served_model)
-    first = register.log_and_register(tiny_cfg, ws, run_id, 0.5)
-    again = register.log_and_register(tiny_cfg, ws, run_id, 0.5)
+    ws.preprocessed.mkdir(parents=True)
+    kept = register.keep_data(ws)  # not in a DVC project: hashed, kept nowhere
+    assert kept.storage.startswith("none")
+    assert set(kept.hashes) == {"data/prepared", "data/preprocess"}
+    first = register.log_and_register(tiny_cfg, ws, run_id, 0.5, kept)
+    again = register.log_and_register(tiny_cfg, ws, run_id, 0.5, kept)
     assert len(calls) == 1
     assert first["version"] == again["version"] == "1"
     assert again["promoted"] is True  # it is still the champion it made itself

@@ -1,14 +1,21 @@
-"""Rebuild a registered version with one command (flows/reproduce/).
+"""Rebuild a registered version with one command (flows/reproduce/), from another clone.
 
-End to end: the real `dvc repro` registers version 1 in a temporary git copy of the
-repository (tiny synthetic data, its own SQLite store and DVC cache), then
-`python -m flows.reproduce` rebuilds it there from its tags, with real git and DVC. The
-rule, the URI gate and the tag checks are also tested alone, without the pipeline.
+End to end, on the real Fashion-MNIST IDX files (three classes, a few labels each): clone
+A, a git copy of the repository, registers a version by each way of training it (`dvc
+repro`, `python -m flows.pipeline`, the nightly retrain flow, `dvc exp run`), with an
+MLflow store and a DVC remote (the project's default, a folder beside the clones) that
+clone B shares. Then the IDX files are deleted and `python -m flows.reproduce` rebuilds
+each version in clone B, a fresh `git clone` of A with an empty DVC cache: MATCH. Versions
+from deployment runs and a sweep's winner, and the reproduce deployment, are tested on the
+team stack (tests/test_operate.py). The rule, the URI gate and the tag checks are also
+tested alone, without the pipeline.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import time
@@ -18,8 +25,9 @@ import pytest
 import yaml
 
 from benchmarks.common import copy_repo, set_params
-from flows.reproduce.checkout import restore_data, temporary_checkout, with_data_version
+from flows.reproduce.checkout import with_data_version
 from flows.reproduce.rules import (
+    CROSS_DEVICE_TOLERANCE,
     REPRODUCES_TAG,
     Rebuilt,
     Row,
@@ -29,13 +37,13 @@ from flows.reproduce.rules import (
     compare,
     matches,
     parse_model_uri,
+    verdict,
 )
 from flows.reproduce.runner import main, reproduce
 from tasks.errors import ReproduceError
-from tasks.tracking.lineage import dvc_hash
 from tests.helpers.project import REPO, TINY, dvc_repro, module_command, pipeline_env
 
-MODEL = "synthetic-seed_cnn"  # register.model_name: auto, on TINY synthetic data
+MODEL = "fashion_mnist-classes-0-1-2-seed_cnn"  # register.model_name: auto, on REAL data
 COMPARED = ("test/accuracy", "test/loss", "test/macro_f1")
 COMMIT = "4d7f1a53b6f8c87ceac391c5ad7ba3764dd8954c"
 TAGS = {
@@ -100,6 +108,25 @@ def test_exact_only_when_determinism_and_library_versions_are_recorded_and_equal
     assert "determinism is unknown" in unknown.reason
 
 
+def test_a_gpu_version_rebuilt_on_a_cpu_is_judged_by_the_stated_cross_device_tolerance():
+    versions = {"tensorflow": "2.21.0", "keras": "3.15.1"}
+    tags = TAGS | {"deterministic": "true", "versions": json.dumps(versions)}
+    on_gpu = VersionRecord.from_tags(MODEL, "1", tags | {"device": "NVIDIA H100 80GB HBM3"})
+    cpu = Rebuilt(True, SAME_LIBRARIES, device="CPU: AMD EPYC (2 cores)")
+    rule = choose_rule(on_gpu, cpu, 1e-6)
+    assert (rule.exact, rule.cross_device, rule.tolerance) == (False, True, CROSS_DEVICE_TOLERANCE)
+    assert "NVIDIA H100 80GB HBM3" in rule.reason and "CPU: AMD EPYC" in rule.reason
+    assert "not an exact reproduction" in rule.describe()
+    rows = compare({"test/accuracy": 0.90}, {"test/accuracy": 0.91})
+    assert verdict(rows, rule).startswith("MATCH within the cross-device tolerance")
+    assert not matches(compare({"test/accuracy": 0.90}, {"test/accuracy": 0.95}), rule)
+    assert choose_rule(on_gpu, cpu, 1e-6, cross_device_tolerance=0.05).tolerance == 0.05
+    # Same kind of device on both sides (or one not recorded): the usual rules.
+    on_cpu = VersionRecord.from_tags(MODEL, "1", tags | {"device": "CPU: other (8 cores)"})
+    assert choose_rule(on_cpu, cpu, 1e-6).exact
+    assert choose_rule(VersionRecord.from_tags(MODEL, "1", tags), cpu, 1e-6).exact
+
+
 def test_a_match_needs_every_metric_within_the_rule():
     original = {"test/accuracy": 0.5, "test/loss": 1.0, "per_class/f1_cat": 0.25, "loss": 9.0}
     close = {"test/accuracy": 0.5, "test/loss": 1.0 + 5e-7, "per_class/f1_cat": 0.25}
@@ -138,7 +165,20 @@ def test_the_flow_and_its_deployment_run_the_same_checked_function():
     assert "model_uri" in reproduce.parameters.properties
 
 
-# --- end to end: a version registered by `dvc repro`, rebuilt ------------------------
+# --- end to end: every origin, registered in clone A, rebuilt in clone B ----------------
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+# The real Fashion-MNIST files, shrunk: three classes (3,000 test images), 40 labels each.
+REAL = {
+    "data.source": "idx",
+    "data.name": "fashion_mnist",
+    "data.classes": [0, 1, 2],
+    "data.labels_per_class": 40,
+}
+needs_fashion = pytest.mark.skipif(
+    not FASHION.is_dir() and not os.environ.get("CI"),
+    reason="apt-get install dataset-fashion-mnist (.ci/run installs it; CI never skips)",
+)
 
 
 def git(root: Path, *args: str) -> str:
@@ -148,28 +188,76 @@ def git(root: Path, *args: str) -> str:
     return done.stdout
 
 
+def dvc(root: Path, *args: str) -> str:
+    done = subprocess.run(module_command("dvc", *args), cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def run_ok(command: list[str], cwd: Path) -> str:
+    done = subprocess.run(
+        command, cwd=cwd, env=pipeline_env(), capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    """A git copy of the repository with tiny params committed (so version 1's commit is
-    clean), and version 1 registered by the real `dvc repro`. Shared by the tests below."""
-    root = copy_repo(tmp_path_factory.mktemp("repo"))
-    set_params(root, TINY)
-    git(root, "commit", "-qam", "tiny params")
+def top(tmp_path_factory) -> Path:
+    """The folder both clones live in: the IDX files they train on (a copy, deleted before
+    the rebuilds), the shared MLflow store, and the project's default DVC remote
+    (`../../gpu-train-pipeline-dvc-storage` from each clone's .dvc/: this folder)."""
+    top = tmp_path_factory.mktemp("clones")
+    if FASHION.is_dir():
+        shutil.copytree(FASHION, top / "fashion-idx")
+    return top
+
+
+@pytest.fixture(scope="module")
+def project(top) -> Path:
+    """Clone A: a git copy of the repository, params committed (so its versions' commits
+    are clean and clone B has them), version 1 registered by the real `dvc repro`, whose
+    dvc.lock is committed then."""
+    if not (top / "fashion-idx").is_dir():
+        pytest.skip("apt-get install dataset-fashion-mnist (.ci/run installs it)")
+    root = copy_repo(top / "a")
+    store = top / "mlflow"
+    set_params(
+        root,
+        TINY
+        | REAL
+        | {
+            "data.idx_dir": str(top / "fashion-idx"),
+            "mlflow.tracking_uri": f"sqlite:///{store / 'mlflow.db'}",
+            "mlflow.artifact_root": str(store / "artifacts"),
+        },
+    )
+    git(root, "commit", "-qam", "tiny params on the real files")
     dvc_repro(root)
+    git(root, "commit", "-qm", "dvc.lock: the data version")  # as the README says to
     return root
 
 
 @pytest.fixture(scope="module")
-def client(project):
+def client(project, top):
     import mlflow
 
-    uri = f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"
+    uri = f"sqlite:///{top / 'mlflow' / 'mlflow.db'}"
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def runs(client) -> list:
-    experiment = client.get_experiment_by_name("synthetic")
+    experiment = client.get_experiment_by_name(experiment_of_model(client))
     return client.search_runs([experiment.experiment_id])
+
+
+def experiment_of_model(client) -> str:
+    run_id = client.get_model_version(MODEL, "1").run_id
+    return client.get_experiment(client.get_run(run_id).info.experiment_id).name
+
+
+def latest_version(client) -> str:
+    return str(max(int(v.version) for v in client.search_model_versions(f"name = '{MODEL}'")))
 
 
 def version_count(client) -> int:
@@ -184,63 +272,84 @@ def checkouts(root: Path) -> list[str]:
     ]
 
 
-@pytest.fixture
-def cli(project, monkeypatch, capsys):
-    """``main(argv)`` in the project, as `python -m flows.reproduce` runs it: (status,
-    stdout, stderr). The signal handlers main installs are put back afterwards."""
-    monkeypatch.chdir(project)
+RETRAIN = (
+    "from flows.common import patient_ephemeral_server\n"
+    "from flows.retrain import scheduled_retrain\n"
+    "with patient_ephemeral_server():\n"
+    "    scheduled_retrain()\n"
+)
 
-    def run(*argv: str) -> tuple[int, str, str]:
-        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            status = main(list(argv))
-        finally:
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
-        out, err = capsys.readouterr()
-        return status, out, err
 
-    return run
+@pytest.fixture(scope="module")
+def origins(project, client) -> dict[str, str]:
+    """One registered version per way of training, all in clone A: origin -> version."""
+    made = {"dvc repro": "1"}
+    run_ok(module_command("flows.pipeline", "train.seed=7"), project)  # runs/<id>/
+    made["python -m flows.pipeline"] = latest_version(client)
+    # The nightly retrain: dvc.lock's data version (from the cache), in runs/<id>/.
+    run_ok([module_command("flows.pipeline")[0], "-c", RETRAIN], project)
+    made["nightly retrain"] = latest_version(client)
+    # A DVC experiment in the workspace: params.yaml changed, so the commit is -dirty and
+    # its run records the diff. The workspace is put back afterwards.
+    run_ok(module_command("dvc", "exp", "run", "-S", "train.learning_rate=0.002"), project)
+    made["dvc exp run"] = latest_version(client)
+    git(project, "checkout", "--", "params.yaml", "dvc.lock")
+    dvc(project, "checkout", "--force")
+    assert len(set(made.values())) == 4, made
+    return made
+
+
+@pytest.fixture(scope="module")
+def clone_b(origins, top) -> Path:
+    """Clone B: `git clone` of A beside it (the same default DVC remote), its DVC cache
+    empty; and the data source gone (the IDX files deleted)."""
+    clone = top / "b"
+    git(top, "clone", "-q", str(top / "a"), str(clone))
+    assert not (clone / ".dvc" / "cache").exists()
+    shutil.rmtree(top / "fashion-idx")
+    return clone
 
 
 @pytest.mark.slow
-def test_a_registered_version_is_rebuilt_from_its_tags_and_matches(project, client):
+@needs_fashion
+@pytest.mark.parametrize(
+    "origin", ["dvc repro", "python -m flows.pipeline", "nightly retrain", "dvc exp run"]
+)
+def test_a_version_from_every_origin_is_rebuilt_in_another_clone_without_its_source(
+    origin, origins, clone_b, client
+):
+    version = origins[origin]
+    tags = client.get_model_version(MODEL, version).tags
+    assert tags["data_storage"].startswith("DVC remote 'storage'"), tags["data_storage"]
     before = {run.info.run_id for run in runs(client)}
     versions = version_count(client)
-    env = pipeline_env()
-    done = subprocess.run(
-        module_command("flows.reproduce", f"models:/{MODEL}/1"),
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "metric" in done.stdout and "reproduction" in done.stdout
-    assert "result: MATCH" in done.stdout
-    # Version 1 is tagged deterministic with its library versions: the exact rule applies.
-    assert "rule: exact" in done.stdout, done.stdout[-2000:]
+    output = run_ok(module_command("flows.reproduce", f"models:/{MODEL}/{version}"), clone_b)
+    assert "result: MATCH" in output, output[-3000:]
+    # Each is tagged deterministic with its library versions, same device: the exact rule.
+    assert "rule: exact" in output, output[-2000:]
+    assert "from DVC remote 'storage'" in output, "clone B's cache was empty: pulled"
+    assert f"preprocess outputs: identical (data/preprocess {tags['preprocess_version']})" in output
     assert version_count(client) == versions, "a reproduction never registers"
-
     (new,) = [run for run in runs(client) if run.info.run_id not in before]
     assert new.info.status == "FINISHED"
-    assert new.data.tags[REPRODUCES_TAG] == f"{MODEL}/1"
+    assert new.data.tags[REPRODUCES_TAG] == f"{MODEL}/{version}"
     assert new.data.tags[f"{REPRODUCES_TAG}.match"] == "true"
-    original = client.get_run(client.get_model_version(MODEL, "1").run_id)
+    original = client.get_run(tags["run_id"])
     assert new.data.tags["pipeline.git_commit"] == original.data.tags["pipeline.git_commit"]
-    compared = [k for k in original.data.metrics if k in COMPARED]
-    assert len(compared) == 3
-    for key in compared:
+    for key in COMPARED:
         assert new.data.metrics[key] == original.data.metrics[key], key
     # Per-class F1 is compared from each run's evaluate/per_class.json: the MATCH covers it.
-    assert "per_class/f1_class_9" in done.stdout, done.stdout[-2000:]
-    assert checkouts(project) == [f"worktree {project}"], "the temporary checkout is gone"
-    checkout = next(line for line in done.stdout.splitlines() if "rerunning" in line).split()[-1]
+    assert "per_class/f1_Pullover" in output, output[-2000:]
+    if origin == "dvc exp run":
+        assert tags["git_commit"].endswith("-dirty")
+        assert "applied the tracked-file changes" in output
+    assert checkouts(clone_b) == [f"worktree {clone_b}"], "the temporary checkout is gone"
+    checkout = next(line for line in output.splitlines() if "rerunning" in line).split()[-1]
     assert not Path(checkout).exists()
 
 
 @pytest.mark.slow
+@needs_fashion
 def test_a_stopped_reproduction_stops_its_pipeline_and_removes_its_checkout(
     project, client, tmp_path
 ):
@@ -271,6 +380,25 @@ def test_a_stopped_reproduction_stops_its_pipeline_and_removes_its_checkout(
     assert checkouts(project) == [f"worktree {project}"]
 
 
+@pytest.fixture
+def cli(project, monkeypatch, capsys):
+    """``main(argv)`` in the project, as `python -m flows.reproduce` runs it: (status,
+    stdout, stderr). The signal handlers main installs are put back afterwards."""
+    monkeypatch.chdir(project)
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            status = main(list(argv))
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    return run
+
+
 @pytest.fixture(scope="module")
 def foreign_versions(project, client) -> dict[str, str]:
     """Versions the pipeline cannot rebuild, registered by hand: name -> version."""
@@ -278,13 +406,23 @@ def foreign_versions(project, client) -> dict[str, str]:
     source = f"{client.get_run(v1.run_id).info.artifact_uri}/model"
     unknown_commit = v1.tags | {"git_commit": "0123456789abcdef0123456789abcdef01234567"}
     dirty = v1.tags | {"git_commit": f"{v1.tags['git_commit']}-dirty"}
+    cache_only = v1.tags | {
+        "data_version": "0123456789abcdef0123456789abcdef.dir",
+        "data_storage": "DVC cache only (/elsewhere/.dvc/cache): no DVC remote was configured",
+    }
     return {
         kind: client.create_model_version(MODEL, source, tags=tags).version
-        for kind, tags in [("untagged", {}), ("unknown commit", unknown_commit), ("dirty", dirty)]
+        for kind, tags in [
+            ("untagged", {}),
+            ("unknown commit", unknown_commit),
+            ("dirty", dirty),
+            ("cache only", cache_only),
+        ]
     }
 
 
 @pytest.mark.slow
+@needs_fashion
 @pytest.mark.parametrize(
     ("target", "message"),
     [
@@ -294,6 +432,12 @@ def foreign_versions(project, client) -> dict[str, str]:
         ("untagged", "registered by something else"),
         ("unknown commit", "which the git repository at"),
         ("dirty", "the difference was never recorded, so git cannot rebuild it"),
+        # Never pushed: which hash, where it was looked for, where it was kept, and what
+        # would have prevented it.
+        (
+            "cache only",
+            "data version 0123456789abcdef0123456789abcdef.dir of data/prepared",
+        ),
     ],
 )
 def test_a_version_that_cannot_be_rebuilt_is_refused_in_one_line(
@@ -304,18 +448,23 @@ def test_a_version_that_cannot_be_rebuilt_is_refused_in_one_line(
     status, out, err = cli(uri)
     assert status == 2
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    if target == "cache only":
+        assert "nor on the DVC remote 'storage'" in err, err
+        assert "DVC cache only (/elsewhere/.dvc/cache)" in err
+        assert "`dvc remote add -d storage <url>`" in err, err
     assert out == "", "refused before any work"
     assert len(runs(client)) == before, "no MLflow run opened"
+    assert not [run for run in runs(client) if run.info.status == "RUNNING"]
     assert checkouts(project) == [f"worktree {project}"]
 
 
 @pytest.mark.slow
+@needs_fashion
 def test_the_command_line_refuses_with_one_line_and_status_2(project):
-    env = pipeline_env()
     done = subprocess.run(
         module_command("flows.reproduce", f"models:/{MODEL}/999"),
         cwd=project,
-        env=env,
+        env=pipeline_env(),
         capture_output=True,
         text=True,
         timeout=120,
@@ -323,116 +472,3 @@ def test_the_command_line_refuses_with_one_line_and_status_2(project):
     assert done.returncode == 2
     (line,) = done.stderr.splitlines()
     assert line.startswith(f"error: models:/{MODEL}/999 does not exist: '{MODEL}' has versions")
-
-
-@pytest.fixture
-def data_version_gone(project, client, tmp_path):
-    """Version 1's data version neither in the project's DVC cache nor on its remote: one
-    byte of data/prepared changed since registration, the cache's directory object moved
-    away, the remote an empty directory. Everything is put back afterwards."""
-    version = client.get_model_version(MODEL, "1").tags["data_version"]
-    prepared = project / "data" / "prepared" / "train.npz"
-    original = prepared.read_bytes()
-    changed = bytearray(original)
-    changed[-1] ^= 0xFF
-    prepared.write_bytes(bytes(changed))
-    cached = project / ".dvc" / "cache" / "files" / "md5" / version[:2] / version[2:]
-    aside = tmp_path / cached.name
-    cached.rename(aside)
-    dvc(project, "remote", "modify", "--local", "storage", "url", str(tmp_path / "empty"))
-    try:
-        assert dvc_hash(project / "data" / "prepared") != version
-        yield version
-    finally:
-        aside.rename(cached)
-        prepared.write_bytes(original)
-        (project / ".dvc" / "config.local").unlink()
-
-
-def dvc(root: Path, *args: str) -> str:
-    done = subprocess.run(module_command("dvc", *args), cwd=root, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
-
-
-@pytest.mark.slow
-def test_a_data_version_dvc_cannot_restore_is_refused_naming_its_hash(
-    cli, client, project, data_version_gone
-):
-    before = len(runs(client))
-    status, _, err = cli(f"models:/{MODEL}/1")
-    assert status == 2
-    assert err.count("\n") == 1 and data_version_gone in err and "dvc push" in err, err
-    assert len(runs(client)) == before, "no MLflow run opened"
-    assert not [run for run in runs(client) if run.info.status == "RUNNING"]
-    assert checkouts(project) == [f"worktree {project}"]
-
-
-def cache_objects(project: Path, version: str) -> list[Path]:
-    """The DVC cache files of a directory version: its listing and every file in it."""
-    md5 = project / ".dvc" / "cache" / "files" / "md5"
-    listing = md5 / version[:2] / version[2:]
-    files = [entry["md5"] for entry in json.loads(listing.read_text())]
-    return [listing, *(md5 / name[:2] / name[2:] for name in files)]
-
-
-@pytest.mark.slow
-def test_a_data_version_missing_from_the_cache_is_pulled_from_the_remote(client, project, tmp_path):
-    version = client.get_model_version(MODEL, "1").tags["data_version"]
-    commit = client.get_model_version(MODEL, "1").tags["git_commit"]
-    remote = tmp_path / "remote"
-    dvc(project, "remote", "modify", "--local", "storage", "url", str(remote))
-    kept = {path: path.read_bytes() for path in cache_objects(project, version)}
-    try:
-        dvc(project, "push", "data/prepared")
-        for path in kept:
-            path.unlink()
-        with temporary_checkout(project, commit) as checkout:
-            how = restore_data(project, checkout, version, f"models:/{MODEL}/1")
-            assert dvc_hash(checkout / "data" / "prepared") == version
-            assert "dvc.lock" not in git(checkout, "status", "--porcelain")
-        assert f"from DVC remote 'storage' ({remote})" in how
-        assert all(path.is_file() for path in kept), "pulled into the project's cache"
-    finally:
-        (project / ".dvc" / "config.local").unlink()
-        for path, content in kept.items():
-            if not path.is_file():
-                path.write_bytes(content)
-
-
-@pytest.mark.slow
-def test_a_version_trained_from_a_dirty_tree_is_rebuilt_with_its_recorded_changes(client, project):
-    """Tracked files differ from HEAD when register runs: the version is tagged -dirty, its
-    run keeps the diff, and the reproduction applies that diff to the commit."""
-    readme = project / "README.md"
-    kept = readme.read_text()
-    readme.write_text(kept + "\nA local note, not committed.\n")
-    env = pipeline_env()
-    try:
-        registered = subprocess.run(
-            # evaluate opens the run (with the test metrics), register joins it
-            ["dvc", "repro", "--force", "--single-item", "evaluate", "register"],
-            cwd=project,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert registered.returncode == 0, registered.stderr[-3000:]
-        listed = client.search_model_versions(f"name = '{MODEL}'")
-        version = str(max(int(v.version) for v in listed))
-        tags = client.get_model_version(MODEL, version).tags
-        assert tags["git_commit"].endswith("-dirty")
-        done = subprocess.run(
-            module_command("flows.reproduce", f"models:/{MODEL}/{version}"),
-            cwd=project,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        assert "applied the tracked-file changes" in done.stdout
-        assert "result: MATCH" in done.stdout
-    finally:
-        readme.write_text(kept)

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from flows.common import DATA_OUT, locked_data_version
+from flows.reproduce.rules import VersionRecord
 from tasks.errors import DataUnavailableError, ReproduceError
 
 GIT_TIMEOUT_S = 120
@@ -135,60 +136,91 @@ def dvc(checkout: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-def restore_data(project: Path, checkout: Path, version: str, uri: str) -> str:
-    """Bring data/prepared at ``version`` into the checkout: from the project's DVC cache,
-    else pulled from its remote. Returns how, for the user; refuses with the hash and the
-    way out when neither has it."""
+def restore_data(project: Path, checkout: Path, record: VersionRecord) -> str:
+    """Bring data/prepared at the version's hash into the checkout: from the project's DVC
+    cache, else pulled from its remote. Returns how, for the user; refuses with the hash,
+    where the version's data was kept and the way out when neither has it."""
     from tasks.tracking.lineage import dvc_hash
 
+    version = record.data_version
     storage = share_dvc_storage(project, checkout)
     with data_version_pinned(checkout, version) as pinned:
         source = f"the DVC cache {storage['cache']}"
         if dvc(checkout, "checkout", DATA_OUT).returncode != 0:
             pulled = dvc(checkout, "pull", DATA_OUT)
             if pulled.returncode != 0:
-                raise ReproduceError(missing_data_message(uri, version, storage, pulled))
+                output = pulled.stdout + pulled.stderr
+                if MISSING_FROM_REMOTE in output:
+                    why = "nor on the DVC remote"
+                else:
+                    errors = [line for line in output.splitlines() if line.startswith("ERROR")]
+                    why = f"and `dvc pull` failed ({(errors or ['no reason given'])[0]})"
+                raise ReproduceError(missing_data_message(record, storage, why))
             source = f"DVC remote {storage['remote']!r} ({storage['url']})"
     restored = dvc_hash(checkout / DATA_OUT)
     if restored != version:
         raise ReproduceError(
-            f"{DATA_OUT} restored for {uri} hashes to {restored}, not {version}: the DVC "
-            f"cache {storage['cache']} is damaged; remove the objects `dvc cache` names and "
-            "`dvc pull` again"
+            f"{DATA_OUT} restored for {record.uri} hashes to {restored}, not {version}: the "
+            f"DVC cache {storage['cache']} is damaged; remove the objects `dvc cache` names "
+            "and `dvc pull` again"
         )
     lock = "pinned by the commit's dvc.lock" if pinned else "not in the commit's dvc.lock"
     return f"{DATA_OUT} {version} ({lock}) from {source}"
 
 
-def missing_data_message(
-    uri: str, version: str, storage: dict[str, Any], pulled: subprocess.CompletedProcess
-) -> str:
-    """One line: which hash is missing, where it was looked for, and what to do."""
-    cache = (
-        f"data version {version} of {DATA_OUT} ({uri}) is not in the DVC cache {storage['cache']}"
+def check_data_available(project: Path, record: VersionRecord) -> None:
+    """Refuse, before any checkout, a data version that is neither in the project's DVC
+    cache nor on its default remote (its directory listing, which DVC pushes last)."""
+    from dvc.exceptions import NoRemoteError
+    from dvc.repo import Repo
+    from dvc_data.hash_info import HashInfo
+
+    listing = HashInfo("md5", record.data_version)
+    with Repo(str(project)) as repo:
+        if repo.cache.local.exists(listing):
+            return
+        storage = {"cache": repo.cache.local.path, "remote": repo.config["core"].get("remote")}
+        storage["url"] = repo.config["remote"].get(storage["remote"] or "", {}).get("url")
+        try:
+            if repo.cloud.get_remote_odb(None, "pull").exists(listing):
+                return
+            why = "nor on the DVC remote"
+        except NoRemoteError:
+            why = "and no DVC remote is configured here"
+        except Exception as error:  # the remote's own error type varies (S3, SSH, local)
+            why = f"and the DVC remote could not be asked ({type(error).__name__}: {error})"
+    raise ReproduceError(missing_data_message(record, storage, why))
+
+
+def missing_data_message(record: VersionRecord, storage: dict[str, Any], why: str) -> str:
+    """One line: which hash is missing, where it was looked for, where the version's
+    register stage kept it (its data_storage tag), and what would have prevented it."""
+    looked = (
+        f"data version {record.data_version} of {DATA_OUT} ({record.uri}) is not in the DVC "
+        f"cache {storage['cache']} {why}"
     )
-    # `python -m flows.pipeline` and deployment runs write their data to runs/<id>/, which
-    # DVC never caches: no push anywhere can help those, so say so instead.
-    flow_runs = (
-        f"; if {uri} was trained by `python -m flows.pipeline` or a deployment run on data "
-        "that is not synthetic, its data was never in DVC (only `dvc repro` and `dvc exp "
-        "run` put it there): retrain it with one of those to get a reproducible version"
-    )
-    if storage["remote"] is None:
+    if storage["remote"] is not None and why.startswith("nor"):
+        looked += f" {storage['remote']!r} ({storage['url']})"
+    kept = record.data_storage
+    if kept is None:  # registered before the register stage kept its data in DVC
         return (
-            f"{cache}, and no DVC remote is configured to pull it from: add the one it was "
-            "pushed to (`dvc remote add -d storage <url>`), or run `dvc push` where it was "
-            "trained" + flow_runs
+            f"{looked}; the version does not say where its data was kept (registered before "
+            "the register stage pushed it): run `dvc push` in the clone where it was trained, "
+            "if its data is in that clone's DVC cache, or point this clone at the storage "
+            "that has it (`dvc remote modify --local <remote> url <url>`)"
         )
-    where = f"remote {storage['remote']!r} ({storage['url']})"
-    output = pulled.stdout + pulled.stderr
-    if MISSING_FROM_REMOTE in output:
-        why = f"nor on the {where}"
-    else:
-        errors = [line for line in output.splitlines() if line.startswith("ERROR")]
-        why = f"and `dvc pull` from the {where} failed ({(errors or ['no reason given'])[0]})"
+    if kept.startswith("DVC remote "):
+        return (
+            f"{looked}; it was pushed to {kept}: point this clone at that storage "
+            f"(`dvc remote add -d <name> <url>`, or `dvc remote modify --local <name> url <url>`)"
+        )
+    if kept.startswith("none"):
+        return (
+            f"{looked}; it was never kept in DVC ({kept.partition(': ')[2]}): train with a "
+            "run directory inside the project (the default runs/<id>/) so register keeps it"
+        )
     return (
-        f"{cache} {why}: run `dvc push` in the clone where it was trained, or point this "
-        f"project at the storage that has it (`dvc remote modify --local {storage['remote']} "
-        "url <url>`)" + flow_runs
+        f"{looked}; its register stage kept it in the {kept}: run `dvc push` in the clone "
+        "that trained it while that cache still has it; a DVC remote configured before "
+        "training (`dvc remote add -d storage <url>`) would have received it at registration"
     )

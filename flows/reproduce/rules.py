@@ -2,7 +2,7 @@
 
 A registered version is identified by ``models:/<name>/<version>`` and described by the
 tags the register stage sets (commit, data version, params, run id). The rebuilt model's
-test metrics are compared with the original run's under one of two rules:
+test metrics are compared with the original run's under one of three rules:
 
 - exact: the original trained with TensorFlow op determinism on, with the TensorFlow and
   Keras versions installed now, and the reproduction ran with determinism on too. Same
@@ -14,6 +14,11 @@ test metrics are compared with the original run's under one of two rules:
   test set under a million images, so within 1e-6 means the same prediction for every
   test image; what it forgives is float32 rounding in the mean loss (~1e-7 relative)
   from a different summation order.
+- cross-device: the original trained on a GPU and the reproduction on a CPU (or the other
+  way round). Their kernels (cuDNN's convolutions, fused batch norm, the order of their
+  reductions) round differently, so the weights drift apart from the first step and a few
+  test predictions may change: every metric within 0.02 absolute by default
+  (``--cross-device-tolerance``), and the report says it is this rule, never "exact".
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ DETERMINISTIC_TAG = "deterministic"  # "true" / "false": TF op determinism in th
 VERSIONS_TAG = "versions"  # JSON {package: version} (tasks/stages/register.py lineage_tags)
 LIBRARY_TAGS = {"tensorflow": VERSIONS_TAG, "keras": VERSIONS_TAG}  # what exactness needs
 DEFAULT_TOLERANCE = 1e-6  # absolute, per metric; see the module docstring
+CROSS_DEVICE_TOLERANCE = 0.02  # absolute, per metric, between a GPU and a CPU training
+DEVICE_TAG = "device"  # the GPU's name, or "CPU: <model> (<n> cores)" (tasks/tracking/lineage.py)
 HEADLINE_METRICS = ("test/accuracy", "test/loss", "test/macro_f1")  # tasks/stages/evaluate.py
 CLASS_F1_PREFIX = "per_class/f1_"  # per-class F1, from reports/evaluate/per_class.json
 LEGACY_CLASS_F1_PREFIX = "test_f1_"  # the same, as runs logged them before chart sections
@@ -83,6 +90,9 @@ class VersionRecord:
     run_id: str
     deterministic: bool | None  # None: not recorded
     libraries: dict[str, str] = field(default_factory=dict)  # package -> version, as tagged
+    device: str | None = None  # what trained it, as tagged; None: not recorded
+    data_storage: str | None = None  # where register kept the data; None: before it did
+    preprocess_version: str | None = None  # DVC md5 of data/preprocess; None: not recorded
 
     @property
     def uri(self) -> str:
@@ -110,7 +120,15 @@ class VersionRecord:
             run_id=_tag(uri, tags, "run_id", RUN_ID, "an MLflow run id")[0],
             deterministic={"true": True, "false": False}.get(tags.get(DETERMINISTIC_TAG, "")),
             libraries=_libraries(tags),
+            device=tags.get(DEVICE_TAG),
+            data_storage=tags.get("data_storage"),
+            preprocess_version=_optional(uri, tags, "preprocess_version", DATA_VERSION),
         )
+
+    @property
+    def on_gpu(self) -> bool | None:
+        """Whether it trained on a GPU; None when its device was not tagged."""
+        return None if self.device is None else not self.device.startswith("CPU")
 
 
 def _libraries(tags: Mapping[str, str]) -> dict[str, str]:
@@ -134,6 +152,10 @@ def _tag(uri: str, tags: Mapping[str, str], key: str, pattern: re.Pattern, what:
     return match
 
 
+def _optional(uri: str, tags: Mapping[str, str], key: str, pattern: re.Pattern) -> str | None:
+    return _tag(uri, tags, key, pattern, "a DVC md5")[0] if key in tags else None
+
+
 def _params(uri: str, text: str) -> dict[str, Any]:
     try:
         params = json.loads(text)
@@ -150,6 +172,12 @@ class Rebuilt:
 
     op_determinism: bool
     libraries: dict[str, str]  # package -> version
+    device: str | None = None  # "GPU: <names>" or "CPU: ..."; None: not reported
+    preprocess_version: str | None = None  # DVC md5 of the rebuilt data/preprocess
+
+    @property
+    def on_gpu(self) -> bool | None:
+        return None if self.device is None else not self.device.startswith("CPU")
 
 
 @dataclass(frozen=True)
@@ -157,6 +185,7 @@ class Rule:
     exact: bool
     tolerance: float  # 0 for the exact rule
     reason: str
+    cross_device: bool = False
 
     def accepts(self, difference: float | None) -> bool:
         return difference is not None and difference <= self.tolerance
@@ -165,6 +194,13 @@ class Rule:
         """What the rule is and why it applies, for the lines under the table."""
         if self.exact:
             return f"exact: every metric identical\n  because {self.reason}"
+        if self.cross_device:
+            return (
+                f"cross-device tolerance {self.tolerance:g} (absolute, every metric; not an "
+                f"exact reproduction)\n  because {self.reason}\n  GPU and CPU kernels round "
+                "differently, so the weights drift apart from the first step and a few test "
+                "predictions may differ"
+            )
         return (
             f"tolerance {self.tolerance:g} (absolute, every metric)\n  because {self.reason}\n"
             "  one test image predicted differently moves accuracy by 1/N and a class F1 by "
@@ -173,8 +209,17 @@ class Rule:
         )
 
 
-def choose_rule(original: VersionRecord, rebuilt: Rebuilt, tolerance: float) -> Rule:
-    """Exact when everything bit-reproducibility needs is recorded and holds, else tolerance."""
+def choose_rule(
+    original: VersionRecord,
+    rebuilt: Rebuilt,
+    tolerance: float,
+    cross_device_tolerance: float = CROSS_DEVICE_TOLERANCE,
+) -> Rule:
+    """Exact when everything bit-reproducibility needs is recorded and holds; cross-device
+    when one side trained on a GPU and the other on a CPU; else tolerance."""
+    if None not in (original.on_gpu, rebuilt.on_gpu) and original.on_gpu != rebuilt.on_gpu:
+        reason = f"it trained on {original.device}, the reproduction on {rebuilt.device}"
+        return Rule(False, cross_device_tolerance, reason, cross_device=True)
     doubts = []
     if original.deterministic is None:
         doubts.append(f"the original's op determinism is unknown (no {DETERMINISTIC_TAG!r} tag)")
@@ -274,7 +319,8 @@ def verdict(rows: list[Row], rule: Rule) -> str:
     if missing:
         largest += f"; missing on one side: {', '.join(missing)}"
     if matches(rows, rule):
-        return f"MATCH ({largest}, allowed {rule.tolerance:g})"
+        kind = "MATCH within the cross-device tolerance" if rule.cross_device else "MATCH"
+        return f"{kind} ({largest}, allowed {rule.tolerance:g})"
     return f"DIFFERENT ({largest}, allowed {rule.tolerance:g})"
 
 
@@ -301,10 +347,13 @@ class Outcome:
         return "\n".join(
             [
                 f"original:     MLflow run {original.run_id}, op determinism {then}, "
-                + describe_libraries(original.libraries),
+                + describe_libraries(original.libraries)
+                + f", {original.device or 'device unknown (not tagged)'}",
                 f"reproduction: MLflow run {self.run_id} "
                 f"({REPRODUCES_TAG}={original.name}/{original.version}), op determinism {now}, "
-                + describe_libraries(rebuilt.libraries),
+                + describe_libraries(rebuilt.libraries)
+                + f", {rebuilt.device or 'device unknown'}",
+                self.preprocess_line(),
                 "",
                 format_table(self.rows),
                 "",
@@ -313,11 +362,27 @@ class Outcome:
             ]
         )
 
+    def preprocess_line(self) -> str:
+        """Whether preprocess rebuilt the same outputs (norm stats, unigram) as the original."""
+        then, now = self.record.preprocess_version, self.rebuilt.preprocess_version
+        if then is None or now is None:
+            return "preprocess outputs: not compared (the version does not record their hash)"
+        if then == now:
+            return f"preprocess outputs: identical (data/preprocess {now})"
+        return f"preprocess outputs: differ (data/preprocess was {then}, rebuilt {now})"
+
+    @property
+    def rule_name(self) -> str:
+        if self.rule.exact:
+            return "exact"
+        kind = "cross-device tolerance" if self.rule.cross_device else "tolerance"
+        return f"{kind} {self.rule.tolerance:g}"
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "model_uri": self.record.uri,
             "matched": self.matched,
-            "rule": "exact" if self.rule.exact else f"tolerance {self.rule.tolerance:g}",
+            "rule": self.rule_name,
             "reason": self.rule.reason,
             "reproduction_run_id": self.run_id,
             "rows": [asdict(row) | {"difference": row.difference} for row in self.rows],

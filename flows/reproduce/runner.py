@@ -22,15 +22,22 @@ import signal
 import subprocess
 import sys
 import tempfile
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
 
 from flows.common import mlflow_client
-from flows.reproduce.checkout import check_commit_known, restore_data, temporary_checkout
+from flows.reproduce.checkout import (
+    check_commit_known,
+    check_data_available,
+    restore_data,
+    temporary_checkout,
+)
 from flows.reproduce.rules import (
+    CROSS_DEVICE_TOLERANCE,
     DEFAULT_TOLERANCE,
     REPRODUCES_TAG,
     Outcome,
@@ -70,6 +77,7 @@ def stop(signum, frame):
 
 signal.signal(signal.SIGTERM, stop)
 import flows.pipeline
+import tensorflow as tf
 from flows.stage import STAGE_NAMES
 from tensorflow.python.framework import config
 
@@ -84,6 +92,10 @@ result = {
     "op_determinism": config.is_op_determinism_enabled(),
     "libraries": {name: version(name) for name in ("tensorflow", "keras")},
     "code": flows.pipeline.__file__,
+    "gpus": [
+        tf.config.experimental.get_device_details(gpu).get("device_name", "GPU")
+        for gpu in tf.config.list_physical_devices("GPU")
+    ],
 }
 Path(sys.argv[2]).write_text(json.dumps(result))
 """
@@ -129,7 +141,7 @@ def original_metrics(client: Any, record: VersionRecord) -> dict[str, float]:
             f"{record.uri}: its run {record.run_id} is not in the tracking store any more, "
             "so there are no original metrics to compare with"
         ) from None
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, without_progress_bars():
         try:
             path = client.download_artifacts(record.run_id, PER_CLASS_ARTIFACT, scratch)
         except (MlflowException, OSError):
@@ -137,10 +149,27 @@ def original_metrics(client: Any, record: VersionRecord) -> dict[str, float]:
         return metrics | class_f1_metrics(read_json(Path(path)))
 
 
+@contextmanager
+def without_progress_bars() -> Iterator[None]:
+    """MLflow draws a download progress bar on stderr; this command's stderr is its one
+    error line (a refusal) or nothing."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    kept = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if kept is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = kept
+
+
 def check_rebuildable(project: Path, record: VersionRecord, uri: str) -> str | None:
     """Refuse, before any work, a version git cannot give back the code of. For a version
     trained from a dirty tree, return the diff its run recorded (applied to the checkout)."""
     check_commit_known(project, record.commit, record.uri)
+    check_data_available(project, record)
     if not record.dirty:
         return None
     diff = recorded_changes(record, uri)
@@ -164,7 +193,7 @@ def recorded_changes(record: VersionRecord, uri: str) -> str | None:
     listed = mlflow.MlflowClient(tracking_uri=uri).list_artifacts(record.run_id, folder)
     if CHANGES_ARTIFACT not in {item.path for item in listed}:
         return None  # registered before diffs were recorded
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, without_progress_bars():
         local = mlflow.artifacts.download_artifacts(
             run_id=record.run_id, artifact_path=CHANGES_ARTIFACT, dst_path=scratch, tracking_uri=uri
         )
@@ -241,7 +270,13 @@ def rerun_pipeline(checkout: Path, record: VersionRecord, tracking_uri: str) -> 
             f"rebuilding {record.uri}: the pipeline ran code from {info['code']}, not from the "
             f"checkout of {record.commit[:12]} (PYTHONPATH or an install shadows it)"
         )
-    return Rebuilt(op_determinism=bool(info["op_determinism"]), libraries=info["libraries"])
+    preprocessed = checkout / "data" / "preprocess"
+    return Rebuilt(
+        op_determinism=bool(info["op_determinism"]),
+        libraries=info["libraries"],
+        device=", ".join(info["gpus"]) or lineage.device_description("cpu"),
+        preprocess_version=lineage.dvc_hash(preprocessed) if preprocessed.is_dir() else None,
+    )
 
 
 def reproduction_run(client: Any, checkout: Path, record: VersionRecord) -> str | None:
@@ -277,13 +312,17 @@ def rebuild_metrics(checkout: Path) -> dict[str, float]:
 
 
 def reproduce_version(
-    model_uri: str, project: Path, tolerance: float = DEFAULT_TOLERANCE
+    model_uri: str,
+    project: Path,
+    tolerance: float = DEFAULT_TOLERANCE,
+    cross_device_tolerance: float = CROSS_DEVICE_TOLERANCE,
 ) -> Outcome:
     """Rebuild ``model_uri`` in a temporary checkout and compare; the one implementation
     behind the command line and the Prefect flow. Every refusal (ReproduceError) happens
     before the checkout; the checkout is gone when this returns or raises."""
     name, version = parse_model_uri(model_uri)
     tolerance = check_tolerance(tolerance)
+    cross_device_tolerance = check_tolerance(cross_device_tolerance)
     uri = project_tracking_uri(project)
     client = mlflow_client(uri)
     record = read_version(client, name, version, uri)
@@ -294,7 +333,7 @@ def reproduce_version(
         if changes is not None:
             apply_changes(checkout, changes, record)
             print(f"applied the tracked-file changes its run recorded ({CHANGES_ARTIFACT})")
-        restored = restore_data(project, checkout, record.data_version, record.uri)
+        restored = restore_data(project, checkout, record)
         print(f"data: {restored}", flush=True)
         print(f"rerunning the stages after data, without register, in {checkout}", flush=True)
         try:
@@ -305,7 +344,7 @@ def reproduce_version(
             raise
         run_id = reproduction_run(client, checkout, record)
         reproduced = rebuild_metrics(checkout)
-    rule = choose_rule(record, rebuilt, tolerance)
+    rule = choose_rule(record, rebuilt, tolerance, cross_device_tolerance)
     outcome = Outcome(record, rebuilt, run_id, rule, compare(original, reproduced))
     if run_id is not None:
         client.set_tag(run_id, f"{REPRODUCES_TAG}.match", str(outcome.matched).lower())
@@ -314,12 +353,18 @@ def reproduce_version(
 
 
 @flow(name="reproduce-version", log_prints=True)
-def reproduce(model_uri: str, tolerance: float = DEFAULT_TOLERANCE) -> dict[str, Any]:
+def reproduce(
+    model_uri: str,
+    tolerance: float = DEFAULT_TOLERANCE,
+    cross_device_tolerance: float = CROSS_DEVICE_TOLERANCE,
+) -> dict[str, Any]:
     """Rebuild a registered version and compare it with the original; Failed when it cannot
     be rebuilt or does not match. Runs in the directory the deployment was registered from.
 
     model_uri: models:/<name>/<version> (checked against a strict pattern before use).
     tolerance: absolute, per metric, when the exact rule does not apply.
+    cross_device_tolerance: absolute, per metric, when one side trained on a GPU and the
+        other on a CPU.
     """
     from prefect.artifacts import create_markdown_artifact
     from prefect.states import Failed
@@ -327,7 +372,7 @@ def reproduce(model_uri: str, tolerance: float = DEFAULT_TOLERANCE) -> dict[str,
     from flows.common import failed_without_traceback
 
     try:
-        outcome = reproduce_version(model_uri, Path.cwd(), tolerance)
+        outcome = reproduce_version(model_uri, Path.cwd(), tolerance, cross_device_tolerance)
     except ReproduceError as error:
         return Failed(message=str(error))
     except Exception as error:
@@ -355,6 +400,13 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_TOLERANCE,
         help="absolute, per metric, when the exact rule does not apply (default %(default)g)",
     )
+    parser.add_argument(
+        "--cross-device-tolerance",
+        type=float,
+        default=CROSS_DEVICE_TOLERANCE,
+        help="absolute, per metric, when the version trained on a GPU and this machine "
+        "rebuilds it on a CPU, or the other way round (default %(default)g)",
+    )
     args = parser.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C: the pipeline process is stopped, the checkout removed.
     signal.signal(signal.SIGTERM, startup.raise_interrupted)
@@ -362,7 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     from flows.stage import expected_errors
 
     try:
-        outcome = reproduce_version(args.model_uri, Path.cwd(), args.tolerance)
+        outcome = reproduce_version(
+            args.model_uri, Path.cwd(), args.tolerance, args.cross_device_tolerance
+        )
     except (ReproduceError, *expected_errors()) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

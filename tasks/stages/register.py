@@ -25,7 +25,6 @@ from tasks.config import PipelineConfig, modality
 from tasks.errors import refuse_non_finite
 from tasks.modality import ServedModel
 from tasks.tracking import describe, lineage, registry, runs, views
-from tasks.tracking.lineage import dvc_hash
 from tasks.tracking.registry_lock import registry_lock
 from tasks.workspace import Workspace, read_json, write_json
 
@@ -74,7 +73,21 @@ def serving_requirements() -> list[str]:
     return [f"{name}=={version(name)}" for name in packages]
 
 
-def lineage_tags(cfg: PipelineConfig, ws: Workspace, run_id: str) -> dict[str, str]:
+def keep_data(ws: Workspace) -> lineage.KeptData:
+    """The prepared data and preprocess's outputs into the project's DVC cache and remote,
+    however this pipeline was started (`dvc repro`, a flow run in runs/<id>/, a sweep, a
+    retrain, `dvc exp run`): the version's tags name them by hash, and any clone sharing
+    the remote restores them (flows/reproduce/)."""
+    outputs = {"data/prepared": ws.prepared, "data/preprocess": ws.preprocessed}  # dvc.yaml outs
+    kept = lineage.keep_in_dvc(ws.root, outputs)
+    listed = ", ".join(f"{path} {md5}" for path, md5 in kept.hashes.items())
+    print(f"data: {listed} kept in {kept.storage}", flush=True)
+    return kept
+
+
+def lineage_tags(
+    cfg: PipelineConfig, ws: Workspace, run_id: str, kept: lineage.KeptData
+) -> dict[str, str]:
     """What made this version, enough to rebuild it (flows/reproduce/)."""
     from importlib.metadata import version as installed
 
@@ -86,7 +99,9 @@ def lineage_tags(cfg: PipelineConfig, ws: Workspace, run_id: str) -> dict[str, s
     versions = {name: installed(name) for name in packages}
     return {
         "git_commit": lineage.git_commit(ws.root),
-        "data_version": dvc_hash(ws.prepared),
+        "data_version": kept.hashes["data/prepared"],
+        "preprocess_version": kept.hashes["data/preprocess"],
+        "data_storage": kept.storage,
         "params": json.dumps(cfg.flat(), sort_keys=True),
         "run_id": run_id,
         "seed": str(cfg.train.seed),
@@ -98,7 +113,7 @@ def lineage_tags(cfg: PipelineConfig, ws: Workspace, run_id: str) -> dict[str, s
 
 
 def log_and_register(
-    cfg: PipelineConfig, ws: Workspace, run_id: str, test_accuracy: float
+    cfg: PipelineConfig, ws: Workspace, run_id: str, test_accuracy: float, kept: lineage.KeptData
 ) -> dict[str, Any]:
     """Check the name's binding, register the run's model once (a retry reuses its
     version), tag it, move aliases comparing like with like."""
@@ -115,7 +130,7 @@ def log_and_register(
         with registry_lock(name, announce=False):  # move_aliases says which lock
             registry.bind_or_check(client, name, served.binding)  # before anything is logged
         version = registry.version_of_run(client, name, run_id) or log_model(served, cfg)
-    tags = lineage_tags(cfg, ws, run_id) | {"test_accuracy": repr(test_accuracy)}
+    tags = lineage_tags(cfg, ws, run_id, kept) | {"test_accuracy": repr(test_accuracy)}
     if tags["git_commit"].endswith("-dirty"):  # what git lacks to rebuild this version
         mlflow.log_text(lineage.tracked_changes(ws.root), lineage.CHANGES_ARTIFACT)
     for key, value in tags.items():
@@ -194,7 +209,8 @@ def run(cfg: PipelineConfig, ws: Workspace) -> dict[str, Any]:
         {k: math.nan if v is None else v for k, v in metrics["test"].items()}, "register"
     )
     with runs.stage_run(cfg, ws, "register") as run_id:
-        record = log_and_register(cfg, ws, run_id, metrics["test"]["accuracy"])
+        kept = keep_data(ws)  # before the version exists: one no clone can rebuild never does
+        record = log_and_register(cfg, ws, run_id, metrics["test"]["accuracy"], kept)
         record["mlflow"] = runs.run_url(run_id)
         write_json(ws.registration, record)
         mlflow.log_artifact(str(ws.registration), artifact_path="register")

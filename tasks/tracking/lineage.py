@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -20,6 +21,84 @@ def dvc_hash(path: Path) -> str:
     with tempfile.TemporaryDirectory() as scratch:
         _, _, obj = build(HashFileDB(fs, scratch), str(path), fs, "md5")
     return obj.hash_info.value
+
+
+@dataclass(frozen=True)
+class KeptData:
+    """Where a version's data went: its DVC hashes, the project's cache, the remote."""
+
+    hashes: dict[str, str]  # name -> DVC md5, as dvc_hash gives it
+    cache: str | None  # the DVC cache directory; None outside a DVC project
+    remote: str | None  # "<name> (<url>)" of the default DVC remote it was pushed to
+
+    @property
+    def storage(self) -> str:
+        """The version's ``data_storage`` tag: what a clone needs to restore the data."""
+        if self.cache is None:
+            return "none: trained outside a DVC project"
+        if self.remote is None:
+            return f"DVC cache only ({self.cache}): no DVC remote was configured"
+        return f"DVC remote {self.remote}"
+
+
+def keep_in_dvc(root: Path, outputs: dict[str, Path]) -> KeptData:
+    """Put ``outputs`` (directories a version depends on: the prepared data, preprocess's
+    stats) into the DVC cache of the project ``root`` lies in, and push them to its default
+    DVC remote when one is configured, so any clone can rebuild the version.
+
+    DVC's own machinery, as `dvc commit` and `dvc push` run it: dvc-data builds each
+    directory's content-addressed object and transfers it into the repository's cache
+    (copied, never linked: a run directory may be deleted or rewritten), then the
+    repository's DataCloud pushes those objects. Neither adds a .dvc file nor touches
+    dvc.lock: a flow run's outputs (runs/<id>/) stay out of git and of `dvc status`.
+    Objects already cached or on the remote are skipped, so under `dvc repro` (whose data
+    stage cached them already) this costs one hash and the push.
+    """
+    from dvc.exceptions import NotDvcRepoError
+    from dvc.repo import Repo
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.transfer import transfer
+    from dvc_objects.fs.local import LocalFileSystem
+
+    from tasks.errors import DataStorageError
+
+    try:
+        project = Repo.find_root(str(root))
+    except NotDvcRepoError:
+        return KeptData({name: dvc_hash(path) for name, path in outputs.items()}, None, None)
+    fs = LocalFileSystem()
+    with Repo(project) as repo:
+        cache = repo.cache.local
+        hashes, objects = {}, set()
+        for name, path in outputs.items():
+            staging, _, obj = build(cache, str(path), fs, "md5")
+            transfer(staging, cache, {obj.hash_info}, shallow=False, hardlink=False)
+            hashes[name] = obj.hash_info.value
+            # DataCloud.push moves exactly the objects it is given: the listing and its files.
+            objects |= {obj.hash_info, *(oid for _, _, oid in obj)}
+        remote = repo.config["core"].get("remote")
+        if not remote:
+            return KeptData(hashes, cache.path, None)
+        url = repo.config["remote"].get(remote, {}).get("url")
+        where = f"{remote!r} ({url})"
+        try:
+            pushed = repo.cloud.push(objects, remote=remote)
+        except Exception as error:  # the remote's own error type varies (S3, SSH, local)
+            why = f"{type(error).__name__}: {error}"
+            raise DataStorageError(push_failed(hashes, where, why)) from error
+        if pushed.failed:
+            raise DataStorageError(push_failed(hashes, where, f"{len(pushed.failed)} objects"))
+    return KeptData(hashes, cache.path, where)
+
+
+def push_failed(hashes: dict[str, str], where: str, why: str) -> str:
+    listed = ", ".join(f"{name} {value}" for name, value in hashes.items())
+    return (
+        f"pushing {listed} to DVC remote {where} failed ({why}); nothing was registered, since "
+        "no other clone could rebuild the version: fix the remote (`dvc remote list`, "
+        "`dvc push` to try it) and rerun, or unset it (`dvc remote default --unset`) to keep "
+        "the data in this clone's DVC cache only"
+    )
 
 
 # `dvc repro` rewrites dvc.lock after every stage, before register: its changes are the
