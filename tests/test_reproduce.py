@@ -327,7 +327,12 @@ def test_a_version_from_every_origin_is_rebuilt_in_another_clone_without_its_sou
     assert "result: MATCH" in output, output[-3000:]
     # Each is tagged deterministic with its library versions, same device: the exact rule.
     assert "rule: exact" in output, output[-2000:]
-    assert "from DVC remote 'storage'" in output, "clone B's cache was empty: pulled"
+    # Clone B started with an empty cache: the first rebuild pulls the data from the
+    # remote, later ones of the same data version find it in B's own cache.
+    pulled = "from DVC remote 'storage'" in output
+    assert pulled or f"from the DVC cache {clone_b / '.dvc' / 'cache'}" in output, output[-2000:]
+    if origin == "dvc repro":
+        assert pulled, output[-2000:]
     assert f"preprocess outputs: identical (data/preprocess {tags['preprocess_version']})" in output
     assert version_count(client) == versions, "a reproduction never registers"
     (new,) = [run for run in runs(client) if run.info.run_id not in before]

@@ -171,11 +171,10 @@ def restore_data(project: Path, checkout: Path, record: VersionRecord) -> str:
 def check_data_available(project: Path, record: VersionRecord) -> None:
     """Refuse, before any checkout, a data version that is neither in the project's DVC
     cache nor on its default remote (its directory listing, which DVC pushes last)."""
-    from dvc.exceptions import NoRemoteError
+    from dvc.config import NoRemoteError
     from dvc.repo import Repo
-    from dvc_data.hash_info import HashInfo
 
-    listing = HashInfo("md5", record.data_version)
+    listing = record.data_version  # the object id: <md5>.dir
     with Repo(str(project)) as repo:
         if repo.cache.local.exists(listing):
             return
