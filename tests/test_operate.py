@@ -244,7 +244,8 @@ def test_deployment_and_sweep_versions_are_rebuilt_after_their_source_is_gone(
     client = client_for(stack)
     for model in (name, sweep[0]):
         tags = client.get_model_version(model, "1").tags
-        assert tags["data_storage"].startswith("DVC remote 'storage'"), tags["data_storage"]
+        remote = stack.root.parent / "gpu-train-pipeline-dvc-storage"  # the default, beside it
+        assert tags["data_storage"] == f"DVC remote 'storage' ({remote})", tags["data_storage"]
     shutil.rmtree(real_source)
 
     clone = stack.root.parent / "clone-b"

@@ -2,7 +2,8 @@
 
 End to end, on the real Fashion-MNIST IDX files (three classes, a few labels each): clone
 A, a git copy of the repository, registers a version by each way of training it (`dvc
-repro`, `python -m flows.pipeline`, the nightly retrain flow, `dvc exp run`), with an
+repro`, `python -m flows.pipeline`, the nightly retrain flow, `dvc exp run` in the
+workspace and in DVC's temporary one, `--temp`), with an
 MLflow store and a DVC remote (the project's default, a folder beside the clones) that
 clone B shares. Then the IDX files are deleted and `python -m flows.reproduce` rebuilds
 each version in clone B, a fresh `git clone` of A with an empty DVC cache: MATCH. Versions
@@ -295,7 +296,12 @@ def origins(project, client) -> dict[str, str]:
     made["dvc exp run"] = latest_version(client)
     git(project, "checkout", "--", "params.yaml", "dvc.lock")
     dvc(project, "checkout", "--force")
-    assert len(set(made.values())) == 4, made
+    # The same in DVC's temporary workspace (.dvc/tmp/exps/<name>/, as `--queue` runs too):
+    # its data goes to the project's cache and remote, not to a remote relative to it.
+    command = module_command("dvc", "exp", "run", "--temp", "-S", "train.learning_rate=0.003")
+    run_ok(command, project)
+    made["dvc exp run --temp"] = latest_version(client)
+    assert len(set(made.values())) == 5, made
     return made
 
 
@@ -313,14 +319,23 @@ def clone_b(origins, top) -> Path:
 @pytest.mark.slow
 @needs_fashion
 @pytest.mark.parametrize(
-    "origin", ["dvc repro", "python -m flows.pipeline", "nightly retrain", "dvc exp run"]
+    "origin",
+    [
+        "dvc repro",
+        "python -m flows.pipeline",
+        "nightly retrain",
+        "dvc exp run",
+        "dvc exp run --temp",
+    ],
 )
 def test_a_version_from_every_origin_is_rebuilt_in_another_clone_without_its_source(
-    origin, origins, clone_b, client
+    origin, origins, clone_b, client, top
 ):
     version = origins[origin]
     tags = client.get_model_version(MODEL, version).tags
-    assert tags["data_storage"].startswith("DVC remote 'storage'"), tags["data_storage"]
+    # The project's default remote, beside the clones (also from DVC's temporary workspace).
+    remote = top / "gpu-train-pipeline-dvc-storage"
+    assert tags["data_storage"] == f"DVC remote 'storage' ({remote})", tags["data_storage"]
     before = {run.info.run_id for run in runs(client)}
     versions = version_count(client)
     output = run_ok(module_command("flows.reproduce", f"models:/{MODEL}/{version}"), clone_b)
@@ -345,7 +360,7 @@ def test_a_version_from_every_origin_is_rebuilt_in_another_clone_without_its_sou
         assert new.data.metrics[key] == original.data.metrics[key], key
     # Per-class F1 is compared from each run's evaluate/per_class.json: the MATCH covers it.
     assert "per_class/f1_Pullover" in output, output[-2000:]
-    if origin == "dvc exp run":
+    if origin.startswith("dvc exp run"):
         assert tags["git_commit"].endswith("-dirty")
         assert "applied the tracked-file changes" in output
     assert checkouts(clone_b) == [f"worktree {clone_b}"], "the temporary checkout is gone"

@@ -63,11 +63,11 @@ def keep_in_dvc(root: Path, outputs: dict[str, Path]) -> KeptData:
     from tasks.errors import DataStorageError
 
     try:
-        project = Repo.find_root(str(root))
+        project = owning_project(Path(Repo.find_root(str(root))))
     except NotDvcRepoError:
         return KeptData({name: dvc_hash(path) for name, path in outputs.items()}, None, None)
     fs = LocalFileSystem()
-    with Repo(project) as repo:
+    with Repo(str(project)) as repo:
         cache = repo.cache.local
         hashes, objects = {}, set()
         for name, path in outputs.items():
@@ -89,6 +89,23 @@ def keep_in_dvc(root: Path, outputs: dict[str, Path]) -> KeptData:
         if pushed.failed:
             raise DataStorageError(push_failed(hashes, where, f"{len(pushed.failed)} objects"))
     return KeptData(hashes, cache.path, where)
+
+
+EXPERIMENT_WORKSPACES = (".dvc", "tmp", "exps")  # where `dvc exp run --temp/--queue` runs
+
+
+def owning_project(root: Path) -> Path:
+    """The project whose cache and remote a DVC repository at ``root`` uses: itself, or for
+    the temporary workspace of `dvc exp run --temp` or `--queue`
+    (``<project>/.dvc/tmp/exps/<name>/``) the project around it. DVC copies only the
+    project's local config there, so a remote given relative to the project (this one's
+    default, ``../../gpu-train-pipeline-dvc-storage``) would point inside .dvc/tmp/."""
+    parts = root.resolve().parts
+    size = len(EXPERIMENT_WORKSPACES)
+    for start in range(len(parts) - size, 0, -1):
+        if parts[start : start + size] == EXPERIMENT_WORKSPACES:
+            return Path(*parts[:start])
+    return root
 
 
 def push_failed(hashes: dict[str, str], where: str, why: str) -> str:
