@@ -78,3 +78,30 @@ def test_a_remote_that_cannot_be_written_stops_registration_naming_it(project, t
     message = str(raised.value)
     assert f"DVC remote 'storage' ({url}) failed" in message, message
     assert dvc_hash(prepared) in message and "nothing was registered" in message
+
+
+def test_dvc_exp_temp_workspaces_keep_data_in_the_projects_cache_and_remote(tmp_path):
+    """`dvc exp run --temp` (and `--queue`) run in <project>/.dvc/tmp/exps/<name>/, a copy
+    whose .dvc/config names the remote relative to itself: data must still go to the
+    project's remote, not to a folder inside .dvc/tmp/."""
+    project = tmp_path / "project"
+    workspaces = [project, project / ".dvc" / "tmp" / "exps" / "tmp1a2b"]
+    for root in workspaces:
+        root.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+        if not (root / ".dvc" / "config").is_file():
+            subprocess.run(module_command("dvc", "init", "-q", "--force"), cwd=root, check=True)
+        # As this repository's .dvc/config has it: a folder beside the clone, written
+        # relative to .dvc/ ("../../storage"; the command takes it from the current folder).
+        add = ("remote", "add", "-f", "-d", "storage", "../storage")
+        subprocess.run(module_command("dvc", *add), cwd=root, check=True)
+    prepared = workspaces[1] / "data" / "prepared"
+    prepared.mkdir(parents=True)
+    (prepared / "train.npz").write_bytes(b"experiment")
+    kept = keep_in_dvc(workspaces[1], {"data/prepared": prepared})
+    assert kept.storage == f"DVC remote 'storage' ({tmp_path / 'storage'})"
+    assert f"{kept.hashes['data/prepared'].removesuffix('.dir')}.dir" in objects(
+        tmp_path / "storage"
+    )
+    assert "../../storage" in (workspaces[1] / ".dvc" / "config").read_text()
+    assert not (project / ".dvc" / "tmp" / "exps" / "storage").exists()
