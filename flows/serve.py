@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -43,7 +44,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flows.stack import object_store, postgres, security
+from flows.stack import object_store, postgres, security, tls
 from flows.stack.backing import (
     LOCAL_BUCKET,
     S3_ENV_FILE,
@@ -117,7 +118,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default loopback); any other address serves HTTPS (--tls-cert "
+        "or the stack's own CA) unless --insecure-http",
+    )
+    parser.add_argument(
+        "--tls", action="store_true", help="serve HTTPS on loopback too (the stack's own CA)"
+    )
+    parser.add_argument("--tls-cert", help="the servers' certificate (PEM, chain) instead of ours")
+    parser.add_argument("--tls-key", help="its private key (PEM, unencrypted), with --tls-cert")
+    parser.add_argument(
+        "--tls-ca", help="with --tls-cert: the CA clients must trust, when it is not a public one"
+    )
+    parser.add_argument(
+        "--insecure-http",
+        action="store_true",
+        help="plain HTTP on a non-loopback --host: the credential and all data cross the "
+        "network readable and changeable by anyone on it",
+    )
     parser.add_argument("--prefect-port", type=int, default=4200)
     parser.add_argument("--mlflow-port", type=int, default=5000)
     parser.add_argument("--pool", default=POOL, help="process work pool the worker polls")
@@ -167,6 +187,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="MLflow server without its basic-auth app (it still checks Host and CORS)",
     )
     args = parser.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together: the certificate and its key")
+    if args.tls_ca and not args.tls_cert:
+        parser.error("--tls-ca names the CA of --tls-cert: the stack's own CA needs neither")
+    if args.insecure_http and (args.tls or args.tls_cert):
+        parser.error("--insecure-http turns TLS off: drop it, or drop --tls/--tls-cert")
     if args.local_postgres and args.database_url:
         parser.error("--local-postgres starts its own database: drop --database-url")
     if args.local_s3 and args.artifacts_destination:
@@ -190,11 +216,51 @@ def served_store(args: argparse.Namespace, project: Path, backing: Backing) -> t
     return store, backing.artifacts or artifacts
 
 
+def serves_tls(args: argparse.Namespace) -> bool:
+    """HTTPS when asked, and always off loopback unless --insecure-http says otherwise."""
+    if args.tls or args.tls_cert:
+        return True
+    return not tls.is_loopback(args.host) and not args.insecure_http
+
+
+def prefect_server_command(args: argparse.Namespace, certs: tls.TlsFiles | None) -> list[str]:
+    """`prefect server start`; over TLS, the uvicorn command it runs, with the certificate
+    (its own command has no TLS options). PREFECT__SERVER_FINAL is set in its env."""
+    bin_dir = Path(sys.executable).parent
+    if certs is None:
+        start = [str(bin_dir / "prefect"), "server", "start"]
+        return [*start, "--host", args.host, "--port", str(args.prefect_port)]
+    import prefect
+
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--app-dir",
+        str(Path(prefect.__file__).parent.parent),
+        "--factory",
+        "prefect.server.api.server:create_app",
+        "--host",
+        args.host,
+        "--port",
+        str(args.prefect_port),
+        "--ssl-certfile",
+        str(certs.cert),
+        "--ssl-keyfile",
+        str(certs.key),
+    ]
+
+
 def build_services(
-    args: argparse.Namespace, project: Path, ends: Endpoints, credential: str, backing: Backing
+    args: argparse.Namespace,
+    project: Path,
+    ends: Endpoints,
+    credential: str,
+    backing: Backing,
+    certs: tls.TlsFiles | None = None,
 ) -> list[Service]:
     """The MLflow server, the Prefect server and the worker, in start order (the MLflow
-    server alone with --mlflow-only)."""
+    server alone with --mlflow-only); both servers over HTTPS with ``certs``."""
     bin_dir = Path(sys.executable).parent  # the virtualenv's console scripts
     store, destination = served_store(args, project, backing)
     log_dir = project / LOG_DIR
@@ -206,8 +272,10 @@ def build_services(
     mlflow += ["--cors-allowed-origins", ends.origins(args.mlflow_port)]
     if not args.no_mlflow_auth:
         mlflow += ["--app-name", "basic-auth"]
-    prefect = [str(bin_dir / "prefect"), "server", "start"]
-    prefect += ["--host", args.host, "--port", str(args.prefect_port)]
+    if certs is not None:
+        ssl_opts = ["--ssl-certfile", str(certs.cert), "--ssl-keyfile", str(certs.key)]
+        mlflow += ["--uvicorn-opts", shlex.join(ssl_opts)]
+    prefect = prefect_server_command(args, certs)
     worker = [str(bin_dir / "prefect"), "worker", "start", "--pool", args.pool, "--type", "process"]
     if args.worker_limit:
         worker += ["--limit", str(args.worker_limit)]
@@ -218,14 +286,24 @@ def build_services(
     if args.mlflow_only:
         return [mlflow_service]
     prefect_env = prefect_server_env(ends, credential)
+    if certs is not None:
+        prefect_env["PREFECT__SERVER_FINAL"] = "1"  # as `prefect server start` sets it
     if backing.databases:
         prefect_env["PREFECT_API_DATABASE_CONNECTION_URL"] = backing.databases["prefect"]
-    worker_env = client_env(ends, credential, not args.no_mlflow_auth)
+    worker_env = client_env(ends, credential, not args.no_mlflow_auth, trust(certs))
     return [
         mlflow_service,
         Service("Prefect server", prefect, log_dir / "prefect-server.log", prefect_env),
         Service("Prefect worker", worker, log_dir / "worker.log", worker_env),
     ]
+
+
+def pool_ready(pool: dict[str, Any]) -> bool:
+    return pool["status"] == "READY"
+
+
+def trust(certs: tls.TlsFiles | None) -> dict[str, str]:
+    return certs.client_env() if certs is not None else {}
 
 
 def prefect_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
@@ -304,8 +382,30 @@ def banner(
     project: Path,
     credential_file: Path,
     backing: Backing,
+    certs: tls.TlsFiles | None = None,
 ) -> str:
     """What a user needs: URLs, and export lines naming the credential file, never its text."""
+    if certs is None:
+        transport = (
+            f"\n  WARNING      plain HTTP on {args.host} (--insecure-http): the credential and "
+            "all data cross the network readable and changeable by anyone on it"
+            if not tls.is_loopback(args.host)
+            else ""
+        )
+        trust_exports = ""
+    else:
+        ca = project / tls.TLS_DIR / "ca.pem" if certs.trust and not args.tls_cert else None
+        transport = f"\n  TLS          {certs.cert}" + (
+            f"\n               clients on other hosts: copy {ca} and point the variables "
+            "below at it"
+            if ca
+            else ""
+        )
+        trust_exports = (
+            "\n  export " + " ".join(f"{key}={value}" for key, value in certs.client_env().items())
+            if certs.trust
+            else ""
+        )
     mlflow_exports = (
         '\n  export MLFLOW_TRACKING_USERNAME="${PREFECT_API_AUTH_STRING%%:*}"'
         ' MLFLOW_TRACKING_PASSWORD="${PREFECT_API_AUTH_STRING#*:}"'
@@ -321,7 +421,7 @@ def banner(
         if not args.no_mlflow_auth
         else "no credential (--no-mlflow-auth)"
     )
-    kept = stores(args, backing, project)
+    kept = stores(args, backing, project) + transport
     if args.mlflow_only:
         return f"""
 Serving the MLflow UI on {ends.mlflow_url} over the project's store; Ctrl-C stops it.{kept}
@@ -343,31 +443,38 @@ Serving on {args.host}; Ctrl-C stops everything.{kept}
 
 In another shell (virtualenv active, in {project}):
   export PREFECT_API_URL={ends.prefect_url}/api MLFLOW_TRACKING_URI={ends.mlflow_url}
-  export PREFECT_API_AUTH_STRING="$(cat {credential_file})"{mlflow_exports}
+  export PREFECT_API_AUTH_STRING="$(cat {credential_file})"{mlflow_exports}{trust_exports}
   prefect deployment run 'training-pipeline/train' -p overrides='{{"train.epochs": 3}}' --watch
 """.rstrip()
 
 
 def serve(args: argparse.Namespace, project: Path, services: list[Service]) -> None:
     """Start everything, print the banner, then watch the services until one dies."""
-    ends = Endpoints(args.host, args.prefect_port, args.mlflow_port)
     credential_file, credential = security.ensure_credential(project, dict(os.environ))
+    certs = None
+    if args.tls_cert:
+        certs = tls.user_certificates(args.tls_cert, args.tls_key, args.tls_ca)
+    elif serves_tls(args):
+        certs = tls.stack_certificates(project, args.host)
+    scheme = "https" if certs else "http"
+    ends = Endpoints(args.host, args.prefect_port, args.mlflow_port, scheme)
+    context = certs.ssl_context() if certs else None
     backing = start_backing(args, project, services)
     proxy_experiments(*served_store(args, project, backing))  # before any client uses them
-    stack = build_services(args, project, ends, credential, backing)
+    stack = build_services(args, project, ends, credential, backing, certs)
     services.extend(stack)
     for service in stack[:2]:
         service.start(project)  # both servers start at once: about 10 s instead of 20
-    wait_for(stack[0], f"{ends.mlflow_url}/health")
+    wait_for(stack[0], f"{ends.mlflow_url}/health", context=context)
     if not args.mlflow_only:
         _, prefect_server, worker = stack
-        wait_for(prefect_server, f"{ends.prefect_url}/api/health")
-        clients = client_env(ends, credential, not args.no_mlflow_auth)
+        wait_for(prefect_server, f"{ends.prefect_url}/api/health", context=context)
+        clients = client_env(ends, credential, not args.no_mlflow_auth, trust(certs))
         register_deployments(args.pool, clients, project, deploy=not args.no_deploy)
         worker.start(project)
         pool_url = f"{ends.prefect_url}/api/work_pools/{args.pool}"
-        wait_for(worker, pool_url, lambda p: p["status"] == "READY", credential)
-    print(banner(args, ends, project, credential_file, backing), flush=True)
+        wait_for(worker, pool_url, pool_ready, credential, context=context)
+    print(banner(args, ends, project, credential_file, backing, certs), flush=True)
     while True:
         for service in services:
             if (code := service.exit_code()) is None:
@@ -399,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_ports(args.host, ports)
         serve(args, project, services)
-    except (PortInUse, security.CredentialError, postgres.PostgresError) as error:
+    except (PortInUse, security.CredentialError, postgres.PostgresError, tls.TlsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except (ServeError, object_store.ObjectStoreError) as error:

@@ -27,14 +27,20 @@ class Endpoints:
     host: str
     prefect_port: int
     mlflow_port: int
+    scheme: str = "http"  # "https" when the stack serves TLS (flows/stack/tls.py)
 
     @property
     def prefect_url(self) -> str:
-        return f"http://{self.host}:{self.prefect_port}"
+        return f"{self.scheme}://{self.url_host}:{self.prefect_port}"
 
     @property
     def mlflow_url(self) -> str:
-        return f"http://{self.host}:{self.mlflow_port}"
+        return f"{self.scheme}://{self.url_host}:{self.mlflow_port}"
+
+    @property
+    def url_host(self) -> str:
+        """The host as a URL writes it (an IPv6 address in brackets)."""
+        return f"[{self.host}]" if ":" in self.host else self.host
 
     def names(self) -> list[str]:
         """The host names a browser may use for the stack (never a wildcard address)."""
@@ -44,7 +50,7 @@ class Endpoints:
         return names
 
     def origins(self, port: int) -> str:
-        return ",".join(f"http://{name}:{port}" for name in self.names())
+        return ",".join(f"{self.scheme}://{name}:{port}" for name in self.names())
 
     def hosts(self, port: int) -> str:
         return ",".join(f"{name}:{port}" for name in self.names())
@@ -76,9 +82,12 @@ def base_env() -> dict[str, str]:
     return env
 
 
-def client_env(ends: Endpoints, credential: str, mlflow_auth: bool) -> dict[str, str]:
-    """A Prefect and MLflow client's environment: the worker's, the CLI calls', a user's."""
-    env = base_env()
+def client_env(
+    ends: Endpoints, credential: str, mlflow_auth: bool, trust: dict[str, str] | None = None
+) -> dict[str, str]:
+    """A Prefect and MLflow client's environment: the worker's, the CLI calls', a user's.
+    ``trust``: the variables that make them trust the stack's TLS certificate."""
+    env = base_env() | (trust or {})
     env.update(
         PREFECT_API_URL=f"{ends.prefect_url}/api",
         PREFECT_API_AUTH_STRING=credential,

@@ -177,8 +177,12 @@ def check_ports(host: str, ports: dict[str, int]) -> None:
                 ) from None
 
 
-def http_get(url: str, credential: str | None = None) -> Any:
-    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
+def http_get(url: str, credential: str | None = None, context: Any = None) -> Any:
+    """GET ``url`` directly (its own host: no proxy); ``context``: the TLS trust for https."""
+    handlers = [urllib.request.ProxyHandler({})]
+    if context is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    direct = urllib.request.build_opener(*handlers)
     request = urllib.request.Request(url)
     if credential is not None:
         token = base64.b64encode(credential.encode()).decode()
@@ -188,14 +192,20 @@ def http_get(url: str, credential: str | None = None) -> Any:
     return json.loads(body) if body[:1] in (b"{", b"[") else body
 
 
-def wait_for(service: Service, url: str, ready: Any = None, credential: str | None = None) -> None:
+def wait_for(
+    service: Service,
+    url: str,
+    ready: Any = None,
+    credential: str | None = None,
+    context: Any = None,
+) -> None:
     """Wait until GET ``url`` answers (and ``ready(answer)`` holds) or the service dies."""
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if (code := service.exit_code()) is not None:
             raise service.failure(f"exited with status {code} while starting")
         with suppress(OSError, ValueError):
-            answer = http_get(url, credential)
+            answer = http_get(url, credential, context)
             if ready is None or ready(answer):
                 return
         time.sleep(0.5)

@@ -55,6 +55,15 @@ class TrackingUnreachable(UserFixableError, ConnectionError):
     """The tracking server did not answer in time; the message names its URL."""
 
 
+class TrackingUntrusted(UserFixableError, ValueError):
+    """The tracking server's TLS certificate is not one this machine trusts (a stack served
+    with its own CA, whose ca.pem this host lacks); the message names the fix. Not
+    transient: retrying cannot help."""
+
+
+CERT_PATH_ENV = "MLFLOW_TRACKING_SERVER_CERT_PATH"  # MLflow's client: the CA bundle to trust
+
+
 def timeout_s() -> float:
     value = os.environ.get(TIMEOUT_ENV, "")
     try:
@@ -72,8 +81,13 @@ def client_defaults() -> None:
 
 def wait_for_server(uri: str, limit_s: float | None = None) -> None:
     """Return once ``uri``/health answers; raise TrackingUnreachable after ``limit_s``."""
+    import ssl
+
     limit_s = timeout_s() if limit_s is None else limit_s
-    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    context = ssl.create_default_context(cafile=os.environ.get(CERT_PATH_ENV) or None)
+    direct = urllib.request.build_opener(
+        urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+    )
     deadline = time.monotonic() + limit_s
     while True:
         try:
@@ -83,6 +97,8 @@ def wait_for_server(uri: str, limit_s: float | None = None) -> None:
             return  # it answers (a proxy or auth in front of /health): the client takes over
         except OSError as error:
             cause = getattr(error, "reason", error)
+            if isinstance(cause, ssl.SSLCertVerificationError):
+                raise TrackingUntrusted(untrusted_message(uri, cause)) from None
         if time.monotonic() >= deadline:
             raise TrackingUnreachable(
                 f"the tracking server {uri} did not answer for {limit_s:.0f} s ({cause}): "
@@ -90,6 +106,17 @@ def wait_for_server(uri: str, limit_s: float | None = None) -> None:
                 f"a running one ({TIMEOUT_ENV} sets how long to wait)"
             )
         time.sleep(1.0)
+
+
+def untrusted_message(uri: str, cause: Exception) -> str:
+    why = getattr(cause, "verify_message", None) or str(cause)
+    return (
+        f"the tracking server {uri} presents a TLS certificate this machine does not trust "
+        f"({why}): copy the stack's CA from the server host (.pipeline/secrets/tls/ca.pem in "
+        f"the project `make serve` runs in) and point {CERT_PATH_ENV}, SSL_CERT_FILE, "
+        "REQUESTS_CA_BUNDLE and PREFECT_API_SSL_CERT_FILE at it, as the serve banner's "
+        "export line does"
+    )
 
 
 def redacted(url: str) -> str:
