@@ -2,7 +2,7 @@
 
     python -m flows.serve [--host 127.0.0.1] [--prefect-port 4200] [--mlflow-port 5000]
         [--database-url postgresql://... | --local-postgres] [--artifacts-destination s3://...]
-        [--local-s3] [--worker-limit N]
+        [--local-s3] [--worker-limit N] [--tls | --tls-cert C --tls-key K | --insecure-http]
 
 Starts the MLflow tracking server over the project's store (params.yaml `mlflow:`; by
 default mlruns/mlflow.db, artifacts under mlruns/artifacts, uploaded through the server)
@@ -20,6 +20,11 @@ both servers and MLflow's clients reconnect, flow runs go on), then everything s
 server reads AWS_* and MLFLOW_S3_ENDPOINT_URL from the environment; clients upload and
 download through the server); ``--local-s3`` starts moto's S3 emulator on loopback with a
 generated credential (flows/stack/object_store.py) and uses it.
+
+Off loopback (``--host <address>``) both servers speak HTTPS: with the user's certificate
+(``--tls-cert``/``--tls-key``) or with the stack's own CA, made on first start
+(flows/stack/tls.py); the banner exports what clients need to trust it. ``--insecure-http``
+serves plain HTTP there instead, and the banner says what that gives up.
 
 Both servers require the stack's credential (flows/stack/security.py: generated on first
 start into .pipeline/secrets/api-credential, mode 0600, or PREFECT_SERVER_API_AUTH_STRING),
