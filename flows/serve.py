@@ -187,6 +187,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--worker-limit", type=int, help="flow runs the worker runs at once (default: any)"
     )
     parser.add_argument(
+        "--no-worker",
+        action="store_true",
+        help="the servers only: flow runs wait for workers started on the training hosts",
+    )
+    parser.add_argument(
         "--no-mlflow-auth",
         action="store_true",
         help="MLflow server without its basic-auth app (it still checks Host and CORS)",
@@ -296,11 +301,13 @@ def build_services(
     if backing.databases:
         prefect_env["PREFECT_API_DATABASE_CONNECTION_URL"] = backing.databases["prefect"]
     worker_env = client_env(ends, credential, not args.no_mlflow_auth, trust(certs))
-    return [
+    servers = [
         mlflow_service,
         Service("Prefect server", prefect, log_dir / "prefect-server.log", prefect_env),
-        Service("Prefect worker", worker, log_dir / "worker.log", worker_env),
     ]
+    if args.no_worker:
+        return servers
+    return [*servers, Service("Prefect worker", worker, log_dir / "worker.log", worker_env)]
 
 
 def pool_ready(pool: dict[str, Any]) -> bool:
@@ -427,6 +434,12 @@ def banner(
         else "no credential (--no-mlflow-auth)"
     )
     kept = stores(args, backing, project) + transport
+    worker_line = (
+        f"none here (--no-worker): flow runs of pool {args.pool!r} wait for a worker on a "
+        f"training host, with the repository at {project}"
+        if args.no_worker
+        else f"polling work pool {args.pool!r}; flow runs write to {project}/runs/<flow-run-id>/"
+    )
     if args.mlflow_only:
         return f"""
 Serving the MLflow UI on {ends.mlflow_url} over the project's store; Ctrl-C stops it.{kept}
@@ -441,7 +454,7 @@ Serving on {args.host}; Ctrl-C stops everything.{kept}
   Prefect API  {ends.prefect_url}/api
   MLflow UI    {ends.mlflow_url}/#/experiments?{views.MODEL_TRAINING}
                {LAYOUT_NOTE}
-  worker       polling work pool {args.pool!r}; flow runs write to {project}/runs/<flow-run-id>/
+  worker       {worker_line}
   logs         {project / LOG_DIR}/{{mlflow,prefect-server,worker}}.log
   credential   {credential_file} (user:password, mode 0600)
                Prefect UI login: the whole line; MLflow UI: {mlflow_login}
@@ -472,13 +485,15 @@ def serve(args: argparse.Namespace, project: Path, services: list[Service]) -> N
         service.start(project)  # both servers start at once: about 10 s instead of 20
     wait_for(stack[0], f"{ends.mlflow_url}/health", context=context)
     if not args.mlflow_only:
-        _, prefect_server, worker = stack
+        prefect_server = stack[1]
         wait_for(prefect_server, f"{ends.prefect_url}/api/health", context=context)
         clients = client_env(ends, credential, not args.no_mlflow_auth, trust(certs))
         register_deployments(args.pool, clients, project, deploy=not args.no_deploy)
-        worker.start(project)
-        pool_url = f"{ends.prefect_url}/api/work_pools/{args.pool}"
-        wait_for(worker, pool_url, pool_ready, credential, context=context)
+        if not args.no_worker:
+            worker = stack[2]
+            worker.start(project)
+            pool_url = f"{ends.prefect_url}/api/work_pools/{args.pool}"
+            wait_for(worker, pool_url, pool_ready, credential, context=context)
     print(banner(args, ends, project, credential_file, backing, certs), flush=True)
     while True:
         for service in services:
@@ -518,7 +533,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, Shutdown):
-        what = "the MLflow server" if args.mlflow_only else "the worker and the servers"
+        what = "the MLflow server" if args.mlflow_only else "the servers"
+        what += "" if args.mlflow_only or args.no_worker else " and the worker"
         print(f"\nstopping {what} ...", flush=True)
         return 0
     finally:

@@ -1,12 +1,17 @@
-"""The stack served to a team network, tried from another host (README "Team setup").
+"""The stack served to a team network, tried from other hosts (README "Team setup").
 
-Two hosts as network namespaces on a private switch (tests/helpers/netns.py): host
-``server`` runs `python -m flows.serve --host <its address>` in a git copy of the
-repository, which serves both servers over HTTPS with the stack's own CA; host ``b`` is
-another machine with nothing of the server's disk but the CA file it was given. From b:
-the banner's exports (credential, CA) reach both servers; without the CA our entry points
-stop with one line naming the fix; without the credential both servers answer 401; a
-Host header that is not the served address is refused.
+Three hosts as network namespaces on a private switch (tests/helpers/netns.py): host
+``server`` runs `python -m flows.serve --host <its address> --local-s3 --no-worker` in a
+git copy of the repository (both servers over HTTPS with the stack's own CA, MLflow's
+artifacts in the S3 emulator on the server's loopback, no worker there); host ``b`` is a
+training machine with its own clone of the repository, mounted at the path the
+deployments were registered from (a mount namespace of its own: the server's project is
+not visible there), and the CA file it was given; host ``c`` is a user's shell.
+
+From b: a worker joins with the banner's exports and `prefect worker start`, and trains
+the deployment run c triggers; from b: without the CA our entry points stop with one line
+naming the fix, without the credential both servers answer 401, a Host header that is not
+the served address is refused.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import base64
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -25,7 +31,14 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import netns
-from tests.helpers.operate import READY_TIMEOUT_S, STOP_TIMEOUT_S
+from tests.helpers.operate import (
+    READY_TIMEOUT_S,
+    RUN_TIMEOUT_S,
+    STOP_TIMEOUT_S,
+    deployment_run_args,
+    flow_run_id,
+)
+from tests.helpers.project import TINY
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -38,7 +51,7 @@ def hosts():
     if reason:
         assert not os.environ.get("CI"), f"CI permits network namespaces: {reason}"
         pytest.skip(reason)
-    with netns.network("server", "b") as network:
+    with netns.network("server", "b", "c") as network:
         yield network
 
 
@@ -54,7 +67,7 @@ def served(hosts, tmp_path_factory):
     command = [str(BIN / "python"), "-m", "flows.serve", "--host", hosts.address("server")]
     process = hosts.popen(
         "server",
-        [*command, "--no-deploy"],
+        [*command, "--local-s3", "--no-worker"],
         cwd=project,
         env=env,
         stdout=subprocess.PIPE,
@@ -189,3 +202,93 @@ def test_without_the_credential_both_servers_answer_401_and_guard_the_host(hosts
         400,
         403,
     )
+
+
+def test_a_worker_on_another_host_trains_a_deployment_run_triggered_from_a_third(
+    hosts, served, tmp_path
+):
+    project, banner = served
+    assert "none here (--no-worker)" in banner, banner
+    clone = tmp_path / "b-clone"  # host b's own copy of the repository
+    subprocess.run(["git", "clone", "-q", str(project), str(clone)], check=True)
+    b_home, c_home = tmp_path / "b-home", tmp_path / "c-home"
+    b_home.mkdir()
+    c_home.mkdir()
+    # The README's join command on b: the banner's exports, then the worker. Flow runs
+    # start in the directory the deployments were registered from: b's clone is mounted
+    # there, in b's own mount namespace.
+    join = (
+        f"mount --bind {shlex.quote(str(clone))} {shlex.quote(str(project))} && exec "
+        f"{shlex.quote(str(BIN / 'prefect'))} worker start --pool local-process --type process "
+        "--name host-b --limit 1"
+    )
+    log = b_home / "worker.log"
+    with log.open("w") as output:
+        worker = hosts.popen(
+            "b",
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", join],
+            env=client_env(hosts, served, b_home),
+            cwd=b_home,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        name = "network-b"
+        overrides = TINY | {"mlflow.experiment": name, "register.model_name": name}
+        run = hosts.run(
+            "c",
+            [str(BIN / "prefect"), *deployment_run_args("training-pipeline/train",
+                                                        {"overrides": overrides})],
+            env=client_env(hosts, served, c_home),
+            cwd=c_home,
+            timeout=RUN_TIMEOUT_S + 60,
+        )  # fmt: skip
+        said = " ".join(run.stdout.split())
+        assert run.returncode == 0, said[-3000:] + run.stderr[-3000:] + log.read_text()[-3000:]
+        assert f"registered {name} version 1" in said, said[-3000:]
+        flow_run = flow_run_id(run.stdout)
+    finally:
+        worker.send_signal(signal.SIGINT)
+        try:
+            worker.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+    assert flow_run in log.read_text(), "host b's worker ran it"
+    # Its outputs are on b's disk, in its run directory; none on the server's.
+    assert (clone / "runs" / flow_run / "reports" / "registration.json").is_file()
+    assert not (project / "runs" / flow_run).exists()
+    assert [p.name for p in (clone / "mlruns").iterdir()] == [".gitkeep"], "no local store"
+
+    import mlflow
+
+    store = f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"  # the server's, read directly
+    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
+    version = client.get_model_version_by_alias(name, "champion")
+    assert str(version.version) == "1"
+    tags = client.get_run(version.run_id).data.tags
+    assert tags["registry.lock"] == f"prefect: registry-{name}", "taken from b, on the server"
+    assert tags["pipeline.workdir"] == str(project / "runs" / flow_run)  # b's clone, mounted
+    # The model is in the bucket (through the MLflow server: b holds no bucket credential).
+    keys = bucket_keys(hosts, project)
+    assert any(f"/{version.run_id}/artifacts/evaluate/" in key for key in keys), keys[:20]
+    models = [key for key in keys if key.endswith("/MLmodel")]  # MLflow 3: mlflow/<exp>/models/
+    (model_id,) = re.findall(r"m-[0-9a-f]{32}", version.source)  # its logged model
+    assert any(f"/models/{model_id}/" in key for key in models), (version.source, models)
+
+
+def bucket_keys(hosts, project: Path) -> list[str]:
+    """The S3 emulator's keys, listed on the server host with the stack's credential."""
+    program = (
+        "import boto3, os\n"
+        "s3 = boto3.client('s3', endpoint_url=os.environ['MLFLOW_S3_ENDPOINT_URL'])\n"
+        "pages = s3.get_paginator('list_objects_v2').paginate(Bucket='pipeline')\n"
+        "print('\\n'.join(o['Key'] for p in pages for o in p.get('Contents', [])))\n"
+    )
+    env = dict(os.environ)
+    for line in (project / ".pipeline" / "secrets" / "s3.env").read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() and not key.startswith("#"):
+            env[key.strip()] = value.strip().strip("'\"")
+    done = hosts.run("server", [str(BIN / "python"), "-c", program], env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.split()
