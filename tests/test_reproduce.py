@@ -284,7 +284,8 @@ RETRAIN = (
 def origins(project, client) -> dict[str, str]:
     """One registered version per way of training, all in clone A: origin -> version."""
     made = {"dvc repro": "1"}
-    run_ok(module_command("flows.pipeline", "train.seed=7"), project)  # runs/<id>/
+    stages = ("--stages", "data", "preprocess", "train", "evaluate", "register")  # no export
+    run_ok(module_command("flows.pipeline", "train.seed=7", *stages), project)  # runs/<id>/
     made["python -m flows.pipeline"] = latest_version(client)
     # The nightly retrain: dvc.lock's data version (from the cache), in runs/<id>/.
     run_ok([module_command("flows.pipeline")[0], "-c", RETRAIN], project)
