@@ -34,7 +34,7 @@ from tests.helpers.operate import (
     flow_run_id,
 )
 from tests.helpers.pipeline_checks import check_pipeline_run
-from tests.helpers.project import TINY
+from tests.helpers.project import FASHION, REAL_FASHION, TINY
 
 pytestmark = pytest.mark.slow
 
@@ -171,16 +171,6 @@ def test_two_deployment_runs_at_once_are_tracked_registered_and_kept_apart(stack
         assert f"{stack.mlflow_uri}/#/models/{name}/versions/{version}" in summary
 
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")
-# The real Fashion-MNIST files, shrunk: three classes (3,000 test images), 40 labels each.
-REAL = {
-    "data.source": "idx",
-    "data.name": "fashion_mnist",
-    "data.classes": [0, 1, 2],
-    "data.labels_per_class": 40,
-}
-
-
 @pytest.fixture(scope="module")
 def real_source(stack) -> Path:
     """A copy of the IDX files beside the stack's project, deleted before the rebuilds."""
@@ -197,7 +187,7 @@ def sweep(stack, real_source) -> tuple[str, subprocess.CompletedProcess, str]:
     """A sweep of two points on the real files: (model name, its CLI result, flow run id)."""
     name = "operate-sweep"
     points = [{"train.learning_rate": 0.001}, {"train.learning_rate": 0.003}]
-    overrides = tiny(name, **REAL, **{"data.idx_dir": str(real_source)})
+    overrides = tiny(name, **REAL_FASHION, **{"data.idx_dir": str(real_source)})
     result, sweep_id = run_deployment(
         stack, "training-sweep/sweep", {"points": points, "overrides": overrides}
     )
@@ -238,7 +228,7 @@ def test_deployment_and_sweep_versions_are_rebuilt_after_their_source_is_gone(
     the MLflow server), and the sweep's winner, rebuilt by the reproduce deployment on the
     stack's worker; both after the IDX files they were trained from are deleted."""
     name = "operate-origin"
-    overrides = tiny(name, **REAL, **{"data.idx_dir": str(real_source)})
+    overrides = tiny(name, **REAL_FASHION, **{"data.idx_dir": str(real_source)})
     stages = ["data", "preprocess", "train", "evaluate", "register"]  # a version is enough
     parameters = {"overrides": overrides, "stages": stages}
     result, _ = run_deployment(stack, "training-pipeline/train", parameters)

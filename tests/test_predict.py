@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
 from pathlib import Path
 
 import mlflow
@@ -26,6 +25,7 @@ from tasks.errors import ModelRequestError
 from tasks.images.decode import Decoder, read_image
 from tasks.serving.registered import check_model_code, parse_model_uri
 from tests.helpers.files import png_bytes, read_csv
+from tests.helpers.project import call_main
 
 MODEL = "synthetic-seed_cnn"
 
@@ -46,14 +46,7 @@ def cli(capsys):
     signal handlers main installs are put back afterwards."""
 
     def run(*argv: str) -> tuple[int, str, str]:
-        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            status = main([str(arg) for arg in argv])
-        finally:
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
-        out, err = capsys.readouterr()
-        return status, out, err
+        return call_main(main, argv, capsys)
 
     return run
 

@@ -41,9 +41,18 @@ from flows.reproduce.rules import (
 )
 from flows.reproduce.runner import main, reproduce
 from tasks.errors import ReproduceError
-from tests.helpers.project import REPO, TINY, dvc_repro, module_command, pipeline_env
+from tests.helpers.project import (
+    FASHION,
+    REAL_FASHION,
+    REPO,
+    TINY,
+    call_main,
+    dvc_repro,
+    module_command,
+    pipeline_env,
+)
 
-MODEL = "fashion_mnist-classes-0-1-2-seed_cnn"  # register.model_name: auto, on REAL data
+MODEL = "fashion_mnist-classes-0-1-2-seed_cnn"  # register.model_name: auto, on REAL_FASHION data
 COMPARED = ("test/accuracy", "test/loss", "test/macro_f1")
 COMMIT = "4d7f1a53b6f8c87ceac391c5ad7ba3764dd8954c"
 TAGS = {
@@ -167,14 +176,6 @@ def test_the_flow_and_its_deployment_run_the_same_checked_function():
 
 # --- end to end: every origin, registered in clone A, rebuilt in clone B ----------------
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")
-# The real Fashion-MNIST files, shrunk: three classes (3,000 test images), 40 labels each.
-REAL = {
-    "data.source": "idx",
-    "data.name": "fashion_mnist",
-    "data.classes": [0, 1, 2],
-    "data.labels_per_class": 40,
-}
 needs_fashion = pytest.mark.skipif(
     not FASHION.is_dir() and not os.environ.get("CI"),
     reason="apt-get install dataset-fashion-mnist (.ci/run installs it; CI never skips)",
@@ -225,7 +226,7 @@ def project(top) -> Path:
     set_params(
         root,
         TINY
-        | REAL
+        | REAL_FASHION
         | {
             "data.idx_dir": str(top / "fashion-idx"),
             "mlflow.tracking_uri": f"sqlite:///{store / 'mlflow.db'}",
@@ -403,14 +404,7 @@ def cli(project, monkeypatch, capsys):
     monkeypatch.chdir(project)
 
     def run(*argv: str) -> tuple[int, str, str]:
-        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            status = main(list(argv))
-        finally:
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
-        out, err = capsys.readouterr()
-        return status, out, err
+        return call_main(main, argv, capsys)
 
     return run
 

@@ -66,12 +66,6 @@ class Network:
     def popen(self, host: str, argv: list[str], **kwargs) -> subprocess.Popen:
         return subprocess.Popen(self.command(host, argv), **kwargs)
 
-    def pids(self, host: str) -> list[int]:
-        listed = subprocess.run(
-            ["ip", "netns", "pids", self.namespace(host)], capture_output=True, text=True
-        ).stdout
-        return [int(pid) for pid in listed.split()]
-
 
 @contextmanager
 def network(*names: str) -> Iterator[Network]:

@@ -33,6 +33,33 @@ TINY = {
 }
 
 
+# Official Fashion-MNIST as IDX files (.ci/run installs Debian's dataset-fashion-mnist), and
+# the overrides that shrink it for a pipeline test: three classes (3,000 test images), 40
+# labels each.
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+REAL_FASHION = {
+    "data.source": "idx",
+    "data.name": "fashion_mnist",
+    "data.classes": [0, 1, 2],
+    "data.labels_per_class": 40,
+}
+
+
+def call_main(main, argv: tuple[str, ...], capsys) -> tuple[int, str, str]:
+    """``main(argv)`` as its `python -m` entry point runs it: (status, stdout, stderr); the
+    signal handlers main installs are put back afterwards."""
+    import signal
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        status = main([str(arg) for arg in argv])
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
 def pipeline_env() -> dict[str, str]:
     """The environment for a pipeline subprocess: the virtualenv first on PATH (dvc.yaml's
     `python -m ...`) and no MLFLOW_* setting of this process (tests use their own stores)."""
