@@ -381,6 +381,8 @@ def stores(args: argparse.Namespace, backing: Backing, project: Path) -> str:
             f"                 dvc remote add --local -d team s3://{LOCAL_BUCKET}/dvc\n"
             f"                 dvc remote modify --local team endpointurl {endpoint}"
         )
+        if ca := backing.s3_env.get("AWS_CA_BUNDLE"):  # DVC's s3fs asks for the CA itself
+            lines.append(f"                 dvc remote modify --local team ssl_verify {ca}")
     return "".join(f"\n{line}" for line in lines)
 
 
@@ -477,7 +479,7 @@ def serve(args: argparse.Namespace, project: Path, services: list[Service]) -> N
     scheme = "https" if certs else "http"
     ends = Endpoints(args.host, args.prefect_port, args.mlflow_port, scheme)
     context = certs.ssl_context() if certs else None
-    backing = start_backing(args, project, services)
+    backing = start_backing(args, project, services, certs)
     proxy_experiments(*served_store(args, project, backing))  # before any client uses them
     stack = build_services(args, project, ends, credential, backing, certs)
     services.extend(stack)

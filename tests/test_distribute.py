@@ -89,6 +89,50 @@ def test_tf_config_names_the_chief_and_a_bad_one_names_the_fix(monkeypatch):
     assert distribute.is_chief() and distribute.worker_index() == 0
 
 
+# What TensorFlow 2.21 raised in worker 0 (this machine, two `flows.stage train` workers
+# with TF_CONFIG): worker 1 killed (SIGKILL), then worker 1 stopped (SIGSTOP).
+RESET = (
+    "Collective ops is aborted by: recvmsg:Connection reset by peer\nAdditional GRPC error "
+    "information from remote target /job:worker/replica:0/task:1 while calling "
+    "/tensorflow.WorkerService/RecvBuf:\n:UNKNOWN:Error received from peer  "
+    '{grpc_message:"recvmsg:Connection reset by peer", grpc_status:14}'
+)
+HEARTBEATS = (
+    "Collective ops is aborted by: Error reported from /job:worker/task:1: The following "
+    "tasks are unhealthy (stopped sending heartbeats):\n/job:worker/replica:0/task:1\nThe "
+    "tasks have crashed. Check the task logs for an earlier error"
+)
+
+
+def test_a_lost_worker_is_named_with_its_address_in_one_line(monkeypatch):
+    import tensorflow as tf
+
+    cluster = {"worker": ["10.0.0.2:2222", "10.0.0.3:2222"]}
+    monkeypatch.setenv(
+        "TF_CONFIG", json.dumps({"cluster": cluster, "task": {"index": 0, "type": "worker"}})
+    )
+    for text, cause in (
+        (RESET, "closed its connection"),
+        (HEARTBEATS, "stopped sending heartbeats"),
+    ):
+        line = distribute.peer_failure(tf.errors.UnavailableError(None, None, text))
+        assert line.startswith("worker 1 at 10.0.0.3:2222 (/job:worker/task:1) " + cause), line
+        assert "this worker (0 at 10.0.0.2:2222)" in line and "\n" not in line, line
+    # Worker 1 names worker 0 when the chief is the one gone.
+    monkeypatch.setenv(
+        "TF_CONFIG", json.dumps({"cluster": cluster, "task": {"index": 1, "type": "worker"}})
+    )
+    gone = RESET.replace("task:1", "task:0")
+    assert distribute.peer_failure(tf.errors.AbortedError(None, None, gone)).startswith(
+        "worker 0 at 10.0.0.2:2222"
+    )
+    # Anything else keeps its traceback: not an op error, or no other task named.
+    assert distribute.peer_failure(ValueError(RESET)) is None
+    assert distribute.peer_failure(tf.errors.InternalError(None, None, "out of memory")) is None
+    monkeypatch.delenv("TF_CONFIG")
+    assert distribute.peer_failure(tf.errors.UnavailableError(None, None, RESET)) is None
+
+
 def test_linear_scaling_warms_up_to_replicas_times_the_rate():
     cfg = load_config(PARAMS, {"train.lr_scaling": "linear", "train.learning_rate": 0.01})
     train = cfg.train.model_copy(update={"epochs": 10})

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flows.stack import object_store, postgres, security
+from flows.stack import object_store, postgres, security, tls
 from flows.stack.env import base_env
 from flows.stack.services import LOG_DIR, STARTUP_TIMEOUT_S, ServeError, Service
 
@@ -31,9 +31,15 @@ class Backing:
     s3_env: dict[str, str] = field(default_factory=dict)  # what the MLflow server reads
 
 
-def start_backing(args: argparse.Namespace, project: Path, services: list[Service]) -> Backing:
+def start_backing(
+    args: argparse.Namespace,
+    project: Path,
+    services: list[Service],
+    certs: tls.TlsFiles | None = None,
+) -> Backing:
     """Start --local-postgres / --local-s3 (appended to ``services``), create the databases
-    and run MLflow's schema migrations (idempotent; Prefect's server runs its own)."""
+    and run MLflow's schema migrations (idempotent; Prefect's server runs its own). The S3
+    emulator serves the servers' address, over HTTPS with their ``certs`` when they do."""
     backing = Backing(artifacts=args.artifacts_destination)
     database_url = args.database_url
     if args.local_postgres:
@@ -54,14 +60,19 @@ def start_backing(args: argparse.Namespace, project: Path, services: list[Servic
         service.max_restarts = args.postgres_restarts
         database_url = cluster.url
     if args.local_s3:
-        endpoint = f"http://127.0.0.1:{args.s3_port}"
-        command = object_store.moto_command("127.0.0.1", args.s3_port)
+        # On the servers' address and scheme: a worker host's DVC remote is this bucket.
+        scheme, files = ("https", (certs.cert, certs.key)) if certs else ("http", None)
+        endpoint = f"{scheme}://{args.host}:{args.s3_port}"
+        cafile = str(certs.trust) if certs and certs.trust else None
+        command = object_store.moto_command(args.host, args.s3_port, files)
         env = object_store.moto_env(base_env())
         service = Service("S3 emulator", command, project / LOG_DIR / "s3.log", env, backing=True)
         services.append(service)
         service.start(project)
-        credentials = prepare_store(service, endpoint)
+        credentials = prepare_store(service, endpoint, cafile)
         backing.s3_env = object_store.client_env(endpoint, credentials)
+        if cafile:  # botocore (MLflow's server, boto3, DVC's s3fs) trusts the stack's CA
+            backing.s3_env["AWS_CA_BUNDLE"] = cafile
         env_lines = "".join(f"{key}={value}\n" for key, value in backing.s3_env.items())
         security.write_secret(project / S3_ENV_FILE, env_lines.rstrip("\n"))
         backing.artifacts = f"s3://{LOCAL_BUCKET}/mlflow"
@@ -71,7 +82,9 @@ def start_backing(args: argparse.Namespace, project: Path, services: list[Servic
     return backing
 
 
-def prepare_store(service: Service, endpoint: str) -> object_store.S3Credentials:
+def prepare_store(
+    service: Service, endpoint: str, cafile: str | None = None
+) -> object_store.S3Credentials:
     """Wait for the emulator (failing with its log if it dies), then give it its one
     credential and the bucket."""
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -79,14 +92,14 @@ def prepare_store(service: Service, endpoint: str) -> object_store.S3Credentials
         if (code := service.exit_code()) is not None:
             raise service.failure(f"exited with status {code} while starting")
         try:
-            object_store.wait_until_up(endpoint, timeout_s=1)
+            object_store.wait_until_up(endpoint, timeout_s=1, cafile=cafile)
             break
         except object_store.ObjectStoreError:
             if time.monotonic() > deadline:
                 late = service.failure(f"was not up at {endpoint} after {STARTUP_TIMEOUT_S} s")
                 raise late from None
     try:
-        return object_store.bootstrap(endpoint, LOCAL_BUCKET)
+        return object_store.bootstrap(endpoint, LOCAL_BUCKET, cafile)
     except Exception as error:  # botocore's and ours, the cause in the text
         raise service.failure(f"could not be given its credential and bucket ({error})") from error
 

@@ -22,11 +22,13 @@ import argparse
 import json
 import os
 import signal
+import ssl
 import sys
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 # The unauthenticated requests moto accepts: CreateUser, CreateAccessKey and PutUserPolicy.
@@ -61,11 +63,15 @@ class S3Credentials:
     secret_access_key: str = field(repr=False)  # never in a log or a traceback's locals
 
 
-def moto_command(host: str, port: int) -> list[str]:
+def moto_command(host: str, port: int, tls: tuple[Path, Path] | None = None) -> list[str]:
     """`serve` in a fresh interpreter: moto reads INITIAL_NO_AUTH_ACTION_COUNT when it is first
     imported, so the server needs its own process (and moto_env). Run it from the repository
-    root, or with the project installed, so that `flows` imports."""
-    return [sys.executable, "-m", "flows.stack.object_store", "--host", host, "--port", str(port)]
+    root, or with the project installed, so that `flows` imports. ``tls``: the certificate
+    and key to serve HTTPS with (the stack's, on a team-network address)."""
+    command = [sys.executable, "-m", "flows.stack.object_store", "--host", host]
+    if tls:
+        command += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
+    return [*command, "--port", str(port)]
 
 
 def moto_env(base: dict[str, str]) -> dict[str, str]:
@@ -77,14 +83,16 @@ def moto_env(base: dict[str, str]) -> dict[str, str]:
     }
 
 
-def wait_until_up(endpoint: str, timeout_s: float = 60) -> None:
+def wait_until_up(endpoint: str, timeout_s: float = 60, cafile: str | None = None) -> None:
     """Return once the server answers HTTP. The probe is unsigned, so the guard refuses it
-    before moto counts it: it never uses up one of bootstrap's requests."""
+    before moto counts it: it never uses up one of bootstrap's requests. ``cafile``: what to
+    trust on an HTTPS endpoint besides the system's CAs' certificates."""
+    context = ssl.create_default_context(cafile=cafile) if cafile else None
     deadline = time.monotonic() + timeout_s
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(endpoint.rstrip("/") + "/", timeout=2):
+            with urllib.request.urlopen(endpoint.rstrip("/") + "/", timeout=2, context=context):
                 return
         except urllib.error.HTTPError:
             return  # an answer, refused as expected
@@ -99,7 +107,13 @@ def wait_until_up(endpoint: str, timeout_s: float = 60) -> None:
     )
 
 
-def _client(service: str, endpoint: str, creds: S3Credentials | None, retries: int = 3) -> Any:
+def _client(
+    service: str,
+    endpoint: str,
+    creds: S3Credentials | None,
+    retries: int = 3,
+    cafile: str | None = None,
+) -> Any:
     import boto3
     from botocore.config import Config
 
@@ -112,7 +126,14 @@ def _client(service: str, endpoint: str, creds: S3Credentials | None, retries: i
         }
     )
     config = Config(retries={"total_max_attempts": retries, "mode": "standard"})
-    return boto3.client(service, endpoint_url=endpoint, region_name=REGION, config=config, **keys)
+    return boto3.client(
+        service,
+        endpoint_url=endpoint,
+        region_name=REGION,
+        config=config,
+        verify=cafile,  # None: botocore's default (AWS_CA_BUNDLE, else the system's CAs)
+        **keys,
+    )
 
 
 def _policy(bucket: str) -> str:
@@ -126,13 +147,13 @@ def _error_code(exc: Exception) -> str:
     return getattr(exc, "response", {}).get("Error", {}).get("Code", "")
 
 
-def bootstrap(endpoint: str, bucket: str) -> S3Credentials:
+def bootstrap(endpoint: str, bucket: str, cafile: str | None = None) -> S3Credentials:
     """Spend moto's unauthenticated requests on the only credential, then create `bucket`
     with it. Works once per server: afterwards IAM refuses unsigned calls, which is the point.
     Every IAM call is tried once, since a retry would be one more unauthenticated request."""
     from botocore.exceptions import ClientError
 
-    iam = _client("iam", endpoint, None, retries=1)
+    iam = _client("iam", endpoint, None, retries=1, cafile=cafile)
     try:
         iam.create_user(UserName=USER)
         key = iam.create_access_key(UserName=USER)["AccessKey"]
@@ -146,17 +167,17 @@ def bootstrap(endpoint: str, bucket: str) -> S3Credentials:
             "Start a fresh server and bootstrap it right away."
         ) from exc
     creds = S3Credentials(key["AccessKeyId"], key["SecretAccessKey"])
-    _check_window_closed(endpoint)
-    ensure_bucket(endpoint, creds, bucket)
+    _check_window_closed(endpoint, cafile)
+    ensure_bucket(endpoint, creds, bucket, cafile)
     return creds
 
 
-def _check_window_closed(endpoint: str) -> None:
+def _check_window_closed(endpoint: str, cafile: str | None = None) -> None:
     """A server started without moto_env would let anyone in; say so instead of pretending."""
     from botocore.exceptions import ClientError
 
     try:
-        _client("iam", endpoint, None, retries=1).get_user(UserName=USER)
+        _client("iam", endpoint, None, retries=1, cafile=cafile).get_user(UserName=USER)
     except ClientError as exc:
         if exc.response["ResponseMetadata"]["HTTPStatusCode"] == 403:
             return
@@ -167,12 +188,14 @@ def _check_window_closed(endpoint: str) -> None:
     )
 
 
-def ensure_bucket(endpoint: str, creds: S3Credentials, bucket: str) -> None:
+def ensure_bucket(
+    endpoint: str, creds: S3Credentials, bucket: str, cafile: str | None = None
+) -> None:
     """Create `bucket` unless this credential owns it already, so a setup can run twice."""
     from botocore.exceptions import ClientError
 
     try:
-        _client("s3", endpoint, creds).create_bucket(Bucket=bucket)
+        _client("s3", endpoint, creds, cafile=cafile).create_bucket(Bucket=bucket)
     except ClientError as exc:
         if _error_code(exc) != "BucketAlreadyOwnedByYou":
             raise
@@ -234,8 +257,9 @@ def _guarded_app() -> Any:
     return app
 
 
-def serve(host: str, port: int) -> None:
-    """Run the guarded server until SIGTERM or Ctrl-C, which end it with status 0."""
+def serve(host: str, port: int, tls: tuple[str, str] | None = None) -> None:
+    """Run the guarded server until SIGTERM or Ctrl-C, which end it with status 0; over
+    HTTPS with ``tls`` (certificate, key)."""
     # moto reads its settings on first import, so they go in first, whatever the caller set.
     os.environ.update(moto_env({}), MOTO_PORT=str(port))  # MOTO_PORT: its requests to itself
     from moto import settings
@@ -246,15 +270,26 @@ def serve(host: str, port: int) -> None:
         raise SystemExit("moto was imported before its settings: it would ask no credential")
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: sys.exit(0))
-    run_simple(host, port, _guarded_app(), threaded=True, request_handler=MotoRequestHandler)
+    run_simple(
+        host,
+        port,
+        _guarded_app(),
+        threaded=True,
+        request_handler=MotoRequestHandler,
+        ssl_context=tls,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="loopback unless you mean otherwise")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM)")
+    parser.add_argument("--tls-key", help="and its private key")
     args = parser.parse_args(argv)
-    serve(args.host, args.port)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    serve(args.host, args.port, (args.tls_cert, args.tls_key) if args.tls_cert else None)
 
 
 if __name__ == "__main__":

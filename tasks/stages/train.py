@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from tasks.config import PipelineConfig, modality
-from tasks.errors import DivergedError
+from tasks.errors import DistributeError, DivergedError
 from tasks.modality import TrainingData
 from tasks.models.build import build_model, check_input_fits, check_weights, enter_phase
 from tasks.models.catalog import Phase, image_size_key, training_phases
@@ -119,7 +119,9 @@ def fit(
             enter_phase(model, phase, cfg.model)
             recipe.compile_model(model, settings, steps, xla=_xla(cfg), replicas=replicas)
             dist.prepare(model)
-            result = model.fit(
+            result = _fit_or_name_the_lost_worker(
+                model,
+                checkpoint,
                 train,
                 validation_data=val,
                 initial_epoch=phase.first_epoch,
@@ -140,6 +142,24 @@ def fit(
         for key, values in result.history.items():
             history.setdefault(key, []).extend(float(v) for v in values)
     return model, history
+
+
+def _fit_or_name_the_lost_worker(
+    model: Any, checkpoint: TrainCheckpoint | None, train: Any, **kwargs: Any
+) -> Any:
+    """``model.fit``; when another worker of a multi_worker cluster is gone, one line that
+    names it and says how to resume, instead of TensorFlow's page of collective errors."""
+    try:
+        return model.fit(train, **kwargs)
+    except Exception as error:
+        lost = distribute.peer_failure(error)
+        if lost is None:
+            raise
+        done = checkpoint.completed_epochs() if checkpoint else 0
+        raise DistributeError(
+            f"{lost}. Start that worker again and rerun the train stage on every worker "
+            f"with the same TF_CONFIG: each resumes after epoch {done}, its last checkpoint"
+        ) from None
 
 
 def phase_marker(phase: Phase) -> Any:

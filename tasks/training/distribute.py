@@ -30,6 +30,7 @@ import contextlib
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -110,6 +111,51 @@ def cluster() -> dict[str, Any] | None:
             '{"cluster": {"worker": ["host1:port", "host2:port"]}, '
             '"task": {"type": "worker", "index": 0}}'
         ) from None
+
+
+# A task of the cluster, as TensorFlow names it in errors ("/job:worker/replica:0/task:1").
+_TASK = re.compile(r"/job:(\w+)(?:/replica:\d+)?/task:(\d+)")
+# What the collective layer says when a peer is gone, most specific first.
+_PEER_CAUSES = (
+    ("stopped sending heartbeats", "stopped sending heartbeats (hung, or its host unreachable)"),
+    ("connection reset by peer", "closed its connection (its process ended)"),
+    ("failed to connect", "cannot be reached"),
+    ("socket closed", "closed its connection (its process ended)"),
+    ("deadline exceeded", "did not answer in time"),
+)
+
+
+def peer_failure(error: BaseException) -> str | None:
+    """The one line for a collective that failed because another worker is gone, naming
+    that worker's index and address from TF_CONFIG; None for anything else (a bug keeps
+    its traceback). TensorFlow reports it as an Unavailable/Aborted/Cancelled error with
+    the peer's task name somewhere in a long text: the coordination service's list of
+    unhealthy tasks when heartbeats stop (about 10 s), or the gRPC target whose
+    connection was reset when the process ended."""
+    role = cluster()
+    if role is None:
+        return None
+    import tensorflow as tf
+
+    if not isinstance(error, tf.errors.OpError):
+        return None
+    text = str(error)
+    me = (role["type"], role["index"])
+    unhealthy = text.partition("unhealthy")[2] or text
+    peers = [(job, int(i)) for job, i in _TASK.findall(unhealthy) if (job, int(i)) != me]
+    if not peers:
+        return None
+    job, index = peers[0]
+    addresses = role["cluster"].get(job) or []
+    where = f" at {addresses[index]}" if index < len(addresses) else ""
+    lowered = text.lower()
+    cause = next((said for key, said in _PEER_CAUSES if key in lowered), "failed")
+    mine = role["cluster"].get(me[0]) or []
+    self_at = f" at {mine[me[1]]}" if me[1] < len(mine) else ""
+    return (
+        f"{job} {index}{where} (/job:{job}/task:{index}) {cause}, so training stopped on "
+        f"this {me[0]} ({me[1]}{self_at}) too"
+    )
 
 
 def is_chief() -> bool:
