@@ -18,8 +18,9 @@ supervises it: if it dies, it is started again (``--postgres-restarts``, 3 by de
 both servers and MLflow's clients reconnect, flow runs go on), then everything stops.
 ``--artifacts-destination s3://bucket/prefix`` stores MLflow artifacts in a bucket (the
 server reads AWS_* and MLFLOW_S3_ENDPOINT_URL from the environment; clients upload and
-download through the server); ``--local-s3`` starts moto's S3 emulator on loopback with a
-generated credential (flows/stack/object_store.py) and uses it.
+download through the server); ``--local-s3`` starts moto's S3 emulator with a generated
+credential (flows/stack/object_store.py) on the servers' address and scheme, and uses it
+for artifacts; other hosts use its bucket as their DVC remote.
 
 Off loopback (``--host <address>``) both servers speak HTTPS: with the user's certificate
 (``--tls-cert``/``--tls-key``) or with the stack's own CA, made on first start
@@ -180,7 +181,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--local-s3",
         action="store_true",
-        help="start moto's S3 emulator on 127.0.0.1 (in memory) and keep artifacts there",
+        help="start moto's S3 emulator (in memory) on the servers' address and keep artifacts "
+        "there; the banner prints the DVC remote lines for it",
     )
     parser.add_argument("--s3-port", type=int, default=9000, help="for --local-s3")
     parser.add_argument(

@@ -1,17 +1,24 @@
-"""The stack served to a team network, tried from other hosts (README "Team setup").
+"""The stack served to a team network, tried from other hosts (README "Team setup" and
+"Multi-device and multi-machine training").
 
 Three hosts as network namespaces on a private switch (tests/helpers/netns.py): host
-``server`` runs `python -m flows.serve --host <its address> --local-s3 --no-worker` in a
-git copy of the repository (both servers over HTTPS with the stack's own CA, MLflow's
-artifacts in the S3 emulator on the server's loopback, no worker there); host ``b`` is a
-training machine with its own clone of the repository, mounted at the path the
-deployments were registered from (a mount namespace of its own: the server's project is
-not visible there), and the CA file it was given; host ``c`` is a user's shell.
+``server`` runs `python -m flows.serve --host <its address> --local-postgres --local-s3
+--no-worker` in a git copy of the repository (both servers over HTTPS with the stack's own
+CA, PostgreSQL behind them on the server's loopback, the S3 emulator on its address, no
+worker there); hosts ``b`` and ``c`` are training machines, each with its own clone of the
+repository and the CA file it was given.
 
-From b: a worker joins with the banner's exports and `prefect worker start`, and trains
-the deployment run c triggers; from b: without the CA our entry points stop with one line
-naming the fix, without the credential both servers answer 401, a Host header that is not
-the served address is refused.
+- Workers join on b and c with the banner's exports and `prefect worker start` (each
+  host's clone mounted at the path the deployments were registered from, in a mount
+  namespace of its own), and two deployment runs triggered together from c's shell train
+  one on each host, registering under the registry lock on the Prefect server.
+- Multi-worker training across b (the chief, `dvc repro`) and c (`flows.stage train`), the
+  data and the model going between them through the DVC remote (the emulator's bucket):
+  c's worker killed mid-run stops b with one line naming it, the rerun resumes, and c
+  rebuilds the registered version with `flows.reproduce`.
+- From b: without the CA our entry points stop with one line naming the fix, without the
+  credential both servers answer 401, a Host header that is not the served address is
+  refused.
 """
 
 from __future__ import annotations
@@ -25,11 +32,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from benchmarks.common import set_params
 from tests.helpers import netns
 from tests.helpers.operate import (
     READY_TIMEOUT_S,
@@ -57,18 +67,19 @@ def hosts():
 
 
 @pytest.fixture(scope="module")
-def served(hosts, tmp_path_factory):
+def served(hosts):
     """`flows.serve --host <server address>` on host server; yields (project, banner)."""
     from benchmarks.common import copy_repo
 
-    top = tmp_path_factory.mktemp("network")
+    top = Path(tempfile.mkdtemp(prefix="network-"))  # PostgreSQL's account reaches it
+    top.chmod(0o755)
     project = copy_repo(top / "server-project")
     env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
     env |= {"PREFECT_HOME": str(top / "server-prefect"), "PATH": f"{BIN}:{env['PATH']}"}
     command = [str(BIN / "python"), "-m", "flows.serve", "--host", hosts.address("server")]
     process = hosts.popen(
         "server",
-        [*command, "--local-s3", "--no-worker"],
+        [*command, "--local-postgres", "--local-s3", "--no-worker"],
         cwd=project,
         env=env,
         stdout=subprocess.PIPE,
@@ -94,6 +105,7 @@ def served(hosts, tmp_path_factory):
             process.wait(timeout=STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             process.kill()
+        shutil.rmtree(top, ignore_errors=True)
     assert process.returncode == 0, "".join(banner)
 
 
@@ -186,77 +198,142 @@ def test_without_the_credential_both_servers_answer_401_and_guard_the_host(hosts
     )
 
 
-def test_a_worker_on_another_host_trains_a_deployment_run_triggered_from_a_third(
-    hosts, served, tmp_path
-):
-    project, banner = served
-    assert "none here (--no-worker)" in banner, banner
-    clone = tmp_path / "b-clone"  # host b's own copy of the repository
-    subprocess.run(["git", "clone", "-q", str(project), str(clone)], check=True)
-    b_home, c_home = tmp_path / "b-home", tmp_path / "c-home"
-    b_home.mkdir()
-    c_home.mkdir()
-    # The README's join command on b: the banner's exports, then the worker. Flow runs
-    # start in the directory the deployments were registered from: b's clone is mounted
-    # there, in b's own mount namespace.
+def clone_on(project: Path, folder: Path) -> Path:
+    """A host's own clone of the repository (the team's git server is ``project``)."""
+    subprocess.run(["git", "clone", "-q", str(project), str(folder)], check=True)
+    return folder
+
+
+def start_worker(hosts, served, host: str, clone: Path, home: Path) -> subprocess.Popen:
+    """The README's join command on ``host``: the banner's exports, then the worker. Flow
+    runs start in the directory the deployments were registered from: the host's clone is
+    mounted there, in a mount namespace of its own (the server's files are not visible)."""
+    project, _ = served
+    home.mkdir()
     join = (
         f"mount --bind {shlex.quote(str(clone))} {shlex.quote(str(project))} && exec "
         f"{shlex.quote(str(BIN / 'prefect'))} worker start --pool local-process --type process "
-        "--name host-b --limit 1"
+        f"--name host-{host} --limit 1"
     )
-    log = b_home / "worker.log"
-    with log.open("w") as output:
-        worker = hosts.popen(
-            "b",
+    with (home / "worker.log").open("w") as output:
+        return hosts.popen(
+            host,
             ["unshare", "--mount", "--propagation", "private", "sh", "-c", join],
-            env=client_env(hosts, served, b_home),
-            cwd=b_home,
+            env=client_env(hosts, served, home),
+            cwd=home,
             stdout=output,
             stderr=subprocess.STDOUT,
         )
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGINT)
     try:
-        name = "network-b"
-        overrides = TINY | {"mlflow.experiment": name, "register.model_name": name}
-        run = hosts.run(
-            "c",
-            [str(BIN / "prefect"), *deployment_run_args("training-pipeline/train",
-                                                        {"overrides": overrides,
-                                                         "stages": NO_EXPORT})],
-            env=client_env(hosts, served, c_home),
-            cwd=c_home,
-            timeout=RUN_TIMEOUT_S + 60,
-        )  # fmt: skip
-        said = " ".join(run.stdout.split())
-        assert run.returncode == 0, said[-3000:] + run.stderr[-3000:] + log.read_text()[-3000:]
-        assert f"registered {name} version 1" in said, said[-3000:]
-        flow_run = flow_run_id(run.stdout)
+        process.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def registry(hosts, env: dict, name: str) -> dict:
+    """The registered model ``name`` as a client on host c sees it through the MLflow
+    server: versions with their tags, the run tags of each, and the aliases."""
+    program = (
+        "import json, sys, mlflow\n"
+        "client = mlflow.MlflowClient()\n"
+        "name = sys.argv[1]\n"
+        "versions = client.search_model_versions(f\"name = '{name}'\")\n"
+        "model = client.get_registered_model(name)\n"
+        "print(json.dumps({'aliases': model.aliases, 'versions': {str(v.version): {\n"
+        "    'tags': v.tags, 'source': v.source, 'run_id': v.run_id,\n"
+        "    'run_tags': client.get_run(v.run_id).data.tags,\n"
+        "    'params': client.get_run(v.run_id).data.params} for v in versions}}))\n"
+    )
+    done = hosts.run("c", [str(BIN / "python"), "-c", program, name], env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def test_two_deployment_runs_at_once_train_on_two_worker_hosts(hosts, served, tmp_path):
+    """Workers on b and c join with the README's command; two deployment runs triggered
+    together from c's shell train one on each host, through the servers only."""
+    project, banner = served
+    assert "none here (--no-worker)" in banner, banner
+    clones = {host: clone_on(project, tmp_path / f"{host}-clone") for host in "bc"}
+    workers = {
+        host: start_worker(hosts, served, host, clones[host], tmp_path / f"{host}-home")
+        for host in "bc"
+    }
+    shell = tmp_path / "c-shell"
+    shell.mkdir()
+    env = client_env(hosts, served, shell)
+    name = "network-runs"
+    try:
+        launched = [
+            hosts.popen(
+                "c",
+                [
+                    str(BIN / "prefect"),
+                    *deployment_run_args(
+                        "training-pipeline/train",
+                        {
+                            "overrides": TINY
+                            | {"mlflow.experiment": name, "register.model_name": name}
+                            | {"train.seed": seed},
+                            "stages": NO_EXPORT,
+                        },
+                    ),
+                ],
+                env=env,
+                cwd=shell,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for seed in (1, 2)
+        ]
+        outputs = [process.communicate(timeout=RUN_TIMEOUT_S + 60)[0] for process in launched]
     finally:
-        worker.send_signal(signal.SIGINT)
-        try:
-            worker.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-    assert flow_run in log.read_text(), "host b's worker ran it"
-    # Its outputs are on b's disk, in its run directory; none on the server's.
-    assert (clone / "runs" / flow_run / "reports" / "registration.json").is_file()
-    assert not (project / "runs" / flow_run).exists()
-    assert [p.name for p in (clone / "mlruns").iterdir()] == [".gitkeep"], "no local store"
+        for worker in workers.values():
+            stop(worker)
+    logs = {host: (tmp_path / f"{host}-home" / "worker.log").read_text() for host in "bc"}
+    for process, output in zip(launched, outputs, strict=True):
+        said = " ".join(output.split())
+        assert process.returncode == 0, said[-3000:] + "".join(v[-2000:] for v in logs.values())
+        assert re.search(rf"registered {name} version [12]", said), said[-3000:]
+    # A flow run's own lines ("View at .../flow-run/<id>") go to the log of its worker.
+    ran = {
+        flow_run_id(output): [h for h in "bc" if f"flow-run/{flow_run_id(output)}" in logs[h]]
+        for output in outputs
+    }
+    assert sorted(hosts_ for hosts_ in ran.values()) == [["b"], ["c"]], ran  # one on each
+    for flow_run, (host,) in ran.items():
+        # Its outputs are on its host's disk, in its run directory; none on the server's.
+        assert (clones[host] / "runs" / flow_run / "reports" / "registration.json").is_file()
+        assert not (project / "runs" / flow_run).exists()
+        assert [p.name for p in (clones[host] / "mlruns").iterdir()] == [".gitkeep"], (
+            "no local store"
+        )
 
-    import mlflow
-
-    store = f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"  # the server's, read directly
-    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
-    version = client.get_model_version_by_alias(name, "champion")
-    assert str(version.version) == "1"
-    tags = client.get_run(version.run_id).data.tags
-    assert tags["registry.lock"] == f"prefect: registry-{name}", "taken from b, on the server"
-    assert tags["pipeline.workdir"] == str(project / "runs" / flow_run)  # b's clone, mounted
-    # The model is in the bucket (through the MLflow server: b holds no bucket credential).
+    seen = registry(hosts, env, name)
+    versions = seen["versions"]
+    assert sorted(versions) == ["1", "2"]
+    accuracy = {number: float(v["tags"]["test_accuracy"]) for number, v in versions.items()}
+    assert accuracy[seen["aliases"]["champion"]] == max(accuracy.values())
+    assert seen["aliases"]["challenger"] == "2"
+    held = sorted(
+        tuple(map(float, v["run_tags"]["registry.lock_held"].split("-"))) for v in versions.values()
+    )
+    assert held[0][1] <= held[1][0], f"alias moves overlapped: {held}"
     keys = bucket_keys(hosts, project)
-    assert any(f"/{version.run_id}/artifacts/evaluate/" in key for key in keys), keys[:20]
-    models = [key for key in keys if key.endswith("/MLmodel")]  # MLflow 3: mlflow/<exp>/models/
-    (model_id,) = re.findall(r"m-[0-9a-f]{32}", version.source)  # its logged model
-    assert any(f"/models/{model_id}/" in key for key in models), (version.source, models)
+    for version in versions.values():
+        tags = version["run_tags"]
+        assert tags["registry.lock"] == f"prefect: registry-{name}", "taken on the Prefect server"
+        flow_run = Path(tags["pipeline.workdir"]).name
+        assert tags["pipeline.workdir"] == str(project / "runs" / flow_run)  # a clone, mounted
+        # The model is in the bucket (through the MLflow server: no host holds a bucket key).
+        assert any(f"/{version['run_id']}/artifacts/evaluate/" in key for key in keys), keys[:20]
+        (model_id,) = re.findall(r"m-[0-9a-f]{32}", version["source"])  # its logged model
+        assert any(f"/models/{model_id}/" in k and k.endswith("/MLmodel") for k in keys), keys[:20]
 
 
 def bucket_keys(hosts, project: Path) -> list[str]:
@@ -275,3 +352,131 @@ def bucket_keys(hosts, project: Path) -> list[str]:
     done = hosts.run("server", [str(BIN / "python"), "-c", program], env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout.split()
+
+
+WORKER_PORT = 2222  # each host's own port: the README's TF_CONFIG
+
+
+def git(root: Path, *args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True)
+    return done.stdout
+
+
+def team_shell(hosts, served, home: Path) -> dict:
+    """A training host's shell: the banner's exports, the copied CA, and the bucket key the
+    team hands out (DVC reads it from the environment, as from ~/.aws anywhere)."""
+    project, _ = served
+    home.mkdir(exist_ok=True)
+    env = client_env(hosts, served, home)
+    for line in (project / ".pipeline" / "secrets" / "s3.env").read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+            env[key] = value
+    return env
+
+
+def use_team_remote(hosts, served, host: str, clone: Path, env: dict) -> None:
+    """The banner's DVC remote commands in ``clone``, verifying with the copied CA."""
+    _, banner = served
+    commands = re.findall(r"^\s+(dvc remote .*)$", banner, re.MULTILINE)
+    assert len(commands) == 3, banner  # add -d team, endpointurl, ssl_verify
+    for command in commands:
+        argv = shlex.split(command)
+        if argv[-2] == "ssl_verify":
+            argv[-1] = env["SSL_CERT_FILE"]  # this host's copy of the stack's CA
+        done = hosts.run(host, [str(BIN / argv[0]), *argv[1:]], env=env, cwd=clone)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_multi_worker_training_across_two_hosts_stops_resumes_and_reproduces(
+    hosts, served, tmp_path
+):
+    """README "Multi-device and multi-machine training", on two hosts: b (the chief) runs
+    `dvc repro` and c `python -m flows.stage train`, each with its TF_CONFIG; the data goes
+    from b to c through the team's DVC remote (the bucket on the server host, over HTTPS)."""
+    project, _ = served
+    name = "network-multi-worker"
+    b = clone_on(project, tmp_path / "b-clone")
+    params = {"train.distribute": "multi_worker", "train.epochs": 2}
+    set_params(b, TINY | params | {"mlflow.experiment": name, "register.model_name": name})
+    git(b, "commit", "-qam", "multi_worker on hosts b and c")
+    env = {host: team_shell(hosts, served, tmp_path / f"{host}-home") for host in "bc"}
+
+    def on(host: str, *argv: str, root: Path, timeout: float = RUN_TIMEOUT_S):
+        done = hosts.run(host, [str(BIN / argv[0]), *argv[1:]], env=env[host], cwd=root,
+                         timeout=timeout)  # fmt: skip
+        assert done.returncode == 0, (argv, done.stdout[-3000:], done.stderr[-3000:])
+        return done.stdout
+
+    # b: the data stages, their outputs into the team's remote, dvc.lock into git.
+    use_team_remote(hosts, served, "b", b, env["b"])
+    on("b", "dvc", "repro", "preprocess", root=b)
+    on("b", "dvc", "push", root=b)
+    git(b, "commit", "-qam", "data version for the multi-worker run")
+    c = clone_on(b, tmp_path / "c-clone")  # b's repository stands in for the team's git
+    use_team_remote(hosts, served, "c", c, env["c"])
+    on("c", "dvc", "pull", "--with-deps", "preprocess", root=c)
+
+    cluster = [f"{hosts.address(host)}:{WORKER_PORT}" for host in "bc"]
+
+    def worker(index: int) -> subprocess.Popen:
+        host, root = ("b", b) if index == 0 else ("c", c)
+        command = (
+            ["dvc", "repro", "register"] if index == 0 else ["python", "-m", "flows.stage", "train"]
+        )
+        tf_config = {"cluster": {"worker": cluster}, "task": {"type": "worker", "index": index}}
+        return hosts.popen(
+            host,
+            [str(BIN / command[0]), *command[1:]],
+            env=env[host] | {"TF_CONFIG": json.dumps(tf_config)},
+            cwd=root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    # Both hosts train; c's worker is killed in epoch 2 (epoch 1 checkpointed on both).
+    chief, second = worker(0), worker(1)
+    watchdog = threading.Timer(RUN_TIMEOUT_S, second.kill)
+    watchdog.start()
+    seen = []
+    for line in second.stdout:
+        seen.append(line)
+        if line.startswith("Epoch 2/2"):
+            break
+    watchdog.cancel()
+    second.kill()
+    second.wait()
+    killed = time.monotonic()
+    said = chief.communicate(timeout=STOP_TIMEOUT_S * 2)[0]
+    stopped_in = time.monotonic() - killed
+    assert chief.returncode != 0, said[-3000:] + "".join(seen)[-2000:]
+    (line,) = [x for x in said.splitlines() if "worker 1 at" in x]
+    # Named by its address; TensorFlow sees either the connection reset or the missed
+    # heartbeats first (both seen here), and the line says which.
+    assert line.startswith(f"error in stage 'train': worker 1 at {cluster[1]} "), line
+    assert f"so training stopped on this worker (0 at {cluster[0]}) too" in line, line
+    assert "each resumes after epoch 1" in line, line
+    assert stopped_in < STOP_TIMEOUT_S, f"b stopped {stopped_in:.0f} s after c's worker died"
+
+    # The same two commands again: both resume after epoch 1, and b registers the model.
+    chief, second = worker(0), worker(1)
+    said, other = (p.communicate(timeout=RUN_TIMEOUT_S)[0] for p in (chief, second))
+    assert chief.returncode == 0 and second.returncode == 0, said[-3000:] + other[-3000:]
+    assert "resuming from epoch 2 of 2" in said, said[-3000:]
+    assert "training on 2 replica(s) (multi_worker: 2 workers x 1 device(s))" in said
+    assert f"Created version '1' of model '{name}'" in said, said[-3000:]
+    found = registry(hosts, env["c"], name)
+    assert list(found["versions"]) == ["1"], "one version from the two hosts"
+    assert found["versions"]["1"]["params"]["train.replicas_in_sync"] == "2"
+
+    # b pushes what dvc.lock records; c pulls the same model by its hash and rebuilds the
+    # version from its registry tags (data from the remote), which must match exactly.
+    on("b", "dvc", "push", root=b)
+    git(b, "commit", "-qam", "the multi-worker model")
+    git(c, "pull", "-q", "--no-rebase", "origin", "HEAD")
+    on("c", "dvc", "pull", "--with-deps", "register", root=c)  # no export stage ran
+    model = "models/model.keras"
+    assert (c / model).read_bytes() == (b / model).read_bytes()
+    report = on("c", "python", "-m", "flows.reproduce", f"models:/{name}/1", root=c)
+    assert "result: MATCH" in report, report[-3000:]

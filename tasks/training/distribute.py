@@ -117,7 +117,10 @@ def cluster() -> dict[str, Any] | None:
 _TASK = re.compile(r"/job:(\w+)(?:/replica:\d+)?/task:(\d+)")
 # What the collective layer says when a peer is gone, most specific first.
 _PEER_CAUSES = (
-    ("stopped sending heartbeats", "stopped sending heartbeats (hung, or its host unreachable)"),
+    (
+        "stopped sending heartbeats",
+        "stopped sending heartbeats (its process ended or hangs, or its host is unreachable)",
+    ),
     ("connection reset by peer", "closed its connection (its process ended)"),
     ("failed to connect", "cannot be reached"),
     ("socket closed", "closed its connection (its process ended)"),
