@@ -236,17 +236,21 @@ def stop(process: subprocess.Popen) -> None:
 
 def registry(hosts, env: dict, name: str) -> dict:
     """The registered model ``name`` as a client on host c sees it through the MLflow
-    server: versions with their tags, the run tags of each, and the aliases."""
+    server: versions with their tags, the run tags of each, the aliases, and every run of
+    the experiment named ``name`` (id: status, end reason)."""
     program = (
         "import json, sys, mlflow\n"
         "client = mlflow.MlflowClient()\n"
         "name = sys.argv[1]\n"
         "versions = client.search_model_versions(f\"name = '{name}'\")\n"
         "model = client.get_registered_model(name)\n"
+        "runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])\n"
         "print(json.dumps({'aliases': model.aliases, 'versions': {str(v.version): {\n"
         "    'tags': v.tags, 'source': v.source, 'run_id': v.run_id,\n"
         "    'run_tags': client.get_run(v.run_id).data.tags,\n"
-        "    'params': client.get_run(v.run_id).data.params} for v in versions}}))\n"
+        "    'params': client.get_run(v.run_id).data.params} for v in versions},\n"
+        "    'runs': {r.info.run_id: [r.info.status, r.data.tags.get('pipeline.end_reason', '')]\n"
+        "             for r in runs}}))\n"
     )
     done = hosts.run("c", [str(BIN / "python"), "-c", program, name], env=env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -469,6 +473,13 @@ def test_multi_worker_training_across_two_hosts_stops_resumes_and_reproduces(
     found = registry(hosts, env["c"], name)
     assert list(found["versions"]) == ["1"], "one version from the two hosts"
     assert found["versions"]["1"]["params"]["train.replicas_in_sync"] == "2"
+    # One run trained the model on both hosts (worker 1 tracks nothing); the killed
+    # attempt's run ended FAILED with the same line.
+    statuses = sorted(status for status, _ in found["runs"].values())
+    assert statuses == ["FAILED", "FINISHED"], found["runs"]
+    assert found["runs"][found["versions"]["1"]["run_id"]][0] == "FINISHED"
+    (reason,) = [why for status, why in found["runs"].values() if status == "FAILED"]
+    assert f"worker 1 at {cluster[1]}" in reason, reason
 
     # b pushes what dvc.lock records; c pulls the same model by its hash and rebuilds the
     # version from its registry tags (data from the remote), which must match exactly.
