@@ -5,10 +5,13 @@ A, a git copy of the repository, registers a version by each way of training it 
 repro`, `python -m flows.pipeline`, the nightly retrain flow, `dvc exp run --temp`), with an
 MLflow store and a DVC remote (the project's default, a folder beside the clones) that
 clone B shares. Then the IDX files are deleted and `python -m flows.reproduce` rebuilds
-each version in clone B, a fresh `git clone` of A with an empty DVC cache: MATCH. Versions
-from deployment runs and a sweep's winner, and the reproduce deployment, are tested on the
-team stack (tests/test_operate.py). The rule, the URI gate and the tag checks are also
-tested alone, without the pipeline.
+the versions in clone B, a fresh `git clone` of A with an empty DVC cache: MATCH. The
+nightly retrain's version is not rebuilt a second time: it records the dvc repro version's
+data version and params and trained to the same metrics, so its rebuild is that one's;
+clone B is checked to hold its commit and data. Versions from deployment runs and a
+sweep's winner, and the reproduce deployment, are tested on the team stack
+(tests/test_operate.py). The rule, the URI gate and the tag checks are also tested alone,
+without the pipeline.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import pytest
 import yaml
 
 from benchmarks.common import copy_repo, set_params
+from flows.common import locked_data_version
 from flows.reproduce.checkout import with_data_version
 from flows.reproduce.rules import (
     CROSS_DEVICE_TOLERANCE,
@@ -39,7 +43,7 @@ from flows.reproduce.rules import (
     parse_model_uri,
     verdict,
 )
-from flows.reproduce.runner import main, reproduce
+from flows.reproduce.runner import check_rebuildable, main, reproduce
 from tasks.errors import ReproduceError
 from tests.helpers.project import (
     FASHION,
@@ -320,9 +324,8 @@ def clone_b(origins, top) -> Path:
     "origin",
     [
         "dvc repro",
-        "python -m flows.pipeline",
-        "nightly retrain",
-        "dvc exp run --temp",
+        "python -m flows.pipeline",  # data made and kept from runs/<id>/, a seed override
+        "dvc exp run --temp",  # -dirty, its recorded diff applied
     ],
 )
 def test_a_version_from_every_origin_is_rebuilt_in_another_clone_without_its_source(
@@ -363,6 +366,39 @@ def test_a_version_from_every_origin_is_rebuilt_in_another_clone_without_its_sou
     assert checkouts(clone_b) == [f"worktree {clone_b}"], "the temporary checkout is gone"
     checkout = next(line for line in output.splitlines() if "rerunning" in line).split()[-1]
     assert not Path(checkout).exists()
+
+
+@pytest.mark.slow
+@needs_fashion
+def test_the_nightly_retrain_version_is_the_locked_data_version_retrained_and_rebuildable(
+    origins, clone_b, project, client, top
+):
+    """The retrain (flows.retrain, in runs/<id>/, without the data stage) records what the
+    reproduction reads: dvc.lock's data version, the committed params, a clean commit. It
+    trained on the same data with the same params and code as the dvc repro version and got
+    the same metrics, so rebuilding it is rebuilding that version (MATCH above); clone B
+    holds its commit and its data (the remote), so it would be rebuilt, not refused."""
+    version = client.get_model_version(MODEL, origins["nightly retrain"])
+    repro = client.get_model_version(MODEL, origins["dvc repro"]).tags
+    tags = version.tags
+    run = client.get_run(tags["run_id"])
+    workdir = Path(run.data.tags["pipeline.workdir"])
+    assert workdir.parent == project / "runs", workdir
+    assert "pipeline.stage.data" not in run.data.tags, "the retrain checks the data out"
+    for stage in ("preprocess", "train", "evaluate", "register"):
+        assert run.data.tags[f"pipeline.stage.{stage}"] == "done", stage
+    assert tags["data_version"] == locked_data_version(project) == repro["data_version"]
+    for key in ("preprocess_version", "params", "deterministic", "versions", "device"):
+        assert tags[key] == repro[key], key
+    assert tags["git_commit"] == git(project, "rev-parse", "HEAD").strip()  # clean
+    remote = top / "gpu-train-pipeline-dvc-storage"
+    assert tags["data_storage"] == f"DVC remote 'storage' ({remote})", tags["data_storage"]
+    original = client.get_run(repro["run_id"])
+    for key in COMPARED:
+        assert run.data.metrics[key] == original.data.metrics[key], key
+    uri = f"sqlite:///{top / 'mlflow' / 'mlflow.db'}"
+    record = VersionRecord.from_tags(MODEL, version.version, tags)
+    assert check_rebuildable(clone_b, record, uri) is None  # commit known, data on the remote
 
 
 @pytest.mark.slow

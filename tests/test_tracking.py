@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import mlflow
 import pytest
 
@@ -126,6 +128,20 @@ def test_an_unreachable_tracking_server_fails_in_bounded_time(tiny_cfg, workspac
     assert time.monotonic() - started < 10
 
 
+def test_mlflow_client_retries_are_capped_unless_the_user_set_them(
+    tiny_cfg, workspace, monkeypatch
+):
+    """MLflow's own defaults (7 retries, 0 + 4 + 8 + ... s apart, 120 s per request) spend
+    minutes on every call to a dead server; every stage connects through configure()."""
+    for key in store.CLIENT_DEFAULTS:
+        monkeypatch.setenv(key, "unset")  # restored after the test, whatever configure sets
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "45")  # the user's own
+    runs.configure(tiny_cfg, workspace)
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "3"
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "45"
+
+
 def test_the_experiment_opens_in_the_ui_as_machine_learning(tiny_cfg, workspace):
     """MLflow 3's UI picks its layout from the experiment's kind: ours is the classic one
     (runs table, metric charts, models), not the GenAI traces view."""
@@ -137,6 +153,8 @@ def test_the_experiment_opens_in_the_ui_as_machine_learning(tiny_cfg, workspace)
 LOG_ONE = """
 import sys
 from pathlib import Path
+
+import os
 
 import mlflow
 

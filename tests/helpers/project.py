@@ -95,10 +95,11 @@ def read_mlflow(tracking_uri: str, experiment: str):
     return client, runs
 
 
-def dvc_repro(root: Path) -> str:
+def dvc_repro(root: Path, *targets: str) -> str:
+    """`dvc repro` (of ``targets`` and what they depend on, when given) in ``root``."""
     env = pipeline_env()
     result = subprocess.run(
-        ["dvc", "repro"], cwd=root, env=env, capture_output=True, text=True, timeout=900
+        ["dvc", "repro", *targets], cwd=root, env=env, capture_output=True, text=True, timeout=900
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result.stderr + result.stdout  # DVC's own lines (stdout) last

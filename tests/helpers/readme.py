@@ -16,7 +16,9 @@ Directives (an HTML comment right before a block, invisible on GitHub):
   params overrides added to each `python -m flows.pipeline` / `flows.sweep` command
   (after its own overrides, before its first option, which keeps ``--stages`` values),
   `make smoke` (as ``OVERRIDES=...``) and `dvc exp run` (as ``-S KEY=VALUE``). Sizes and
-  epochs only; a later override of the same key wins.
+  epochs only, and for a pipeline command a trailing ``--stages ...`` that leaves out
+  export (tested once per format in tests/test_export.py); a later override of the same
+  key wins.
 - ``<!-- readme-test: result -->``: the next block must end with the pipeline's result
   line (test accuracy, registered version, MLflow run) among its last ``RESULT_WITHIN``
   lines (DVC and Prefect print a few of their own after it; Prefect wraps it).
