@@ -3,9 +3,11 @@
 Mirrored on two logical CPU devices against one device, step for step; multi_worker
 with two local worker processes under `dvc repro` (one MLflow run, one registered
 version), a worker killed mid-run (every worker stopped, a message naming it, the rerun
-resumes from the checkpoint), a killed mirrored run resuming, mirrored under the Prefect
-flow; and the sharding rule that every training example is seen once per epoch across
-replicas.
+resumes from the checkpoint), a killed mirrored run resuming; and the sharding rule that
+every training example is seen once per epoch across replicas. Mirrored and multi_worker
+under the Prefect flow with uneven replica batches (Keras' own eager reduce of a first
+batch fails on those) are the README's distributed-training block, whose shrink trains
+on 1191 examples; multi_worker across two hosts is tests/test_network_hosts.py.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -298,29 +299,3 @@ def test_a_killed_mirrored_run_resumes_from_its_checkpoint(two_workers):
     assert "training on 2 replica(s) (mirrored" in rerun.stdout
     assert re.search(r"resuming from epoch [23] of 3", rerun.stdout), rerun.stdout[-3000:]
     assert_three_epochs_logged_once(root)
-
-
-@pytest.mark.slow
-def test_mirrored_under_the_prefect_flow_with_uneven_replica_batches(two_workers):
-    """An odd number of training and validation examples: the two replicas' batches differ
-    by one example (Keras' own eager reduce of a first batch fails on that)."""
-    root, _ = two_workers
-    result = run(
-        root,
-        sys.executable,
-        "-m",
-        "flows.pipeline",
-        "train.distribute=mirrored",
-        "train.epochs=1",
-        "data.synthetic.train_size=1191",
-        "--stages",
-        "data",
-        "preprocess",
-        "train",
-    )
-    assert "training on 2 replica(s) (mirrored: CPU:0, CPU:1); global batch 128" in (
-        result.stdout + result.stderr
-    )
-    _, runs = store(root)
-    assert runs[0].data.params["train.distribute"] == "mirrored"
-    assert runs[0].data.params["train.replicas_in_sync"] == "2"
