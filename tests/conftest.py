@@ -44,48 +44,15 @@ def pytest_unconfigure(config):
     shutil.rmtree(getattr(config, "prefect_home", ""), ignore_errors=True)
 
 
-# The scopes that take longest (minutes each in CI), longest first: handed out before the
-# rest, so the two workers end together (xdist's default order, by test count, left a
-# long single-file scope for the end while the other worker sat idle).
-LONGEST_SCOPES = (
-    "README.md",
-    "servers",
-    "tests/test_reproduce.py",
-    "tests/test_network_hosts.py",
-    "tests/test_distribute.py",
-    "tests/test_faults.py",
-    "tests/test_transfer_pipeline.py",
-    "tiny-repro",
-    "tests/test_language_model.py",
-    "tests/test_ui_mlflow.py",
-    "tests/test_fashion_mnist.py",
-)
-
-
-def scope_of(nodeid: str) -> str:
-    """A test's xdist scope: its file, or the shared group its file belongs to."""
-    path = nodeid.split("::", 1)[0]
-    return SHARED_FIXTURE_GROUPS.get(Path(path).stem, path)
-
-
-def pytest_collection_modifyitems(items):
-    """Longest scopes first (LONGEST_SCOPES), the rest after them in collection order;
-    tests keep their order within a scope."""
-    rank = {scope: index for index, scope in enumerate(LONGEST_SCOPES)}
-    items.sort(key=lambda item: rank.get(scope_of(item.nodeid), len(rank)))
-
-
 def pytest_xdist_make_scheduler(config, log):
     """xdist's load-by-scope scheduling with a file (or its shared group) as the scope: each
-    goes whole to one worker, so its module and shared session fixtures are built once.
-    Scopes go out in collection order (see pytest_collection_modifyitems), not by size."""
+    goes whole to one worker, so its module and shared session fixtures are built once."""
     from xdist.scheduler import LoadScopeScheduling
-
-    config.option.loadscopereorder = False
 
     class FileGroups(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return scope_of(nodeid)
+            path = nodeid.split("::", 1)[0]
+            return SHARED_FIXTURE_GROUPS.get(Path(path).stem, path)
 
     return FileGroups(config, log)
 
