@@ -100,11 +100,7 @@ def served(hosts):
         yield project, "".join(banner)
     finally:
         watchdog.cancel()
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop(process, timeout_s=STOP_TIMEOUT_S)
         shutil.rmtree(top, ignore_errors=True)
     assert process.returncode == 0, "".join(banner)
 

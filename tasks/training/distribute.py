@@ -149,16 +149,18 @@ def peer_failure(error: BaseException) -> str | None:
     if not peers:
         return None
     job, index = peers[0]
-    addresses = role["cluster"].get(job) or []
-    where = f" at {addresses[index]}" if index < len(addresses) else ""
     lowered = text.lower()
     cause = next((said for key, said in _PEER_CAUSES if key in lowered), "failed")
-    mine = role["cluster"].get(me[0]) or []
-    self_at = f" at {mine[me[1]]}" if me[1] < len(mine) else ""
     return (
-        f"{job} {index}{where} (/job:{job}/task:{index}) {cause}, so training stopped on "
-        f"this {me[0]} ({me[1]}{self_at}) too"
+        f"{job} {index}{_at(role, job, index)} (/job:{job}/task:{index}) {cause}, so "
+        f"training stopped on this {me[0]} ({me[1]}{_at(role, *me)}) too"
     )
+
+
+def _at(role: dict[str, Any], job: str, index: int) -> str:
+    """ " at <host:port>" for a task TF_CONFIG lists, else nothing."""
+    addresses = role["cluster"].get(job) or []
+    return f" at {addresses[index]}" if index < len(addresses) else ""
 
 
 def is_chief() -> bool:
