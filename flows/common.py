@@ -5,8 +5,9 @@ the data version dvc.lock pins."""
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -88,3 +89,30 @@ def patient_ephemeral_server() -> Iterator[None]:
         return
     with temporary_settings(updates={setting: max(setting.value(), EPHEMERAL_STARTUP_S)}):
         yield
+
+
+@contextmanager
+def ephemeral_server_starting() -> Iterator[None]:
+    """Start Prefect's temporary server in a thread while the block runs (TensorFlow's
+    import), when no PREFECT_API_URL names a server: its start (a process importing
+    Prefect's server and opening its database, ~3 s) then overlaps the import on the
+    second core instead of following it. The block's end waits for it. A start that fails
+    is left to the flow call, which starts the server itself and reports the error."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as setting
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    timeout = setting.value() if setting.name in os.environ else EPHEMERAL_STARTUP_S
+
+    def start() -> None:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        with suppress(Exception):
+            SubprocessASGIServer().start(timeout=max(timeout, 1))
+
+    starting = threading.Thread(target=start, name="prefect-server-start", daemon=True)
+    starting.start()
+    yield
+    starting.join()  # the flow call finds it running (one server per process and port)

@@ -35,6 +35,7 @@ from flows import reporting
 from flows.common import (
     RETRY_BACKOFF_S,
     STAGE_RETRIES,
+    ephemeral_server_starting,
     failed_without_traceback,
     patient_ephemeral_server,
     retry_if_transient,
@@ -251,7 +252,6 @@ def main(argv: list[str] | None = None) -> int:
     # phones home by default, and logs an error offline).
     if note := startup.prepare_process():
         print(note, file=sys.stderr)
-    startup.import_tensorflow()
     # SIGTERM unwinds like Ctrl-C (also when SIGINT starts ignored, as in a background job
     # of a script): the MLflow run ends KILLED and Prefect's temporary server is stopped.
     signal.signal(signal.SIGTERM, startup.raise_interrupted)
@@ -262,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         # Validate here too, so a typo fails before a Prefect API is even started.
         resolve_config(Workspace(Path(args.workdir)), args.params, args.profile, overrides)
         names = select_stages(args.stages)
+        with ephemeral_server_starting():
+            startup.import_tensorflow()
         with patient_ephemeral_server():
             record = training_pipeline(
                 overrides=overrides,
@@ -289,4 +291,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    startup.exit_without_teardown(main())

@@ -1,15 +1,23 @@
-"""`make serve-model`: a registered model behind MLflow's scoring server, with a credential.
+"""`make serve-model`: a registered model over HTTP, with a credential.
 
-    python -m flows.serve_model [MODEL_URI] [--host 127.0.0.1] [--port 5002]
+    python -m flows.serve_model [MODEL_URI] [--runtime auto|onnx|mlflow] [--host H] [--port 5002]
 
-Runs in this process the same app `mlflow models serve` runs (MLflow's pyfunc scoring
-server: POST /invocations, GET /ping, /health, /version), so requests and answers are
-exactly MLflow's, and adds what `mlflow models serve` lacks: every path but the liveness
-probes (/ping, /health) requires the stack's credential (HTTP basic auth; the one `make
-serve` uses, flows/stack/security.py), and it binds 127.0.0.1 unless told otherwise. MODEL_URI
-defaults to the champion of the model params.yaml registers (models:/<name>@champion);
-the tracking store is params.yaml's, or MLFLOW_TRACKING_URI's. Only versions this
-project's register stage made are loaded (loading a pyfunc runs its code).
+Two runtimes answer the same protocol (MLflow's: POST /invocations with tensor JSON,
+GET /ping, /health, /version):
+
+- ``onnx``: the version's ONNX export (the export stage's exports/model.onnx, logged on the
+  run that registered it) in ONNX Runtime behind a small ASGI app (tasks/serving/onnx_app.py),
+  which also takes PNG/JPEG files; about 10x MLflow's throughput (BENCHMARKS.md, section 6).
+- ``mlflow``: the same app `mlflow models serve` runs (MLflow's pyfunc scoring server) on the
+  registered pyfunc, so requests and answers are exactly MLflow's.
+
+``auto`` (the default) takes ``onnx`` when the version has an ONNX export, else ``mlflow``.
+Either way this adds what `mlflow models serve` lacks: every path but the liveness probes
+(/ping, /health) requires the stack's credential (HTTP basic auth; the one `make serve`
+uses, flows/stack/security.py), the request guards below, and a 127.0.0.1 bind unless told
+otherwise. MODEL_URI defaults to the champion of the model params.yaml registers
+(models:/<name>@champion); the tracking store is params.yaml's, or MLFLOW_TRACKING_URI's.
+Only versions this project's register stage made are loaded (loading a pyfunc runs its code).
 """
 
 from __future__ import annotations
@@ -68,6 +76,49 @@ def load_scoring_app(uri: str, store: str, scratch: Path) -> tuple[Any, str]:
     return scoring_server.init(scoring_server.load_model_with_mlflow_config(str(local))), exact
 
 
+ONNX_EXPORT = "exports/model.onnx"  # where the export stage logs it on the registering run
+
+
+def load_onnx_app(uri: str, store: str, scratch: Path, required: bool) -> tuple[Any, str] | None:
+    """The ONNX app for the version ``uri`` names, with that version's exact URI; None when
+    the version has no ONNX export and ``required`` is false (``--runtime auto``)."""
+    import mlflow
+    import yaml
+    from mlflow.exceptions import MlflowException
+
+    from tasks.serving.onnx_app import OnnxImageClassifier, build_app
+    from tasks.tracking import store as stores
+
+    stores.client_defaults()
+    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
+    ref = parse_model_uri(uri)
+    version = client.get_model_version(ref.name, resolve_version(client, ref, store))
+    exact = f"models:/{ref.name}/{version.version}"
+    model_dir = download_version(exact, store, scratch / "model")
+    check_model_code(model_dir, exact)
+    config = yaml.safe_load((model_dir / "MLmodel").read_text())["flavors"]["python_function"]
+    class_names = (config.get("config") or {}).get("class_names")
+    try:
+        onnx = mlflow.artifacts.download_artifacts(
+            run_id=version.run_id,
+            artifact_path=ONNX_EXPORT,
+            dst_path=str(scratch / "onnx"),
+            tracking_uri=store,
+        )
+    except (MlflowException, OSError):
+        onnx = None
+    if onnx is None or class_names is None:
+        if not required:
+            return None
+        missing = "no class names (a language model)" if class_names is None else "no ONNX export"
+        raise ModelRequestError(
+            f"{exact} has {missing} (runs:/{version.run_id}/{ONNX_EXPORT}): export it "
+            "(`dvc repro export`, with onnx in export.formats) or serve it with --runtime mlflow"
+        )
+    model = OnnxImageClassifier(Path(onnx), [str(name) for name in class_names])
+    return build_app(model, exact, MAX_ONNX_BATCH), exact
+
+
 def require_credential(app: Any, credential: str) -> None:
     """Answer 401 to any request without the credential, except the liveness probes."""
     from fastapi.responses import JSONResponse
@@ -92,7 +143,9 @@ def require_credential(app: Any, credential: str) -> None:
 
 MAX_BODY_MB = 8.0  # a batch of 256 CIFAR-sized images as JSON numbers is about 4 MB
 MAX_DEPTH = 32  # JSON nesting: an image batch is 4 deep, MLflow's envelopes add 2
+MAX_ONNX_BATCH = 256  # image files per request (JSON pixel batches: bounded by the body size)
 JSON_TYPES = ("application/json",)
+IMAGE_TYPES = ("image/png", "image/jpeg")  # the ONNX runtime's file input
 STRUCTURE = bytes(range(256)).translate(None, b"[]{}")  # every byte but brackets
 
 
@@ -114,16 +167,18 @@ def client_error(status: int, code: str, message: str) -> Any:
     return JSONResponse({"error_code": code, "message": message}, status_code=status)
 
 
-def guard_requests(app: Any, max_body_bytes: int) -> None:
+def guard_requests(app: Any, max_body_bytes: int, files: bool = False) -> None:
     """What MLflow's scoring app leaves to a gateway: a body size limit (413), a JSON
     nesting limit checked before anything parses the body (deep nesting made its parser
     answer 500), JSON only (its CSV path answered 400 with a stack trace and file paths),
     error answers without stack traces, and an unexpected error as 500 with an id whose
-    traceback goes to this server's log only."""
+    traceback goes to this server's log only. ``files``: PNG and JPEG bodies are taken too
+    (the ONNX runtime decodes them)."""
     import logging
     import uuid
 
     log = logging.getLogger("serve_model")
+    accepted = JSON_TYPES + (IMAGE_TYPES if files else ())
 
     @app.middleware("http")
     async def guard(request: Any, call_next: Any) -> Any:
@@ -139,14 +194,15 @@ def guard_requests(app: Any, max_body_bytes: int) -> None:
                     f"{max_body_bytes} (send smaller batches, or start it with --max-body-mb)",
                 )
             kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-            if kind not in JSON_TYPES:
+            if kind not in accepted:
                 return client_error(
                     415,
                     "UNSUPPORTED_MEDIA_TYPE",
-                    f'send application/json (MLflow\'s tensor JSON, {{"inputs": ...}}), '
+                    f'send application/json (MLflow\'s tensor JSON, {{"inputs": ...}})'
+                    f"{', image/png or image/jpeg' if files else ''}, "
                     f"not {kind[:60] or 'no Content-Type'}",
                 )
-            if json_depth(await request.body()) > MAX_DEPTH:
+            if kind in JSON_TYPES and json_depth(await request.body()) > MAX_DEPTH:
                 return client_error(
                     400, "BAD_REQUEST", f"the JSON nests deeper than {MAX_DEPTH} levels"
                 )
@@ -192,6 +248,14 @@ def guard_requests(app: Any, max_body_bytes: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.serve_model", description=__doc__)
     parser.add_argument("model_uri", nargs="?", help="default: models:/<params' model>@champion")
+    parser.add_argument(
+        "--runtime",
+        choices=("auto", "onnx", "mlflow"),
+        default="auto",
+        help="onnx: the version's ONNX export in ONNX Runtime (fast; also PNG/JPEG input); "
+        "mlflow: MLflow's scoring server on the registered pyfunc; auto (default): onnx when "
+        "the version has an ONNX export",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback)")
     parser.add_argument("--port", type=int, default=5002)
     parser.add_argument("--params", default="params.yaml")
@@ -204,7 +268,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if note := startup.prepare_process():
         print(note, file=sys.stderr)
-    startup.import_tensorflow()
     import uvicorn
 
     from tasks.config import ConfigError
@@ -213,15 +276,24 @@ def main(argv: list[str] | None = None) -> int:
         try:
             credential_file, credential = security.ensure_credential(Path.cwd(), dict(os.environ))
             uri, store = model_uri_and_store(args.model_uri, Path(args.params))
-            app, exact = load_scoring_app(uri, store, Path(scratch))
+            loaded = None
+            if args.runtime != "mlflow":
+                loaded = load_onnx_app(uri, store, Path(scratch), args.runtime == "onnx")
+            runtime = "onnx" if loaded else "mlflow"
+            if loaded is None:
+                startup.import_tensorflow()  # quietly: the pyfunc loads it
+                loaded = load_scoring_app(uri, store, Path(scratch))
+            app, exact = loaded
         except (ConfigError, ModelRequestError, security.CredentialError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
-        guard_requests(app, int(args.max_body_mb * 1e6))  # inner: after the credential check
+        # Inner: after the credential check.
+        guard_requests(app, int(args.max_body_mb * 1e6), files=runtime == "onnx")
         require_credential(app, credential)
         user = security.split_credential(credential)[0]
         print(
-            f"serving {uri} ({exact}) on http://{args.host}:{args.port}/invocations "
+            f"serving {uri} ({exact}, {runtime} runtime) on "
+            f"http://{args.host}:{args.port}/invocations "
             f"(user {user!r}, password in {credential_file})",
             flush=True,
         )

@@ -1,5 +1,6 @@
 """The registered model served for real: `mlflow models serve` (the issue's command) and
-`python -m flows.serve_model` (the same MLflow app behind the stack's credential), on free
+`python -m flows.serve_model` behind the stack's credential, with both its runtimes (MLflow's
+own app on the pyfunc; the version's ONNX export behind tasks/serving/onnx_app.py), on free
 loopback ports, answering with class names and probabilities; bad input gets HTTP 400
 with a JSON message, never a stack trace."""
 
@@ -92,7 +93,11 @@ def bad_requests(shape: tuple[int, ...]) -> dict[str, bytes]:
     }
 
 
-def check_answers(base: str, served, headers: dict[str, str] | None = None) -> None:
+def check_answers(
+    base: str, served, headers: dict[str, str] | None = None, atol: float = 1e-6
+) -> None:
+    """The registered pyfunc's answers for 8 test images (within ``atol``: an export answers
+    within the export stage's parity bound), then 400 for each bad request."""
     uri, images, expected, _ = served
     body = json.dumps({"inputs": images[:8].tolist()}).encode()  # uint8 values as JSON numbers
     status, answer = post(f"{base}/invocations", body, headers)
@@ -103,7 +108,7 @@ def check_answers(base: str, served, headers: dict[str, str] | None = None) -> N
     for row, probabilities in zip(rows, expected["probabilities"], strict=True):
         assert list(row["probabilities"]) == [f"class_{i}" for i in range(10)]
         np.testing.assert_allclose(
-            list(row["probabilities"].values()), list(probabilities.values()), atol=1e-6
+            list(row["probabilities"].values()), list(probabilities.values()), atol=atol
         )
     for what, request in bad_requests(images.shape[1:]).items():
         status, answer = post(f"{base}/invocations", request, headers)
@@ -132,6 +137,7 @@ def test_serve_model_requires_the_credential(served, tmp_path):
     credential = f"pipeline:{secrets.token_urlsafe(24)}"
     env = served[3] | {"PREFECT_SERVER_API_AUTH_STRING": credential, "PYTHONPATH": str(REPO)}
     command = module_command("flows.serve_model", served[0], "--port", str(port))
+    command += ["--runtime", "mlflow"]
     with server(command, port, env, tmp_path) as base:
         body = bad_requests((28, 28, 1))["good"]
         assert post(f"{base}/invocations", body)[0] == 401
@@ -142,6 +148,76 @@ def test_serve_model_requires_the_credential(served, tmp_path):
         check_guards(port, right)
     stored = tmp_path / ".pipeline" / "secrets" / "api-credential"
     assert stored.read_text().strip() == credential and (stored.stat().st_mode & 0o077) == 0
+
+
+def png(pixels: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    encoded = io.BytesIO()
+    Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels).save(encoded, "PNG")
+    return encoded.getvalue()
+
+
+def test_the_onnx_runtime_answers_like_the_registered_model_and_takes_image_files(served, tmp_path):
+    """`make serve-model`'s default on a version with an ONNX export: the export in ONNX
+    Runtime, the same protocol, credential and guards as MLflow's app; PNG files too."""
+    uri, images, expected, env = served
+    port = free_port()
+    credential = f"pipeline:{secrets.token_urlsafe(24)}"
+    env = env | {"PREFECT_SERVER_API_AUTH_STRING": credential, "PYTHONPATH": str(REPO)}
+    command = module_command("flows.serve_model", uri, "--port", str(port))
+    right = {"Authorization": "Basic " + base64.b64encode(credential.encode()).decode()}
+    with server(command, port, env, tmp_path) as base:
+        assert post(f"{base}/invocations", bad_requests((28, 28, 1))["good"])[0] == 401
+        check_answers(base, served, right, atol=1e-4)  # the export stage's parity bound
+        check_guards(port, right)
+        request = urllib.request.Request(f"{base}/version", headers=right)
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            assert json.loads(answer.read())["runtime"].startswith("onnxruntime ")
+
+        # Image files, decoded by DALI as batch prediction decodes them: PNG is lossless, so
+        # each answer is the one for the same pixels sent as JSON.
+        files = [png(image) for image in images[:3]]
+        as_png = right | {"Content-Type": "image/png"}
+        status, answer = post(f"{base}/invocations", files[0], as_png)
+        assert status == 200, answer
+        [row] = answer["predictions"]
+        assert row["label"] == expected["label"][0]
+        batch = {"instances": [{"b64": base64.b64encode(f).decode()} for f in files]}
+        status, answer = post(f"{base}/invocations", json.dumps(batch).encode(), right)
+        assert status == 200, answer
+        assert [r["label"] for r in answer["predictions"]] == list(expected["label"][:3])
+        assert answer["predictions"][0] == row
+        status, answer = post(f"{base}/invocations", files[0][:60], as_png)
+        assert status == 400 and "image 0: DALI could not decode it" in answer["message"]
+        not_b64 = json.dumps({"instances": [{"b64": "%%%"}]}).encode()
+        assert post(f"{base}/invocations", not_b64, right) == (
+            400,
+            {"error_code": "INVALID_PARAMETER_VALUE", "message": "instance 0: not valid base64"},
+        )
+
+
+def test_the_onnx_runtime_names_the_fix_for_a_version_without_an_onnx_export(served, tmp_path):
+    """The same model files registered from a run that exported nothing: `--runtime onnx`
+    stops before serving, naming the export and the other runtime; `auto` falls back."""
+    from flows.serve_model import load_onnx_app
+    from tasks.errors import ModelRequestError
+
+    uri, _, _, env = served
+    store = env["MLFLOW_TRACKING_URI"]
+    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
+    name, version = uri.removeprefix("models:/").split("/")
+    registered = client.get_model_version(name, version)
+    bare_run = client.create_run(client.get_run(registered.run_id).info.experiment_id)
+    client.set_terminated(bare_run.info.run_id)
+    copy = client.create_model_version(name, registered.source, run_id=bare_run.info.run_id)
+    copy_uri = f"models:/{name}/{copy.version}"
+    with pytest.raises(ModelRequestError, match=r"has no ONNX export .*--runtime mlflow"):
+        load_onnx_app(copy_uri, store, tmp_path / "required", required=True)
+    assert load_onnx_app(copy_uri, store, tmp_path / "auto", required=False) is None
+    client.delete_model_version(name, copy.version)
 
 
 def raw_post(port: int, head: dict[str, str], body: bytes = b"") -> tuple[int, dict]:
