@@ -1,5 +1,5 @@
-"""Inference on this CPU: one registered model in every export format and behind
-`mlflow models serve`, side by side.
+"""Inference on this CPU: one registered model in every export format and behind each HTTP
+server the project ships, side by side.
 
 The model comes from the real pipeline (`python -m flows.pipeline`, all six stages on
 Fashion-MNIST, its MLflow store inside the work directory), or from a --workdir that
@@ -14,8 +14,9 @@ runtime loaded; its peak RSS measured):
   tasks/serving/formats.py: SavedModel, LiteRT fp32/dynamic/int8, ONNX Runtime (CPU);
 * ``dali_decode_cpu``: DALI decoding the test images as JPEG uploads
   (benchmarks/inference_decode.py; its GPU twin, ``mixed``, is `--gpu`);
-* ``http``: `mlflow models serve` round trips at batch 1 and 32
-  (benchmarks/inference_http.py).
+* ``http_*``: round trips at batch 1, 32 and 256 through `mlflow models serve` and
+  `python -m flows.serve_model` with each runtime (MLflow's app; the ONNX app, with JSON
+  pixels and with PNG files) (benchmarks/inference_http.py).
 
 Per format: load time, batch-1 latency (p50/p99 over ``latency_calls`` calls after
 warm-up, each on the next test image), images/s at batch 1/32/256 (median and spread over
@@ -79,7 +80,7 @@ QUICK_OVERRIDES = {
     "train.epochs": 1,
     "preprocess.grid_samples": 16,
 }
-HTTP_BATCHES = (1, 32)
+HTTP_BATCHES = (1, 32, 256)
 RUNTIME_PACKAGES = ("onnxruntime", "ai-edge-litert", "tf2onnx", "onnx", "uvicorn", "pillow")
 SIZES = {False: Sizes(20, 200, 5, 1.0, 200), True: Sizes(3, 20, 2, 0.2, 10)}
 
@@ -211,29 +212,42 @@ def measure_decode(device: str, common_args: list[str], quick: bool, scratch: Pa
 
 
 def measure_http(
-    model: dict[str, Any], keras_top1: np.ndarray, workdir: Path, quick: bool, scratch: Path
+    spec: inference_http.Server,
+    model: dict[str, Any],
+    keras_top1: np.ndarray,
+    workdir: Path,
+    quick: bool,
+    scratch: Path,
 ) -> dict[str, Any]:
+    """One server's round trips at each batch size, with JSON pixels (and PNG files where
+    it takes them)."""
     from tasks import prepared
 
     load_before = load_average()
     images, _ = prepared.load_split(workdir / "data" / "prepared", "test")
-    probe = inference_http.request_body(images[:1])
-    with inference_http.model_server(model["uri"], model["store"], probe, scratch) as server:
-        log(f"http: first answer {server['first_answer_s']:.1f} s after start")
-        batches = {}
-        for batch in HTTP_BATCHES:
-            calls = SIZES[quick].http_calls
-            done = inference_http.round_trips(server["port"], images, keras_top1, batch, calls)
-            batches[str(batch)] = {"latency_ms": percentiles(done.pop("times_ms")), **done}
+    server_args = (spec, model["uri"], model["store"], images[:1], scratch)
+    with inference_http.model_server(*server_args) as server:
+        log(f"{spec.key}: first answer {server['first_answer_s']:.1f} s after start")
+        inputs = {"json": {}, "png": {}} if spec.files else {"json": {}}
+        for name, batches in inputs.items():
+            for batch in HTTP_BATCHES:
+                calls = SIZES[quick].http_calls if batch < 256 else SIZES[quick].http_calls // 10
+                done = inference_http.round_trips(
+                    spec, server["port"], images, keras_top1, batch, calls, name == "png"
+                )
+                batches[str(batch)] = {"latency_ms": percentiles(done.pop("times_ms")), **done}
+                rate = done["images_per_s_sequential"]
+                log(f"{spec.key} {name} batch {batch}: {rate:,.0f} img/s")
         rss = inference_http.tree_rss_mib(server["pid"])
     row = {
-        "key": "http",
+        "key": spec.key,
         "runtime": "http",
-        "threads": inference_http.THREADS,
-        "server_command": inference_http.server_command(model["uri"]),
+        "threads": spec.threads,
+        "server_command": spec.shown(model["uri"]),
+        "credential": spec.credential,
         "first_answer_s": server["first_answer_s"],
         "server_rss_mib": rss,
-        "batches": batches,
+        "inputs": inputs,
         "command": command("benchmarks.inference", quick=quick),
     }
     return stamp_row(row, load_before)
@@ -311,8 +325,8 @@ def measure_all(workdir: Path, quick: bool, scratch: Path) -> dict[str, Any]:
         top1 = np.load(scratch / f"{row['key']}.npy")
         row["top1_agreement_with_keras"] = float((top1 == keras_top1).mean())
     rows.append(measure_decode("cpu", common_args, quick, scratch))
-    http_row = measure_http(model, keras_top1, workdir, quick, scratch)
-    rows.append(http_row | {"bytes": sizes["mlflow_model"]})
+    for spec in inference_http.SERVERS:
+        rows.append(measure_http(spec, model, keras_top1, workdir, quick, scratch))
     load_end = load_average()
     log(f"measured in {time.perf_counter() - started:.0f} s; load {load_start} -> {load_end}")
     return {
@@ -407,26 +421,51 @@ def format_rows(result: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def http_text(row: dict[str, Any]) -> str:
-    rows = [
-        [
-            batch,
-            f"{ms(b['latency_ms']['p50'])} / {ms(b['latency_ms']['p99'])}",
-            str(b["latency_ms"]["n"]),
-            f"{b['images_per_s_sequential']:,.0f}",
-            f"{b['request_bytes_mean'] / 1024:,.1f} KiB",
-            f"{100 * b['top1_agreement_with_keras']:.2f}%",
-        ]
-        for batch, b in row["batches"].items()
+def http_text(result: dict[str, Any]) -> str:
+    servers = [row for row in result["rows"] if row["key"].startswith("http_")]
+    rows = []
+    for row in servers:
+        for name, batches in row["inputs"].items():
+            for batch, b in batches.items():
+                rows.append(
+                    [
+                        code(row["server_command"]),
+                        "JSON pixels" if name == "json" else "PNG files",
+                        batch,
+                        f"{ms(b['latency_ms']['p50'])} / {ms(b['latency_ms']['p99'])}",
+                        str(b["latency_ms"]["n"]),
+                        f"{b['images_per_s_sequential']:,.0f}",
+                        f"{b['request_bytes_mean'] / 1024:,.1f} KiB",
+                        f"{100 * b['top1_agreement_with_keras']:.2f}%",
+                    ]
+                )
+    headers = [
+        "server",
+        "input",
+        "batch",
+        "round trip ms p50 / p99",
+        "n",
+        "images/s",
+        "request",
+        "top-1 = Keras",
     ]
-    headers = ["batch", "round trip ms p50 / p99", "n", "images/s", "request", "top-1 = Keras"]
+    notes = "".join(
+        f"- {code(row['key'])}: {row['threads']}"
+        f"{'; the stack credential checked on every request' if row['credential'] else ''}; "
+        f"first answer {row['first_answer_s']:.1f} s after the process started, "
+        f"{row['server_rss_mib']:,.0f} MiB resident after the calls. Load {load(row)}.\n"
+        for row in servers
+    )
     return (
-        f"HTTP: {code(row['server_command'])} (uvicorn, one worker), a client POSTing to "
-        "/invocations over one kept-alive loopback connection, JSON bodies of integer pixels "
-        "encoded before timing, each answer read in full. First answer "
-        f"{row['first_answer_s']:.1f} s after the server process started; "
-        f"{row['server_rss_mib']:,.0f} MiB resident after the calls; the MLflow model "
-        f"directory is {size(row['bytes'])}. Load {load(row)}.\n\n" + table(headers, rows) + "\n"
+        "HTTP: each server as its own process on a loopback port, a client POSTing to "
+        "/invocations over one kept-alive connection, bodies encoded before timing (JSON "
+        "integer pixels; PNG files: the file as the body at batch 1, TF Serving's "
+        '`{"instances": [{"b64": ...}]}` above), each answer read in full; images/s is the '
+        "batch over the mean round trip. `make serve-model` runs `python -m flows.serve_model` "
+        "(`--runtime auto` picks `onnx` for a version with an ONNX export).\n\n"
+        + table(headers, rows)
+        + "\n\n"
+        + notes
     )
 
 
@@ -457,7 +496,7 @@ def gpu_text(result: dict[str, Any], gpu: dict[str, Any] | None) -> str:
 def inference_section(
     result: dict[str, Any] | None, gpu: dict[str, Any] | None, quick: bool
 ) -> str:
-    text = """## 6. Inference on this CPU: export formats and `mlflow models serve`
+    text = """## 6. Inference on this CPU: export formats and the model servers
 
 One registered model, trained by the real pipeline (all six stages, so the export stage
 wrote every format), run every way the project ships it, one after another. Each format
@@ -513,9 +552,8 @@ plus the first answer. Peak RSS: the measuring process (runtime, model and the t
         "load",
     ]
     text += table(headers, format_rows(result)) + "\n"
-    by_key = {row["key"]: row for row in result["rows"]}
-    if "http" in by_key:
-        text += "\n" + http_text(by_key["http"])
+    if any(row["key"].startswith("http_") for row in result["rows"]):
+        text += "\n" + http_text(result)
     decoders = [row for row in result["rows"] if row["key"].startswith("dali_decode")]
     if decoders:
         text += "\nDecoding uploads (not part of the model):\n\n"

@@ -1,15 +1,22 @@
-"""The served model's HTTP round trip, for benchmarks/inference.py: a real
-`mlflow models serve` process on a loopback port, as the README runs it, and a client
-POSTing to /invocations over one kept-alive connection.
+"""The served model's HTTP round trip, for benchmarks/inference.py: each way the project
+serves a registered version as a real process on a loopback port, and a client POSTing to
+/invocations over one kept-alive connection.
 
-Request bodies (raw pixels as JSON integers, N x H x W x C) are encoded before timing;
-each timed call sends one and reads the whole answer. The first pass over the distinct
-bodies is untimed and checks every answer's top-1 class against the Keras model's.
+Servers: `mlflow models serve` as the README runs it, and `python -m flows.serve_model` (what
+`make serve-model` runs: the stack's credential checked on every request) with each of its
+runtimes, MLflow's scoring app and the ONNX app. Inputs: raw pixels as JSON integers
+(N x H x W x C, MLflow's tensor JSON), and, where the server takes files, the same test
+images as PNG files (one file as the body at batch 1; TF Serving's ``{"instances": [{"b64":
+...}]}`` above). Bodies are encoded before timing; each timed call sends one and reads the
+whole answer. The first pass over the distinct bodies is untimed and checks every answer's
+top-1 class against the Keras model's.
 """
 
 from __future__ import annotations
 
+import base64
 import http.client
+import io
 import json
 import os
 import shlex
@@ -20,16 +27,73 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.common import child_env
+from benchmarks.common import REPO, child_env
 
 SERVER_READY_S = 300  # first answer came after ~22 s here; a loaded machine gets slack
 DISTINCT_REQUESTS = 20  # different bodies per batch size, sent round and round
-THREADS = "1 uvicorn worker (mlflow's default), TF default inside"
+CREDENTIAL = "bench:http-benchmark-credential"  # the server's and the client's, this run only
+
+
+@dataclass(frozen=True)
+class Server:
+    key: str
+    args: tuple[str, ...]  # after the program; PORT and MODEL are filled in
+    module: bool  # `python -m ...` (else the venv's `mlflow` script)
+    threads: str
+    files: bool = False  # takes PNG files
+    credential: bool = False
+
+    def command(self, model_uri: str, port: str) -> list[str]:
+        args = [a.replace("MODEL", model_uri).replace("PORT", port) for a in self.args]
+        if self.module:
+            return [sys.executable, "-m", *args]
+        return [str(Path(sys.executable).parent / "mlflow"), *args]
+
+    def shown(self, model_uri: str) -> str:
+        program = ["python", "-m"] if self.module else ["mlflow"]
+        return shlex.join([*program, *self.command(model_uri, "PORT")[len(program) :]])
+
+
+SERVERS = (
+    Server(
+        "http_mlflow_models_serve",
+        (
+            "models",
+            "serve",
+            "-m",
+            "MODEL",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            "PORT",
+        ),
+        module=False,
+        threads="1 uvicorn worker (mlflow's default), TF default inside",
+    ),
+    Server(
+        "http_serve_model_mlflow",
+        ("flows.serve_model", "MODEL", "--runtime", "mlflow", "--port", "PORT"),
+        module=True,
+        threads="1 uvicorn worker, TF default inside",
+        credential=True,
+    ),
+    Server(
+        "http_serve_model_onnx",
+        ("flows.serve_model", "MODEL", "--runtime", "onnx", "--port", "PORT"),
+        module=True,
+        threads="1 uvicorn worker, ONNX Runtime default (physical cores)",
+        files=True,
+        credential=True,
+    ),
+)
 
 
 def free_port() -> int:
@@ -38,25 +102,34 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def serve_args(model_uri: str, port: str) -> list[str]:
-    """`mlflow models serve` arguments as the README gives them."""
-    return [
-        *("models", "serve", "-m", model_uri),
-        *("--env-manager", "local", "-h", "127.0.0.1", "-p", port),
-    ]
+def png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    encoded = io.BytesIO()
+    Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(encoded, "PNG")
+    return encoded.getvalue()
 
 
-def server_command(model_uri: str) -> str:
-    return shlex.join(["mlflow", *serve_args(model_uri, "PORT")])
+def request_body(images: np.ndarray, files: bool = False) -> tuple[bytes, str]:
+    """(body, content type) for ``images``: JSON pixels, or PNG files."""
+    if not files:
+        return json.dumps({"inputs": images.tolist()}).encode(), "application/json"
+    if len(images) == 1:
+        return png(images[0]), "image/png"
+    instances = [{"b64": base64.b64encode(png(image)).decode()} for image in images]
+    return json.dumps({"instances": instances}).encode(), "application/json"
 
 
-def request_body(images: np.ndarray) -> bytes:
-    return json.dumps({"inputs": images.tolist()}).encode()
+def headers(server: Server, content_type: str) -> dict[str, str]:
+    sent = {"Content-Type": content_type}
+    if server.credential:
+        sent["Authorization"] = "Basic " + base64.b64encode(CREDENTIAL.encode()).decode()
+    return sent
 
 
-def post(conn: http.client.HTTPConnection, body: bytes) -> bytes:
+def post(conn: http.client.HTTPConnection, body: bytes, sent: dict[str, str]) -> bytes:
     """One POST /invocations; the answer's body, read in full."""
-    conn.request("POST", "/invocations", body=body, headers={"Content-Type": "application/json"})
+    conn.request("POST", "/invocations", body=body, headers=sent)
     response = conn.getresponse()
     payload = response.read()
     if response.status != 200:
@@ -64,40 +137,44 @@ def post(conn: http.client.HTTPConnection, body: bytes) -> bytes:
     return payload
 
 
-def wait_for_answer(port: int, body: bytes, server: subprocess.Popen, log_file: Path) -> None:
+def wait_for_answer(
+    port: int, body: bytes, sent: dict[str, str], server: subprocess.Popen, log_file: Path
+) -> None:
     deadline = time.monotonic() + SERVER_READY_S
     while time.monotonic() < deadline:
         if server.poll() is not None:
             tail = log_file.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"mlflow models serve exited {server.returncode}:\n{tail}")
+            raise RuntimeError(f"the model server exited {server.returncode}:\n{tail}")
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         try:
-            post(conn, body)
+            post(conn, body, sent)
             return
         except OSError:  # not listening yet
             time.sleep(0.25)
         finally:
             conn.close()
-    raise RuntimeError(f"mlflow models serve gave no answer in {SERVER_READY_S} s: see {log_file}")
+    raise RuntimeError(f"the model server gave no answer in {SERVER_READY_S} s: see {log_file}")
 
 
 @contextmanager
 def model_server(
-    model_uri: str, store_uri: str, probe: bytes, scratch: Path
+    spec: Server, model_uri: str, store_uri: str, probe: np.ndarray, scratch: Path
 ) -> Iterator[dict[str, Any]]:
     """The server, answering; yields its port, pid and seconds from start to the first
     answer. Its whole process group (it started it) is stopped on the way out."""
     port = free_port()
-    cmd = [str(Path(sys.executable).parent / "mlflow"), *serve_args(model_uri, str(port))]
+    cmd = spec.command(model_uri, str(port))
     env = child_env(scratch) | {"MLFLOW_TRACKING_URI": store_uri}  # the venv's uvicorn first
-    log_file = scratch / "serve.log"
+    env |= {"PREFECT_SERVER_API_AUTH_STRING": CREDENTIAL, "PYTHONPATH": str(REPO)}
+    log_file = scratch / f"{spec.key}.log"
+    body, content_type = request_body(probe)
     with log_file.open("wb") as out:
         start = time.perf_counter()
         server = subprocess.Popen(
             cmd, cwd=scratch, env=env, stdout=out, stderr=out, start_new_session=True
         )
     try:
-        wait_for_answer(port, probe, server, log_file)
+        wait_for_answer(port, body, headers(spec, content_type), server, log_file)
         yield {"port": port, "pid": server.pid, "first_answer_s": time.perf_counter() - start}
     finally:
         os.killpg(server.pid, signal.SIGTERM)
@@ -116,22 +193,30 @@ def tree_rss_mib(pid: int) -> float:
 
 
 def round_trips(
-    port: int, images: np.ndarray, keras_top1: np.ndarray, batch: int, calls: int
+    spec: Server,
+    port: int,
+    images: np.ndarray,
+    keras_top1: np.ndarray,
+    batch: int,
+    calls: int,
+    files: bool,
 ) -> dict[str, Any]:
     """``calls`` timed round trips at ``batch``, after one checked pass over the bodies."""
     distinct = min(DISTINCT_REQUESTS, len(images) // batch)
-    bodies = [request_body(images[i * batch : (i + 1) * batch]) for i in range(distinct)]
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    encoded = [request_body(images[i * batch : (i + 1) * batch], files) for i in range(distinct)]
+    bodies = [body for body, _ in encoded]
+    sent = headers(spec, encoded[0][1])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     agree = 0
     for i, body in enumerate(bodies):
-        answer = json.loads(post(conn, body))["predictions"]
+        answer = json.loads(post(conn, body, sent))["predictions"]
         top1 = np.array([row["class_index"] for row in answer])
         agree += int((top1 == keras_top1[i * batch : (i + 1) * batch]).sum())
     times_ms = []
     for call in range(calls):
         body = bodies[call % distinct]
         start = time.perf_counter()
-        post(conn, body)
+        post(conn, body, sent)
         times_ms.append((time.perf_counter() - start) * 1e3)
     conn.close()
     return {

@@ -56,6 +56,7 @@ MODES = ("bare", "prefect", "dvc")
 # The stages the bare run mirrors; export (format conversions, no orchestration question)
 # is left out of all three modes: `dvc repro register`, `flows.pipeline --stages ...`.
 STAGES = ("data", "preprocess", "train", "evaluate", "register")
+TARGET_TIMES_BARE = {"prefect": 1.25, "dvc": 1.5}  # wall / bare on this workload (issue goals)
 SIZES = {
     False: {  # 50k/10k synthetic 32x32x3, one epoch; 10% of train is held out for validation
         "overrides": {
@@ -346,7 +347,12 @@ def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for mode in ("prefect", "dvc"):
         extra = [run[mode]["wall_s"] - run["bare"]["wall_s"] for run in runs]
         percent = [100 * e / run[mode]["wall_s"] for e, run in zip(extra, runs, strict=True)]
-        overhead[mode] = {"seconds": summarize(extra), "percent_of_wall": summarize(percent)}
+        ratio = [run[mode]["wall_s"] / run["bare"]["wall_s"] for run in runs]
+        overhead[mode] = {
+            "seconds": summarize(extra),
+            "percent_of_wall": summarize(percent),
+            "times_bare": summarize(ratio),
+        }
     stage_sums = [sum(s["wall_s"] for s in run["dvc"]["stages"].values()) for run in runs]
     overhead["dvc_own_s"] = summarize(
         [run["dvc"]["wall_s"] - total for run, total in zip(runs, stage_sums, strict=True)]
@@ -412,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
                 "dvc": "dvc repro register  # with params.yaml set to the overrides",
                 "prefect": " ".join(["python -m flows.pipeline", *overrides, "--stages", *STAGES]),
             },
-            "target_overhead_percent": 10.0,
+            "target_times_bare": TARGET_TIMES_BARE,
             "imports": imports,
             "data_stage_rss": data_rss,
             "target_data_rss_mib": 1024,
@@ -483,17 +489,20 @@ process's maximum resident set (wait4).
     ]
     text += table(["whole run", "wall s", "peak RSS MiB"], totals) + "\n\n"
     over = row["overhead"]
-    target = row["target_overhead_percent"]
+    targets = row["target_times_bare"]
     rows = [
         [
             name,
             spread(over[key]["seconds"], "{:.1f}"),
             spread(over[key]["percent_of_wall"], "{:.1f}"),
-            verdict(over[key]["percent_of_wall"]["median"] <= target),
+            spread(over[key]["times_bare"], "{:.2f}"),
+            f"<= {targets[key]:g}",
+            verdict(over[key]["times_bare"]["median"] <= targets[key]),
         ]
         for name, key in (("Prefect flow", "prefect"), ("dvc repro", "dvc"))
     ]
-    text += table(["overhead vs bare", "seconds", f"% of wall (target <= {target:g})", ""], rows)
+    headers = ["overhead vs bare", "seconds", "% of wall", "wall / bare", "target", ""]
+    text += table(headers, rows)
     startup = row["startup_imports"]["wall_s"]
     text += f"""
 
@@ -532,7 +541,7 @@ def imports_text(row: dict[str, Any]) -> str:
         "\nWhat each stage process imports under `dvc repro` (`python -X importtime`, one tiny "
         "run; the sum of its top-level imports, made wherever the stage makes them):\n\n"
         + table(headers, rows)
-        + f"\n\nWhy the <= {row['target_overhead_percent']:g}% target is not met here: the "
+        + f"\n\nThe fixed cost of the per-process design: the "
         f"five stage processes spend {total:.1f} s importing alone, {100 * total / bare:.0f}% "
         "of the bare run's wall time, before any work. Only the stages that run Keras load "
         "TensorFlow and none loads Prefect, but each of them is its own Python process under "
