@@ -144,4 +144,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from flows import stagehost  # under `dvc repro`: in a warm process when one serves
+
+    sys.exit(stagehost.entry(sys.argv[1:], main))
