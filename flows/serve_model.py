@@ -6,10 +6,13 @@ Two runtimes answer the same protocol (MLflow's: POST /invocations with tensor J
 GET /ping, /health, /version):
 
 - ``onnx``: the version's ONNX export (the export stage's exports/model.onnx, logged on the
-  run that registered it) in ONNX Runtime behind a small ASGI app (tasks/serving/onnx_app.py),
-  which also takes PNG/JPEG files; about 10x MLflow's throughput (BENCHMARKS.md, section 6).
+  run that registered it) in ONNX Runtime behind a small ASGI app (tasks/serving/onnx_app.py);
+  about 10x MLflow's throughput (BENCHMARKS.md, section 6).
 - ``mlflow``: the same app `mlflow models serve` runs (MLflow's pyfunc scoring server) on the
   registered pyfunc, so requests and answers are exactly MLflow's.
+
+An image model also takes PNG/JPEG files with either runtime (one file as the body, or TF
+Serving's ``{"instances": [{"b64": ...}]}``), decoded with DALI as batch prediction does.
 
 ``auto`` (the default) takes ``onnx`` when the version has an ONNX export, else ``mlflow``.
 Either way this adds what `mlflow models serve` lacks: every path but the liveness probes
@@ -73,7 +76,16 @@ def load_scoring_app(uri: str, store: str, scratch: Path) -> tuple[Any, str]:
     exact = f"models:/{parse_model_uri(uri).name}/{version}"
     local = download_version(exact, store, scratch)
     check_model_code(local, exact)
-    return scoring_server.init(scoring_server.load_model_with_mlflow_config(str(local))), exact
+    model = scoring_server.load_model_with_mlflow_config(str(local))
+    app = scoring_server.init(model)
+    [tensor] = model.metadata.get_input_schema().inputs
+    if len(tensor.shape) == 4:  # an image model: PNG/JPEG files too, decoded as pixels
+        from tasks.serving.onnx_app import ImageFilesAsTensors
+
+        shape = tuple(int(d) for d in tensor.shape[1:])
+        app.add_middleware(ImageFilesAsTensors, shape=shape, max_batch=MAX_FILES)
+        app.state.image_files = True
+    return app, exact
 
 
 ONNX_EXPORT = "exports/model.onnx"  # where the export stage logs it on the registering run
@@ -116,7 +128,7 @@ def load_onnx_app(uri: str, store: str, scratch: Path, required: bool) -> tuple[
             "(`dvc repro export`, with onnx in export.formats) or serve it with --runtime mlflow"
         )
     model = OnnxImageClassifier(Path(onnx), [str(name) for name in class_names])
-    return build_app(model, exact, MAX_ONNX_BATCH), exact
+    return build_app(model, exact, MAX_FILES), exact
 
 
 def require_credential(app: Any, credential: str) -> None:
@@ -143,7 +155,7 @@ def require_credential(app: Any, credential: str) -> None:
 
 MAX_BODY_MB = 8.0  # a batch of 256 CIFAR-sized images as JSON numbers is about 4 MB
 MAX_DEPTH = 32  # JSON nesting: an image batch is 4 deep, MLflow's envelopes add 2
-MAX_ONNX_BATCH = 256  # image files per request (JSON pixel batches: bounded by the body size)
+MAX_FILES = 256  # image files per request (JSON pixel batches: bounded by the body size)
 JSON_TYPES = ("application/json",)
 IMAGE_TYPES = ("image/png", "image/jpeg")  # the ONNX runtime's file input
 STRUCTURE = bytes(range(256)).translate(None, b"[]{}")  # every byte but brackets
@@ -287,8 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         except (ConfigError, ModelRequestError, security.CredentialError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
+        files = runtime == "onnx" or getattr(app.state, "image_files", False)
         # Inner: after the credential check.
-        guard_requests(app, int(args.max_body_mb * 1e6), files=runtime == "onnx")
+        guard_requests(app, int(args.max_body_mb * 1e6), files=files)
         require_credential(app, credential)
         user = security.split_credential(credential)[0]
         print(

@@ -146,6 +146,7 @@ def test_serve_model_requires_the_credential(served, tmp_path):
         right = {"Authorization": "Basic " + base64.b64encode(credential.encode()).decode()}
         check_answers(base, served, right)
         check_guards(port, right)
+        check_files(base, served, right)
     stored = tmp_path / ".pipeline" / "secrets" / "api-credential"
     assert stored.read_text().strip() == credential and (stored.stat().st_mode & 0o077) == 0
 
@@ -158,6 +159,32 @@ def png(pixels: np.ndarray) -> bytes:
     encoded = io.BytesIO()
     Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels).save(encoded, "PNG")
     return encoded.getvalue()
+
+
+def check_files(base: str, served, credential: dict[str, str]) -> None:
+    """Image files, decoded by DALI as batch prediction decodes them: PNG is lossless, so
+    each answer is the one for the same pixels sent as JSON; a broken file is a 400."""
+    _, images, expected, _ = served
+    files = [png(image) for image in images[:3]]
+    as_png = credential | {"Content-Type": "image/png"}
+    status, answer = post(f"{base}/invocations", files[0], as_png)
+    assert status == 200, answer
+    [row] = answer["predictions"]
+    assert row["label"] == expected["label"][0]
+    batch = {"instances": [{"b64": base64.b64encode(f).decode()} for f in files]}
+    status, answer = post(f"{base}/invocations", json.dumps(batch).encode(), credential)
+    assert status == 200, answer
+    assert [r["label"] for r in answer["predictions"]] == list(expected["label"][:3])
+    first = answer["predictions"][0]
+    assert first["label"] == row["label"]  # and the same numbers (as a batch: within float error)
+    np.testing.assert_allclose(
+        list(first["probabilities"].values()), list(row["probabilities"].values()), atol=1e-6
+    )
+    status, answer = post(f"{base}/invocations", files[0][:60], as_png)
+    assert status == 400 and "image 0: DALI could not decode it" in answer["message"], answer
+    not_b64 = json.dumps({"instances": [{"b64": "%%%"}]}).encode()
+    status, answer = post(f"{base}/invocations", not_b64, credential)
+    assert (status, answer["message"]) == (400, "instance 0: not valid base64"), answer
 
 
 def test_the_onnx_runtime_answers_like_the_registered_model_and_takes_image_files(served, tmp_path):
@@ -176,27 +203,7 @@ def test_the_onnx_runtime_answers_like_the_registered_model_and_takes_image_file
         request = urllib.request.Request(f"{base}/version", headers=right)
         with urllib.request.urlopen(request, timeout=10) as answer:
             assert json.loads(answer.read())["runtime"].startswith("onnxruntime ")
-
-        # Image files, decoded by DALI as batch prediction decodes them: PNG is lossless, so
-        # each answer is the one for the same pixels sent as JSON.
-        files = [png(image) for image in images[:3]]
-        as_png = right | {"Content-Type": "image/png"}
-        status, answer = post(f"{base}/invocations", files[0], as_png)
-        assert status == 200, answer
-        [row] = answer["predictions"]
-        assert row["label"] == expected["label"][0]
-        batch = {"instances": [{"b64": base64.b64encode(f).decode()} for f in files]}
-        status, answer = post(f"{base}/invocations", json.dumps(batch).encode(), right)
-        assert status == 200, answer
-        assert [r["label"] for r in answer["predictions"]] == list(expected["label"][:3])
-        assert answer["predictions"][0] == row
-        status, answer = post(f"{base}/invocations", files[0][:60], as_png)
-        assert status == 400 and "image 0: DALI could not decode it" in answer["message"]
-        not_b64 = json.dumps({"instances": [{"b64": "%%%"}]}).encode()
-        assert post(f"{base}/invocations", not_b64, right) == (
-            400,
-            {"error_code": "INVALID_PARAMETER_VALUE", "message": "instance 0: not valid base64"},
-        )
+        check_files(base, served, right)
 
 
 def test_the_onnx_runtime_names_the_fix_for_a_version_without_an_onnx_export(served, tmp_path):

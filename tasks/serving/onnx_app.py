@@ -191,21 +191,13 @@ def build_app(model: OnnxImageClassifier, model_uri: str, max_batch: int) -> Any
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         body = await request.body()
         try:
-            if kind in IMAGE_TYPES:
-                pixels = images.pixels([body])
-            else:
+            pixels = image_pixels(kind, body, images, model.image_shape, max_batch)
+            if pixels is None:
                 try:
                     tensor = json_tensor(orjson.loads(body))
                 except orjson.JSONDecodeError:
                     raise BadRequest("the body is not JSON") from None
-                files = b64_files(tensor)
-                if files is not None and len(files) > max_batch:
-                    raise BadRequest(f"{len(files)} images: send at most {max_batch} at a time")
-                pixels = (
-                    images.pixels(files)
-                    if files is not None
-                    else pixel_batch(tensor, model.image_shape)
-                )
+                pixels = pixel_batch(tensor, model.image_shape)
         except BadRequest as error:
             return refused(str(error))
         return json_response({"predictions": model.rows(pixels)})
@@ -216,3 +208,84 @@ def build_app(model: OnnxImageClassifier, model_uri: str, max_batch: int) -> Any
     app.add_route("/version", version, methods=["GET"])
     app.add_route("/invocations", invocations, methods=["POST"])
     return app
+
+
+def image_pixels(
+    kind: str, body: bytes, images: ImageInput, shape: tuple[int, ...], max_batch: int
+) -> np.ndarray | None:
+    """The pixels of an image-file request (a PNG/JPEG body, or TF Serving's b64 JSON);
+    None for any other request (JSON pixels, or not an image request at all)."""
+    import orjson
+
+    if kind in IMAGE_TYPES:
+        return images.pixels([body])
+    if b'"b64"' not in body:
+        return None
+    try:
+        files = b64_files(json_tensor(orjson.loads(body)))
+    except orjson.JSONDecodeError:
+        return None  # the app's own parser answers it
+    if files is None:
+        return None
+    if len(files) > max_batch:
+        raise BadRequest(f"{len(files)} images: send at most {max_batch} at a time")
+    return images.pixels(files)
+
+
+class ImageFilesAsTensors:
+    """ASGI middleware for MLflow's scoring app: an image-file request (see image_pixels)
+    is decoded with DALI and passed on as the tensor JSON that app takes, so both runtimes
+    of `make serve-model` take files; everything else passes through untouched."""
+
+    def __init__(self, app: Any, shape: tuple[int, int, int], max_batch: int) -> None:
+        self.app, self.shape, self.max_batch = app, shape, max_batch
+        self.images = ImageInput(shape)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        heads = {key.lower(): value for key, value in scope["headers"]}
+        kind = heads.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+        try:
+            pixels = image_pixels(kind, body, self.images, self.shape, self.max_batch)
+        except BadRequest as error:
+            await self.refuse(send, str(error))
+            return
+        if pixels is not None:
+            import orjson
+
+            body = orjson.dumps({"inputs": pixels.astype("uint8").tolist()})
+            headers = [(k, v) for k, v in scope["headers"] if k.lower() not in TENSOR_HEADERS]
+            headers += [
+                (b"content-type", JSON_TYPE.encode()),
+                (b"content-length", b"%d" % len(body)),
+            ]
+            scope = dict(scope, headers=headers)
+        sent = False
+
+        async def replay() -> dict:
+            nonlocal sent
+            if sent:
+                return await receive()  # the client's disconnect, when it comes
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def refuse(send: Any, message: str) -> None:
+        import orjson
+
+        answer = orjson.dumps({"error_code": "INVALID_PARAMETER_VALUE", "message": message})
+        head = [(b"content-type", JSON_TYPE.encode()), (b"content-length", b"%d" % len(answer))]
+        await send({"type": "http.response.start", "status": 400, "headers": head})
+        await send({"type": "http.response.body", "body": answer})
+
+
+TENSOR_HEADERS = (b"content-type", b"content-length")
