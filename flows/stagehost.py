@@ -48,6 +48,7 @@ from pathlib import Path
 
 SWITCH = "PIPELINE_STAGE_HOST"  # "0": every stage in its own process
 IDLE_S = 15.0  # DVC starts the next stage within a second or two of the last
+LAST_STAGE = "export"  # dvc.yaml's last: nothing runs after it
 CODE_DIRS = ("flows", "tasks")
 # Read when the libraries load, so a host serves only stages that have the same values.
 LOAD_TIME_ENV = (
@@ -161,7 +162,8 @@ def run_stage(argv: list[str], main: Callable[[list[str]], int]) -> int:
         return main(argv)
     status = in_host(path, argv, env)
     if status is None:
-        start_host(path, env)
+        if argv[:1] != [LAST_STAGE]:  # no stage follows the last one: nothing to warm up for
+            start_host(path, env)
         return main(argv)
     return status
 
