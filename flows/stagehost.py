@@ -108,10 +108,8 @@ def socket_path(key: str) -> Path:
 def send(conn: socket.socket, message: dict, fds: list[int] | None = None) -> None:
     data = json.dumps(message).encode()
     framed = struct.pack(">I", len(data)) + data
-    if fds:
-        socket.send_fds(conn, [framed], fds)
-    else:
-        conn.sendall(framed)
+    sent = socket.send_fds(conn, [framed], fds) if fds else 0
+    conn.sendall(framed[sent:])
 
 
 def receive(conn: socket.socket, with_fds: bool = False) -> tuple[dict | None, list[int]]:
@@ -175,10 +173,13 @@ def in_host(path: Path, argv: list[str], env: dict[str, str]) -> int | None:
         conn.connect(str(path))
         request = {"argv": argv, "cwd": os.getcwd(), "env": env}
         send(conn, request, [0, 1, 2])
-        accepted, _ = receive(conn)
+        accepted, _ = receive(conn)  # once the host has loaded its libraries
     except OSError:
         conn.close()
         return None
+    except KeyboardInterrupt:  # before the stage started: nothing of it to stop
+        print(f"stage {argv[0]!r} stopped by SIGINT", file=sys.stderr)
+        return 130
     if accepted is None:  # the host was leaving (idle, or another code): run it here
         conn.close()
         return None
