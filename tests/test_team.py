@@ -357,7 +357,9 @@ def test_a_bad_database_url_stops_serve_before_any_server_starts(tmp_path, url, 
     shutil.copy(REPO / "params.yaml", tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["PIPELINE_DATABASE_URL"] = url.format(port=free_port())  # nothing listens there
-    command = module_command("flows.serve", "--mlflow-port", str(free_port()))
+    # Free ports: the README's `make serve` (4200, 5000) may be running on the other worker.
+    ports = ("--mlflow-port", str(free_port()), "--prefect-port", str(free_port()))
+    command = module_command("flows.serve", *ports)
     done = subprocess.run(
         command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
     )
