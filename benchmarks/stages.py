@@ -1,12 +1,15 @@
 """Stage wall time and peak RSS of a full synthetic CIFAR-sized run, orchestration overhead,
 and the time of a `dvc repro` that has nothing to do.
 
-Each repeat runs the same work three ways (order rotated between repeats):
+Each repeat runs the same work four ways (order rotated between repeats):
 
 * ``dvc``: `dvc repro` in a fresh git copy of this repository with params.yaml shrunk
-  as below; every stage is its own `python -m flows.stage <stage>` process, and a
-  `python` shim first on PATH records each stage process's wall time and peak RSS.
-  Then `dvc repro` again, several times, with nothing changed (the no-op benchmark).
+  as below; every stage is a `python -m flows.stage <stage>` process (the stages after
+  the first hand their work to the stage host, flows/stagehost.py), and a `python` shim
+  first on PATH records each stage process's wall time and peak RSS (a hosted stage's
+  peak RSS: the host's, from its log). Then `dvc repro` again, several times, with
+  nothing changed (the no-op benchmark).
+* ``dvc_per_process``: the same with PIPELINE_STAGE_HOST=0: every stage in its own process.
 * ``prefect``: `python -m flows.pipeline` in another fresh copy (one process, Prefect's
   ephemeral API, MLflow run, model logged and registered).
 * ``bare``: the same work with no orchestration or tracking, in one process: the pure
@@ -52,7 +55,7 @@ from benchmarks.common import (
 )
 from benchmarks.markdown import code, load, missing, spread, table, verdict
 
-MODES = ("bare", "prefect", "dvc")
+MODES = ("bare", "prefect", "dvc", "dvc_per_process")  # dvc: with the stage host
 # The stages the bare run mirrors; export (format conversions, no orchestration question)
 # is left out of all three modes: `dvc repro register`, `flows.pipeline --stages ...`.
 STAGES = ("data", "preprocess", "train", "evaluate", "register")
@@ -217,12 +220,21 @@ def write_shim(scratch: Path) -> Path:
     return shim_dir
 
 
-def run_dvc(scratch: Path, name: str, overrides: dict[str, Any], noops: int) -> dict[str, Any]:
-    """`dvc repro` from scratch, per-stage numbers from the shim, then ``noops`` no-op repros."""
+def run_dvc(
+    scratch: Path, name: str, overrides: dict[str, Any], noops: int, host: bool = True
+) -> dict[str, Any]:
+    """`dvc repro` from scratch, per-stage numbers from the shim, then ``noops`` no-op repros.
+
+    ``host``: as users run it, the stages after the first in the stage host
+    (flows/stagehost.py), whose log gives their peak RSS (the stage processes only wait);
+    else every stage in its own process (PIPELINE_STAGE_HOST=0)."""
     root = copy_repo(scratch / name)
     set_params(root, overrides)
     stage_log = scratch / f"{name}-stages.jsonl"
     env = child_env(scratch, extra_path=[write_shim(scratch)]) | {"BENCH_STAGE_LOG": str(stage_log)}
+    host_tmp = scratch / f"{name}-tmp"  # the host's socket and log, found below
+    host_tmp.mkdir()
+    env |= {"TMPDIR": str(host_tmp)} | ({} if host else {"PIPELINE_STAGE_HOST": "0"})
     dvc = [str(Path(sys.executable).parent / "dvc"), "repro", STAGES[-1]]
     measured = run_measured(dvc, cwd=root, env=env, log=root / "bench-repro.log")
     stages = {}
@@ -232,6 +244,11 @@ def run_dvc(scratch: Path, name: str, overrides: dict[str, Any], noops: int) -> 
             stages[record["argv"][2]] = {k: record[k] for k in ("wall_s", "peak_rss_mib")}
     if list(stages) != list(STAGES):
         raise RuntimeError(f"dvc repro ran stages {list(stages)}, expected {list(STAGES)}")
+    hosted = hosted_stages(host_tmp)
+    if host and list(hosted) != list(STAGES[1:]):
+        raise RuntimeError(f"the stage host ran {list(hosted)}, expected {list(STAGES[1:])}")
+    for stage, peak in hosted.items():
+        stages[stage]["peak_rss_mib"] = peak
     noop_s = []
     for i in range(noops):
         again = run_measured(dvc, cwd=root, env=env, log=root / f"bench-noop-{i}.log")
@@ -240,10 +257,21 @@ def run_dvc(scratch: Path, name: str, overrides: dict[str, Any], noops: int) -> 
         noop_s.append(again.wall_s)
     return {
         "wall_s": measured.wall_s,
-        "peak_rss_mib": measured.peak_rss_mib,
+        "peak_rss_mib": max([measured.peak_rss_mib, *hosted.values()]),
         "stages": stages,
         "noop_s": noop_s,
     }
+
+
+def hosted_stages(tmp: Path) -> dict[str, float]:
+    """Stage -> the host's peak RSS after it (MiB), from the stage host's log lines
+    ("ran train in DIR: exit 0, 3.1 s, peak RSS 1234 MiB")."""
+    found = {}
+    for host_log in tmp.glob("gpu-train-pipeline-stagehost-*/*.log"):
+        for line in host_log.read_text().splitlines():
+            if line.startswith("ran ") and "peak RSS" in line:
+                found[line.split()[1]] = float(line.rsplit("peak RSS ", 1)[1].split()[0])
+    return found
 
 
 def import_profile(scratch: Path, overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -257,6 +285,7 @@ def import_profile(scratch: Path, overrides: dict[str, Any]) -> dict[str, dict[s
     env = child_env(scratch, extra_path=[write_shim(scratch)]) | {
         "BENCH_STAGE_LOG": str(scratch / "imports-stages.jsonl"),
         "BENCH_IMPORT_DIR": str(folder),
+        "PIPELINE_STAGE_HOST": "0",  # what each stage would import by itself
     }
     dvc = [str(Path(sys.executable).parent / "dvc"), "repro", STAGES[-1]]
     run_measured(dvc, cwd=root, env=env, log=root / "bench-repro.log")
@@ -338,13 +367,14 @@ def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
         step: {key: over(["bare", "steps", step, key]) for key in ("wall_s", "peak_rss_mib")}
         for step in runs[0]["bare"]["steps"]
     }
-    summary["dvc"]["stages"] = {
-        stage: {key: over(["dvc", "stages", stage, key]) for key in ("wall_s", "peak_rss_mib")}
-        for stage in STAGES
-    }
+    for mode in ("dvc", "dvc_per_process"):
+        summary[mode]["stages"] = {
+            stage: {key: over([mode, "stages", stage, key]) for key in ("wall_s", "peak_rss_mib")}
+            for stage in STAGES
+        }
     summary["startup_imports"] = {k: over(["startup", k]) for k in ("wall_s", "peak_rss_mib")}
     overhead: dict[str, Any] = {}
-    for mode in ("prefect", "dvc"):
+    for mode in ("prefect", "dvc", "dvc_per_process"):
         extra = [run[mode]["wall_s"] - run["bare"]["wall_s"] for run in runs]
         percent = [100 * e / run[mode]["wall_s"] for e, run in zip(extra, runs, strict=True)]
         ratio = [run[mode]["wall_s"] / run["bare"]["wall_s"] for run in runs]
@@ -371,14 +401,15 @@ def run_repeats(scratch: Path, quick: bool) -> list[dict[str, Any]]:
     runs = []
     for repeat in range(size["repeats"]):
         run: dict[str, Any] = {"startup": run_startup(scratch, f"startup-{repeat}")}
-        for mode in MODES[repeat % 3 :] + MODES[: repeat % 3]:
+        for mode in MODES[repeat % len(MODES) :] + MODES[: repeat % len(MODES)]:
             name = f"{mode}-{repeat}"
             if mode == "bare":
                 run[mode] = run_bare(scratch, name, quick)
             elif mode == "prefect":
                 run[mode] = run_prefect(scratch, name, size["overrides"])
             else:
-                run[mode] = run_dvc(scratch, name, size["overrides"], size["noop_repeats"])
+                noops = size["noop_repeats"] if mode == "dvc" else 0
+                run[mode] = run_dvc(scratch, name, size["overrides"], noops, mode == "dvc")
             shutil.rmtree(scratch / name, ignore_errors=True)  # full size: ~0.5 GB per copy
             log(f"stages repeat {repeat + 1} {mode}: {run[mode]['wall_s']:.1f} s")
         runs.append(run)
@@ -442,12 +473,15 @@ def stages_section(result: dict[str, Any] | None, quick: bool) -> str:
     text = """## 3. Stage wall time, peak RSS and orchestration overhead
 
 A full synthetic run, one epoch (10% of the training images are held out for validation).
-Each repeat does the same work three ways: `dvc repro` in a fresh git copy (each stage its
-own process; a `python` shim first on PATH records every stage process), the Prefect flow
-`python -m flows.pipeline` in another copy, and *bare*: the pure stage cores in one
-process with no Prefect, MLflow or DVC, writing the same output files (the register step
-only wraps the model for raw pixels and saves it as .keras). Peak RSS is the largest
-process's maximum resident set (wait4).
+Each repeat does the same work four ways, in an order rotated per repeat: `dvc repro` in a
+fresh git copy as users run it (each stage a process, a `python` shim first on PATH timing
+each; the stages after the first run in the stage host, `flows/stagehost.py`), the same
+with `PIPELINE_STAGE_HOST=0` (every stage in its own process: the design before the host),
+the Prefect flow `python -m flows.pipeline` in another copy, and *bare*: the pure stage
+cores in one process with no Prefect, MLflow or DVC, writing the same output files (the
+register step only wraps the model for raw pixels and saves it as .keras). Peak RSS is the
+largest process's maximum resident set (wait4; for a stage in the host, the host's own
+peak so far, from its log).
 
 """
     if not result:
@@ -457,29 +491,39 @@ process's maximum resident set (wait4).
     text += f"Params: {code(sizes)}. Load {load(row)}. Command: {code(row['command'])}\n"
     by_hand = row["equivalent_commands"]
     text += f"(By hand: {code(by_hand['dvc'])}; {code(by_hand['prefect'])}.)\n\n"
-    dvc, bare = row["dvc"]["stages"], row["bare"]["steps"]
+    dvc, alone, bare = row["dvc"]["stages"], row["dvc_per_process"]["stages"], row["bare"]["steps"]
     rows = []
     for stage in ("imports", "data", "preprocess", "train", "evaluate", "register"):
-        under_dvc = dvc.get(stage)
+        under_dvc, by_itself = dvc.get(stage), alone.get(stage)
         rows.append(
             [
                 stage,
                 spread(under_dvc["wall_s"], "{:.1f}") if under_dvc else "-",
                 spread(under_dvc["peak_rss_mib"]) if under_dvc else "-",
+                spread(by_itself["wall_s"], "{:.1f}") if by_itself else "-",
+                spread(by_itself["peak_rss_mib"]) if by_itself else "-",
                 spread(bare[stage]["wall_s"], "{:.1f}"),
                 f"{bare[stage]['peak_rss_mib']['median']:,.0f}",
             ]
         )
     headers = [
         "stage",
-        "under dvc repro: s",
+        "dvc repro: s",
+        "peak RSS MiB",
+        "a process per stage: s",
         "peak RSS MiB",
         "bare, in-process: s",
         "bare peak RSS so far MiB",
     ]
     text += table(headers, rows) + "\n\n"
+    alone = row["dvc_per_process"]
     totals = [
         ["dvc repro", spread(row["dvc"]["wall_s"], "{:.1f}"), spread(row["dvc"]["peak_rss_mib"])],
+        [
+            "dvc repro, a process per stage",
+            spread(alone["wall_s"], "{:.1f}"),
+            spread(alone["peak_rss_mib"]),
+        ],
         [
             "Prefect flow",
             spread(row["prefect"]["wall_s"], "{:.1f}"),
@@ -490,16 +534,21 @@ process's maximum resident set (wait4).
     text += table(["whole run", "wall s", "peak RSS MiB"], totals) + "\n\n"
     over = row["overhead"]
     targets = row["target_times_bare"]
+    modes = (
+        ("Prefect flow", "prefect"),
+        ("dvc repro", "dvc"),
+        ("dvc repro, a process per stage", "dvc_per_process"),
+    )
     rows = [
         [
             name,
             spread(over[key]["seconds"], "{:.1f}"),
             spread(over[key]["percent_of_wall"], "{:.1f}"),
             spread(over[key]["times_bare"], "{:.2f}"),
-            f"<= {targets[key]:g}",
-            verdict(over[key]["times_bare"]["median"] <= targets[key]),
+            f"<= {targets[key]:g}" if key in targets else "-",
+            verdict(over[key]["times_bare"]["median"] <= targets[key]) if key in targets else "",
         ]
-        for name, key in (("Prefect flow", "prefect"), ("dvc repro", "dvc"))
+        for name, key in modes
     ]
     headers = ["overhead vs bare", "seconds", "% of wall", "wall / bare", "target", ""]
     text += table(headers, rows)
@@ -509,12 +558,15 @@ process's maximum resident set (wait4).
 Where the `dvc repro` overhead goes (medians): DVC's own work (hashing, dvc.lock, cache)
 is the repro wall minus the sum of its stage processes,
 {over["dvc_own_s"]["median"]:.1f} s. The five stage processes together take
-{over["dvc_stage_processes_s"]["median"]:.1f} s more than the bare run: each starts Python
-and imports its libraries (`python -c "{STARTUP_IMPORTS}"` alone takes
-{spread(startup, "{:.1f}")} s), logs to MLflow, and re-reads its inputs from disk; register
-also exports and registers the model. The Prefect overhead holds its ephemeral API server
-start, task bookkeeping, MLflow logging and model registration (the Prefect home's
-database is created before timing starts).
+{over["dvc_stage_processes_s"]["median"]:.1f} s more than the bare run: the first starts
+Python and imports its libraries (`python -c "{STARTUP_IMPORTS}"` alone takes
+{spread(startup, "{:.1f}")} s) while it starts the stage host, which loads the same in the
+background; then each stage logs to MLflow and re-reads its inputs from disk, and register
+also registers the model. With a process per stage, every stage pays the imports itself
+(the table below). The Prefect overhead holds its temporary API server (started while
+TensorFlow imports), task bookkeeping, MLflow logging and model registration, and keeping
+the run's data in DVC (the flow's data is not in DVC's cache yet; under `dvc repro` it is);
+the Prefect home's database is created before timing starts.
 """
     return text + imports_text(row) + data_rss_text(row)
 
@@ -538,8 +590,9 @@ def imports_text(row: dict[str, Any]) -> str:
     register_dvc = row["dvc"]["stages"]["register"]["wall_s"]["median"]
     register_bare = row["bare"]["steps"]["register"]["wall_s"]["median"]
     return (
-        "\nWhat each stage process imports under `dvc repro` (`python -X importtime`, one tiny "
-        "run; the sum of its top-level imports, made wherever the stage makes them):\n\n"
+        "\nWhat each stage process imports with a process per stage (`PIPELINE_STAGE_HOST=0 "
+        "dvc repro`, `python -X importtime`, one tiny run; the sum of its top-level imports, "
+        "made wherever the stage makes them):\n\n"
         + table(headers, rows)
         + f"\n\nThe fixed cost of the per-process design: the "
         f"five stage processes spend {total:.1f} s importing alone, {100 * total / bare:.0f}% "

@@ -34,6 +34,7 @@ import contextlib
 import hashlib
 import json
 import os
+import resource
 import signal
 import socket
 import struct
@@ -320,7 +321,11 @@ def serve_one(conn: socket.socket, main: Callable[[list[str]], int]) -> int:
         send(conn, {"status": status})
     took = time.monotonic() - started
     ran = " ".join(request["argv"])
-    print(f"ran {ran} in {request['cwd']}: exit {status}, {took:.1f} s", flush=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(
+        f"ran {ran} in {request['cwd']}: exit {status}, {took:.1f} s, peak RSS {peak:.0f} MiB",
+        flush=True,
+    )
     forget_models()
     return status
 
