@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -93,26 +94,33 @@ def patient_ephemeral_server() -> Iterator[None]:
 
 @contextmanager
 def ephemeral_server_starting() -> Iterator[None]:
-    """Start Prefect's temporary server in a thread while the block runs (TensorFlow's
-    import), when no PREFECT_API_URL names a server: its start (a process importing
-    Prefect's server and opening its database, ~3 s) then overlaps the import on the
-    second core instead of following it. The block's end waits for it. A start that fails
-    is left to the flow call, which starts the server itself and reports the error."""
-    from prefect.settings import PREFECT_API_URL
+    """Start Prefect's temporary server before the block (TensorFlow's import) and let it
+    come up while the block runs, when no PREFECT_API_URL names a server: its start (a
+    process importing Prefect's server and opening its database, ~3 s) then overlaps the
+    import on the second core instead of following it. The server process is launched
+    before the block, so it keeps this process's stderr (the block may route it); the
+    block's end, or its failure, waits for the server to answer. A start that fails is
+    left to the flow call, which starts the server itself and reports the error."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as setting
 
-    if PREFECT_API_URL.value():
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         yield
         return
+    from prefect.server.api.server import SubprocessASGIServer
+
     timeout = setting.value() if setting.name in os.environ else EPHEMERAL_STARTUP_S
+    server = SubprocessASGIServer()  # the one a flow call in this process finds
 
     def start() -> None:
-        from prefect.server.api.server import SubprocessASGIServer
-
         with suppress(Exception):
-            SubprocessASGIServer().start(timeout=max(timeout, 1))
+            server.start(timeout=max(timeout, 1))
 
     starting = threading.Thread(target=start, name="prefect-server-start", daemon=True)
     starting.start()
-    yield
-    starting.join()  # the flow call finds it running (one server per process and port)
+    while server.server_process is None and starting.is_alive():  # launched: it has our stderr
+        time.sleep(0.01)
+    try:
+        yield
+    finally:
+        starting.join()  # answering (or failed): a flow call reuses it

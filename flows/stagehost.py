@@ -18,8 +18,14 @@ stage process runs as long as its stage, prints what it printed, exits with its 
 - Ctrl-C or SIGTERM to the stage process reaches the stage in the host (the MLflow run ends
   KILLED, as in its own process); a stage process that dies (SIGKILL) takes the host down
   with it at once, like the process it stands for.
-- Not used for multi-worker training (each worker is a process TF_CONFIG describes), nor
-  outside DVC. `PIPELINE_STAGE_HOST=0` runs every stage in its own process.
+- Each host serves one pipeline pass: it leaves after the last stage (export), and takes
+  no train stage once a stage that runs TensorFlow ran in it (TensorFlow's devices and op
+  determinism are set once per process; such a train runs in its own process).
+- Not used for multi-worker training (each worker is a process TF_CONFIG describes),
+  outside DVC, or on a machine with an NVIDIA GPU unless PIPELINE_STAGE_HOST=1 (a host
+  would hold GPU memory between stages and for IDLE_S after them).
+  `PIPELINE_STAGE_HOST=0` runs every stage in its own process.
+- Ctrl-Z stops the stage process, not the stage in the host.
 - The host is `python -m flows.stage --serve-stages SOCKET`; beside its socket, SOCKET's
   name with .log holds its own output and one line per stage it ran.
 
@@ -51,24 +57,21 @@ SWITCH = "PIPELINE_STAGE_HOST"  # "0": every stage in its own process
 IDLE_S = 15.0  # DVC starts the next stage within a second or two of the last
 LAST_STAGE = "export"  # dvc.yaml's last: nothing runs after it
 CODE_DIRS = ("flows", "tasks")
-# Read when the libraries load, so a host serves only stages that have the same values.
-LOAD_TIME_ENV = (
-    "PYTHONPATH",
-    "CUDA_VISIBLE_DEVICES",
-    "TF_CPP_MIN_LOG_LEVEL",
-    "TF_ENABLE_ONEDNN_OPTS",
-    "TF_FORCE_GPU_ALLOW_GROWTH",
-    "XLA_FLAGS",
-    "KERAS_HOME",
-    "KERAS_BACKEND",
-)
+# What differs between the stages of one `dvc repro` (DVC_STAGE, ...) and a shell's own
+# bookkeeping; every other variable is part of a host's key (libraries read some at load).
+PER_STAGE_ENV = ("DVC_", "PWD", "OLDPWD", "SHLVL", "_")
+MAX_SOCKET_PATH = 100  # bytes; Unix sockets take 108
 REPO = Path(__file__).resolve().parents[1]
 
 
 def wanted(argv: list[str], env: dict[str, str]) -> bool:
-    """Whether this stage goes to a host: under DVC, not switched off, not a worker of
-    multi-worker training (TF_CONFIG here, or train.distribute in the params)."""
-    if "DVC_STAGE" not in env or env.get(SWITCH, "1") == "0" or "TF_CONFIG" in env:
+    """Whether this stage goes to a host: under DVC, not switched off (nor left off on a GPU
+    machine), not a worker of multi-worker training (TF_CONFIG here, or train.distribute in
+    the params)."""
+    from tasks.startup import has_nvidia_gpu
+
+    switch = env.get(SWITCH, "0" if has_nvidia_gpu() else "1")
+    if "DVC_STAGE" not in env or switch == "0" or "TF_CONFIG" in env:
         return False
     params = Path(argv[argv.index("--params") + 1] if "--params" in argv[:-1] else "params.yaml")
     try:
@@ -82,10 +85,17 @@ def wanted(argv: list[str], env: dict[str, str]) -> bool:
 
 def host_key(env: dict[str, str]) -> str:
     """The code, interpreter and load-time environment a host serves."""
+    import sysconfig
+
     digest = hashlib.sha256()
-    digest.update(f"{sys.executable}\0{REPO}\0".encode())
-    for name in LOAD_TIME_ENV:
-        digest.update(f"{name}={env.get(name)}\0".encode())
+    packages = Path(sysconfig.get_paths()["purelib"])  # an install or upgrade touches it
+    digest.update(f"{sys.executable}\0{REPO}\0{packages.stat().st_mtime_ns}\0".encode())
+    for name, value in sorted(env.items()):
+        if not name.startswith(PER_STAGE_ENV):
+            digest.update(f"{name}={value}\0".encode())
+    umask = os.umask(0)
+    os.umask(umask)
+    digest.update(f"umask={umask}\0".encode())
     for folder in CODE_DIRS:
         for path in sorted((REPO / folder).rglob("*.py")):
             stat = path.stat()
@@ -95,12 +105,17 @@ def host_key(env: dict[str, str]) -> str:
 
 def socket_path(key: str) -> Path:
     """A socket in a directory only this user can enter (made so, or refused)."""
+    import stat
+
     folder = Path(tempfile.gettempdir()) / f"gpu-train-pipeline-stagehost-{os.getuid()}"
     folder.mkdir(mode=0o700, exist_ok=True)
-    owned = folder.stat()
-    if owned.st_uid != os.getuid() or owned.st_mode & 0o077:
-        raise PermissionError(f"{folder} is not this user's alone")
-    return folder / f"{key}.sock"
+    owned = os.lstat(folder)  # a link planted in /tmp is refused, not followed
+    if not stat.S_ISDIR(owned.st_mode) or owned.st_uid != os.getuid() or owned.st_mode & 0o077:
+        raise PermissionError(f"{folder} is not a directory of this user's alone")
+    path = folder / f"{key}.sock"
+    if len(str(path).encode()) > MAX_SOCKET_PATH:
+        raise OSError(f"{path}: too long for a Unix socket")
+    return path
 
 
 # ---------------------------------------------------------------- messages: 4-byte length + JSON
@@ -139,13 +154,13 @@ def receive(conn: socket.socket, with_fds: bool = False) -> tuple[dict | None, l
 
 # ------------------------------------------------------------------------- the stage process
 
-HOST_FLAG = "--serve-stages"  # `python -m flows.stage --serve-stages SOCKET`: a host
+HOST_FLAG = "--serve-stages"  # `python -m flows.stage --serve-stages SOCKET PID`: a host
 
 
 def entry(argv: list[str], main: Callable[[list[str]], int]) -> int:
     """`python -m flows.stage ...`: a stage (``main``), or a host of stages."""
-    if argv[:1] == [HOST_FLAG] and len(argv) == 2:
-        return serve(Path(argv[1]), main)
+    if argv[:1] == [HOST_FLAG] and len(argv) == 3:
+        return serve(Path(argv[1]), int(argv[2]), main)
     return run_stage(argv, main)
 
 
@@ -172,6 +187,9 @@ def in_host(path: Path, argv: list[str], env: dict[str, str]) -> int | None:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.connect(str(path))
+        if peer_uid(conn) != os.getuid():  # our environment goes only to our own host
+            conn.close()
+            return None
         request = {"argv": argv, "cwd": os.getcwd(), "env": env}
         send(conn, request, [0, 1, 2])
         accepted, _ = receive(conn)  # once the host has loaded its libraries
@@ -211,7 +229,7 @@ def start_host(path: Path, env: dict[str, str]) -> None:
     log = path.with_suffix(".log")
     with contextlib.suppress(OSError), log.open("ab") as out:
         subprocess.Popen(
-            [sys.executable, "-m", "flows.stage", HOST_FLAG, str(path)],
+            [sys.executable, "-m", "flows.stage", HOST_FLAG, str(path), str(os.getpid())],
             cwd=REPO,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -224,8 +242,9 @@ def start_host(path: Path, env: dict[str, str]) -> None:
 # ---------------------------------------------------------------------------------- the host
 
 
-def serve(path: Path, main: Callable[[list[str]], int]) -> int:
-    """Serve stages (``main``) on ``path`` until IDLE_S pass without one."""
+def serve(path: Path, first: int, main: Callable[[list[str]], int]) -> int:
+    """Serve stages (``main``) on ``path`` while the stage process ``first`` (the one that
+    started this host) runs and until IDLE_S pass without a stage after it."""
     import fcntl
 
     lock = open(path.with_suffix(".lock"), "w")  # noqa: SIM115 (held for the host's life)
@@ -233,26 +252,58 @@ def serve(path: Path, main: Callable[[list[str]], int]) -> int:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         return 0  # another host serves this code already
+    prune(path.parent)
     path.unlink(missing_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
     listener.listen(4)  # a stage that connects while the libraries load waits for them
+    served: list[str] = []
     try:
         warm_up()
-        listener.settimeout(IDLE_S)
+        listener.settimeout(1.0)
+        idle_since = None
         while True:
             try:
                 conn, _ = listener.accept()
             except TimeoutError:
-                return 0
-            with conn:
-                if not same_user(conn):
+                if alive(first):
                     continue
-                if serve_one(conn, main) != 0:
-                    return 0  # a failed or stopped stage: the next one gets a fresh process
+                idle_since = idle_since or time.monotonic()
+                if time.monotonic() - idle_since > IDLE_S:
+                    return 0
+                continue
+            with conn:
+                if peer_uid(conn) != os.getuid():
+                    continue
+                status, stage = serve_one(conn, main, served)
+            idle_since = time.monotonic()
+            if stage:
+                served.append(stage)
+            if status != 0 or stage == LAST_STAGE:
+                return 0  # a failed or stopped stage, or the pass is over: a fresh process next
     finally:
         path.unlink(missing_ok=True)
         listener.close()
+        lock.close()  # before the interpreter's slow teardown: a new host may start now
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def prune(folder: Path, days: float = 1.0) -> None:
+    """Logs and locks of hosts of older code, untouched for ``days``."""
+    cutoff = time.time() - days * 86400
+    for old in [*folder.glob("*.log"), *folder.glob("*.lock")]:
+        with contextlib.suppress(OSError):
+            if old.stat().st_mtime < cutoff:
+                old.unlink()
 
 
 def warm_up() -> None:
@@ -267,20 +318,40 @@ def warm_up() -> None:
     from mlflow.store.tracking import sqlalchemy_store  # noqa: F401
 
 
-def same_user(conn: socket.socket) -> bool:
+def peer_uid(conn: socket.socket) -> int:
+    """The user id of the process at the other end of a Unix socket (the kernel's word)."""
     credentials = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _, uid, _ = struct.unpack("3i", credentials)
-    return uid == os.getuid()
+    return struct.unpack("3i", credentials)[1]
 
 
-def serve_one(conn: socket.socket, main: Callable[[list[str]], int]) -> int:
-    """Run one stage as its process would; return its exit status."""
-    request, fds = receive(conn, with_fds=True)
-    if request is None or len(fds) != 3:
+TENSORFLOW_STAGES = ("train", "evaluate", "register", "export")
+
+
+def serve_one(
+    conn: socket.socket, main: Callable[[list[str]], int], served: list[str]
+) -> tuple[int, str | None]:
+    """Run one stage as its process would; return its exit status and the stage's name
+    (None when no stage ran: a request it refused, or a stage process already gone)."""
+    try:
+        request, fds = receive(conn, with_fds=True)
+    except (OSError, ValueError):
+        return 0, None
+    stage = (request or {}).get("argv", [None])[0]
+    if (
+        request is None
+        or len(fds) != 3
+        or (stage == "train" and any(done in TENSORFLOW_STAGES for done in served))
+    ):
         for fd in fds:
             os.close(fd)
-        return 0
-    send(conn, {"pid": os.getpid()})
+        return 0, None  # closed unanswered: the stage process runs it itself
+    try:
+        send(conn, {"pid": os.getpid()})
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        return 0, None
+    print(f"running {stage} in {request['cwd']}", flush=True)
     started = time.monotonic()
     finished = threading.Event()
 
@@ -291,59 +362,108 @@ def serve_one(conn: socket.socket, main: Callable[[list[str]], int]) -> int:
             os._exit(1)
 
     threading.Thread(target=watch, daemon=True).start()
+    streams = (sys.stdin, sys.stdout, sys.stderr)
     saved = [os.dup(fd) for fd in (0, 1, 2)]
     environ, cwd, argv = dict(os.environ), os.getcwd(), sys.argv
+    deterministic = op_determinism()
+    for source, target in zip(fds, (0, 1, 2), strict=True):
+        os.dup2(source, target)
+        os.close(source)
+    os.environ.clear()
+    os.environ.update(request["env"])
+    unbuffered = bool(request["env"].get("PYTHONUNBUFFERED"))
+    for stream, fd in ((sys.stdout, 1), (sys.stderr, 2)):  # as a process of its own would
+        stream.reconfigure(line_buffering=os.isatty(fd) or fd == 2, write_through=unbuffered)
     status = 1
     try:
-        for source, target in zip(fds, (0, 1, 2), strict=True):
-            os.dup2(source, target)
-            os.close(source)
-        os.environ.clear()
-        os.environ.update(request["env"])
         os.chdir(request["cwd"])
         sys.argv = ["flows.stage", *request["argv"]]
+        # The stage's own handlers (main sets the same), before any of it runs.
+        signal.signal(signal.SIGTERM, startup_raise_interrupted())
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         status = run_main(main, request["argv"])
     finally:
+        # From here to the answer a forwarded signal must not cut the host short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
         finished.set()
+        with contextlib.suppress(OSError):
+            send(conn, {"status": status})
+        sys.stdin, sys.stdout, sys.stderr = streams
         for fd, target in zip(saved, (0, 1, 2), strict=True):
             os.dup2(fd, target)
             os.close(fd)
+        for stream in (sys.stdout, sys.stderr):
+            stream.reconfigure(line_buffering=False, write_through=True)
         os.environ.clear()
         os.environ.update(environ)
         os.chdir(cwd)
         sys.argv = argv
+        set_op_determinism(deterministic)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    with contextlib.suppress(OSError):
-        send(conn, {"status": status})
     took = time.monotonic() - started
-    ran = " ".join(request["argv"])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    ran = " ".join(request["argv"])
     print(
         f"ran {ran} in {request['cwd']}: exit {status}, {took:.1f} s, peak RSS {peak:.0f} MiB",
         flush=True,
     )
     forget_models()
-    return status
+    return status, stage
+
+
+def startup_raise_interrupted() -> Callable[[int, object], None]:
+    from tasks import startup
+
+    return startup.raise_interrupted
+
+
+def op_determinism() -> bool:
+    """Whether TensorFlow's op determinism is on (the train stage turns it on for the
+    process; a stage of its own would start with it off)."""
+    if "tensorflow" not in sys.modules:
+        return False
+    from tensorflow.python.framework import config
+
+    return config.is_op_determinism_enabled()
+
+
+def set_op_determinism(enabled: bool) -> None:
+    if "tensorflow" not in sys.modules:
+        return
+    import tensorflow as tf
+
+    if enabled:
+        tf.config.experimental.enable_op_determinism()
+    else:
+        tf.config.experimental.disable_op_determinism()
 
 
 def run_main(main: Callable[[list[str]], int], argv: list[str]) -> int:
-    """``main(argv)`` with a process's outcome: SystemExit's code, a traceback and 1."""
+    """``main(argv)`` with a process's outcome: SystemExit's code (a message printed, as
+    the interpreter does), 130 for an interrupt that escaped it, a traceback and 1."""
     try:
         return main(argv)
     except SystemExit as error:
         code = error.code
-        return code if isinstance(code, int) else (0 if code is None else 1)
+        if code is None or isinstance(code, int):
+            return code or 0
+        print(code, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        return 130
     except BaseException:
         traceback.print_exc()
         return 1
 
 
 def forget_models() -> None:
-    """Keras' graphs and names of this stage, so the next one starts as in a new process."""
+    """Keras' graphs and layer names of this stage, and its garbage, before the next one."""
     import gc
 
     if "keras" in sys.modules:

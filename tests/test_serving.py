@@ -221,10 +221,13 @@ def test_the_onnx_runtime_names_the_fix_for_a_version_without_an_onnx_export(ser
     client.set_terminated(bare_run.info.run_id)
     copy = client.create_model_version(name, registered.source, run_id=bare_run.info.run_id)
     copy_uri = f"models:/{name}/{copy.version}"
-    with pytest.raises(ModelRequestError, match=r"has no ONNX export .*--runtime mlflow"):
-        load_onnx_app(copy_uri, store, tmp_path / "required", required=True)
-    assert load_onnx_app(copy_uri, store, tmp_path / "auto", required=False) is None
-    client.delete_model_version(name, copy.version)
+    try:
+        with pytest.raises(ModelRequestError, match=r"has no ONNX export .*--runtime mlflow"):
+            load_onnx_app(copy_uri, store, tmp_path / "required", required=True)
+        assert load_onnx_app(copy_uri, store, tmp_path / "auto", required=False) is None
+    finally:  # the shared registry as the other tests expect it
+        client.delete_model_version(name, copy.version)
+        client.delete_run(bare_run.info.run_id)
 
 
 def raw_post(port: int, head: dict[str, str], body: bytes = b"") -> tuple[int, dict]:

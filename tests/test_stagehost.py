@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,32 +97,44 @@ def test_dvc_repro_runs_the_stages_after_the_first_in_one_host_with_the_same_res
         host.wait(timeout=60)  # idle: it leaves on its own
 
 
+def wait_for_line(path: Path, line: str, count: int, process: subprocess.Popen) -> None:
+    """Until the host's log has ``count`` lines starting with ``line``."""
+    log = path.with_suffix(".log")
+    deadline = time.monotonic() + 120
+    while sum(x.startswith(line) for x in log.read_text().splitlines()) < count:
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+
+
 def test_a_stop_signal_reaches_the_stage_and_a_killed_stage_process_takes_its_stage_down(
     tmp_path,
 ):
-    root = copy_repo(tmp_path)
+    root = copy_repo(tmp_path / "repo")
     set_params(root, THREE_EPOCHS)
     under_dvc = pipeline_env() | {"DVC_STAGE": "train"}
     assert dvc(root, "repro", "preprocess").returncode == 0
     path, host = host_of(root)
     assert host is not None, "the first stage started a host"
 
-    def train_until_checkpoint() -> subprocess.Popen:
-        shutil_rm(root / CHECKPOINTS)
+    def train_until_checkpoint(hosted: int) -> subprocess.Popen:
+        shutil.rmtree(root / CHECKPOINTS, ignore_errors=True)
+        output = (tmp_path / f"train-{hosted}.log").open("w")
         process = subprocess.Popen(
             module_command("flows.stage", "train"), cwd=root, env=under_dvc,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            stdout=output, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
+        wait_for_line(path, "running train", hosted, process)  # in the host, not by itself
         deadline = time.monotonic() + 300
         while not list((root / CHECKPOINTS).glob("train-*/backup-*/training_metadata.json")):
-            assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
+            assert process.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
         return process
 
     # SIGTERM to the stage process: the stage in the host stops as it would by itself.
-    stage = train_until_checkpoint()
+    stage = train_until_checkpoint(1)
     stage.send_signal(signal.SIGTERM)
-    output = stage.communicate(timeout=60)[0]
+    stage.wait(timeout=60)
+    output = (tmp_path / "train-1.log").read_text()
     assert stage.returncode == 130, output[-3000:]
     assert "stage 'train' stopped by SIGTERM" in output
     assert served_stages(path)[-1] == "train"
@@ -132,39 +145,54 @@ def test_a_stop_signal_reaches_the_stage_and_a_killed_stage_process_takes_its_st
     # SIGKILL of the stage process: its stage (in a new host) ends with it at once.
     assert dvc(root, "repro", "preprocess", "--force").returncode == 0  # starts a new host
     _, host = host_of(root)
-    stage = train_until_checkpoint()
-    assert host is not None and served_stages(path)[-1] != "train"  # running, not logged yet
+    assert host is not None
+    stage = train_until_checkpoint(2)
     stage.kill()
-    host.wait(timeout=10)
+    host.wait(timeout=10)  # not the 15 s an idle host waits: the stage ended with its process
 
 
-def shutil_rm(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def test_a_host_serves_only_the_code_and_environment_it_loaded(tmp_path):
+def test_a_host_serves_only_the_code_and_environment_it_loaded(tmp_path, monkeypatch):
     from flows import stagehost
 
-    env = {"DVC_STAGE": "train"}
+    for name in ("flows/stage.py", "tasks/stages/train.py"):  # a project's code, not ours
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("# code\n")
+    monkeypatch.setattr(stagehost, "REPO", tmp_path)
+    env = {"DVC_STAGE": "train", "PATH": "/usr/bin"}
     key = stagehost.host_key(env)
+    assert stagehost.host_key(env | {"DVC_STAGE": "evaluate", "DVC_ROOT": "/x"}) == key
     assert stagehost.host_key(env | {"CUDA_VISIBLE_DEVICES": "1"}) != key
-    source = stagehost.REPO / "tasks" / "stages" / "train.py"
-    stat = source.stat()
-    try:
-        os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # an edit
-        assert stagehost.host_key(env) != key
-    finally:
-        os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert stagehost.host_key(env) == key
+    assert stagehost.host_key(env | {"OMP_NUM_THREADS": "1"}) != key
+    source = tmp_path / "tasks" / "stages" / "train.py"
+    source.write_text("# edited\n")
+    assert stagehost.host_key(env) != key
 
     params = tmp_path / "params.yaml"
     params.write_text("train:\n  distribute: multi_worker\n")
-    assert not stagehost.wanted(["train", "--params", str(params)], env)
+    on = env | {"PIPELINE_STAGE_HOST": "1"}
+    assert not stagehost.wanted(["train", "--params", str(params)], on)
     params.write_text("train:\n  distribute: mirrored\n")
-    assert stagehost.wanted(["train", "--params", str(params)], env)
+    assert stagehost.wanted(["train", "--params", str(params)], on)
     assert not stagehost.wanted(["train", "--params", str(params)], {})  # not under DVC
-    assert not stagehost.wanted(["train", "--params", str(params)], env | {"TF_CONFIG": "{}"})
+    assert not stagehost.wanted(["train", "--params", str(params)], on | {"TF_CONFIG": "{}"})
     off = env | {"PIPELINE_STAGE_HOST": "0"}
     assert not stagehost.wanted(["train", "--params", str(params)], off)
+
+
+def test_the_socket_folder_must_be_this_users_alone(tmp_path, monkeypatch):
+    from flows import stagehost
+
+    monkeypatch.setattr(stagehost.tempfile, "gettempdir", lambda: str(tmp_path))
+    folder = tmp_path / f"gpu-train-pipeline-stagehost-{os.getuid()}"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    folder.symlink_to(elsewhere)  # planted: refused, not followed
+    with pytest.raises(PermissionError, match="not a directory of this user's alone"):
+        stagehost.socket_path("k" * 32)
+    folder.unlink()
+    folder.mkdir(mode=0o777)
+    folder.chmod(0o777)
+    with pytest.raises(PermissionError):
+        stagehost.socket_path("k" * 32)
+    folder.chmod(0o700)
+    assert stagehost.socket_path("k" * 32) == folder / f"{'k' * 32}.sock"

@@ -245,11 +245,14 @@ class ImageFilesAsTensors:
         if scope["type"] != "http" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        body, more = b"", True
+        chunks, more = [], True
         while more:
             message = await receive()
-            body += message.get("body", b"")
+            if message["type"] != "http.request":
+                return  # the client left before its body was whole: nothing to answer
+            chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
+        body = b"".join(chunks)
         heads = {key.lower(): value for key, value in scope["headers"]}
         kind = heads.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
         try:
