@@ -100,7 +100,7 @@ def host_key(env: dict[str, str]) -> str:
         for path in sorted((REPO / folder).rglob("*.py")):
             stat = path.stat()
             digest.update(f"{path}\0{stat.st_mtime_ns}\0{stat.st_size}\0".encode())
-    return digest.hexdigest()[:32]
+    return digest.hexdigest()[:24]
 
 
 def socket_path(key: str) -> Path:

@@ -179,20 +179,24 @@ def test_a_host_serves_only_the_code_and_environment_it_loaded(tmp_path, monkeyp
     assert not stagehost.wanted(["train", "--params", str(params)], off)
 
 
-def test_the_socket_folder_must_be_this_users_alone(tmp_path, monkeypatch):
+def test_the_socket_folder_must_be_this_users_alone(monkeypatch):
+    import tempfile
+
     from flows import stagehost
 
+    tmp_path = Path(tempfile.mkdtemp(prefix="sh-", dir="/tmp"))  # short: a socket's path is
     monkeypatch.setattr(stagehost.tempfile, "gettempdir", lambda: str(tmp_path))
     folder = tmp_path / f"gpu-train-pipeline-stagehost-{os.getuid()}"
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir(mode=0o700)
     folder.symlink_to(elsewhere)  # planted: refused, not followed
     with pytest.raises(PermissionError, match="not a directory of this user's alone"):
-        stagehost.socket_path("k" * 32)
+        stagehost.socket_path("k" * 8)
     folder.unlink()
     folder.mkdir(mode=0o777)
     folder.chmod(0o777)
     with pytest.raises(PermissionError):
-        stagehost.socket_path("k" * 32)
+        stagehost.socket_path("k" * 8)
     folder.chmod(0o700)
-    assert stagehost.socket_path("k" * 32) == folder / f"{'k' * 32}.sock"
+    assert stagehost.socket_path("k" * 24) == folder / f"{'k' * 24}.sock"
+    shutil.rmtree(tmp_path)
