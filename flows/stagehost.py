@@ -435,12 +435,12 @@ def op_determinism() -> bool:
 def set_op_determinism(enabled: bool) -> None:
     if "tensorflow" not in sys.modules:
         return
-    import tensorflow as tf
+    from tensorflow.python.framework import config  # disable_ is not in tf.config's API
 
     if enabled:
-        tf.config.experimental.enable_op_determinism()
+        config.enable_op_determinism()
     else:
-        tf.config.experimental.disable_op_determinism()
+        config.disable_op_determinism()
 
 
 def run_main(main: Callable[[list[str]], int], argv: list[str]) -> int:
