@@ -145,7 +145,7 @@ def machine() -> dict[str, Any]:
 
 
 def git_commit() -> str:
-    from tasks.tracking import git_commit as commit_of
+    from tasks.tracking.lineage import git_commit as commit_of
 
     return commit_of(REPO)
 
