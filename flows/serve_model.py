@@ -158,7 +158,6 @@ MAX_BODY_MB = 8.0  # a batch of 256 CIFAR-sized images as JSON numbers is about 
 MAX_DEPTH = 32  # JSON nesting: an image batch is 4 deep, MLflow's envelopes add 2
 MAX_FILES = 256  # image files per request (JSON pixel batches: bounded by the body size)
 JSON_TYPES = ("application/json",)
-IMAGE_TYPES = ("image/png", "image/jpeg")  # the ONNX runtime's file input
 STRUCTURE = bytes(range(256)).translate(None, b"[]{}")  # every byte but brackets
 
 
@@ -190,6 +189,8 @@ def guard_requests(app: Any, max_body_bytes: int, files: bool = False) -> None:
     import logging
     import uuid
 
+    from tasks.serving.onnx_app import IMAGE_TYPES, media_type
+
     log = logging.getLogger("serve_model")
     accepted = JSON_TYPES + (IMAGE_TYPES if files else ())
 
@@ -206,7 +207,7 @@ def guard_requests(app: Any, max_body_bytes: int, files: bool = False) -> None:
                     f"the body is {int(length)} bytes; this server takes at most "
                     f"{max_body_bytes} (send smaller batches, or start it with --max-body-mb)",
                 )
-            kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            kind = media_type(request.headers.get("content-type", ""))
             if kind not in accepted:
                 return client_error(
                     415,

@@ -53,6 +53,8 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from tasks import startup  # a leaf module: standard library only
+
 SWITCH = "PIPELINE_STAGE_HOST"  # "0": every stage in its own process
 IDLE_S = 15.0  # DVC starts the next stage within a second or two of the last
 LAST_STAGE = "export"  # dvc.yaml's last: nothing runs after it
@@ -68,9 +70,7 @@ def wanted(argv: list[str], env: dict[str, str]) -> bool:
     """Whether this stage goes to a host: under DVC, not switched off (nor left off on a GPU
     machine), not a worker of multi-worker training (TF_CONFIG here, or train.distribute in
     the params)."""
-    from tasks.startup import has_nvidia_gpu
-
-    switch = env.get(SWITCH, "0" if has_nvidia_gpu() else "1")
+    switch = env.get(SWITCH, "0" if startup.has_nvidia_gpu() else "1")
     if "DVC_STAGE" not in env or switch == "0" or "TF_CONFIG" in env:
         return False
     params = Path(argv[argv.index("--params") + 1] if "--params" in argv[:-1] else "params.yaml")
@@ -289,11 +289,11 @@ def serve(path: Path, first: int, main: Callable[[list[str]], int]) -> int:
 
 def alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # PermissionError: alive, another user's (a reused pid)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 
@@ -308,8 +308,6 @@ def prune(folder: Path, days: float = 1.0) -> None:
 
 def warm_up() -> None:
     """What the stages load: TensorFlow (quietly), Keras, DALI, MLflow and its store."""
-    from tasks import startup
-
     startup.prepare_process()
     startup.import_tensorflow()
     import keras  # noqa: F401
@@ -379,7 +377,7 @@ def serve_one(
         os.chdir(request["cwd"])
         sys.argv = ["flows.stage", *request["argv"]]
         # The stage's own handlers (main sets the same), before any of it runs.
-        signal.signal(signal.SIGTERM, startup_raise_interrupted())
+        signal.signal(signal.SIGTERM, startup.raise_interrupted)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         status = run_main(main, request["argv"])
     finally:
@@ -414,12 +412,6 @@ def serve_one(
     )
     forget_models()
     return status, stage
-
-
-def startup_raise_interrupted() -> Callable[[int, object], None]:
-    from tasks import startup
-
-    return startup.raise_interrupted
 
 
 def op_determinism() -> bool:

@@ -38,6 +38,17 @@ TABLE_KEYS = ("dataframe_split", "dataframe_records")
 class BadRequest(ValueError):
     """Input this model cannot answer: HTTP 400 with the message."""
 
+    def answer(self) -> bytes:
+        """MLflow's error JSON for it."""
+        import orjson
+
+        return orjson.dumps({"error_code": "INVALID_PARAMETER_VALUE", "message": str(self)})
+
+
+def media_type(content_type: str) -> str:
+    """``image/png`` of ``Image/PNG; charset=...``."""
+    return content_type.split(";")[0].strip().lower()
+
 
 @dataclass
 class OnnxImageClassifier:
@@ -84,7 +95,9 @@ def expected_shape(shape: tuple[int, ...]) -> str:
 
 def pixel_batch(value: Any, shape: tuple[int, ...]) -> np.ndarray:
     """A JSON tensor as a float32 NHWC batch of 0..255 pixels, or BadRequest saying why
-    not (the registered pyfunc's rules and messages)."""
+    not: the rules and messages of the registered pyfunc's as_pixel_batch
+    (tasks/serving/classifier_model.py), which cannot be imported here: that file is model
+    code that stands alone and registers itself with MLflow when imported."""
     expected = expected_shape(shape)
     try:
         pixels = np.asarray(value)
@@ -178,9 +191,6 @@ def build_app(model: OnnxImageClassifier, model_uri: str, max_batch: int) -> Any
     def json_response(content: Any, status: int = 200) -> Response:
         return Response(orjson.dumps(content), status_code=status, media_type=JSON_TYPE)
 
-    def refused(message: str) -> Response:
-        return json_response({"error_code": "INVALID_PARAMETER_VALUE", "message": message}, 400)
-
     async def alive(request: Any) -> Response:
         return Response(b"\n", media_type="text/plain")
 
@@ -188,7 +198,7 @@ def build_app(model: OnnxImageClassifier, model_uri: str, max_batch: int) -> Any
         return Response(about, media_type=JSON_TYPE)
 
     async def invocations(request: Any) -> Response:
-        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        kind = media_type(request.headers.get("content-type", ""))
         body = await request.body()
         try:
             pixels = image_pixels(kind, body, images, model.image_shape, max_batch)
@@ -199,7 +209,7 @@ def build_app(model: OnnxImageClassifier, model_uri: str, max_batch: int) -> Any
                     raise BadRequest("the body is not JSON") from None
                 pixels = pixel_batch(tensor, model.image_shape)
         except BadRequest as error:
-            return refused(str(error))
+            return Response(error.answer(), status_code=400, media_type=JSON_TYPE)
         return json_response({"predictions": model.rows(pixels)})
 
     # Plain Starlette routes: the request as it is, no FastAPI parameter parsing per call.
@@ -254,11 +264,14 @@ class ImageFilesAsTensors:
             more = message.get("more_body", False)
         body = b"".join(chunks)
         heads = {key.lower(): value for key, value in scope["headers"]}
-        kind = heads.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+        kind = media_type(heads.get(b"content-type", b"").decode("latin-1"))
         try:
             pixels = image_pixels(kind, body, self.images, self.shape, self.max_batch)
         except BadRequest as error:
-            await self.refuse(send, str(error))
+            answer = error.answer()
+            head = [(b"content-type", JSON_TYPE.encode()), (b"content-length", b"%d" % len(answer))]
+            await send({"type": "http.response.start", "status": 400, "headers": head})
+            await send({"type": "http.response.body", "body": answer})
             return
         if pixels is not None:
             import orjson
@@ -280,15 +293,6 @@ class ImageFilesAsTensors:
             return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
-
-    @staticmethod
-    async def refuse(send: Any, message: str) -> None:
-        import orjson
-
-        answer = orjson.dumps({"error_code": "INVALID_PARAMETER_VALUE", "message": message})
-        head = [(b"content-type", JSON_TYPE.encode()), (b"content-length", b"%d" % len(answer))]
-        await send({"type": "http.response.start", "status": 400, "headers": head})
-        await send({"type": "http.response.body", "body": answer})
 
 
 TENSOR_HEADERS = (b"content-type", b"content-length")
