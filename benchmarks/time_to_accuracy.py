@@ -1,16 +1,17 @@
 """Time to accuracy on Fashion-MNIST (Debian's IDX files), fast profile vs the seed CNN.
 
-For each model, two runs, one after the other:
+For each model, these runs, one after the other:
 
 1. the curve: `tasks.stages.train.train_model` with the model's config, plus a callback that
    scores the test set after every epoch with the evaluate stage's own code
    (`predict_logits`, flip TTA when the config has it; the averaged weights when it uses
    weight averaging, as the final model does). The clock is train_model's wall time
    (build, input pipeline, fit with per-epoch validation) minus the callback's own time.
-2. the real pipeline, `python -m flows.pipeline ... --workdir <tmp>`, for the final test
-   accuracy of the model it registers (reports/metrics.json).
+2. the real pipeline, `python -m flows.pipeline ... --workdir <tmp>`, once per seed
+   (train.seed; the first is the curve run's), for the test accuracy of the model it
+   registers (reports/metrics.json) and its wall time: the goal is judged on these.
 
-    python -m benchmarks.time_to_accuracy [--model fast] [--quick]
+    python -m benchmarks.time_to_accuracy [--model fast] [--seeds 42,1,2] [--quick]
 
 Quick mode swaps the data for a tiny synthetic 28x28x1 set and 2 epochs: it checks the
 code, its accuracies mean nothing.
@@ -23,6 +24,7 @@ import csv
 import json
 import os
 import shlex
+import statistics
 import sys
 import tempfile
 import time
@@ -48,10 +50,15 @@ from benchmarks.common import (
 from benchmarks.markdown import code, load, missing, table, verdict
 
 MODELS: dict[str, dict[str, Any]] = {
-    "fast": {"profile": "profiles/fast_fashion_mnist.yaml", "overrides": {}},
-    "seed": {"profile": None, "overrides": {"data.source": "idx", "data.name": "fashion_mnist"}},
+    "fast": {"profile": "profiles/fast_fashion_mnist.yaml", "overrides": {}, "seeds": (42, 1, 2)},
+    "seed": {
+        "profile": None,
+        "overrides": {"data.source": "idx", "data.name": "fashion_mnist"},
+        "seeds": (42,),
+    },
 }
-TARGET = {"test_accuracy": 0.93, "train_s": 600.0}  # the fast profile's claim
+# The fast profile's goal, per seed: the whole pipeline, as the README runs the profile.
+TARGET = {"test_accuracy": 0.94, "wall_s": 600.0}
 QUICK_OVERRIDES = {
     "data.source": "synthetic",
     "data.synthetic.image_size": 28,
@@ -148,41 +155,56 @@ def curve_worker(model: str, quick: bool, out: Path) -> None:
 # ---------------------------------------------------------------------------- pipeline
 
 
-def pipeline_args(model: str, quick: bool) -> list[str]:
-    """`python -m flows.pipeline` arguments for ``model``, except --workdir."""
+def pipeline_args(model: str, quick: bool, seed: int | None = None) -> list[str]:
+    """`python -m flows.pipeline` arguments for ``model``, except --workdir; ``seed``:
+    train.seed when it is not the profile's."""
     profile = MODELS[model]["profile"]
     args = ["--profile", profile] if profile else []
-    return [*args, *as_cli_overrides(overrides_for(model, quick))]
+    overrides = overrides_for(model, quick)
+    if seed is not None and seed != model_config(model, quick).train.seed:
+        overrides = overrides | {"train.seed": seed}
+    return [*args, *as_cli_overrides(overrides)]
 
 
-def run_pipeline(model: str, quick: bool, scratch: Path) -> dict[str, Any]:
-    workdir = scratch / f"pipeline-{model}"
+def run_pipeline(model: str, quick: bool, scratch: Path, seed: int) -> dict[str, Any]:
+    workdir = scratch / f"pipeline-{model}-{seed}"
+    args = pipeline_args(model, quick, seed)
     measured = run_measured(
-        python_module("flows.pipeline", *pipeline_args(model, quick), "--workdir", str(workdir)),
+        python_module("flows.pipeline", *args, "--workdir", str(workdir)),
         cwd=REPO,
         env=child_env(scratch),
-        log=scratch / f"pipeline-{model}.log",
+        log=scratch / f"pipeline-{model}-{seed}.log",
     )
     reports = workdir / "reports"
     registration = json.loads((reports / "registration.json").read_text())
     with (reports / "history.csv").open() as history:
         val_accuracy = [float(row["val_accuracy"]) for row in csv.DictReader(history)]
     return {
+        "seed": seed,
         "wall_s": measured.wall_s,
         "peak_rss_mib": measured.peak_rss_mib,
         "test_accuracy": json.loads((reports / "metrics.json").read_text())["test"]["accuracy"],
         "registered": f"{registration['model_name']} version {registration['version']}",
         "val_accuracy": val_accuracy,
-        "command": shlex.join(["python", "-m", "flows.pipeline", *pipeline_args(model, quick)])
+        "command": shlex.join(["python", "-m", "flows.pipeline", *args])
         + ' --workdir "$(mktemp -d)"',
     }
+
+
+def spread(values: list[float], form: str) -> str:
+    """``median (min-max)`` of ``values``, or the one value."""
+    if len(values) == 1:
+        return form.format(values[0])
+    low, mid, high = min(values), statistics.median(values), max(values)
+    return f"{form.format(mid)} ({form.format(low)}-{form.format(high)})"
 
 
 def first_reaching(points: list[dict[str, Any]], accuracy: float) -> dict[str, Any] | None:
     return next((p for p in points if p["test_accuracy"] >= accuracy), None)
 
 
-def measure(model: str, quick: bool, scratch: Path) -> dict[str, Any]:
+def measure(model: str, seeds: tuple[int, ...], quick: bool, scratch: Path) -> dict[str, Any]:
+    """The curve run (the profile's seed) and a pipeline run per seed, the profile's first."""
     load_before = load_average()
     out = scratch / f"curve-{model}.json"
     args = ["--worker", model, "--out", str(out), *(["--quick"] if quick else [])]
@@ -194,9 +216,12 @@ def measure(model: str, quick: bool, scratch: Path) -> dict[str, Any]:
     )
     curve = json.loads(out.read_text()) | {"peak_rss_mib": measured.peak_rss_mib}
     log(f"accuracy curve {model}: final {curve['final_test_accuracy']:.4f}")
-    pipeline = run_pipeline(model, quick, scratch)
-    log(f"pipeline {model}: test accuracy {pipeline['test_accuracy']:.4f}")
     cfg = model_config(model, quick)
+    seeds = (cfg.train.seed, *(seed for seed in seeds if seed != cfg.train.seed))
+    pipelines = []
+    for seed in seeds:
+        pipelines.append(run_pipeline(model, quick, scratch, seed))
+        log(f"pipeline {model} seed {seed}: test accuracy {pipelines[-1]['test_accuracy']:.4f}")
     row = {
         "key": model,
         "model": cfg.model.name,
@@ -205,19 +230,33 @@ def measure(model: str, quick: bool, scratch: Path) -> dict[str, Any]:
         "data": {"source": cfg.data.source, "name": cfg.data.name, "idx_dir": cfg.data.idx_dir},
         "epochs": cfg.train.epochs,
         "batch_size": cfg.train.batch_size,
-        "runs": 1,
+        "runs": len(pipelines),
         "curve": curve,
         "first_reaching_target": first_reaching(curve["points"], TARGET["test_accuracy"]),
-        "pipeline": pipeline,
+        "pipeline": pipelines[0],
+        "pipelines": pipelines,
         "target": TARGET if model == "fast" else None,
         "command": command("benchmarks.time_to_accuracy", "--model", model, quick=quick),
     }
     return stamp_row(row, load_before)
 
 
+def seeds_for(model: str, option: str | None) -> tuple[int, ...]:
+    if not option:
+        return MODELS[model]["seeds"]
+    try:
+        return tuple(int(seed) for seed in option.split(","))
+    except ValueError:
+        raise SystemExit(f"--seeds {option!r}: expected integers separated by commas") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.time_to_accuracy")
     parser.add_argument("--model", action="append", choices=tuple(MODELS))
+    parser.add_argument(
+        "--seeds",
+        help="comma-separated train.seed values, one pipeline run each (default: per model)",
+    )
     parser.add_argument("--quick", action="store_true", help="synthetic stand-in, results/quick/")
     parser.add_argument("--worker", choices=tuple(MODELS), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -225,9 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         curve_worker(args.worker, args.quick, args.out)
         return 0
+    plan = {model: seeds_for(model, args.seeds) for model in args.model or MODELS}
     with tempfile.TemporaryDirectory(prefix="bench-tta-") as tmp:
         warm_prefect(Path(tmp))
-        rows = [measure(model, args.quick, Path(tmp)) for model in args.model or MODELS]
+        rows = [measure(model, seeds, args.quick, Path(tmp)) for model, seeds in plan.items()]
     write_rows("time_to_accuracy", args.quick, rows, target=TARGET)
     return 0
 
@@ -250,7 +290,6 @@ def plot_curves(result: dict[str, Any], path: Path) -> None:
     target = result.get("target") or {}
     if target:
         ax.axhline(100 * target["test_accuracy"], color="grey", linestyle="--", linewidth=0.8)
-        ax.axvline(target["train_s"], color="grey", linestyle=":", linewidth=0.8)
     cpus = result["machine"]["logical_cpus"]
     ax.set_xlabel(f"cumulative training seconds (train_model, {cpus} CPU cores)")
     ax.set_ylabel("test accuracy, %")
@@ -264,12 +303,16 @@ def accuracy_section(result: dict[str, Any] | None, quick: bool, out_dir: Path) 
     text = """## 5. Time to accuracy on Fashion-MNIST
 
 Data per model below; a full run uses Debian's `dataset-fashion-mnist` IDX files
-(`data.source=idx`). One run per model (these take minutes each). The curve run is
+(`data.source=idx`). Per model, one curve run and one pipeline run per seed. The curve run is
 `tasks.stages.train.train_model` with the model's config plus a callback that scores the test set
 after each epoch with the evaluate stage's code (flip TTA and averaged weights when the
 config uses them); its clock is train_model's wall time (model build, input pipeline, fit
-with per-epoch validation) minus the callback's own time. The pipeline run is the real
-Prefect flow; its test accuracy is the registered model's (reports/metrics.json).
+with per-epoch validation) minus the callback's own time; it uses the profile's seed. The
+pipeline run is the real Prefect flow, as the README runs the profile, with `train.seed`
+set per seed; its test accuracy is the registered model's (reports/metrics.json) and its
+wall time is the whole flow's (data to export). The fast profile's goal is judged on the
+pipeline runs: every seed at least the target accuracy within the target wall time. The
+recipe was chosen on validation accuracy (the data stage's 6,000-image split), not test.
 
 """
     if not result:
@@ -283,14 +326,17 @@ Prefect flow; its test accuracy is the registered model's (reports/metrics.json)
     text += "\n"
     rows = []
     for row in result["rows"]:
-        curve, pipeline, first = row["curve"], row["pipeline"], row["first_reaching_target"]
+        curve, first = row["curve"], row["first_reaching_target"]
+        pipelines = row.get("pipelines") or [row["pipeline"]]
         reached = f"epoch {first['epoch']}, {first['train_s']:.0f} s" if first else "never"
         goal = "-"
         if row["target"]:
-            met = bool(first) and first["train_s"] <= target["train_s"]
-            met = met and pipeline["test_accuracy"] >= target["test_accuracy"]
-            goal = f">= {100 * target['test_accuracy']:.1f}% in <= {target['train_s']:.0f} s: "
-            goal += verdict(met)
+            met = all(
+                p["test_accuracy"] >= target["test_accuracy"] and p["wall_s"] <= target["wall_s"]
+                for p in pipelines
+            )
+            goal = f">= {100 * target['test_accuracy']:.1f}% in <= {target['wall_s']:.0f} s "
+            goal += f"pipeline wall, every seed: {verdict(met)}"
         rows.append(
             [
                 f"{row['key']}: {code(row['model'])}",
@@ -298,8 +344,8 @@ Prefect flow; its test accuracy is the registered model's (reports/metrics.json)
                 f"{100 * curve['final_test_accuracy']:.2f}%",
                 f"{curve['train_model_s']:.0f}",
                 reached,
-                f"{100 * pipeline['test_accuracy']:.2f}% ({pipeline['registered']})",
-                f"{pipeline['wall_s']:.0f}",
+                spread([100 * p["test_accuracy"] for p in pipelines], "{:.2f}%"),
+                spread([p["wall_s"] for p in pipelines], "{:.0f}"),
                 goal,
                 code(row["command"]),
             ]
@@ -309,14 +355,28 @@ Prefect flow; its test accuracy is the registered model's (reports/metrics.json)
         "epochs",
         "test acc. (curve run)",
         "train s",
-        f"first >= {100 * target.get('test_accuracy', 0.93):.0f}%",
-        "pipeline test acc.",
+        f"first >= {100 * target.get('test_accuracy', 0.94):.0f}%",
+        "pipeline test acc. (median, min-max over seeds)",
         "pipeline wall s",
         "target",
         "command",
     ]
-    text += table(headers, rows) + "\n\nPipeline runs: "
-    text += "; ".join(code(row["pipeline"]["command"]) for row in result["rows"]) + ".\n"
+    text += table(headers, rows) + "\n\nPipeline runs, one per seed:\n\n"
+    seed_rows = [
+        [
+            row["key"],
+            str(p.get("seed", "-")),
+            f"{100 * p['test_accuracy']:.2f}%",
+            f"{100 * p['val_accuracy'][-1]:.2f}%",
+            f"{p['wall_s']:.0f}",
+            p["registered"],
+            code(p["command"]),
+        ]
+        for row in result["rows"]
+        for p in row.get("pipelines") or [row["pipeline"]]
+    ]
+    headers = ["model", "seed", "test acc.", "last val acc.", "wall s", "registered", "command"]
+    text += table(headers, seed_rows) + "\n"
     for row in result["rows"]:
         curve_val = [p["val_accuracy"] for p in row["curve"]["points"]]
         same = curve_val == row["pipeline"]["val_accuracy"]

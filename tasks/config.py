@@ -162,6 +162,8 @@ class PreprocessConfig(_Section):
     device: Literal["auto", "cpu", "gpu"]
     pad: int = Field(ge=0)
     flip_prob: float = Field(ge=0.0, le=1.0)
+    erase_prob: float = Field(ge=0.0, le=1.0)
+    erase_size: int = Field(ge=1)
     grid_samples: int = Field(ge=1, le=256)
     num_threads: int = Field(ge=1)
 
@@ -173,6 +175,7 @@ class SeedCnnConfig(_Section):
 class FastCnnConfig(_Section):
     name: Literal["fast_cnn"]
     widths: list[int] = Field(min_length=1)  # conv-group widths
+    activation: Literal["gelu", "relu"]
 
     @field_validator("widths")
     @classmethod

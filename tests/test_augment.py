@@ -37,7 +37,15 @@ N_STAT = 4000  # images for the flip/offset statistics
 
 
 def _preprocess(**overrides) -> PreprocessConfig:
-    fields = {"device": "cpu", "pad": PAD, "flip_prob": 0.5, "grid_samples": 16, "num_threads": 2}
+    fields = {
+        "device": "cpu",
+        "pad": PAD,
+        "flip_prob": 0.5,
+        "erase_prob": 0.0,
+        "erase_size": 8,
+        "grid_samples": 16,
+        "num_threads": 2,
+    }
     return PreprocessConfig(**(fields | overrides))
 
 
@@ -175,6 +183,77 @@ def test_train_pipeline_any_size_and_channels(shape):
             < 1e-5
         ]
         assert len(matches) == 1, matches
+
+
+def _recover_erasures(out: np.ndarray) -> np.ndarray:
+    """(y0, x0, height, width) of the all-channel-zero rectangle in each output (0s: none);
+    fails if the zeros of an image are not one rectangle."""
+    erasures = np.zeros((len(out), 4), dtype=np.int64)
+    for i, zero in enumerate(np.all(out == 0.0, axis=-1)):
+        if not zero.any():
+            continue
+        rows, cols = np.flatnonzero(zero.any(axis=1)), np.flatnonzero(zero.any(axis=0))
+        y0, x0, height, width = rows[0], cols[0], len(rows), len(cols)
+        assert zero.sum() == height * width and zero[y0 : y0 + height, x0 : x0 + width].all()
+        erasures[i] = y0, x0, height, width
+    return erasures
+
+
+def test_random_erasure_is_a_clipped_square_around_a_uniform_pixel():
+    """Cutout after translate, flip and normalize: every output is the reference transform
+    of its image with one (dy, dx, flip) and the rectangle of zeros it shows; rectangles are
+    erase_size squares centred on a uniform pixel, clipped at the borders, on about
+    erase_prob of the images."""
+    n, side, size = 3000, 12, 5
+    mean, std = [120.5, 110.5, 100.5], STD  # no pixel normalizes to exactly 0
+    images = _random_images((n, side, side, 3), seed=3)
+    pipe = build_train_pipeline(
+        images,
+        np.arange(n),
+        mean=mean,
+        std=std,
+        batch_size=500,
+        pad=1,
+        flip_prob=0.5,
+        seed=5,
+        device="cpu",
+        num_threads=2,
+        erase_prob=0.5,
+        erase_size=size,
+    )
+    out, _ = _run(pipe)
+    erasures = _recover_erasures(out)
+    erased = erasures[:, 2] > 0
+    assert abs(erased.mean() - 0.5) < 4 * np.sqrt(0.25 / n)
+    candidates = list(itertools.product((-1, 0, 1), (-1, 0, 1), (False, True)))
+    for i in range(40):
+        matches = [
+            (dy, dx, flip)
+            for dy, dx, flip in candidates
+            if np.allclose(
+                augment_reference(
+                    images[i : i + 1], [[dy, dx]], [flip], mean, std, None, erasures[i : i + 1]
+                )[0],
+                out[i],
+                atol=1e-5,
+            )
+        ]
+        assert len(matches) == 1, (i, matches)
+    for start, extent in (
+        (erasures[erased, 0], erasures[erased, 2]),
+        (erasures[erased, 1], erasures[erased, 3]),
+    ):
+        # centre c erases [max(c - 2, 0), min(c + 3, side)): recover c from either end
+        centre = np.where(start > 0, start + size // 2, extent - (size - size // 2))
+        assert np.array_equal(np.minimum(centre - size // 2 + size, side) - start, extent)
+        counts = np.bincount(centre, minlength=side)
+        assert len(counts) == side
+        expected = erased.sum() / side
+        assert np.all(np.abs(counts - expected) < 5 * np.sqrt(expected)), counts
+
+
+def test_no_erasure_by_default(coded_run):
+    assert not np.any(np.all(coded_run[1] == 0.0, axis=-1))
 
 
 def test_eval_pipeline_only_normalizes_and_keeps_order():

@@ -1,7 +1,10 @@
 """The one preprocessing/augmentation path: DALI pipelines fed from uint8 arrays in memory.
 
 Train: random translate (zero-pad ``pad`` px, crop back to HxW at an integer offset drawn
-uniformly from [-pad, pad] per axis), random horizontal flip, per-channel normalize.
+uniformly from [-pad, pad] per axis), random horizontal flip, per-channel normalize, then
+with probability ``erase_prob`` a random erasure (Cutout: an ``erase_size`` px square centred
+on a uniformly drawn pixel, clipped at the borders, set to the channel mean, i.e. 0 after
+normalizing).
 Eval: normalize only. The data stays uint8 until DALI (airbench's data path): we never
 store or cache augmented images. A model whose input differs from the data (a transfer
 base wants e.g. 96x96 RGB, the data is 28x28 gray) gets ``input_shape``: after the
@@ -182,9 +185,11 @@ def _train_graph(
     pad: int,
     flip_prob: float,
     reshape: _Reshape | None = None,
+    erase_prob: float = 0.0,
+    erase_size: int = 0,
 ):
     """Random translate by zero-pad + crop (at the data's size), resize / gray to RGB for
-    the model, random horizontal flip, normalize."""
+    the model, random horizontal flip, normalize, random erasure."""
     from nvidia.dali import fn, types
 
     height, width = shape
@@ -204,7 +209,35 @@ def _train_graph(
         )
     images = _to_model_input(images, reshape)
     flip = fn.random.coin_flip(probability=flip_prob)
-    return _normalize(images, flip, mean, std), labels
+    images = _normalize(images, flip, mean, std)
+    if erase_prob > 0 and erase_size > 0:
+        out_shape = reshape.size if reshape is not None and reshape.size else shape
+        images = _random_erase(images, out_shape, erase_prob, erase_size)
+    return images, labels
+
+
+def _random_erase(images, shape: tuple[int, int], probability: float, size: int):
+    """Cutout on normalized HWC images: with ``probability``, zero (the channel mean) a
+    ``size`` x ``size`` square centred on a uniform pixel, clipped to the image. Integer
+    pixel bounds, so `reference.augment_reference` can redo it exactly."""
+    import nvidia.dali.math as dmath
+    from nvidia.dali import fn, types
+
+    corners = []
+    for extent in shape:
+        centre = fn.random.uniform(values=list(range(extent)), dtype=types.INT32)
+        start = centre - size // 2
+        corners.append((dmath.max(start, 0), dmath.min(start + size, extent)))
+    on = fn.random.coin_flip(probability=probability, dtype=types.INT32)
+    anchor = fn.stack(*(low for low, _ in corners))
+    extent = fn.stack(*((high - low) * on for low, high in corners))
+    return fn.erase(
+        images,
+        anchor=fn.cast(anchor, dtype=types.FLOAT),
+        shape=fn.cast(extent, dtype=types.FLOAT),
+        axis_names="HW",
+        fill_value=0.0,
+    )
 
 
 def _eval_graph(
@@ -271,6 +304,8 @@ def build_train_pipeline(
     device: str,
     num_threads: int,
     input_shape: tuple[int, int, int] | None = None,
+    erase_prob: float = 0.0,
+    erase_size: int = 0,
 ) -> Pipeline:
     """DALI train pipeline over ``images``/``labels`` in the given order, for `pipe.run()`.
 
@@ -294,6 +329,8 @@ def build_train_pipeline(
         pad=pad,
         flip_prob=flip_prob,
         reshape=reshape,
+        erase_prob=erase_prob,
+        erase_size=erase_size,
     )
 
 
@@ -418,7 +455,12 @@ def dali_dataset(
         "reshape": reshape,
     }
     if train:
-        graph_args |= {"pad": preprocess.pad, "flip_prob": preprocess.flip_prob}
+        graph_args |= {
+            "pad": preprocess.pad,
+            "flip_prob": preprocess.flip_prob,
+            "erase_prob": preprocess.erase_prob,
+            "erase_size": preprocess.erase_size,
+        }
     pipe = _pipeline(
         _train_graph if train else _eval_graph,
         batch_size=batch_size,
@@ -472,6 +514,8 @@ def sample_augmented(
         batch_size=len(subset),
         pad=preprocess.pad,
         flip_prob=preprocess.flip_prob,
+        erase_prob=preprocess.erase_prob,
+        erase_size=preprocess.erase_size,
         seed=seed,
         device=resolve_device(preprocess.device),
         num_threads=preprocess.num_threads,

@@ -18,6 +18,7 @@ def augment_reference(
     mean: Sequence[float],
     std: Sequence[float],
     input_shape: tuple[int, int, int] | None = None,
+    erasures: np.ndarray | None = None,
 ) -> np.ndarray:
     """NumPy version of the train transform with explicit randomness.
 
@@ -25,7 +26,8 @@ def augment_reference(
     0 outside the image; then the crop is mirrored left-right where ``flips[i]``, resized
     to ``input_shape`` with `resize_reference` and gray repeated as RGB when the model
     wants that (DALI mirrors after resizing; the two commute), then normalized to float32
-    (pixel - mean) / std.
+    (pixel - mean) / std. ``erasures[i] = (y0, x0, height, width)``: the rectangle of the
+    model's input set to 0 (the channel mean) afterwards; height or width 0 erases nothing.
     """
     n, height, width, _ = images.shape
     offsets = np.asarray(offsets, dtype=np.int64).reshape(n, 2)
@@ -43,7 +45,10 @@ def augment_reference(
         out = np.repeat(out, 3, axis=-1)
     mean_arr = np.asarray(mean, dtype=np.float64)
     std_arr = np.asarray(std, dtype=np.float64)
-    return ((out - mean_arr) / std_arr).astype(np.float32)
+    out = ((out - mean_arr) / std_arr).astype(np.float32)
+    for i, (y0, x0, rows, cols) in enumerate([] if erasures is None else erasures):
+        out[i, y0 : y0 + rows, x0 : x0 + cols] = 0.0
+    return out
 
 
 def resize_reference(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:

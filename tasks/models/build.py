@@ -50,7 +50,9 @@ def lstm_lm(input_shape: tuple[int], vocab_size: int, cfg: ModelConfig) -> Any:
 
 MODEL_BUILDERS: dict[str, Callable[..., Any]] = {
     "seed_cnn": lambda shape, outputs, cfg: seed_cnn(shape, outputs),
-    "fast_cnn": lambda shape, outputs, cfg: fast_cnn(shape, outputs, tuple(cfg.widths)),
+    "fast_cnn": lambda shape, outputs, cfg: fast_cnn(
+        shape, outputs, tuple(cfg.widths), cfg.activation
+    ),
     "transfer": transfer,
     "lstm_lm": lstm_lm,
 }

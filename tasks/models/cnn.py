@@ -28,13 +28,18 @@ def seed_cnn(input_shape: tuple[int, int, int], num_classes: int) -> Any:
 
 
 def fast_cnn(
-    input_shape: tuple[int, int, int], num_classes: int, widths: tuple[int, ...] = (64, 256, 256)
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    widths: tuple[int, ...] = (64, 256, 256),
+    activation: str = "gelu",
 ) -> Any:
     """A VGG-style net with batch norm built for time-to-accuracy, after airbench94.
 
     A small 3x3 stem, then one group per width: conv, 2x2 max-pool, BN, GELU, conv, BN,
     GELU; global max-pool and a bias-free linear head. airbench94 uses widths 64/256/256
-    on CIFAR-10 on a GPU; narrower widths trade accuracy for CPU speed. BN momentum 0.9
+    on CIFAR-10 on a GPU; narrower widths trade accuracy for CPU speed, and so does ReLU
+    for GELU: on 2 CPU cores TensorFlow's exact (erf) GELU made a training step ~30% slower
+    (BENCHMARKS.md section 5). BN momentum 0.9
     (Keras' default 0.99 lags behind in runs of a few epochs). Logits are float32 even
     under a mixed-precision policy, so the loss is computed in full precision.
     """
@@ -46,7 +51,7 @@ def fast_cnn(
         if pool:
             x = layers.MaxPooling2D(2)(x)
         x = layers.BatchNormalization(momentum=0.9, epsilon=1e-5)(x)
-        return layers.Activation("gelu")(x)
+        return layers.Activation(activation)(x)
 
     inputs = keras.Input(shape=input_shape)
     x = conv_bn_gelu(inputs, max(24, widths[0] // 2), pool=False)
