@@ -218,6 +218,8 @@ def measure(model: str, seeds: tuple[int, ...], quick: bool, scratch: Path) -> d
     log(f"accuracy curve {model}: final {curve['final_test_accuracy']:.4f}")
     cfg = model_config(model, quick)
     seeds = (cfg.train.seed, *(seed for seed in seeds if seed != cfg.train.seed))
+    default = MODELS[model]["seeds"]
+    seed_args = [] if seeds == default else ["--seeds", ",".join(map(str, seeds))]
     pipelines = []
     for seed in seeds:
         pipelines.append(run_pipeline(model, quick, scratch, seed))
@@ -236,7 +238,9 @@ def measure(model: str, seeds: tuple[int, ...], quick: bool, scratch: Path) -> d
         "pipeline": pipelines[0],
         "pipelines": pipelines,
         "target": TARGET if model == "fast" else None,
-        "command": command("benchmarks.time_to_accuracy", "--model", model, quick=quick),
+        "command": command(
+            "benchmarks.time_to_accuracy", "--model", model, *seed_args, quick=quick
+        ),
     }
     return stamp_row(row, load_before)
 

@@ -31,6 +31,22 @@ def test_precision_policy_reaches_the_layers(tmp_path, policy):
     model.fit(x, np.arange(8) % 10, epochs=1, verbose=0)  # trains under the policy on CPU
 
 
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_fast_cnn_activation_reaches_every_hidden_layer(tmp_path, activation):
+    cfg = load_config(
+        PARAMS,
+        {"model.name": "fast_cnn", "model.widths": [8, 16, 16], "model.activation": activation},
+    )
+    model = build_for_training(cfg, (28, 28, 1), 10, steps=10)
+    used = {
+        layer.activation.__name__
+        for layer in model.layers
+        if isinstance(layer, keras.layers.Activation)
+    }
+    assert used == {activation}
+    assert cfg.flat()["model.activation"] == activation  # logged with the run's params
+
+
 @pytest.mark.parametrize(("setting", "expected"), [(True, True), (False, False), ("auto", False)])
 def test_xla_setting_reaches_compile(tmp_path, setting, expected):
     from tensorflow.python.framework.config import is_op_determinism_enabled
