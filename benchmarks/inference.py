@@ -219,6 +219,7 @@ def measure_http(
     workdir: Path,
     quick: bool,
     scratch: Path,
+    mlserver_venv: Path | None = None,
 ) -> dict[str, Any]:
     """One server's round trips at each batch size, with JSON pixels (and PNG files where
     it takes them)."""
@@ -226,7 +227,7 @@ def measure_http(
 
     load_before = load_average()
     images, _ = prepared.load_split(workdir / "data" / "prepared", "test")
-    server_args = (spec, model["uri"], model["store"], images[:1], scratch)
+    server_args = (spec, model["uri"], model["store"], images[:1], scratch, mlserver_venv)
     with inference_http.model_server(*server_args) as server:
         log(f"{spec.key}: first answer {server['first_answer_s']:.1f} s after start")
         inputs = {"json": {}, "png": {}} if spec.files else {"json": {}}
@@ -249,9 +250,13 @@ def measure_http(
         "first_answer_s": server["first_answer_s"],
         "server_rss_mib": rss,
         "inputs": inputs,
-        "command": command("benchmarks.inference", quick=quick),
+        "command": command("benchmarks.inference", *venv_args(mlserver_venv), quick=quick),
     }
     return stamp_row(row, load_before)
+
+
+def venv_args(mlserver_venv: Path | None) -> list[str]:
+    return ["--mlserver-venv", str(mlserver_venv)] if mlserver_venv else []
 
 
 def gpu_commands(image_shape: list[int]) -> list[dict[str, str]]:
@@ -308,7 +313,9 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def measure_all(workdir: Path, quick: bool, scratch: Path) -> dict[str, Any]:
+def measure_all(
+    workdir: Path, quick: bool, scratch: Path, mlserver_venv: Path | None = None
+) -> dict[str, Any]:
     """Every row, one after another, for the model in ``workdir`` (trained there if need be)."""
     model = ensure_model(workdir, quick, scratch)
     model_file = scratch / "model.json"
@@ -326,8 +333,9 @@ def measure_all(workdir: Path, quick: bool, scratch: Path) -> dict[str, Any]:
         top1 = np.load(scratch / f"{row['key']}.npy")
         row["top1_agreement_with_keras"] = float((top1 == keras_top1).mean())
     rows.append(measure_decode("cpu", common_args, quick, scratch))
-    for spec in inference_http.SERVERS:
-        rows.append(measure_http(spec, model, keras_top1, workdir, quick, scratch))
+    servers = [*inference_http.SERVERS, *([inference_http.MLSERVER] if mlserver_venv else [])]
+    for spec in servers:
+        rows.append(measure_http(spec, model, keras_top1, workdir, quick, scratch, mlserver_venv))
     load_end = load_average()
     log(f"measured in {time.perf_counter() - started:.0f} s; load {load_start} -> {load_end}")
     return {
@@ -364,6 +372,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="reuse (or train into and keep) this dir")
     parser.add_argument("--quick", action="store_true", help="tiny synthetic run, results/quick/")
     parser.add_argument("--gpu", action="store_true", help="the GPU rows only (DALI mixed)")
+    parser.add_argument(
+        "--mlserver-venv",
+        type=Path,
+        help="a virtualenv built from benchmarks/mlserver-requirements.txt: adds MLServer's row",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--decode-worker", choices=("cpu", "mixed"), help=argparse.SUPPRESS)
     parser.add_argument("--model-file", type=Path, help=argparse.SUPPRESS)
@@ -384,12 +397,18 @@ def main(argv: list[str] | None = None) -> int:
             args.decode_worker, images, sizes.warmup_calls, sizes.repeats, args.out
         )
         return 0
+    venv = args.mlserver_venv
+    if venv and not (venv / "bin" / "mlserver").is_file():
+        parser.error(
+            f"--mlserver-venv {venv}: no bin/mlserver there; build it with "
+            "benchmarks/mlserver-requirements.txt (its header says how)"
+        )
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
         scratch = Path(tmp)
         workdir = (args.workdir or scratch / "work").resolve()
         if args.gpu:
             return measure_gpu(workdir, args.quick, scratch)
-        record = measure_all(workdir, args.quick, scratch)
+        record = measure_all(workdir, args.quick, scratch, venv and venv.resolve())
     rows = record.pop("rows")
     given = sys.argv[1:] if argv is None else argv
     invoked = shlex.join(["python", "-m", "benchmarks.inference", *given])
@@ -420,6 +439,14 @@ def format_rows(result: dict[str, Any]) -> list[list[str]]:
             ]
         )
     return rows
+
+
+def credential_note(row: dict[str, Any]) -> str:
+    if row["credential"]:
+        return "the stack credential checked on every request"
+    if row["key"] == inference_http.MLSERVER.key:
+        return "no credential (MLServer 1.7.1 has no authentication of its own)"
+    return "no credential"
 
 
 def http_text(result: dict[str, Any]) -> str:
@@ -461,14 +488,17 @@ def http_text(result: dict[str, Any]) -> str:
             f"Goal: over authenticated HTTP with the JSON format, <= "
             f"{HTTP_GOAL['batch1_p50_ms']:g} ms p50 at batch 1 and >= "
             f"{HTTP_GOAL['batch32_images_per_s']:,} images/s at batch 32: the ONNX runtime "
-            f"answers in {ms(p50)} ms and at {rate:,.0f} images/s: {verdict(met)}. "
-            "Not measured here: MLServer (`mlflow models serve --enable-mlserver`): MLServer "
-            "1.7.1 requires fastapi < 0.116 and this project pins 0.150 (Prefect 3.8.8's "
-            "server), so it needs an environment of its own.\n\n"
+            f"answers in {ms(p50)} ms and at {rate:,.0f} images/s: {verdict(met)}.\n\n"
+        )
+    if not any(row["key"] == inference_http.MLSERVER.key for row in servers):
+        goal += (
+            "Not measured in this run: MLServer; it needs its own virtualenv (MLServer 1.7.1 "
+            "requires fastapi < 0.116, this project pins 0.150 for Prefect 3.8.8's server): "
+            "build it from `benchmarks/mlserver-requirements.txt` and run "
+            "`python -m benchmarks.inference --mlserver-venv DIR`.\n\n"
         )
     notes = "".join(
-        f"- {code(row['key'])}: {row['threads']}"
-        f"{'; the stack credential checked on every request' if row['credential'] else ''}; "
+        f"- {code(row['key'])}: {row['threads']}; {credential_note(row)}; "
         f"first answer {row['first_answer_s']:.1f} s after the process started, "
         f"{row['server_rss_mib']:,.0f} MiB resident after the calls. Load {load(row)}.\n"
         for row in servers

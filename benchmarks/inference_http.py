@@ -2,9 +2,14 @@
 serves a registered version as a real process on a loopback port, and a client POSTing to
 /invocations over one kept-alive connection.
 
-Servers: `mlflow models serve` as the README runs it, and `python -m flows.serve_model` (what
+Servers: `mlflow models serve` as the README runs it, `python -m flows.serve_model` (what
 `make serve-model` runs: the stack's credential checked on every request) with each of its
-runtimes, MLflow's scoring app and the ONNX app. Inputs: raw pixels as JSON integers
+runtimes, MLflow's scoring app and the ONNX app, and, given a virtualenv that has it,
+MLServer with its MLflow runtime (`mlserver start`, configured by MLSERVER_* variables as
+`mlflow models serve --enable-mlserver` did before MLflow removed that option after 3.12;
+MLServer 1.7.1 needs fastapi < 0.116, the project pins 0.150 for Prefect, so it cannot
+share the project's environment; benchmarks/mlserver-requirements.txt builds one).
+Inputs: raw pixels as JSON integers
 (N x H x W x C, MLflow's tensor JSON), and, where the server takes files, the same test
 images as PNG files (one file as the body at batch 1; TF Serving's ``{"instances": [{"b64":
 ...}]}`` above). Bodies are encoded before timing; each timed call sends one and reads the
@@ -48,14 +53,20 @@ class Server:
     threads: str
     files: bool = False  # takes PNG files
     credential: bool = False
+    mlserver: bool = False  # MLServer's CLI from the virtualenv given as mlserver_venv
 
-    def command(self, model_uri: str, port: str) -> list[str]:
+    def command(self, model_uri: str, port: str, mlserver_venv: Path | None = None) -> list[str]:
         args = [a.replace("MODEL", model_uri).replace("PORT", port) for a in self.args]
+        if self.mlserver:
+            return [str(Path(mlserver_venv or "MLSERVER_VENV") / "bin" / "mlserver"), *args]
         if self.module:
             return [sys.executable, "-m", *args]
         return [str(Path(sys.executable).parent / "mlflow"), *args]
 
     def shown(self, model_uri: str) -> str:
+        if self.mlserver:
+            settings = " ".join(f"{k}={v}" for k, v in mlserver_env(model_uri, "PORT").items())
+            return f"{settings} mlserver {' '.join(self.args)}"
         program = ["python", "-m"] if self.module else ["mlflow"]
         return shlex.join([*program, *self.command(model_uri, "PORT")[len(program) :]])
 
@@ -94,6 +105,32 @@ SERVERS = (
         credential=True,
     ),
 )
+MLSERVER = Server(
+    "http_mlserver",
+    ("start", "."),  # run in an empty folder: no settings.json, the variables configure it
+    module=False,
+    threads="MLServer 1.7.1 + mlserver-mlflow, 1 inference worker process (its default), "
+    "no adaptive batching (its default; it applies to V2 /infer only), TF default inside",
+    mlserver=True,
+)
+MLSERVER_MODEL_NAME = "classifier"
+
+
+def mlserver_env(model_uri: str, port: str, grpc_port: str = "0", metrics_port: str = "0"):
+    """MLServer's settings for serving ``model_uri`` with its MLflow runtime on loopback."""
+    return {
+        "MLSERVER_HOST": "127.0.0.1",  # its default is 0.0.0.0
+        "MLSERVER_HTTP_PORT": port,
+        "MLSERVER_GRPC_PORT": grpc_port,
+        "MLSERVER_METRICS_PORT": metrics_port,
+        "MLSERVER_MODEL_NAME": MLSERVER_MODEL_NAME,
+        "MLSERVER_MODEL_IMPLEMENTATION": "mlserver_mlflow.MLflowRuntime",
+        "MLSERVER_MODEL_URI": model_uri,
+    }
+
+
+class NotReady(RuntimeError):
+    """The server listens but has not loaded the model yet (MLServer: 404 until then)."""
 
 
 def free_port() -> int:
@@ -132,6 +169,8 @@ def post(conn: http.client.HTTPConnection, body: bytes, sent: dict[str, str]) ->
     conn.request("POST", "/invocations", body=body, headers=sent)
     response = conn.getresponse()
     payload = response.read()
+    if response.status in (404, 503):
+        raise NotReady(f"/invocations answered HTTP {response.status}: {payload[:500]!r}")
     if response.status != 200:
         raise RuntimeError(f"/invocations answered HTTP {response.status}: {payload[:500]!r}")
     return payload
@@ -149,7 +188,7 @@ def wait_for_answer(
         try:
             post(conn, body, sent)
             return
-        except OSError:  # not listening yet
+        except (OSError, NotReady):  # not listening, or the model not loaded, yet
             time.sleep(0.25)
         finally:
             conn.close()
@@ -158,20 +197,31 @@ def wait_for_answer(
 
 @contextmanager
 def model_server(
-    spec: Server, model_uri: str, store_uri: str, probe: np.ndarray, scratch: Path
+    spec: Server,
+    model_uri: str,
+    store_uri: str,
+    probe: np.ndarray,
+    scratch: Path,
+    mlserver_venv: Path | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The server, answering; yields its port, pid and seconds from start to the first
     answer. Its whole process group (it started it) is stopped on the way out."""
     port = free_port()
-    cmd = spec.command(model_uri, str(port))
+    cmd = spec.command(model_uri, str(port), mlserver_venv)
     env = child_env(scratch) | {"MLFLOW_TRACKING_URI": store_uri}  # the venv's uvicorn first
-    env |= {"PREFECT_SERVER_API_AUTH_STRING": CREDENTIAL, "PYTHONPATH": str(REPO)}
+    if spec.mlserver:
+        env |= mlserver_env(model_uri, str(port), str(free_port()), str(free_port()))
+        cwd = scratch / "mlserver"
+        cwd.mkdir(exist_ok=True)
+    else:
+        env |= {"PREFECT_SERVER_API_AUTH_STRING": CREDENTIAL, "PYTHONPATH": str(REPO)}
+        cwd = scratch
     log_file = scratch / f"{spec.key}.log"
     body, content_type = request_body(probe)
     with log_file.open("wb") as out:
         start = time.perf_counter()
         server = subprocess.Popen(
-            cmd, cwd=scratch, env=env, stdout=out, stderr=out, start_new_session=True
+            cmd, cwd=cwd, env=env, stdout=out, stderr=out, start_new_session=True
         )
     try:
         wait_for_answer(port, body, headers(spec, content_type), server, log_file)

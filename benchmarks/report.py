@@ -21,6 +21,7 @@ from benchmarks.distributed import distributed_section
 from benchmarks.inference import inference_section
 from benchmarks.input_pipeline import input_section
 from benchmarks.markdown import table
+from benchmarks.recipe_trials import trials_section
 from benchmarks.stages import noop_section, stages_section
 from benchmarks.time_to_accuracy import accuracy_section
 from benchmarks.train_throughput import train_section
@@ -104,6 +105,7 @@ def render(quick: bool) -> str:
         "stages",
         "dvc_noop",
         "time_to_accuracy",
+        "recipe_trials",
         "inference",
         "transfer",
         "distributed",
@@ -117,6 +119,7 @@ def render(quick: bool) -> str:
         lambda: stages_section(results["stages"], quick),
         lambda: noop_section(results["dvc_noop"], quick),
         lambda: accuracy_section(results["time_to_accuracy"], quick, out_dir),
+        lambda: trials_section(results["recipe_trials"], quick),
         lambda: inference_section(results["inference"], read_result("inference_gpu", quick), quick),
         lambda: transfer_section(results["transfer"], quick),
         lambda: distributed_section(results["distributed"], quick),

@@ -24,7 +24,6 @@ import csv
 import json
 import os
 import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -44,10 +43,11 @@ from benchmarks.common import (
     results_dir,
     run_measured,
     stamp_row,
+    summarize,
     warm_prefect,
     write_rows,
 )
-from benchmarks.markdown import code, load, missing, table, verdict
+from benchmarks.markdown import code, load, missing, spread, table, verdict
 
 MODELS: dict[str, dict[str, Any]] = {
     "fast": {"profile": "profiles/fast_fashion_mnist.yaml", "overrides": {}, "seeds": (42, 1, 2)},
@@ -189,14 +189,6 @@ def run_pipeline(model: str, quick: bool, scratch: Path, seed: int) -> dict[str,
         "command": shlex.join(["python", "-m", "flows.pipeline", *args])
         + ' --workdir "$(mktemp -d)"',
     }
-
-
-def spread(values: list[float], form: str) -> str:
-    """``median (min-max)`` of ``values``, or the one value."""
-    if len(values) == 1:
-        return form.format(values[0])
-    low, mid, high = min(values), statistics.median(values), max(values)
-    return f"{form.format(mid)} ({form.format(low)}-{form.format(high)})"
 
 
 def first_reaching(points: list[dict[str, Any]], accuracy: float) -> dict[str, Any] | None:
@@ -348,8 +340,8 @@ recipe was chosen on validation accuracy (the data stage's 6,000-image split), n
                 f"{100 * curve['final_test_accuracy']:.2f}%",
                 f"{curve['train_model_s']:.0f}",
                 reached,
-                spread([100 * p["test_accuracy"] for p in pipelines], "{:.2f}%"),
-                spread([p["wall_s"] for p in pipelines], "{:.0f}"),
+                spread(summarize([100 * p["test_accuracy"] for p in pipelines]), "{:.2f}%"),
+                spread(summarize([p["wall_s"] for p in pipelines])),
                 goal,
                 code(row["command"]),
             ]
