@@ -42,8 +42,8 @@ def test_fast_profile_reaches_80_percent_in_one_epoch(tmp_path):
     }
     cfg = load_config(PARAMS, overrides)
     ws = Workspace(tmp_path)
-    # Up to register: export reads only the registered model, and every format (fast_cnn's
-    # exact GELU through ONNX included) is tested in tests/test_export.py.
+    # Up to register: export reads only the registered model, and every format (fast_cnn
+    # with its default exact GELU through ONNX included) is tested in tests/test_export.py.
     for name in STAGE_NAMES[: STAGE_NAMES.index("register") + 1]:
         stage_functions()[name](cfg, ws)
 
