@@ -1,6 +1,6 @@
 """Run every benchmark, each in its own process, then write BENCHMARKS.md from the results.
 
-python -m benchmarks            # full sizes, about 75 minutes on 2 CPU cores
+python -m benchmarks            # full sizes, about 90 minutes on 2 CPU cores
 python -m benchmarks --quick    # tiny sizes, a few minutes: checks the code only
 python -m benchmarks --only stages --only time_to_accuracy
 """
