@@ -8,6 +8,7 @@ confusion matrix must be drawn, the registry must show the champion and what it 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -27,6 +28,10 @@ pytestmark = pytest.mark.slow
 EPOCHS = 2
 RATES = ("0.001", "0.003")  # two runs that differ by one param
 UI_READY_S = 120
+# True once the model version page's "Aliases" field (up to "Stage") shows "@ champion".
+CHAMPION_SHOWN = r"""() => /@\s*champion/.test(
+    (document.body.innerText.split("Aliases")[1] || "").split("Stage")[0]
+)"""
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +150,11 @@ def test_the_mlflow_ui_shows_the_runs_their_curves_and_the_champion(ui_project, 
         # The registry: the champion alias on the right version, and its descriptions.
         page.goto(views.model_version_url(base, name, str(champion.version)))
         page.get_by_text("Test accuracy").first.wait_for()
+        # The aliases come in a request of their own, after the version's description.
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+        with contextlib.suppress(PlaywrightTimeout):  # the assertion below says what it saw
+            page.wait_for_function(CHAMPION_SHOWN, timeout=30_000)
         shown = page.inner_text("body")
         aliases = shown.split("Aliases", 1)[1].split("Stage", 1)[0]
         assert re.search(r"@\s*champion", aliases), aliases
