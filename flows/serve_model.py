@@ -31,6 +31,7 @@ import gc
 import hmac
 import json
 import os
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -286,7 +287,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from tasks.config import ConfigError
 
-    with tempfile.TemporaryDirectory(prefix="serve-model-") as scratch:
+    try:
+        listening = listen(args.host, args.port)
+    except OSError as error:
+        print(
+            f"error: cannot listen on {args.host}:{args.port} ({error.strerror or error}); "
+            "stop what holds that port or pick another with --port (make serve-model "
+            "MODEL_PORT=...)",
+            file=sys.stderr,
+        )
+        return 2
+    with listening, tempfile.TemporaryDirectory(prefix="serve-model-") as scratch:
         try:
             credential_file, credential = security.ensure_credential(Path.cwd(), dict(os.environ))
             uri, store = model_uri_and_store(args.model_uri, Path(args.params))
@@ -318,8 +329,17 @@ def main(argv: list[str] | None = None) -> int:
         # mean, BENCHMARKS.md section 6).
         gc.collect()
         gc.freeze()
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        server.run(sockets=[listening])
     return 0
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound and listening before the model loads: a taken port fails
+    at once, and the banner (printed once the model is loaded) is true the moment it shows;
+    a client that connects earlier waits in the backlog instead of being refused."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=2048)
 
 
 if __name__ == "__main__":

@@ -259,6 +259,18 @@ def registry(hosts, env: dict, name: str) -> dict:
     return json.loads(done.stdout)
 
 
+def failure_report(said: str, logs: dict[str, str]) -> str:
+    """A failed run's story with its own output last (a CI log keeps a failure's tail): the
+    workers' error lines first, then the tail of what the client printed."""
+    alarming = re.compile(r"ERROR|Traceback|Error:|Crashed|Failed|Timed out", re.IGNORECASE)
+    parts = [
+        f"--- worker on {host}, error lines:\n"
+        + "\n".join(line for line in log.splitlines() if alarming.search(line))[-3000:]
+        for host, log in logs.items()
+    ]
+    return "\n".join([*parts, "--- the client (prefect deployment run --watch):", said[-3000:]])
+
+
 def test_two_deployment_runs_at_once_train_on_two_worker_hosts(hosts, served, tmp_path):
     """Workers on b and c join with the README's command; two deployment runs triggered
     together from c's shell train one on each host, through the servers only."""
@@ -303,7 +315,7 @@ def test_two_deployment_runs_at_once_train_on_two_worker_hosts(hosts, served, tm
     logs = {host: (tmp_path / f"{host}-home" / "worker.log").read_text() for host in "bc"}
     for process, output in zip(launched, outputs, strict=True):
         said = " ".join(output.split())
-        assert process.returncode == 0, said[-3000:] + "".join(v[-2000:] for v in logs.values())
+        assert process.returncode == 0, failure_report(said, logs)
         assert re.search(rf"registered {name} version [12]", said), said[-3000:]
     # A flow run's own lines ("View at .../flow-run/<id>") go to the log of its worker.
     ran = {

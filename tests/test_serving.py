@@ -41,15 +41,23 @@ def post(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[
 
 
 @contextmanager
-def server(command: list[str], port: int, env: dict[str, str], cwd: Path) -> Iterator[str]:
-    """Start ``command``, wait for /ping on ``port``, yield the base URL, stop it."""
+def server(
+    command: list[str], port: int, env: dict[str, str], cwd: Path, banner: str | None = None
+) -> Iterator[str]:
+    """Start ``command``, wait for /ping on ``port`` (or, given ``banner``, only for that
+    line: a user's client starts when the server says so), yield the base URL, stop it."""
     process = subprocess.Popen(
         command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + STARTUP_S
-        while True:
+        while banner is not None:  # the server's output is its own until it ends
+            line = process.stdout.readline()
+            assert line, f"the server ended without printing {banner!r}"
+            if banner in line:
+                break
+        while banner is None:
             assert process.poll() is None, process.stdout.read()[-3000:]
             try:
                 with urllib.request.urlopen(f"{base}/ping", timeout=2):
@@ -196,8 +204,16 @@ def test_the_onnx_runtime_answers_like_the_registered_model_and_takes_image_file
     env = env | {"PREFECT_SERVER_API_AUTH_STRING": credential, "PYTHONPATH": str(REPO)}
     command = module_command("flows.serve_model", uri, "--port", str(port))
     right = {"Authorization": "Basic " + base64.b64encode(credential.encode()).decode()}
-    with server(command, port, env, tmp_path) as base:
+    with server(command, port, env, tmp_path, banner=f"serving {uri} ") as base:
+        # Listening the moment it says so: no retry (the README's curl right after the banner).
+        with urllib.request.urlopen(f"{base}/ping", timeout=STARTUP_S) as answer:
+            assert answer.status == 200
         assert post(f"{base}/invocations", bad_requests((28, 28, 1))["good"])[0] == 401
+        # A second server on the same port stops at once, naming the port and the fix.
+        taken = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert taken.returncode == 2, taken.stderr[-3000:]
+        assert f"cannot listen on 127.0.0.1:{port}" in taken.stderr and "--port" in taken.stderr
+        assert "serving" not in taken.stdout
         check_answers(base, served, right, atol=1e-4)  # the export stage's parity bound
         check_guards(port, right)
         request = urllib.request.Request(f"{base}/version", headers=right)
