@@ -71,9 +71,11 @@ def load_average() -> float:
 
 
 def stamp_row(row: dict[str, Any], load_before: float) -> dict[str, Any]:
-    """Add when the row was measured and how busy the machine was around it."""
+    """Add when and on which CPU the row was measured, and how busy the machine was around
+    it: rows merge into one file across runs, whose ``machine`` is only the last run's."""
     return row | {
         "measured_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "cpu": machine()["cpu"],
         "load_avg_1min": {"before": load_before, "after": load_average()},
     }
 

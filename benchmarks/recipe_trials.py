@@ -119,11 +119,15 @@ def trials_section(result: dict[str, Any] | None, quick: bool) -> str:
     text = """### How the fast profile's recipe was chosen
 
 Each trial trains the profile with the overrides shown (`python -m benchmarks.recipe_trials`,
-the train stage's own code, seed 42) and scores the final model on the 6,000-image
-validation split the way the evaluate stage does (averaged weights, flip TTA). The
-choice is made on validation; test accuracy is shown, never used to choose. Train s is
-train_model's wall time including per-epoch validation, so it depends on the machine's
-load at the time (column "load").
+the train stage's own code, seed 42 unless the overrides set `train.seed`) and scores the
+final model on the 6,000-image validation split the way the evaluate stage does (averaged
+weights, flip TTA). The choice is made on validation; test accuracy is shown, never used
+to choose. Train s is train_model's wall time including per-epoch validation, so it
+depends on the CPU (column "CPU": the profile's 32/64/128 net trained at 34 s/epoch alone
+on the 2-core Intel Xeon and at 90-96 s/epoch alone on the 2-core AMD EPYC, which lacks
+AVX-512) and on the machine's load at the time (column "load"). Accuracies were compared
+across the two CPUs as measured (whether the CPUs' code paths alone move them was not
+measured).
 
 """
     if not result:
@@ -138,11 +142,12 @@ load at the time (column "load").
             f"{100 * row['val_accuracy']:.2f}%",
             f"{100 * row['test_accuracy']:.2f}%",
             load(row) if "load_avg_1min" in row else "not recorded",
+            row.get("cpu", "not recorded"),
             code(row["command"]) + (" *" if row.get("ran_as") else ""),
         ]
         for row in rows
     ]
-    headers = ["overrides", "epochs", "train s", "s/epoch", "val acc.", "test acc.", "load"]
+    headers = ["overrides", "epochs", "train s", "s/epoch", "val acc.", "test acc.", "load", "CPU"]
     text += table([*headers, "command"], body) + "\n"
     if any(row.get("ran_as") for row in rows):
         text += (

@@ -216,10 +216,12 @@ def measure(model: str, seeds: tuple[int, ...], quick: bool, scratch: Path) -> d
     for seed in seeds:
         pipelines.append(run_pipeline(model, quick, scratch, seed))
         log(f"pipeline {model} seed {seed}: test accuracy {pipelines[-1]['test_accuracy']:.4f}")
+    profile = MODELS[model]["profile"]
     row = {
         "key": model,
         "model": cfg.model.name,
-        "profile": MODELS[model]["profile"],
+        "profile": profile,
+        "profile_settings": profile_settings(profile),
         "overrides": overrides_for(model, quick),
         "data": {"source": cfg.data.source, "name": cfg.data.name, "idx_dir": cfg.data.idx_dir},
         "epochs": cfg.train.epochs,
@@ -295,6 +297,36 @@ def plot_curves(result: dict[str, Any], path: Path) -> None:
     fig.savefig(path, format="png", dpi=90)
 
 
+def profile_settings(profile: str | None) -> dict[str, Any] | None:
+    from tasks.config import load_profile
+
+    return load_profile(REPO / profile) if profile else None
+
+
+def profile_changes(rows: list[dict[str, Any]]) -> str:
+    """A line per row whose profile file changed since it was measured: its numbers, and its
+    commands' output today, belong to different settings until the benchmark runs again."""
+    text = ""
+    for row in rows:
+        then = row.get("profile_settings")
+        if not row.get("profile") or then is None:
+            continue
+        now = profile_settings(row["profile"])
+        changed = [
+            f"{code(key)} {then.get(key, 'unset')} -> {now.get(key, 'unset')}"
+            for key in sorted(then.keys() | now.keys())
+            if then.get(key) != now.get(key)
+        ]
+        if changed:
+            text += (
+                f"\n**{row['key']}: measured with {row['profile']} as it was then**; it has"
+                f" changed since ({', '.join(changed)}), so its rows in this section are not"
+                f" what their commands give today: {code(row['command'])} measures the"
+                " current one.\n"
+            )
+    return text
+
+
 def accuracy_section(result: dict[str, Any] | None, quick: bool, out_dir: Path) -> str:
     text = """## 5. Time to accuracy on Fashion-MNIST
 
@@ -357,7 +389,8 @@ recipe was chosen on validation accuracy (the data stage's 6,000-image split), n
         "target",
         "command",
     ]
-    text += table(headers, rows) + "\n\nPipeline runs, one per seed:\n\n"
+    text += table(headers, rows) + "\n" + profile_changes(result["rows"])
+    text += "\nPipeline runs, one per seed:\n\n"
     seed_rows = [
         [
             row["key"],
