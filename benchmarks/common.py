@@ -75,7 +75,7 @@ def stamp_row(row: dict[str, Any], load_before: float) -> dict[str, Any]:
     it: rows merge into one file across runs, whose ``machine`` is only the last run's."""
     return row | {
         "measured_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "cpu": machine()["cpu"],
+        "cpu": cpu_name(),
         "load_avg_1min": {"before": load_before, "after": load_average()},
     }
 
@@ -132,10 +132,14 @@ def gpu_description() -> str:
     return "none (no nvidia-smi and no usable NVIDIA device)"
 
 
+def cpu_name() -> str:
+    return _proc_field("/proc/cpuinfo", "model name") or platform.processor()
+
+
 def machine() -> dict[str, Any]:
     mem_kib = _proc_field("/proc/meminfo", "MemTotal")
     return {
-        "cpu": _proc_field("/proc/cpuinfo", "model name") or platform.processor(),
+        "cpu": cpu_name(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)),
         "memory_gib": round(int(mem_kib.split()[0]) / 2**20, 1) if mem_kib else None,

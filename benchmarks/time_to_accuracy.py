@@ -308,8 +308,8 @@ def profile_changes(rows: list[dict[str, Any]]) -> str:
     commands' output today, belong to different settings until the benchmark runs again."""
     text = ""
     for row in rows:
-        then = row.get("profile_settings")
-        if not row.get("profile") or then is None:
+        then = row.get("profile_settings")  # None: no profile
+        if then is None:
             continue
         now = profile_settings(row["profile"])
         changed = [

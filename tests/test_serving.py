@@ -40,6 +40,14 @@ def post(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[
         return error.code, json.loads(error.read())
 
 
+def wait_for_line(process: subprocess.Popen, text: str) -> None:
+    """Read the server's output until a line holds ``text`` (it ends, or prints it)."""
+    for line in process.stdout:
+        if text in line:
+            return
+    raise AssertionError(f"the server ended without printing {text!r}")
+
+
 @contextmanager
 def server(
     command: list[str], port: int, env: dict[str, str], cwd: Path, banner: str | None = None
@@ -51,12 +59,9 @@ def server(
     )
     base = f"http://127.0.0.1:{port}"
     try:
+        if banner is not None:
+            wait_for_line(process, banner)
         deadline = time.monotonic() + STARTUP_S
-        while banner is not None:  # the server's output is its own until it ends
-            line = process.stdout.readline()
-            assert line, f"the server ended without printing {banner!r}"
-            if banner in line:
-                break
         while banner is None:
             assert process.poll() is None, process.stdout.read()[-3000:]
             try:
