@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from tasks import startup
+
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
 RESULTS = REPO / "benchmarks" / "results"
@@ -49,8 +51,10 @@ def results_dir(quick: bool) -> Path:
 
 
 def command(module: str, *args: str, quick: bool) -> str:
-    """The command line printed beside a number: run from the repository root, venv active."""
-    return shlex.join(["python", "-m", module, *args, *(["--quick"] if quick else [])])
+    """The command line printed beside a number: run from the repository root, venv active;
+    with oneDNN turned off first where this run had it off (the pipeline's default is on)."""
+    line = shlex.join(["python", "-m", module, *args, *(["--quick"] if quick else [])])
+    return f"{startup.ONEDNN_ENV}=0 {line}" if onednn_setting() is False else line
 
 
 def summarize(values: Sequence[float]) -> dict[str, Any]:
@@ -70,12 +74,21 @@ def load_average() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+def onednn_setting() -> bool | None:
+    """Whether this run's TensorFlow processes use oneDNN's CPU kernels, as the environment
+    says (every benchmark sets the pipeline's default first); None: TensorFlow decides from
+    the CPU. They change a CPU training step's speed, so a row records them."""
+    value = os.environ.get(startup.ONEDNN_ENV)
+    return None if value is None else value.strip().lower() in ("1", "true")
+
+
 def stamp_row(row: dict[str, Any], load_before: float) -> dict[str, Any]:
     """Add when and on which CPU the row was measured, and how busy the machine was around
     it: rows merge into one file across runs, whose ``machine`` is only the last run's."""
     return row | {
         "measured_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "cpu": cpu_name(),
+        "onednn": onednn_setting(),
         "load_avg_1min": {"before": load_before, "after": load_average()},
     }
 
@@ -140,6 +153,7 @@ def machine() -> dict[str, Any]:
     mem_kib = _proc_field("/proc/meminfo", "MemTotal")
     return {
         "cpu": cpu_name(),
+        "onednn": onednn_setting(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)),
         "memory_gib": round(int(mem_kib.split()[0]) / 2**20, 1) if mem_kib else None,

@@ -36,6 +36,7 @@ from benchmarks.common import (
 )
 from benchmarks.markdown import code, load, missing, spread, table
 from benchmarks.train_throughput import epoch_timer, steady_rate
+from tasks import startup
 
 SIDES = {  # name -> (train.distribute, per-replica batch)
     "one_device_64": ("none", 64),
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    startup.prepare_process()  # the pipeline's defaults (oneDNN on), for children too
     if args.worker:
         worker(args.worker, args.quick, args.out)
         return 0

@@ -69,6 +69,7 @@ from benchmarks.inference_formats import (
     variants,
 )
 from benchmarks.markdown import code, load, missing, ms, size, spread, table, verdict
+from tasks import startup
 
 TRAIN_OVERRIDES = {"data.source": "idx", "data.name": "fashion_mnist", "train.epochs": 3}
 QUICK_OVERRIDES = {
@@ -382,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-file", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    startup.prepare_process()  # the pipeline's defaults (oneDNN on), for children too
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     sizes = SIZES[args.quick]
     if args.worker:

@@ -27,6 +27,7 @@ import numpy as np
 
 from benchmarks.common import PARAMS, command, load_average, log, stamp_row, summarize, write_rows
 from benchmarks.markdown import code, load, missing, spread, table
+from tasks import startup
 
 VARIANTS = ("dali_dataset", "dali_pipeline", "tf_data", "numpy")
 BATCH_SIZES = (64, 256)  # the seed recipe's batch and the fast profile's
@@ -194,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", action="append", type=int)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, results/quick/")
     args = parser.parse_args(argv)
+    startup.prepare_process()  # the pipeline's defaults (oneDNN on), for children too
     rng = np.random.default_rng(0)  # content does not matter for speed; size and dtype do
     count = SIZES[args.quick]["images"]
     images = rng.integers(0, 256, size=(count, *IMAGE_SHAPE), dtype=np.uint8)

@@ -22,8 +22,17 @@ from typing import Any
 
 import yaml
 
-from benchmarks.common import REPO, command, load_average, log, stamp_row, write_rows
+from benchmarks.common import (
+    REPO,
+    command,
+    load_average,
+    log,
+    onednn_setting,
+    stamp_row,
+    write_rows,
+)
 from benchmarks.markdown import code, load, missing, table
+from tasks import startup
 
 PROFILE = "profiles/fast_fashion_mnist.yaml"
 
@@ -96,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value on top of the profile")
     parser.add_argument("--quick", action="store_true", help="synthetic stand-in, results/quick/")
     args = parser.parse_args(argv)
+    startup.prepare_process()  # the pipeline's defaults (oneDNN on), for children too
     overrides = parse_overrides(args.overrides)
     load_before = load_average()
     result = run_trial(overrides, args.quick)
@@ -104,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         f"test {result['test_accuracy']:.4f}, {result['train_s']:.0f} s"
     )
     row = {
-        "key": " ".join(args.overrides) or "(profile)",
+        # With oneDNN off (TF_ENABLE_ONEDNN_OPTS=0), a row of its own: another CPU speed.
+        "key": (" ".join(args.overrides) or "(profile)")
+        + (" (oneDNN off)" if onednn_setting() is False else ""),
         "profile": PROFILE,
         "overrides": overrides,
         **result,
@@ -112,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     write_rows("recipe_trials", args.quick, [stamp_row(row, load_before)])
     return 0
+
+
+def cpu_cell(row: dict[str, Any]) -> str:
+    onednn = {True: ", oneDNN on", False: ", oneDNN off"}.get(row.get("onednn"), "")
+    return row.get("cpu", "not recorded") + onednn
 
 
 def trials_section(result: dict[str, Any] | None, quick: bool) -> str:
@@ -142,7 +159,7 @@ measured).
             f"{100 * row['val_accuracy']:.2f}%",
             f"{100 * row['test_accuracy']:.2f}%",
             load(row) if "load_avg_1min" in row else "not recorded",
-            row.get("cpu", "not recorded"),
+            cpu_cell(row),
             code(row["command"]) + (" *" if row.get("ran_as") else ""),
         ]
         for row in rows

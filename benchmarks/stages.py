@@ -54,6 +54,7 @@ from benchmarks.common import (
     write_rows,
 )
 from benchmarks.markdown import code, load, missing, spread, table, verdict
+from tasks import startup
 
 MODES = ("bare", "prefect", "dvc", "dvc_per_process")  # dvc: with the stage host
 # The stages the bare run mirrors; export (format conversions, no orchestration question)
@@ -422,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-bare", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    startup.prepare_process()  # the pipeline's defaults (oneDNN on), for children too
     size = SIZES[args.quick]
     if args.worker_bare:
         from tasks.config import load_config

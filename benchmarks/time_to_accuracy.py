@@ -48,6 +48,7 @@ from benchmarks.common import (
     write_rows,
 )
 from benchmarks.markdown import code, load, missing, spread, table, verdict
+from tasks import startup
 
 MODELS: dict[str, dict[str, Any]] = {
     "fast": {"profile": "profiles/fast_fashion_mnist.yaml", "overrides": {}, "seeds": (42, 1, 2)},
@@ -259,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", choices=tuple(MODELS), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    startup.prepare_process()  # the pipeline's defaults (oneDNN on), for children too
     if args.worker:
         curve_worker(args.worker, args.quick, args.out)
         return 0

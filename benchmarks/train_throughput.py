@@ -42,6 +42,7 @@ from benchmarks.common import (
     write_rows,
 )
 from benchmarks.markdown import code, load, missing, spread, table, verdict
+from tasks import startup
 
 SIDES = ("bare", "stage")
 # synthetic images before the 10% validation hold-out; epochs include one untimed warm-up
@@ -179,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    startup.prepare_process()  # the pipeline's defaults (oneDNN on), for children too
     if args.worker:
         worker(args.worker, args.quick, args.out)
         return 0

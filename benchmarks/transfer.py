@@ -46,6 +46,7 @@ from benchmarks.common import (
 )
 from benchmarks.markdown import code, load, missing, percent, spread, table
 from benchmarks.markdown import mean_sd as mean_sd_text
+from tasks import startup
 
 ARCHITECTURE = {
     "model.name": "transfer",
@@ -250,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, help="seeds 0..N-1 (default 5, quick 2)")
     parser.add_argument("--quick", action="store_true", help="synthetic stand-in, results/quick/")
     args = parser.parse_args(argv)
+    startup.prepare_process()  # the pipeline's defaults (oneDNN on), for children too
     seeds = list(range(args.seeds or (2 if args.quick else 5)))
     with tempfile.TemporaryDirectory(prefix="bench-transfer-") as tmp:
         warm_prefect(Path(tmp))

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # as the pipeline sets it on CPU
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as the pipeline does (tasks/startup.py)
 
 
 # Test files that share an expensive session fixture run in one xdist worker, so it is

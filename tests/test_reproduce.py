@@ -119,6 +119,39 @@ def test_exact_only_when_determinism_and_library_versions_are_recorded_and_equal
     unknown = choose_rule(VersionRecord.from_tags(MODEL, "1", TAGS), Rebuilt(True, {}), 1e-6)
     assert not unknown.exact and unknown.tolerance == 1e-6
     assert "determinism is unknown" in unknown.reason
+    # oneDNN's CPU kernels round differently from Eigen's: exact only with the same setting.
+    off = VersionRecord.from_tags(MODEL, "1", recorded | {"onednn": "false"})
+    assert off.onednn is False and original.onednn is None
+    assert choose_rule(off, Rebuilt(True, SAME_LIBRARIES, onednn=False), 1e-6).exact
+    switched = choose_rule(off, Rebuilt(True, SAME_LIBRARIES, onednn=True), 1e-6)
+    assert not switched.exact and "oneDNN's CPU kernels were off, now on" in switched.reason
+
+
+def test_the_rebuild_runs_with_onednn_as_the_version_recorded_it(monkeypatch):
+    from flows.reproduce.runner import child_env
+
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "not-this-one")
+    versions = {"tensorflow": "2.21.0", "keras": "3.15.1"}
+    recorded = TAGS | {"deterministic": "true", "versions": json.dumps(versions)}
+    for tag, want in [("true", "1"), ("false", "0")]:
+        env = child_env(
+            "sqlite:///x.db", VersionRecord.from_tags(MODEL, "1", recorded | {"onednn": tag})
+        )
+        assert env["TF_ENABLE_ONEDNN_OPTS"] == want and "PREFECT__FLOW_RUN_ID" not in env
+        assert env["MLFLOW_TRACKING_URI"] == "sqlite:///x.db"
+    # Recorded beats what the caller set: the comparison is exact only with the same kernels.
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "1")
+    env = child_env(
+        "sqlite:///x.db", VersionRecord.from_tags(MODEL, "1", recorded | {"onednn": "false"})
+    )
+    assert env["TF_ENABLE_ONEDNN_OPTS"] == "0"
+    # Not recorded (registered before it was): that commit's code and TensorFlow decide,
+    # unless the caller set it.
+    untagged = VersionRecord.from_tags(MODEL, "1", recorded)
+    assert child_env("sqlite:///x.db", untagged)["TF_ENABLE_ONEDNN_OPTS"] == "1"
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS")
+    assert "TF_ENABLE_ONEDNN_OPTS" not in child_env("sqlite:///x.db", untagged)
 
 
 def test_a_gpu_version_rebuilt_on_a_cpu_is_judged_by_the_stated_cross_device_tolerance():
@@ -342,6 +375,9 @@ def test_a_version_from_every_origin_is_rebuilt_in_another_clone_without_its_sou
     assert "result: MATCH" in output, output[-3000:]
     # Each is tagged deterministic with its library versions, same device: the exact rule.
     assert "rule: exact" in output, output[-2000:]
+    # Trained and rebuilt with oneDNN's CPU kernels on (the pipeline's default), and said so.
+    assert tags["onednn"] == "true", tags
+    assert output.count(", oneDNN on") == 2, output[-3000:]
     # Clone B started with an empty cache: the first rebuild pulls the data from the
     # remote, later ones of the same data version find it in B's own cache.
     pulled = "from DVC remote 'storage'" in output

@@ -5,7 +5,8 @@ tags the register stage sets (commit, data version, params, run id). The rebuilt
 test metrics are compared with the original run's under one of three rules:
 
 - exact: the original trained with TensorFlow op determinism on, with the TensorFlow and
-  Keras versions installed now, and the reproduction ran with determinism on too. Same
+  Keras versions installed now, and the reproduction ran with determinism on too (and with
+  oneDNN's CPU kernels on or off as the original, where the version records it). Same
   code, data, params, seeds and libraries on a deterministic path give the same bits, so
   any difference means one of them was not what the tags say.
 - tolerance (any other case, including a version that does not record these facts): every
@@ -48,6 +49,7 @@ VERSIONS_TAG = "versions"  # JSON {package: version} (tasks/stages/register.py l
 LIBRARY_TAGS = {"tensorflow": VERSIONS_TAG, "keras": VERSIONS_TAG}  # what exactness needs
 DEFAULT_TOLERANCE = 1e-6  # absolute, per metric; see the module docstring
 CROSS_DEVICE_TOLERANCE = 0.02  # absolute, per metric, between a GPU and a CPU training
+ONEDNN_TAG = "onednn"  # "true" / "false": TensorFlow's oneDNN CPU kernels in that training
 DEVICE_TAG = "device"  # the GPU's name, or "CPU: <model> (<n> cores)" (tasks/tracking/lineage.py)
 HEADLINE_METRICS = ("test/accuracy", "test/loss", "test/macro_f1")  # tasks/stages/evaluate.py
 CLASS_F1_PREFIX = "per_class/f1_"  # per-class F1, from reports/evaluate/per_class.json
@@ -93,6 +95,7 @@ class VersionRecord:
     device: str | None = None  # what trained it, as tagged; None: not recorded
     data_storage: str | None = None  # where register kept the data; None: before it did
     preprocess_version: str | None = None  # DVC md5 of data/preprocess; None: not recorded
+    onednn: bool | None = None  # None: not recorded (registered before it was)
 
     @property
     def uri(self) -> str:
@@ -123,6 +126,7 @@ class VersionRecord:
             device=tags.get(DEVICE_TAG),
             data_storage=tags.get("data_storage"),
             preprocess_version=_optional(uri, tags, "preprocess_version", DATA_VERSION),
+            onednn={"true": True, "false": False}.get(tags.get(ONEDNN_TAG, "")),
         )
 
     @property
@@ -174,6 +178,7 @@ class Rebuilt:
     libraries: dict[str, str]  # package -> version
     device: str | None = None  # "GPU: <names>" or "CPU: ..."; None: not reported
     preprocess_version: str | None = None  # DVC md5 of the rebuilt data/preprocess
+    onednn: bool | None = None  # None: not reported (the commit's runner predates it)
 
     @property
     def on_gpu(self) -> bool | None:
@@ -227,6 +232,11 @@ def choose_rule(
         doubts.append("the original trained without op determinism")
     if not rebuilt.op_determinism:
         doubts.append("this reproduction ran without op determinism (train.xla on)")
+    if None not in (original.onednn, rebuilt.onednn) and original.onednn != rebuilt.onednn:
+        said = {True: "on", False: "off"}
+        doubts.append(
+            f"oneDNN's CPU kernels were {said[original.onednn]}, now {said[rebuilt.onednn]}"
+        )
     for package, tag in LIBRARY_TAGS.items():
         then, now = original.libraries.get(package), rebuilt.libraries.get(package)
         if then is None:
@@ -238,6 +248,10 @@ def choose_rule(
     versions = ", ".join(f"{pkg} {ver}" for pkg, ver in sorted(rebuilt.libraries.items()))
     reason = f"both ran with op determinism on and the same {versions}"
     return Rule(exact=True, tolerance=0.0, reason=reason)
+
+
+def onednn_words(onednn: bool | None) -> str:
+    return "" if onednn is None else f", oneDNN {'on' if onednn else 'off'}"
 
 
 @dataclass(frozen=True)
@@ -348,11 +362,13 @@ class Outcome:
             [
                 f"original:     MLflow run {original.run_id}, op determinism {then}, "
                 + describe_libraries(original.libraries)
-                + f", {original.device or 'device unknown (not tagged)'}",
+                + f", {original.device or 'device unknown (not tagged)'}"
+                + onednn_words(original.onednn),
                 f"reproduction: MLflow run {self.run_id} "
                 f"({REPRODUCES_TAG}={original.name}/{original.version}), op determinism {now}, "
                 + describe_libraries(rebuilt.libraries)
-                + f", {rebuilt.device or 'device unknown'}",
+                + f", {rebuilt.device or 'device unknown'}"
+                + onednn_words(rebuilt.onednn),
                 self.preprocess_line(),
                 "",
                 format_table(self.rows),

@@ -80,6 +80,7 @@ import flows.pipeline
 import tensorflow as tf
 from flows.stage import STAGE_NAMES
 from tensorflow.python.framework import config
+from tensorflow.python.util import _pywrap_util_port
 
 overrides = json.loads(Path(sys.argv[1]).read_text())
 stages = [name for name in STAGE_NAMES if name not in ("data", "register", "export")]
@@ -90,6 +91,7 @@ except Exception as error:
     sys.exit(2)
 result = {
     "op_determinism": config.is_op_determinism_enabled(),
+    "onednn": bool(_pywrap_util_port.IsMklEnabled()),
     "libraries": {name: version(name) for name in ("tensorflow", "keras")},
     "code": flows.pipeline.__file__,
     "gpus": [
@@ -218,12 +220,21 @@ def apply_changes(checkout: Path, diff: str, record: VersionRecord) -> None:
         )
 
 
-def child_env(tracking_uri: str) -> dict[str, str]:
-    """The pipeline process's environment: the same tracking store, and none of a Prefect
-    worker's per-flow-run variables (PREFECT__FLOW_RUN_ID...): its flow run is its own."""
+def child_env(tracking_uri: str, record: VersionRecord) -> dict[str, str]:
+    """The pipeline process's environment: the same tracking store, none of a Prefect
+    worker's per-flow-run variables (PREFECT__FLOW_RUN_ID...): its flow run is its own, and
+    oneDNN's CPU kernels as the version trained with them. A version that does not record
+    them trained with its commit's own default, so that commit's code (and TensorFlow)
+    decide again, unless the user set TF_ENABLE_ONEDNN_OPTS."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT__")}
     env[store.TRACKING_ENV] = tracking_uri
-    return startup.process_defaults() | env  # what the user set wins
+    defaults = startup.process_defaults()
+    if record.onednn is None:
+        del defaults[startup.ONEDNN_ENV]
+    env = defaults | env  # what the user set wins, but for what the version recorded
+    if record.onednn is not None:
+        env[startup.ONEDNN_ENV] = "1" if record.onednn else "0"
+    return env
 
 
 def run_to_end(command: list[str], cwd: Path, env: dict[str, str]) -> int:
@@ -258,7 +269,7 @@ def rerun_pipeline(checkout: Path, record: VersionRecord, tracking_uri: str) -> 
     result = checkout / ".pipeline" / "reproduce-result.json"
     write_json(overrides, record.params)
     command = [sys.executable, "-c", RUNNER, str(overrides), str(result)]
-    returncode = run_to_end(command, checkout, child_env(tracking_uri))
+    returncode = run_to_end(command, checkout, child_env(tracking_uri, record))
     if returncode != 0 or not result.is_file():
         raise ReproduceError(
             f"rebuilding {record.uri}: the pipeline of commit {record.commit[:12]} failed "
@@ -273,6 +284,7 @@ def rerun_pipeline(checkout: Path, record: VersionRecord, tracking_uri: str) -> 
     preprocessed = checkout / "data" / "preprocess"
     return Rebuilt(
         op_determinism=bool(info["op_determinism"]),
+        onednn=info.get("onednn"),
         libraries=info["libraries"],
         device=", ".join(info["gpus"]) or lineage.device_description("cpu"),
         preprocess_version=lineage.dvc_hash(preprocessed) if preprocessed.is_dir() else None,

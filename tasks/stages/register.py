@@ -109,6 +109,7 @@ def lineage_tags(
         "deterministic": str(not recipe.resolve_xla(cfg.train.xla, device)).lower(),
         "versions": json.dumps(versions | {"python": platform.python_version()}),
         "device": lineage.device_description(device),
+        "onednn": str(lineage.onednn_enabled()).lower(),
     }
 
 

@@ -169,3 +169,12 @@ def device_description(device: str) -> str:
             if line.startswith("model name"):
                 return f"CPU: {line.partition(':')[2].strip()} ({os.cpu_count()} cores)"
     return f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def onednn_enabled() -> bool:
+    """Whether this process's TensorFlow runs its oneDNN CPU kernels: they round differently
+    from the Eigen ones, so a bit-exact rebuild needs the same setting (flows/reproduce/).
+    TensorFlow decides once, from TF_ENABLE_ONEDNN_OPTS or else the CPU's features."""
+    from tensorflow.python.util import _pywrap_util_port
+
+    return bool(_pywrap_util_port.IsMklEnabled())
