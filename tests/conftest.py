@@ -31,6 +31,41 @@ SHARED_FIXTURE_GROUPS = {
 }
 
 
+# Scopes that take a minute or more (seconds in the CI log of the 2-core AMD EPYC machine,
+# `-v` timestamps): they start first, longest first, so that no process ends idle while the
+# other still runs a long one. xdist's own order is by number of tests, which started the
+# single 3-minute Fashion-MNIST test last, alone (the suite's last 200 s). A missing or stale
+# entry only costs wall time.
+SCOPE_SECONDS = {
+    "README.md": 730,
+    "servers": 700,
+    "tests/test_faults.py": 305,
+    "tests/test_network_hosts.py": 280,
+    "tests/test_reproduce.py": 240,
+    "tests/test_distribute.py": 210,
+    "tests/test_fashion_mnist.py": 195,
+    "tests/test_stagehost.py": 150,
+    "tests/test_transfer_pipeline.py": 140,
+    "tiny-repro": 130,
+    "tests/test_ui_mlflow.py": 80,
+    "tests/test_registry_rules.py": 80,
+    "tests/test_transfer.py": 70,
+    "tests/test_input_errors.py": 70,
+}
+
+
+def scope_of(nodeid: str) -> str:
+    """A test's xdist scope: its file, or the shared fixture group its file belongs to."""
+    path = nodeid.split("::", 1)[0]
+    return SHARED_FIXTURE_GROUPS.get(Path(path).stem, path)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Long scopes first (a stable sort: the README's examples keep their order)."""
+    items.sort(key=lambda item: -SCOPE_SECONDS.get(scope_of(item.nodeid), 0))
+
+
 def pytest_configure(config):
     """Each test process gets a Prefect home of its own: flows run by tests start Prefect's
     temporary server on its SQLite database, which two processes must not share (nor the
@@ -47,14 +82,15 @@ def pytest_unconfigure(config):
 
 def pytest_xdist_make_scheduler(config, log):
     """xdist's load-by-scope scheduling with a file (or its shared group) as the scope: each
-    goes whole to one worker, so its module and shared session fixtures are built once."""
+    goes whole to one worker, so its module and shared session fixtures are built once.
+    Scopes go out in collection order (SCOPE_SECONDS), not reordered by number of tests."""
     from xdist.scheduler import LoadScopeScheduling
 
     class FileGroups(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            path = nodeid.split("::", 1)[0]
-            return SHARED_FIXTURE_GROUPS.get(Path(path).stem, path)
+            return scope_of(nodeid)
 
+    config.option.loadscopereorder = False
     return FileGroups(config, log)
 
 
