@@ -178,7 +178,7 @@ class Rebuilt:
     libraries: dict[str, str]  # package -> version
     device: str | None = None  # "GPU: <names>" or "CPU: ..."; None: not reported
     preprocess_version: str | None = None  # DVC md5 of the rebuilt data/preprocess
-    onednn: bool | None = None  # None: not reported (the commit's runner predates it)
+    onednn: bool | None = None  # None: not reported
 
     @property
     def on_gpu(self) -> bool | None:
