@@ -82,6 +82,12 @@ def onednn_setting() -> bool | None:
     return None if value is None else value.strip().lower() in ("1", "true")
 
 
+def cpu_cell(row: dict[str, Any]) -> str:
+    """A row's CPU for a table, with its oneDNN setting where the row recorded it."""
+    onednn = {True: ", oneDNN on", False: ", oneDNN off"}.get(row.get("onednn"), "")
+    return row.get("cpu", "not recorded") + onednn
+
+
 def stamp_row(row: dict[str, Any], load_before: float) -> dict[str, Any]:
     """Add when and on which CPU the row was measured, and how busy the machine was around
     it: rows merge into one file across runs, whose ``machine`` is only the last run's."""

@@ -25,6 +25,7 @@ import yaml
 from benchmarks.common import (
     REPO,
     command,
+    cpu_cell,
     load_average,
     log,
     onednn_setting,
@@ -124,11 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     write_rows("recipe_trials", args.quick, [stamp_row(row, load_before)])
     return 0
-
-
-def cpu_cell(row: dict[str, Any]) -> str:
-    onednn = {True: ", oneDNN on", False: ", oneDNN off"}.get(row.get("onednn"), "")
-    return row.get("cpu", "not recorded") + onednn
 
 
 def trials_section(result: dict[str, Any] | None, quick: bool) -> str:

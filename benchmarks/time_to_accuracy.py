@@ -36,6 +36,7 @@ from benchmarks.common import (
     as_cli_overrides,
     child_env,
     command,
+    cpu_cell,
     load_average,
     log,
     python_module,
@@ -377,6 +378,7 @@ recipe was chosen on validation accuracy (the data stage's 6,000-image split), n
                 spread(summarize([100 * p["test_accuracy"] for p in pipelines]), "{:.2f}%"),
                 spread(summarize([p["wall_s"] for p in pipelines])),
                 goal,
+                cpu_cell(row),
                 code(row["command"]),
             ]
         )
@@ -389,6 +391,7 @@ recipe was chosen on validation accuracy (the data stage's 6,000-image split), n
         "pipeline test acc. (median, min-max over seeds)",
         "pipeline wall s",
         "target",
+        "CPU",
         "command",
     ]
     text += table(headers, rows) + "\n" + profile_changes(result["rows"])
