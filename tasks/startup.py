@@ -8,8 +8,8 @@ instead. On a GPU machine only TensorFlow's info lines are hidden, so real warni
 errors still show.
 Prefect analytics and MLflow telemetry are off by default. TensorFlow's oneDNN CPU kernels
 are on by default: TensorFlow itself turns them on only on CPUs with AVX-512 VNNI/BF16 or
-AMX, and on a 2-core AVX2 AMD EPYC a training step of the fast Fashion-MNIST net took
-255 ms with them against 420-447 ms without (BENCHMARKS.md section 5). A value the user
+AMX, and on a 2-core AVX2 AMD EPYC an epoch of the fast Fashion-MNIST profile took 57-62 s
+with them against 90-96 s without (BENCHMARKS.md section 5). A value the user
 set in the environment always wins (e.g. ``TF_CPP_MIN_LOG_LEVEL=0``,
 ``MLFLOW_DISABLE_TELEMETRY=false``, ``TF_ENABLE_ONEDNN_OPTS=0``).
 A leaf module: standard library only, safe to call before TensorFlow is imported.
