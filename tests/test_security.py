@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from flows.common import patient_ephemeral_server
 from flows.serve import lock_work_pool
 from flows.stack import security
 from tasks.config import ConfigError, load_config
@@ -86,9 +87,12 @@ def test_the_worker_ignores_job_variables_even_if_the_server_let_them_through():
 
     injected = {"command": "touch /tmp/pwned", "env": {"LD_PRELOAD": "/tmp/x.so"}}
     injected |= {"working_dir": "/tmp", "env.PYTHONSTARTUP": "/tmp/x.py"}
-    config = asyncio.run(
-        ProcessJobConfiguration.from_template_and_values(security.LOCKED_JOB_TEMPLATE, injected)
-    )
+    # Its client starts Prefect's temporary server here, which gave up after its default
+    # 20 s once under load (a run with three test processes).
+    with patient_ephemeral_server():
+        config = asyncio.run(
+            ProcessJobConfiguration.from_template_and_values(security.LOCKED_JOB_TEMPLATE, injected)
+        )
     assert config.command is None  # the worker builds its own `python -m prefect.engine`
     assert config.working_dir is None
     assert "LD_PRELOAD" not in config.env and "PYTHONSTARTUP" not in config.env
