@@ -159,7 +159,6 @@ def machine() -> dict[str, Any]:
     mem_kib = _proc_field("/proc/meminfo", "MemTotal")
     return {
         "cpu": cpu_name(),
-        "onednn": onednn_setting(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)),
         "memory_gib": round(int(mem_kib.split()[0]) / 2**20, 1) if mem_kib else None,

@@ -121,12 +121,12 @@ class VersionRecord:
             data_version=_tag(uri, tags, "data_version", DATA_VERSION, "a DVC md5")[0],
             params=_params(uri, tags["params"]),
             run_id=_tag(uri, tags, "run_id", RUN_ID, "an MLflow run id")[0],
-            deterministic={"true": True, "false": False}.get(tags.get(DETERMINISTIC_TAG, "")),
+            deterministic=_flag(tags, DETERMINISTIC_TAG),
             libraries=_libraries(tags),
             device=tags.get(DEVICE_TAG),
             data_storage=tags.get("data_storage"),
             preprocess_version=_optional(uri, tags, "preprocess_version", DATA_VERSION),
-            onednn={"true": True, "false": False}.get(tags.get(ONEDNN_TAG, "")),
+            onednn=_flag(tags, ONEDNN_TAG),
         )
 
     @property
@@ -248,6 +248,11 @@ def choose_rule(
     versions = ", ".join(f"{pkg} {ver}" for pkg, ver in sorted(rebuilt.libraries.items()))
     reason = f"both ran with op determinism on and the same {versions}"
     return Rule(exact=True, tolerance=0.0, reason=reason)
+
+
+def _flag(tags: Mapping[str, str], key: str) -> bool | None:
+    """A "true"/"false" tag; None when absent (registered before it was recorded)."""
+    return {"true": True, "false": False}.get(tags.get(key, ""))
 
 
 def onednn_words(onednn: bool | None) -> str:

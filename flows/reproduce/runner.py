@@ -229,12 +229,11 @@ def child_env(tracking_uri: str, record: VersionRecord) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT__")}
     env[store.TRACKING_ENV] = tracking_uri
     defaults = startup.process_defaults()
-    if record.onednn is None:
-        del defaults[startup.ONEDNN_ENV]
-    env = defaults | env  # what the user set wins, but for what the version recorded
+    del defaults[startup.ONEDNN_ENV]  # the version's recorded setting, or its commit's default
+    recorded = {}
     if record.onednn is not None:
-        env[startup.ONEDNN_ENV] = "1" if record.onednn else "0"
-    return env
+        recorded = {startup.ONEDNN_ENV: "1" if record.onednn else "0"}
+    return defaults | env | recorded  # what the user set wins, but for what the version recorded
 
 
 def run_to_end(command: list[str], cwd: Path, env: dict[str, str]) -> int:
